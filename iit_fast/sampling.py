@@ -1,0 +1,159 @@
+"""Where and what to intervene on: alignments, in-batch pairing, spans (DESIGN.md section 1).
+
+An alignment is a list of `(teacher blocks, student block)` pairs; each step draws one pair uniformly, a
+derangement `pi` of the batch rows (row i takes its source from row pi[i]) and, per row, a span of
+`k = max(1, floor(p * min(len_base, len_source)))` real tokens in the base and one in the source.
+All randomness comes from one seeded `torch.Generator` so a step is reproducible.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+AlignmentPair = tuple[tuple[int, ...], int]
+PRESETS = ("middle", "late", "full")
+
+
+def _middle(n: int) -> int:
+    return (n + 1) // 2 - 1                    # 12 -> 5 (HF hidden_states[6]), 6 -> 2, 3 -> 1, 1 -> 0
+
+
+def _late(n: int) -> int:
+    return max(0, math.ceil(0.75 * n) - 1)     # three quarters deep: 12 -> 8, 6 -> 4, 3 -> 2
+
+
+def make_alignment(spec: str, teacher_layers: int, student_layers: int) -> list[AlignmentPair]:
+    """A preset name (`middle`, `late`, `full`) or the path of a JSON file.
+
+    JSON: a list of {"teacher": [blocks...], "student": block} objects (or [[blocks...], block] pairs).
+    """
+    if spec == "middle":
+        pairs = [((_middle(teacher_layers),), _middle(student_layers))]
+    elif spec == "late":
+        pairs = [((_late(teacher_layers),), _late(student_layers))]
+    elif spec == "full":
+        if teacher_layers < student_layers:
+            raise ValueError(f"alignment 'full' groups teacher blocks onto every student block and needs "
+                             f"teacher_layers >= student_layers, got {teacher_layers} < {student_layers}")
+        bounds = [round(i * teacher_layers / student_layers) for i in range(student_layers + 1)]
+        pairs = [(tuple(range(bounds[s], bounds[s + 1])), s) for s in range(student_layers)]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"alignment must be one of {PRESETS} or a JSON file; {spec!r} is neither")
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, list) or not raw:
+            raise ValueError(f"alignment file {spec}: expected a non-empty JSON list of pairs")
+        pairs = []
+        for item in raw:
+            t, s = (item["teacher"], item["student"]) if isinstance(item, dict) else item
+            t = (t,) if isinstance(t, int) else tuple(int(x) for x in t)
+            pairs.append((t, int(s)))
+    return validate_alignment(pairs, teacher_layers, student_layers)
+
+
+def validate_alignment(pairs, teacher_layers: int, student_layers: int) -> list[AlignmentPair]:
+    for t, s in pairs:
+        if not t:
+            raise ValueError(f"alignment pair {(t, s)}: empty teacher group")
+        if list(t) != list(range(t[0], t[0] + len(t))):
+            raise ValueError(f"alignment pair {(t, s)}: a teacher group must be consecutive blocks")
+        if not (0 <= t[0] and t[-1] < teacher_layers):
+            raise ValueError(f"alignment names teacher block(s) {t}, but the teacher has blocks "
+                             f"0..{teacher_layers - 1}")
+        if not 0 <= s < student_layers:
+            raise ValueError(f"alignment names student block {s}, but the student has blocks "
+                             f"0..{student_layers - 1}")
+    return [(tuple(t), s) for t, s in pairs]
+
+
+def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random permutation with no fixed point (n >= 2); for n == 1, [0] (a row is its own source)."""
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    while True:  # rejection: about e tries on average
+        p = torch.randperm(n, generator=generator)
+        if not (p == torch.arange(n)).any():
+            return p
+
+
+def real_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Real-token count per row; the mask must be right-padded (ones, then zeros)."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
+    lengths = attention_mask.long().sum(1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    if not torch.equal(attention_mask.long(), (positions[None] < lengths[:, None]).long()):
+        raise ValueError("attention_mask must be right-padded: each row ones then zeros")
+    if (lengths == 0).any():
+        raise ValueError("attention_mask has a row with no real token")
+    return lengths
+
+
+@dataclass
+class InterventionPlan:
+    """Everything random about one step's intervention. Tensors live on the batch's device."""
+    teacher_layers: tuple[int, ...]  # the teacher group: swapped after each of these blocks
+    student_layer: int               # the student block whose output is swapped
+    pi: torch.Tensor                 # (B,) long: source row of each base row
+    base_start: torch.Tensor         # (B,) long
+    source_start: torch.Tensor       # (B,) long
+    span_len: torch.Tensor           # (B,) long, >= 1
+    dims: tuple[int, int] | None = None
+
+    def to(self, device) -> "InterventionPlan":
+        mv = lambda t: t.to(device)  # noqa: E731
+        return InterventionPlan(self.teacher_layers, self.student_layer, mv(self.pi), mv(self.base_start),
+                                mv(self.source_start), mv(self.span_len), self.dims)
+
+
+def sample_spans(lengths: torch.Tensor, pi: torch.Tensor, p: float, generator: torch.Generator):
+    """Per row: span length k and starts in the base and in its source, inside real tokens only."""
+    src_len = lengths[pi]
+    k = torch.clamp((p * torch.minimum(lengths, src_len).double()).floor().long(), min=1)
+    u = torch.rand(lengths.numel(), generator=generator, dtype=torch.float64)
+    v = torch.rand(lengths.numel(), generator=generator, dtype=torch.float64)
+    base_start = (u * (lengths - k + 1).double()).floor().long()
+    source_start = (v * (src_len - k + 1).double()).floor().long()
+    return k, base_start, source_start
+
+
+def sample_plan(attention_mask: torch.Tensor, alignment: list[AlignmentPair], generator: torch.Generator,
+                span_fraction: float = 0.3, dims: tuple[int, int] | None = None) -> InterventionPlan:
+    """Draw one step's alignment pair, pairing and spans for a right-padded batch."""
+    lengths = real_lengths(attention_mask).cpu()
+    which = int(torch.randint(len(alignment), (1,), generator=generator))
+    teacher_layers, student_layer = alignment[which]
+    pi = derangement(lengths.numel(), generator)
+    k, bs, ss = sample_spans(lengths, pi, span_fraction, generator)
+    plan = InterventionPlan(tuple(teacher_layers), student_layer, pi, bs, ss, k, dims)
+    check_plan(plan, attention_mask)
+    return plan.to(attention_mask.device)
+
+
+def check_plan(plan: InterventionPlan, attention_mask: torch.Tensor, hidden_sizes: tuple[int, ...] = ()):
+    """Spans inside each row's real tokens, pairing in range, dims inside every model's width."""
+    lengths = real_lengths(attention_mask).to(plan.pi.device)
+    B = lengths.numel()
+    for name in ("pi", "base_start", "source_start", "span_len"):
+        t = getattr(plan, name)
+        if t.shape != (B,):
+            raise ValueError(f"plan.{name} must have shape ({B},), got {tuple(t.shape)}")
+    if ((plan.pi < 0) | (plan.pi >= B)).any():
+        raise ValueError(f"plan.pi must index rows 0..{B - 1}")
+    if (plan.span_len < 1).any():
+        raise ValueError("plan.span_len must be >= 1")
+    if (plan.base_start < 0).any() or (plan.base_start + plan.span_len > lengths).any():
+        raise ValueError("a span is longer than its base sequence's real tokens (plan.base_start + span_len "
+                         "> length)")
+    if (plan.source_start < 0).any() or (plan.source_start + plan.span_len > lengths[plan.pi]).any():
+        raise ValueError("a span is longer than its source sequence's real tokens (plan.source_start + "
+                         "span_len > length of row pi[i])")
+    if plan.dims is not None:
+        for d in hidden_sizes:
+            if plan.dims[1] > d:
+                raise ValueError(f"dims {plan.dims} reach past a hidden size of {d}")

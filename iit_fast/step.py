@@ -1,0 +1,232 @@
+"""One causal-distillation step, computed naively or fast (DESIGN.md section 2).
+
+    plan = sample_plan(batch["attention_mask"], alignment, generator, cfg.span_fraction, cfg.dims)
+    out = distill_step(teacher, student, batch, plan, cfg)   # cfg.mode: fast | naive | standard
+    out.loss.backward()                                      # one backward (or engine.backward)
+
+**naive** (the published structure, kept as the reference and the benchmark baseline): the teacher runs
+three full passes with full-vocabulary logits (base, source, counterfactual), and so does the student,
+with grad; the source batch is the base batch permuted by `pi`.
+
+**fast** (the product):
+ 1. one teacher pass over the batch (no grad), keeping the aligned sites: soft targets and last states of
+    every row, and through `pi` every row's source states;
+ 2. one student pass, with grad, keeping its aligned site;
+ 3. counterfactual: the interchange op builds the intervened site states, and each model *resumes* from
+    the block after the site (a teacher group: re-applying the swap after each block of the group), so
+    the blocks below the site never run twice;
+ 4. logits only where a loss takes them (real or masked tokens, never the source), through the chunked
+    distillation head loss;
+ 5. one backward, by the caller.
+
+**standard** is the fast step without the IIT terms: the distillation baseline.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from . import ops
+from .config import DistillConfig
+from .losses import ce_loss, cos_loss, iit_loss, mlm_loss, mse_loss, weighted_total
+from .models import IntervenableMLM
+from .ops.reference import interchange_reference
+from .sampling import InterventionPlan, check_plan
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor               # scalar, carries the graph of the student
+    terms: dict[str, torch.Tensor]   # each computed term, detached, fp32
+    tokens: int                      # real tokens of the base batch
+
+
+def distill_step(teacher: IntervenableMLM, student: IntervenableMLM, batch: dict,
+                 plan: InterventionPlan | None, cfg: DistillConfig) -> StepOutput:
+    check_pair(teacher, student, cfg)
+    needs_plan = cfg.uses_iit or cfg.w_mse > 0
+    if needs_plan:
+        if plan is None:
+            raise ValueError(f"mode {cfg.mode!r} with these weights needs an InterventionPlan (sample_plan)")
+        check_plan(plan, batch["attention_mask"], (teacher.hidden_size, student.hidden_size))
+    step = naive_step if cfg.mode == "naive" else fast_step
+    terms = step(teacher, student, batch, plan, cfg)
+    loss = weighted_total(terms, cfg)
+    return StepOutput(loss, {k: v.detach().float() for k, v in terms.items()},
+                      int(batch["attention_mask"].sum()))
+
+
+def check_pair(teacher: IntervenableMLM, student: IntervenableMLM, cfg: DistillConfig):
+    """Teacher and student must agree where the losses compare them."""
+    if teacher.vocab_size != student.vocab_size:
+        raise ValueError(f"teacher and student vocabularies differ ({teacher.vocab_size} vs "
+                         f"{student.vocab_size}): the soft-target losses need the same vocabulary")
+    if (cfg.w_cos or cfg.w_iit_cos) and teacher.hidden_size != student.hidden_size:
+        raise ValueError(f"cos / iit_cos need equal hidden sizes, got teacher {teacher.hidden_size} and "
+                         f"student {student.hidden_size}: set w_cos = w_iit_cos = 0")
+    if cfg.w_mse and teacher.hidden_size != student.hidden_size and student.site_projection is None:
+        raise ValueError(f"mse between widths {student.hidden_size} -> {teacher.hidden_size} needs "
+                         "student.attach_site_projection(teacher.hidden_size)")
+    if cfg.uses_iit and cfg.dims is not None and teacher.hidden_size != student.hidden_size:
+        raise ValueError("a dims slice is applied to both models and needs equal hidden sizes")
+
+
+def _autocast(cfg: DistillConfig, device: torch.device):
+    if cfg.student_autocast == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[cfg.student_autocast])
+
+
+def _impl(cfg: DistillConfig) -> str:
+    return "auto" if cfg.ops == "fused" else "reference"
+
+
+def _swap_from(states: torch.Tensor, source: torch.Tensor, pairing: torch.Tensor, plan: InterventionPlan):
+    """Intervention fn: overwrite `states`' base spans with `source`'s spans (source row = pairing[i])."""
+    return interchange_reference(states, pairing, plan.base_start, plan.source_start, plan.span_len,
+                                 plan.dims, source=source)
+
+
+def _site_mse(student: IntervenableMLM, s_site: torch.Tensor, t_site: torch.Tensor, tokens, impl=None):
+    """mse at the aligned site (through the learned projection when widths differ)."""
+    if student.site_projection is not None:
+        s_site = student.site_projection(s_site)
+    if impl is None:
+        return mse_loss(s_site, t_site, tokens)
+    return ops.hidden_loss(s_site, t_site.to(s_site.dtype), tokens, "mse", impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fast
+# ---------------------------------------------------------------------------------------------------
+
+def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.Tensor, h_t: torch.Tensor,
+                labels: torch.Tensor | None, cfg: DistillConfig):
+    """(ce, mlm) of N selected tokens from last hidden states h_s (N, Ds), h_t (N, Dt).
+
+    The head transforms are ordinary modules; decoder + softmax + KL/CE go through the chunked op, so
+    with ops="fused" no (N, V) tensor is ever whole.
+    """
+    with torch.no_grad():
+        ht = teacher.head_transform(h_t)                                          # (N, Dt)
+    hs = student.head_transform(h_s)                                              # (N, Ds)
+    return student.lm_loss(hs, ht, teacher.decoder_weight, teacher.decoder_bias, labels, None,
+                           cfg.temperature, impl=_impl(cfg), chunk_size=cfg.head_chunk)
+
+
+def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    tt = batch.get("token_type_ids")
+    tokens = am.bool()                                                # (B, S) real tokens of the base
+    kd = tokens if cfg.logit_tokens == "all" else labels != -100      # (B, S) where ce / iit are taken
+    impl = _impl(cfg)
+    iit = cfg.uses_iit
+    group, s_l = (plan.teacher_layers, plan.student_layer) if plan is not None else ((), None)
+    t_keep = set(group) if (iit or cfg.w_mse) else set()
+    s_keep = {s_l} if (iit or cfg.w_mse) else set()
+
+    # 1. one teacher pass: soft targets, last states, and (through pi) every row's source sites
+    with torch.no_grad():
+        t = teacher(ids, am, tt, keep=t_keep)
+    # 2. one student pass, with grad
+    with _autocast(cfg, ids.device):
+        s = student(ids, am, tt, keep=s_keep)
+
+    terms = {}
+    if cfg.w_ce or cfg.w_mlm:
+        terms["ce"], terms["mlm"] = head_losses(teacher, student, s.last_hidden[kd], t.last_hidden[kd],
+                                                labels[kd], cfg)
+    if cfg.w_cos:
+        terms["cos"] = ops.hidden_loss(s.last_hidden, t.last_hidden.to(s.last_hidden.dtype), tokens, "cos",
+                                       impl=impl)
+    if not iit:
+        if cfg.w_mse:
+            terms["mse"] = _site_mse(student, s.sites[s_l], t.sites[group[-1]], tokens, impl)
+        return terms
+
+    # 3. counterfactual: swap at the site, resume from the block after it
+    with torch.no_grad():
+        a0 = group[0]
+        cf_t = ops.interchange(t.sites[a0], plan.pi, plan.base_start, plan.source_start, plan.span_len,
+                               plan.dims, impl=impl)                                       # (B, S, Dt)
+        # a teacher group: swap again after each later block of the group, from the source's plain states
+        later = {l: partial(_swap_from, source=t.sites[l], pairing=plan.pi, plan=plan) for l in group[1:]}
+        h_cf_t = teacher(None, am, resume_from=a0 + 1, states=cf_t, interventions=later).last_hidden
+    with _autocast(cfg, ids.device):
+        site = s.sites[s_l]                                                                # (B, S, Ds)
+        t_site = t.sites[group[-1]]
+        if cfg.w_mse and student.site_projection is None:
+            # the mse loss and the interchange read the same site states: one fused pass
+            cf_s, terms["mse"] = ops.interchange_hidden_loss(
+                site, t_site.to(site.dtype), tokens, plan.pi, plan.base_start, plan.source_start,
+                plan.span_len, plan.dims, "mse", impl=impl)
+        else:
+            if cfg.w_mse:
+                terms["mse"] = _site_mse(student, site, t_site, tokens, impl)
+            cf_s = ops.interchange(site, plan.pi, plan.base_start, plan.source_start, plan.span_len,
+                                   plan.dims, impl=impl)
+        h_cf_s = student(None, am, resume_from=s_l + 1, states=cf_s).last_hidden
+
+    if cfg.w_iit:
+        terms["iit"], _ = head_losses(teacher, student, h_cf_s[kd], h_cf_t[kd], None, cfg)
+    if cfg.w_iit_cos:
+        terms["iit_cos"] = ops.hidden_loss(h_cf_s, h_cf_t.to(h_cf_s.dtype), tokens, "cos", impl=impl)
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------------
+# naive: the published structure, three full passes per model
+# ---------------------------------------------------------------------------------------------------
+
+def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    tt = batch.get("token_type_ids")
+    tokens = am.bool()
+    kd = tokens if cfg.logit_tokens == "all" else labels != -100
+    iit = cfg.uses_iit
+    group, s_l = (plan.teacher_layers, plan.student_layer) if plan is not None else ((), None)
+    keep_t, keep_s = set(group), ({s_l} if s_l is not None else set())
+
+    if iit:
+        # the source batch: row i is row pi[i] of the base batch, run as a separate forward
+        src_ids, src_am = ids[plan.pi], am[plan.pi]
+        src_tt = tt[plan.pi] if tt is not None else None
+        identity = torch.arange(ids.shape[0], device=ids.device)
+        swap = lambda source: partial(_swap_from, source=source, pairing=identity, plan=plan)  # noqa: E731
+
+    with torch.no_grad():
+        t_base = teacher(ids, am, tt, keep=keep_t)
+        z_t = teacher.logits(t_base.last_hidden)                                          # (B, S, V)
+        if iit:
+            t_src = teacher(src_ids, src_am, src_tt, keep=keep_t)
+            teacher.logits(t_src.last_hidden)  # the published code runs the full model on the source
+            t_cf = teacher(ids, am, tt, interventions={l: swap(t_src.sites[l]) for l in group})
+            z_cf_t = teacher.logits(t_cf.last_hidden)
+
+    with _autocast(cfg, ids.device):
+        s_base = student(ids, am, tt, keep=keep_s)
+        z_s = student.logits(s_base.last_hidden)                                          # (B, S, V)
+        if iit:
+            s_src = student(src_ids, src_am, src_tt, keep=keep_s)   # not detached: gradients reach it
+            student.logits(s_src.last_hidden)
+            s_cf = student(ids, am, tt, interventions={s_l: swap(s_src.sites[s_l])})
+            z_cf_s = student.logits(s_cf.last_hidden)
+
+    terms = {}
+    if cfg.w_ce or cfg.w_mlm:
+        terms["ce"] = ce_loss(z_s, z_t, kd, cfg.temperature)
+        terms["mlm"] = mlm_loss(z_s, labels)
+    if cfg.w_cos:
+        terms["cos"] = cos_loss(s_base.last_hidden, t_base.last_hidden, tokens)
+    if cfg.w_mse:
+        terms["mse"] = _site_mse(student, s_base.sites[s_l], t_base.sites[group[-1]], tokens)
+    if iit and cfg.w_iit:
+        terms["iit"] = iit_loss(z_cf_s, z_cf_t, kd, cfg.temperature)
+    if iit and cfg.w_iit_cos:
+        terms["iit_cos"] = cos_loss(s_cf.last_hidden, t_cf.last_hidden, tokens)
+    return terms

@@ -1,0 +1,50 @@
+"""Tiny random models and batches for tests: built from a small config, no download."""
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from iit_fast.models import IntervenableMLM, init_student_from_teacher
+
+
+def tiny_bert(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 97, seed: int = 0,
+              max_pos: int = 64) -> BertForMaskedLM:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=2 * hidden, max_position_embeddings=max_pos,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    model = BertForMaskedLM(cfg).eval()
+    # random, non-trivial head bias and LayerNorm so the tests see all the parameters at work
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_pair(teacher_layers=4, student_layers=2, hidden=32, vocab=97, seed=0):
+    teacher = tiny_bert(teacher_layers, hidden, vocab=vocab, seed=seed)
+    student = init_student_from_teacher(teacher, student_layers)
+    with torch.no_grad():  # make the student differ from a copy, so every loss is non-zero
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return IntervenableMLM(teacher).eval(), IntervenableMLM(student).train()
+
+
+def tiny_batch(lengths=(9, 5, 7, 3), seq=None, vocab=97, seed=0, mask_prob=0.3):
+    """Right-padded batch with MLM labels on some real tokens (at least one per row)."""
+    g = torch.Generator().manual_seed(seed)
+    seq = seq or max(lengths)
+    B = len(lengths)
+    ids = torch.randint(5, vocab, (B, seq), generator=g)
+    am = torch.zeros(B, seq, dtype=torch.long)
+    labels = torch.full((B, seq), -100, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        am[i, :n] = 1
+        ids[i, n:] = 0
+        chosen = torch.rand(n, generator=g) < mask_prob
+        chosen[int(torch.randint(n, (1,), generator=g))] = True
+        labels[i, :n][chosen] = ids[i, :n][chosen]
+        ids[i, :n][chosen] = 4  # a stand-in [MASK]
+    return {"input_ids": ids, "attention_mask": am, "labels": labels,
+            "token_type_ids": torch.zeros_like(ids)}
