@@ -1,0 +1,58 @@
+"""Each loss against an independent computation on hand-checked cases."""
+import math
+
+import pytest
+import torch
+
+from iit_fast.config import DistillConfig
+from iit_fast.losses import ce_loss, cos_loss, iit_loss, mlm_loss, mse_loss, weighted_total
+
+
+def test_ce_by_hand():
+    # one token, two classes, T = 2: p_t = softmax([2, 0] / 2), p_s = softmax([0, 0] / 2) = (1/2, 1/2)
+    z_t, z_s = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    a = math.e / (math.e + 1)
+    kl = a * math.log(a / 0.5) + (1 - a) * math.log((1 - a) / 0.5)
+    assert ce_loss(z_s, z_t, None, 2.0).item() == pytest.approx(4 * kl, rel=1e-6)
+    assert iit_loss(z_s, z_t, None, 2.0).item() == pytest.approx(4 * kl, rel=1e-6)
+
+
+def test_ce_masked_mean_ignores_pad():
+    z_t = torch.tensor([[[2.0, 0.0], [9.0, -9.0]]])
+    z_s = torch.zeros(1, 2, 2)
+    mask = torch.tensor([[True, False]])
+    assert ce_loss(z_s, z_t, mask, 2.0).item() == pytest.approx(ce_loss(z_s[:, :1], z_t[:, :1], None, 2.0).item())
+    assert ce_loss(z_s, z_t, torch.zeros_like(mask), 2.0).item() == 0.0
+
+
+def test_mlm_by_hand():
+    z = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    labels = torch.tensor([2, -100, 0])
+    lse = math.log(math.exp(1) + math.exp(2) + math.exp(3))
+    expected = ((lse - 3.0) + math.log(3.0)) / 2
+    assert mlm_loss(z, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert mlm_loss(z, torch.full((3,), -100)).item() == 0.0
+
+
+def test_cos_and_mse_by_hand():
+    h_s = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [7.0, 7.0]]])
+    h_t = torch.tensor([[[0.0, 1.0], [2.0, 2.0], [1.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert cos_loss(h_s, h_t, mask).item() == pytest.approx((1.0 + 0.0) / 2, abs=1e-6)
+    assert mse_loss(h_s, h_t, mask).item() == pytest.approx(((1 + 1) / 2 + (1 + 1) / 2) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="equal hidden sizes"):
+        cos_loss(h_s, torch.zeros(1, 3, 3), mask)
+
+
+def test_weighted_total():
+    terms = {"ce": torch.tensor(1.0), "mlm": torch.tensor(2.0), "iit": torch.tensor(4.0)}
+    cfg = DistillConfig(w_ce=0.5, w_mlm=0.25, w_iit=1.0)
+    assert weighted_total(terms, cfg).item() == pytest.approx(0.5 + 0.5 + 4.0)
+
+
+@pytest.mark.parametrize("field,value", [("w_ce", -1.0), ("temperature", 0.0), ("span_fraction", 1.5),
+                                         ("mode", "quick"), ("logit_tokens", "some"), ("dims", (4, 2)),
+                                         ("ops", "magic"), ("head_chunk", 0)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        DistillConfig(**{field: value})
