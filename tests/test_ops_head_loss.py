@@ -1,0 +1,154 @@
+"""`distill_head_loss` against the unfused reference: values and gradients (fp32 1e-5 relative), fp64
+gradcheck, awkward chunk sizes, unlabelled / masked-out tokens, T = 1 and 2, and the Triton inner step under
+the interpreter (TRITON_INTERPRET=1 from conftest, small vocab)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iit_fast.ops import distill_head_loss
+from iit_fast.ops.head_loss import DistillHeadLossFunction, default_chunk_size
+from iit_fast.ops.reference import distill_head_loss_reference
+
+
+def make(n=37, d=16, dt=24, v=97, dtype=torch.float32, p_label=0.3, mask="some", labels=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    ht = torch.randn(n, dt, generator=g, dtype=torch.float64).to(dtype)
+    ws = (torch.randn(v, d, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+    bs = (torch.randn(v, generator=g, dtype=torch.float64) * 0.1).to(dtype).requires_grad_()
+    wt = (torch.randn(v, dt, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    bt = (torch.randn(v, generator=g, dtype=torch.float64) * 0.1).to(dtype)
+    y = None
+    if labels:
+        y = torch.randint(0, v, (n,), generator=g)
+        y[torch.rand(n, generator=g) > p_label] = -100
+    if mask == "none":
+        m = None
+    elif mask == "all_off":
+        m = torch.zeros(n, dtype=torch.bool)
+    else:
+        m = torch.rand(n, generator=g) < 0.8
+    return hs, ht, ws, bs, wt, bt, y, m
+
+
+def grads(ce, mlm, a, b, params, wa=1.0, wb=1.0):
+    loss = wa * ce + wb * mlm
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+IMPLS = ["chunked", "triton"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("chunk", [None, 5, 16, 1000])
+@pytest.mark.parametrize("mask", ["some", "none"])
+def test_matches_reference_fp32(impl, T, chunk, mask):
+    hs, ht, ws, bs, wt, bt, y, m = make(mask=mask)
+    params = (hs, ws, bs)
+    ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m, T)
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, T, chunk_size=chunk, impl=impl)
+    assert ce.dtype == torch.float32 and mlm.dtype == torch.float32
+    assert rel(ce, ce_r) < 1e-5 and rel(mlm, mlm_r) < 1e-5
+    # equal and unequal loss weights: the second takes the backward's mlm recompute path
+    for wa, wb in [(1.0, 1.0), (0.25, 0.75)]:
+        gr = grads(ce_r, mlm_r, None, None, params, wa, wb)
+        gf = grads(ce, mlm, None, None, params, wa, wb)
+        for a, b in zip(gf, gr):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert rel(a, b) < 1e-5, (wa, wb, rel(a, b))
+        ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, T, chunk_size=chunk, impl=impl)
+        ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m, T)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_labels_iit_pass(impl):
+    hs, ht, ws, bs, wt, bt, _, m = make(labels=False)
+    ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, None, m, 2.0)
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, None, m, 2.0, chunk_size=7, impl=impl)
+    assert mlm.item() == 0.0 and rel(ce, ce_r) < 1e-5
+    for a, b in zip(torch.autograd.grad(ce, (hs, ws, bs)), torch.autograd.grad(ce_r, (hs, ws, bs))):
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_each_loss_alone(impl):
+    # grad of ce alone and of mlm alone (the other grad_output is None)
+    hs, ht, ws, bs, wt, bt, y, m = make(seed=3)
+    for pick in (0, 1):
+        out_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m, 2.0)[pick]
+        out = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, 2.0, chunk_size=6, impl=impl)[pick]
+        for a, b in zip(torch.autograd.grad(out, (hs, ws, bs)), torch.autograd.grad(out_r, (hs, ws, bs))):
+            assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_labelled_tokens_and_all_masked(impl):
+    hs, ht, ws, bs, wt, bt, y, m = make(p_label=-1.0, mask="all_off")   # nothing counts at all
+    assert (y == -100).all()
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, 2.0, chunk_size=4, impl=impl)
+    ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m, 2.0)
+    assert ce.item() == 0.0 and mlm.item() == 0.0 and ce_r.item() == 0.0 and mlm_r.item() == 0.0
+    gh, gw, gb = torch.autograd.grad(ce + mlm, (hs, ws, bs))
+    assert torch.all(gh == 0) and torch.all(gw == 0) and torch.all(gb == 0)
+    # KL masked out but some labels: only the mlm counts
+    hs, ht, ws, bs, wt, bt, y, m = make(mask="all_off", seed=1)
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, 2.0, chunk_size=4, impl=impl)
+    ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m, 2.0)
+    assert ce.item() == 0.0 and rel(mlm, mlm_r) < 1e-5
+    for a, b in zip(torch.autograd.grad(ce + mlm, (hs, ws, bs)),
+                    torch.autograd.grad(ce_r + mlm_r, (hs, ws, bs))):
+        assert torch.isfinite(a).all() and rel(a, b) < 1e-5
+
+
+def test_gradcheck_fp64():
+    hs, ht, ws, bs, wt, bt, y, m = make(n=9, d=5, dt=4, v=13, dtype=torch.float64, p_label=0.5)
+
+    def f(hs, ws, bs):
+        return DistillHeadLossFunction.apply(hs, ht, ws, bs, wt, bt, y, m, 2.0, 4, "chunked")
+
+    assert torch.autograd.gradcheck(f, (hs, ws, bs), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    hs, ht, ws, bs, wt, bt, y, m = make(v=1000, d=32, dt=32, n=40, dtype=dtype)
+    hs32, ws32, bs32 = (t.detach().float().requires_grad_() for t in (hs, ws, bs))
+    ce_r, mlm_r = distill_head_loss_reference(hs32, ht.float(), ws32, bs32, wt.float(), bt.float(), y, m)
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, chunk_size=16, impl="chunked")
+    assert ce.dtype == torch.float32
+    # PyTorch's own computation in this precision, for the error budget (STYLE: at most ~2x of it)
+    ce_p, mlm_p = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m)
+    tol_ce = max(2 * rel(ce_p, ce_r), 1e-3)
+    assert rel(ce, ce_r) < tol_ce and rel(mlm, mlm_r) < max(2 * rel(mlm_p, mlm_r), 1e-3)
+    g = torch.autograd.grad(ce + mlm, (hs, ws, bs))
+    gp = torch.autograd.grad(ce_p + mlm_p, (hs, ws, bs))
+    gr = torch.autograd.grad(ce_r + mlm_r, (hs32, ws32, bs32))
+    for a, p, b in zip(g, gp, gr):
+        assert a.dtype == dtype
+        assert rel(a, b) < max(2 * rel(p, b), 1e-2)
+
+
+def test_batched_shape_and_dispatch(caplog):
+    hs, ht, ws, bs, wt, bt, y, m = make(n=24)
+    hs3 = hs.detach().reshape(4, 6, -1).requires_grad_()
+    with caplog.at_level("INFO", logger="iit_fast.ops"):
+        ce, mlm = distill_head_loss(hs3, ht.reshape(4, 6, -1), ws, bs, wt, bt, y.reshape(4, 6),
+                                    m.reshape(4, 6), 2.0)
+    ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m, 2.0)
+    assert rel(ce, ce_r) < 1e-5 and rel(mlm, mlm_r) < 1e-5
+    (gh,) = torch.autograd.grad(ce + mlm, hs3)
+    assert gh.shape == hs3.shape
+    with pytest.raises(ValueError):
+        distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, impl="nope")
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(4096, 30522) * 30522 * 4 * 3 <= 256 * 2**20
+    assert default_chunk_size(10, 30522) == 10
+    assert default_chunk_size(4096, 10**9) == 1
