@@ -191,6 +191,12 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
     iit = cfg.uses_iit
     group, s_l = (plan.teacher_layers, plan.student_layer) if plan is not None else ((), None)
     keep_t, keep_s = set(group), ({s_l} if s_l is not None else set())
+    if cfg.logit_tokens == "all":   # full logits (B, S, V), losses masked to the real tokens
+        kd_mask, kd_labels = kd, labels
+        at_kd = lambda h, src=False: h  # noqa: E731
+    else:                           # logits of the masked tokens only (N, V), as restrict_ce_to_mask meant
+        kd_mask, kd_labels = None, labels[kd]
+        at_kd = lambda h, src=False: h[kd[plan.pi] if src else kd]  # noqa: E731
 
     if iit:
         # the source batch: row i is row pi[i] of the base batch, run as a separate forward
@@ -201,32 +207,32 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
 
     with torch.no_grad():
         t_base = teacher(ids, am, tt, keep=keep_t)
-        z_t = teacher.logits(t_base.last_hidden)                                          # (B, S, V)
+        z_t = teacher.logits(at_kd(t_base.last_hidden))                                   # (B, S, V)
         if iit:
             t_src = teacher(src_ids, src_am, src_tt, keep=keep_t)
-            teacher.logits(t_src.last_hidden)  # the published code runs the full model on the source
+            teacher.logits(at_kd(t_src.last_hidden, src=True))  # the published code runs the whole model
             t_cf = teacher(ids, am, tt, interventions={l: swap(t_src.sites[l]) for l in group})
-            z_cf_t = teacher.logits(t_cf.last_hidden)
+            z_cf_t = teacher.logits(at_kd(t_cf.last_hidden))
 
     with _autocast(cfg, ids.device):
         s_base = student(ids, am, tt, keep=keep_s)
-        z_s = student.logits(s_base.last_hidden)                                          # (B, S, V)
+        z_s = student.logits(at_kd(s_base.last_hidden))                                   # (B, S, V)
         if iit:
             s_src = student(src_ids, src_am, src_tt, keep=keep_s)   # not detached: gradients reach it
-            student.logits(s_src.last_hidden)
+            student.logits(at_kd(s_src.last_hidden, src=True))
             s_cf = student(ids, am, tt, interventions={s_l: swap(s_src.sites[s_l])})
-            z_cf_s = student.logits(s_cf.last_hidden)
+            z_cf_s = student.logits(at_kd(s_cf.last_hidden))
 
     terms = {}
     if cfg.w_ce or cfg.w_mlm:
-        terms["ce"] = ce_loss(z_s, z_t, kd, cfg.temperature)
-        terms["mlm"] = mlm_loss(z_s, labels)
+        terms["ce"] = ce_loss(z_s, z_t, kd_mask, cfg.temperature)
+        terms["mlm"] = mlm_loss(z_s, kd_labels)
     if cfg.w_cos:
         terms["cos"] = cos_loss(s_base.last_hidden, t_base.last_hidden, tokens)
     if cfg.w_mse:
         terms["mse"] = _site_mse(student, s_base.sites[s_l], t_base.sites[group[-1]], tokens)
     if iit and cfg.w_iit:
-        terms["iit"] = iit_loss(z_cf_s, z_cf_t, kd, cfg.temperature)
+        terms["iit"] = iit_loss(z_cf_s, z_cf_t, kd_mask, cfg.temperature)
     if iit and cfg.w_iit_cos:
         terms["iit_cos"] = cos_loss(s_cf.last_hidden, t_cf.last_hidden, tokens)
     return terms
