@@ -1,0 +1,189 @@
+"""Benchmark of `distill_head_loss` (LM head + temperature KL + MLM CE): forward + backward time and peak
+memory, chunked vs the unfused PyTorch loss, on BERT-base shapes and a large-vocabulary shape.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/head_loss.py
+
+(the script sets LD_PRELOAD=jemalloc for its workers itself when the library exists; --quick for a smoke
+run on small shapes). Results: benchmarks/results/head_loss-<device>.{json,md}.
+
+Contenders, all on the same inputs (N tokens, hidden D=768, vocab V, T=2, 15% of tokens labelled, every
+token in the KL; the loss is 0.25 ce + 0.25 mlm as in the step):
+- `unfused`: full logits `F.linear`, `log_softmax` at T for both, `kl_div(log_target=True)`, `cross_entropy`,
+  autograd backward: what a plain PyTorch distillation loss does.
+- `chunked`: `iit_fast.ops.distill_head_loss(impl="chunked")` (CPU) / `impl="triton"` (CUDA), default chunk
+  size from the 256 MB budget; `chunked-256` the same with 256-row chunks.
+- liger-kernel's fused linear distillation losses (`LigerFusedLinearJSDLoss` etc.) need CUDA: on a CPU
+  machine they are listed as not run.
+
+Method: every (shape, contender) runs in a fresh subprocess, so its peak memory is its own: the peak RSS
+high-water mark (`getrusage` ru_maxrss) minus the RSS after the inputs are built (`extra peak`), and the
+absolute peak. Time: median of the timed fwd+bwd calls after warm-up (wall clock; the machine's 2 cores may
+be shared). Ratios are chunked / unfused of the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import machine, median_time, write_results  # noqa: E402
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+T = 2.0
+
+# (name, tokens, hidden, vocab, warmup, repeats)
+SHAPES = [
+    ("bert-base 4k", 4096, 768, 30522, 1, 3),
+    ("bert-base 16k", 16384, 768, 30522, 0, 2),
+    ("large vocab 128k", 1024, 768, 128256, 1, 2),
+]
+QUICK_SHAPES = [("quick", 512, 128, 5000, 1, 2)]
+
+
+def unfused_loss(hs, ht, ws, bs, wt, bt, y):
+    z_s = F.linear(hs, ws, bs)                                   # (N, V)
+    with torch.no_grad():
+        z_t = F.linear(ht, wt, bt)                               # (N, V)
+    ce = F.kl_div(F.log_softmax(z_s / T, -1), F.log_softmax(z_t / T, -1), reduction="batchmean",
+                  log_target=True) * (T * T)
+    mlm = F.cross_entropy(z_s, y, ignore_index=-100)
+    return ce, mlm
+
+
+def worker(spec: dict) -> dict:
+    """One contender on one shape, in this (fresh) process."""
+    import resource
+
+    import psutil
+    from iit_fast.ops import distill_head_loss
+
+    torch.manual_seed(0)
+    n, d, v = spec["tokens"], spec["hidden"], spec["vocab"]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hs = torch.randn(n, d, device=dev).requires_grad_()
+    ht = torch.randn(n, d, device=dev)
+    ws = (torch.randn(v, d, device=dev) * 0.05).requires_grad_()
+    bs = torch.zeros(v, device=dev).requires_grad_()
+    wt = torch.randn(v, d, device=dev) * 0.05
+    bt = torch.zeros(v, device=dev)
+    y = torch.randint(0, v, (n,), device=dev)
+    y[torch.rand(n, device=dev) > 0.15] = -100
+    name = spec["contender"]
+    if name == "unfused":
+        def loss():
+            return unfused_loss(hs, ht, ws, bs, wt, bt, y)
+    else:
+        chunk = spec.get("chunk")
+        impl = "triton" if dev == "cuda" else "chunked"
+
+        def loss():
+            return distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, T, chunk_size=chunk, impl=impl)
+    out = {}
+
+    def step():
+        for p in (hs, ws, bs):
+            p.grad = None
+        ce, mlm = loss()
+        (0.25 * ce + 0.25 * mlm).backward()
+        out["ce"], out["mlm"] = ce.item(), mlm.item()
+
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = psutil.Process().memory_info().rss
+    t, times = median_time(step, repeats=spec["repeats"], warmup=spec["warmup"])
+    if dev == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    flops = 4 * 2 * n * d * v  # logits s, logits t, dh, dW (the teacher has no backward)
+    return {"time_s": t, "times_s": times, "peak_bytes": peak, "base_bytes": base,
+            "extra_peak_bytes": peak - base, "gflops": flops / t / 1e9, **out}
+
+
+def run_one(spec: dict) -> dict:
+    env = dict(os.environ)
+    if os.path.exists(JEMALLOC) and "jemalloc" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = (JEMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rows = []
+    for sname, n, d, v, warmup, repeats in shapes:
+        contenders = [("unfused", None), ("chunked", None)]
+        if sname.startswith("bert-base 4k") or args.quick:
+            contenders.append(("chunked-256", 256))
+        res = {}
+        for cname, chunk in contenders:
+            spec = {"tokens": n, "hidden": d, "vocab": v, "contender": cname.split("-")[0], "chunk": chunk,
+                    "warmup": warmup, "repeats": repeats}
+            r = run_one(spec)
+            res[cname] = r
+            print(sname, cname, {k: r.get(k) for k in ("time_s", "extra_peak_bytes", "peak_bytes", "error")},
+                  flush=True)
+        base = res["unfused"]
+        for cname, _ in contenders:
+            r = res[cname]
+            row = {"shape": sname, "N": n, "D": d, "V": v, "contender": cname}
+            if "error" in r:
+                row["note"] = r["error"]
+                rows.append(row)
+                continue
+            row.update({
+                "time_s": r["time_s"], "time_ratio": r["time_s"] / base["time_s"] if "time_s" in base else "",
+                "GFLOP/s": r["gflops"],
+                "extra_peak_MB": r["extra_peak_bytes"] / 2**20, "peak_MB": r["peak_bytes"] / 2**20,
+                "extra_peak_ratio": (r["extra_peak_bytes"] / base["extra_peak_bytes"]
+                                     if "extra_peak_bytes" in base else ""),
+                "peak_ratio": r["peak_bytes"] / base["peak_bytes"] if "peak_bytes" in base else "",
+                "ce": r["ce"], "mlm": r["mlm"], "times_s": r["times_s"],
+            })
+            rows.append(row)
+        liger = "not run: liger-kernel's fused linear distillation losses need CUDA" if dev == "cpu" else \
+            "not run: liger-kernel is not installed in this environment"
+        rows.append({"shape": sname, "N": n, "D": d, "V": v, "contender": "liger (fused linear JSD/KL)",
+                     "note": liger})
+    m = machine()
+    m["allocator"] = "jemalloc (LD_PRELOAD) in every worker" if os.path.exists(JEMALLOC) else m["allocator"]
+    notes = (
+        "Forward + backward of `0.25 ce + 0.25 mlm` (T=2, 15% of tokens labelled, all tokens in the KL). "
+        "Each contender runs in a fresh subprocess with LD_PRELOAD=jemalloc; `extra_peak_MB` = peak RSS "
+        "(getrusage ru_maxrss) minus the RSS after the inputs were built, i.e. what the loss itself needs "
+        "(logits, softmax buffers, gradients); `peak_MB` is the process's absolute high-water mark (incl. "
+        "torch, the inputs and the weight gradient). Ratios are against `unfused` of the same shape. "
+        "Time: median wall clock of the timed calls (`times_s`); the 2 CPU cores are shared with other "
+        "work, so single timings can be noisy. liger-kernel's fused linear losses run only on CUDA and "
+        "are not run on this CPU machine. Reproduce: `python benchmarks/head_loss.py`.")
+    suffix = "gpu" if dev == "cuda" else "cpu"
+    name = f"head_loss-{suffix}" + ("-quick" if args.quick else "")
+    cols = ["shape", "contender", "time_s", "time_ratio", "GFLOP/s", "extra_peak_MB", "extra_peak_ratio",
+            "peak_MB", "peak_ratio", "note"]
+    write_results(name, {"machine": m, "temperature": T, "shapes": shapes}, rows, cols,
+                  title="distill_head_loss: chunked vs unfused (forward + backward)", notes=notes)
+
+
+if __name__ == "__main__":
+    main()
