@@ -20,8 +20,11 @@ g_ce * G(ce + mlm) + (g_mlm - g_ce) * G(mlm).
 Tokens that count for neither loss (padding) are dropped before the matmuls: they get a zero gradient.
 The teacher side gets no gradient (its tensors are read under no_grad; gradients for them are None).
 
-impl: "auto" (CUDA -> "triton", CPU -> "chunked"; logged once), "reference" (unfused, autograd),
+impl: "auto" (CUDA -> "triton", CPU -> "native", or "chunked" if the C++ step cannot be built; logged once),
+"reference" (unfused, autograd),
 "chunked" (this chunk loop with a plain torch inner step: ~20 in-place passes over 3 chunk buffers),
+"native" (this chunk loop with the C++/OpenMP inner step of csrc/head_loss.cpp: 3 passes per row, in
+place; built on first use with torch.utils.cpp_extension.load, a few seconds; fp64 falls back to "chunked"),
 "triton" (this chunk loop with the Triton inner step: 2 passes per row, in place; on CPU only under
 TRITON_INTERPRET=1, for tests).
 """
@@ -107,12 +110,66 @@ def _inner_torch(zs, zt, labels, w_kd, w_lab, temperature):
     return zt, kl, ce
 
 
+# Native C++ inner step (csrc/head_loss.cpp): 3 passes per row kept in L2, no scratch buffer.
+_native_fn = None  # ctypes function once built; False when the build failed (logged)
+
+
+def _native_step():
+    """Build (first call, a few seconds; cached in TORCH_EXTENSIONS_DIR) and load the C++ inner step."""
+    global _native_fn
+    if _native_fn is None:
+        try:
+            import ctypes
+            from pathlib import Path
+
+            from torch.utils.cpp_extension import load
+
+            import iit_fast.csrc as csrc_pkg
+            src = Path(csrc_pkg.__file__).resolve().parent / "head_loss.cpp"
+            # -ffast-math on the compile only (vectorised expf from libmvec); not on the link, so
+            # crtfastmath (flush-to-zero for the whole process) is not pulled in.
+            path = load(name="iit_fast_head_loss_native", sources=[str(src)],
+                         extra_cflags=["-O3", "-ffast-math", "-march=native", "-fopenmp"],
+                         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            fn = ctypes.CDLL(path).iit_distill_head_loss_chunk_f32
+            P, I64 = ctypes.c_void_p, ctypes.c_int64
+            fn.argtypes = [P, I64, P, I64, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int]
+            fn.restype = None
+            _native_fn = fn
+        except Exception as e:  # no compiler, no ninja: say so, the torch inner step does the same job
+            log.warning("distill_head_loss: native CPU step unavailable (%s: %s); using the torch step",
+                        type(e).__name__, e)
+            _native_fn = False
+    return _native_fn or None
+
+
+def _inner_native(zs, zt, labels, w_kd, w_lab, temperature):
+    fn = _native_step()
+    if fn is None or zs.dtype != torch.float32 or zs.device.type != "cpu":
+        return _inner_torch(zs, zt, labels, w_kd, w_lab, temperature)   # fp64 (gradcheck) and fallbacks
+    C, V = zs.shape
+    assert zs.stride(1) == 1 and zt.stride(1) == 1
+    w_kd = w_kd.contiguous()
+    kl = torch.empty(C, dtype=torch.float32)
+    ce = torch.empty(C, dtype=torch.float32) if labels is not None else None
+    if labels is not None:
+        labels = labels.contiguous()
+        w_lab = w_lab.contiguous()
+    if C:
+        fn(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
+           labels.data_ptr() if labels is not None else None, w_kd.data_ptr(),
+           w_lab.data_ptr() if labels is not None else None, kl.data_ptr(),
+           ce.data_ptr() if ce is not None else None, C, V, float(temperature),
+           min(torch.get_num_threads(), max(1, (C * V) >> 18)))  # small chunks: one thread, no barrier
+    return zs, kl, ce
+
+
 def _inner_triton(zs, zt, labels, w_kd, w_lab, temperature):
     from iit_fast.kernels.head_loss import distill_head_loss_chunk_triton
     return distill_head_loss_chunk_triton(zs, zt, labels, w_kd, w_lab, temperature)
 
 
-_INNER = {"chunked": _inner_torch, "triton": _inner_triton}
+_INNER = {"chunked": _inner_torch, "native": _inner_native, "triton": _inner_triton}
 
 
 def _linear_chunk(h, w, b, acc):
@@ -278,16 +335,20 @@ class DistillHeadLossFunction(torch.autograd.Function):
         return gh, None, gw, gb, None, None, None, None, None, None, None
 
 
-def _pick_impl(impl: str, device: torch.device) -> str:
+def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl == "auto":
         if device.type == "cuda":
             _log_once("distill_head_loss: impl=triton (CUDA tensors: cuBLAS matmuls + Triton chunk kernel)")
             return "triton"
-        _log_once(f"distill_head_loss: impl=chunked ({device.type} tensors: BLAS matmuls + in-place torch "
-                  "chunk step; the Triton kernel needs CUDA)")
+        if dtype != torch.float64 and _native_step() is not None:
+            _log_once(f"distill_head_loss: impl=native ({device.type} tensors: BLAS matmuls + C++/OpenMP "
+                      "chunk step; the Triton kernel needs CUDA)")
+            return "native"
+        _log_once(f"distill_head_loss: impl=chunked ({device.type} tensors, {dtype}: BLAS matmuls + in-place "
+                  "torch chunk step; native step not available for this dtype or not built)")
         return "chunked"
-    if impl not in ("reference", "chunked", "triton"):
-        raise ValueError(f"distill_head_loss impl must be auto|reference|chunked|triton, got {impl!r}")
+    if impl not in ("reference", "chunked", "native", "triton"):
+        raise ValueError(f"distill_head_loss impl must be auto|reference|chunked|native|triton, got {impl!r}")
     _log_once(f"distill_head_loss: impl={impl} (requested)")
     return impl
 
@@ -306,12 +367,12 @@ def distill_head_loss(student_hidden, teacher_hidden, student_weight, student_bi
         kd_mask: (N,) bool (or 0/1) tokens in the KL mean; None = all N.
         temperature: T of the KL; ce carries the T^2 factor.
         chunk_size: rows per chunk; None = from a 256 MB budget for the chunk's logit buffers.
-        impl: "auto" | "reference" | "chunked" | "triton".
+        impl: "auto" | "reference" | "chunked" | "native" | "triton".
     Returns:
         (ce, mlm): 0-dim fp32 tensors (fp64 for fp64 inputs); see `reference.distill_head_loss_reference`.
         Gradients flow to student_hidden, student_weight and student_bias only.
     """
-    which = _pick_impl(impl, student_hidden.device)
+    which = _pick_impl(impl, student_hidden.device, student_hidden.dtype)
     if which == "reference":
         return distill_head_loss_reference(student_hidden, teacher_hidden, student_weight, student_bias,
                                            teacher_weight, teacher_bias, labels, kd_mask, temperature)
