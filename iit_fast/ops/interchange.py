@@ -1,27 +1,405 @@
-"""`interchange`, `hidden_loss`, `interchange_hidden_loss`: dispatchers over the implementations.
+"""`interchange`, `hidden_loss`, `interchange_hidden_loss`: autograd Functions and dispatchers.
 
-impl: "auto" (fastest available for the tensors' device, logged once), "reference", "triton", "native".
+    out = interchange(states, pi, base_start, source_start, span_len, dims=None, impl="auto")
+    loss = hidden_loss(student, teacher, mask, kind="cos", impl="auto")
+    out, loss = interchange_hidden_loss(states, teacher, mask, pi, bs, ss, k, dims=None, kind="mse", impl="auto")
+
+Semantics are those of `reference.py` (the ground truth). impl:
+  "auto"      CUDA tensors -> "triton"; CPU tensors -> "native" (built on first use) or, when the native
+              library cannot be built, "reference"; the path is logged once per op (a warning for a fallback).
+  "reference" the plain PyTorch reference (autograd does the backward).
+  "triton"    Triton kernels (kernels/interchange.py); on CPU only under TRITON_INTERPRET=1 (tests).
+  "native"    C++/OpenMP kernels (csrc/interchange.cpp) on CPU; fp32 and fp64 natively, bf16/fp16 computed
+              in fp32 and cast back.
+`available_paths()` says which paths this process can run and why not.
+
+The loss ops compute the gradient in the forward (the loss is the last op; backward only scales it by the
+grad_output, Liger style). The teacher is a constant target: it gets no gradient. A teacher that requires
+grad (with grad mode on) is sent to the reference path, which differentiates it, with a one-time warning.
+
+interchange's backward is a gather: each (row r, position p) of the states' gradient collects the entries
+of the counterfactual gradient that came from it, through the rows i with pi_i = r (CSR from a stable
+argsort of pi). It is exact and conflict free for any pi, a permutation or not (no atomics).
 """
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 
 from .reference import (hidden_loss_reference, interchange_hidden_loss_reference,
                         interchange_reference)
 
+log = logging.getLogger("iit_fast.ops")
+_logged: set[str] = set()
+
+IMPLS = ("auto", "reference", "triton", "native")
+_NATIVE_NAME = "iit_fast_interchange"
+_NATIVE_SOURCES = ("interchange.cpp",)
+
+
+def _log_once(key: str, msg: str, warning: bool = False) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        (log.warning if warning else log.info)(msg)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Native library (ctypes)
+# ------------------------------------------------------------------------------------------------------
+_native_lib = None
+_native_error: str | None = None
+
+
+def _native():
+    """The ctypes library of csrc/interchange.cpp, or None (reason in _native_error)."""
+    global _native_lib, _native_error
+    if _native_lib is None and _native_error is None:
+        import ctypes
+
+        from ._native import NativeUnavailable, load_native
+        try:
+            lib = load_native(_NATIVE_NAME, _NATIVE_SOURCES)
+        except NativeUnavailable as e:
+            _native_error = str(e)
+            return None
+        P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        for suf in ("f32", "f64"):
+            f = getattr(lib, f"iit_interchange_fwd_{suf}")
+            f.argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, I64, I]
+            f = getattr(lib, f"iit_interchange_bwd_{suf}")
+            f.argtypes = [P, P, ctypes.c_double, P, P, P, P, P, P, I64, I64, I64, I64, I64, I]
+            f = getattr(lib, f"iit_hidden_loss_fwd_{suf}")
+            f.argtypes = [P, P, P, P, P, I64, I64, I, I]
+            f = getattr(lib, f"iit_interchange_hidden_loss_fwd_{suf}")
+            f.argtypes = [P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I, I]
+            for name in ("interchange_fwd", "interchange_bwd", "hidden_loss_fwd", "interchange_hidden_loss_fwd"):
+                getattr(lib, f"iit_{name}_{suf}").restype = None
+        _native_lib = lib
+    return _native_lib
+
+
+def available_paths() -> dict[str, str | None]:
+    """Path -> None when it can run in this process, else the reason it cannot."""
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    try:
+        import triton  # noqa: F401
+        triton_ok = None if (torch.cuda.is_available() or interp) else "no CUDA device (CPU only under TRITON_INTERPRET=1)"
+    except ImportError as e:
+        triton_ok = f"triton not importable: {e}"
+    _native()
+    return {"reference": None, "native": _native_error, "triton": triton_ok}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Backends: each gives the same four primitives on contiguous tensors.
+# ------------------------------------------------------------------------------------------------------
+
+def _p(t):
+    return None if t is None else t.data_ptr()
+
+
+class _NativeBackend:
+    name = "native"
+
+    @staticmethod
+    def _dt(x):
+        return "f64" if x.dtype == torch.float64 else "f32"
+
+    @staticmethod
+    def _work(x):
+        """Storage the C++ kernels take: fp32 or fp64, contiguous."""
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        return x.contiguous()
+
+    @classmethod
+    def interchange_fwd(cls, x, pi, bs, ss, k, d0, d1):
+        xw = cls._work(x)
+        out = torch.empty_like(xw)
+        B, S, D = xw.shape
+        if out.numel():
+            getattr(_native(), f"iit_interchange_fwd_{cls._dt(xw)}")(
+                _p(xw), _p(out), _p(pi), _p(bs), _p(ss), _p(k), B, S, D, d0, d1, torch.get_num_threads())
+        return out.to(x.dtype)
+
+    @classmethod
+    def interchange_bwd(cls, g, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype):
+        ref = g if g is not None else gh
+        wd = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        g = None if g is None else g.to(wd).contiguous()
+        gh = None if gh is None else gh.to(wd).contiguous()
+        gx = torch.empty(shape, dtype=wd)
+        B, S, D = shape
+        if gx.numel():
+            getattr(_native(), f"iit_interchange_bwd_{'f64' if wd == torch.float64 else 'f32'}")(
+                _p(g), _p(gh), float(scale), _p(gx), _p(bs), _p(ss), _p(k), _p(src_off), _p(src_rows),
+                B, S, D, d0, d1, torch.get_num_threads())
+        return gx.to(dtype)
+
+    @classmethod
+    def hidden_loss_fwd(cls, s, t, w, kind_cos):
+        sw = cls._work(s)
+        tw = t.to(sw.dtype).contiguous()
+        w = w.to(sw.dtype).contiguous()
+        N, D = sw.shape
+        grad = torch.empty_like(sw)
+        loss = torch.empty(N, dtype=sw.dtype)
+        if N:
+            getattr(_native(), f"iit_hidden_loss_fwd_{cls._dt(sw)}")(
+                _p(sw), _p(tw), _p(w), _p(grad), _p(loss), N, D, int(kind_cos), torch.get_num_threads())
+        return loss, grad.to(s.dtype)
+
+    @classmethod
+    def interchange_hidden_loss_fwd(cls, x, t, w, pi, bs, ss, k, d0, d1, kind_cos):
+        xw = cls._work(x)
+        tw = t.to(xw.dtype).contiguous()
+        w = w.to(xw.dtype).contiguous()
+        B, S, D = xw.shape
+        out, grad = torch.empty_like(xw), torch.empty_like(xw)
+        loss = torch.empty(B * S, dtype=xw.dtype)
+        if out.numel():
+            getattr(_native(), f"iit_interchange_hidden_loss_fwd_{cls._dt(xw)}")(
+                _p(xw), _p(tw), _p(w), _p(out), _p(grad), _p(loss), _p(pi), _p(bs), _p(ss), _p(k),
+                B, S, D, d0, d1, int(kind_cos), torch.get_num_threads())
+        return out.to(x.dtype), loss, grad.to(x.dtype)
+
+
+class _TritonBackend:
+    name = "triton"
+
+    @staticmethod
+    def interchange_fwd(x, pi, bs, ss, k, d0, d1):
+        from iit_fast.kernels.interchange import interchange_forward
+        return interchange_forward(x.contiguous(), pi, bs, ss, k, d0, d1)
+
+    @staticmethod
+    def interchange_bwd(g, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype):
+        from iit_fast.kernels.interchange import interchange_backward
+        return interchange_backward(None if g is None else g.contiguous(),
+                                    None if gh is None else gh.contiguous(),
+                                    scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype)
+
+    @staticmethod
+    def hidden_loss_fwd(s, t, w, kind_cos):
+        from iit_fast.kernels.interchange import hidden_loss_forward
+        return hidden_loss_forward(s.contiguous(), t.contiguous(), w.float().contiguous(), kind_cos)
+
+    @staticmethod
+    def interchange_hidden_loss_fwd(x, t, w, pi, bs, ss, k, d0, d1, kind_cos):
+        from iit_fast.kernels.interchange import interchange_hidden_loss_forward
+        return interchange_hidden_loss_forward(x.contiguous(), t.contiguous(), w.float().contiguous(),
+                                               pi, bs, ss, k, d0, d1, kind_cos)
+
+
+_BACKENDS = {"native": _NativeBackend, "triton": _TritonBackend}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Argument plumbing
+# ------------------------------------------------------------------------------------------------------
+
+def _index_args(states, pi, base_start, source_start, span_len, dims):
+    B, S, D = states.shape
+    dev = states.device
+    pi, bs, ss, k = (t.to(device=dev, dtype=torch.int64).contiguous()
+                     for t in (pi, base_start, source_start, span_len))
+    d0, d1 = (0, D) if dims is None else (int(dims[0]), int(dims[1]))
+    if not 0 <= d0 <= d1 <= D:
+        raise ValueError(f"dims {dims} out of range for hidden size {D}")
+    if dev.type == "cpu" and B:  # cheap here (B values); on a GPU it would cost a sync per call
+        if (pi.min() < 0 or pi.max() >= B or k.min() < 0 or bs.min() < 0 or ss.min() < 0
+                or (bs + k).max() > S or (ss + k).max() > S):
+            raise IndexError("interchange: pi, span starts or span lengths out of range")
+    return pi, bs, ss, k, d0, d1
+
+
+def _sources_csr(pi: torch.Tensor, B: int):
+    """Rows grouped by their source row: rows i with pi_i = r are src_rows[src_off[r]:src_off[r + 1]]."""
+    src_rows = torch.argsort(pi, stable=True)
+    counts = torch.bincount(pi, minlength=B)
+    src_off = torch.zeros(B + 1, dtype=torch.int64, device=pi.device)
+    src_off[1:] = torch.cumsum(counts, 0)
+    return src_off, src_rows.to(torch.int64).contiguous()
+
+
+def _token_weights(mask, n_tokens, dtype):
+    """w = mask / max(n_masked, 1) per token, flattened, in the accumulation dtype."""
+    m = mask.reshape(-1).to(dtype)
+    if m.numel() != n_tokens:
+        raise ValueError(f"mask has {m.numel()} entries for {n_tokens} tokens")
+    return (m / m.sum().clamp_min(1.0)).contiguous()
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _kind_cos(kind: str) -> bool:
+    if kind not in ("cos", "mse"):
+        raise ValueError(f"hidden_loss kind must be 'cos' or 'mse', got {kind!r}")
+    return kind == "cos"
+
+
+def _scale_grad(grad, g):
+    """grad * g, skipping the pass when g == 1 (the usual case: the loss is the output)."""
+    if g is None:
+        return None
+    if g.numel() == 1 and g.device.type == "cpu" and float(g) == 1.0:
+        return grad
+    return grad * g.to(grad.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Autograd Functions
+# ------------------------------------------------------------------------------------------------------
+
+class InterchangeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, states, pi, bs, ss, k, d0, d1, backend):
+        ctx.save_for_backward(pi, bs, ss, k)
+        ctx.meta = (d0, d1, backend, tuple(states.shape), states.dtype)
+        return backend.interchange_fwd(states, pi, bs, ss, k, d0, d1)
+
+    @staticmethod
+    def backward(ctx, g):
+        pi, bs, ss, k = ctx.saved_tensors
+        d0, d1, backend, shape, dtype = ctx.meta
+        src_off, src_rows = _sources_csr(pi, shape[0])
+        gx = backend.interchange_bwd(g, None, 1.0, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype)
+        return gx, None, None, None, None, None, None, None
+
+
+class HiddenLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, mask, kind_cos, backend):
+        D = student.shape[-1]
+        s = student.reshape(-1, D)
+        t = teacher.reshape(-1, D)
+        w = _token_weights(mask, s.shape[0], _acc_dtype(student))
+        loss_tok, grad = backend.hidden_loss_fwd(s, t, w, kind_cos)
+        ctx.save_for_backward(grad)
+        ctx.shape = student.shape
+        return loss_tok.sum().to(_acc_dtype(student))
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return _scale_grad(grad, g).reshape(ctx.shape), None, None, None, None
+
+
+class InterchangeHiddenLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, states, teacher, mask, pi, bs, ss, k, d0, d1, kind_cos, backend):
+        ctx.set_materialize_grads(False)
+        w = _token_weights(mask, states.shape[0] * states.shape[1], _acc_dtype(states))
+        out, loss_tok, grad = backend.interchange_hidden_loss_fwd(states, teacher, w, pi, bs, ss, k, d0, d1,
+                                                                 kind_cos)
+        ctx.save_for_backward(grad, pi, bs, ss, k)
+        ctx.meta = (d0, d1, backend, tuple(states.shape), states.dtype)
+        return out, loss_tok.sum().to(_acc_dtype(states))
+
+    @staticmethod
+    def backward(ctx, g_out, g_loss):
+        grad, pi, bs, ss, k = ctx.saved_tensors
+        d0, d1, backend, shape, dtype = ctx.meta
+        if g_out is None:
+            gx = None if g_loss is None else _scale_grad(grad, g_loss)
+        else:
+            # one pass: interchange backward of g_out + g_loss * grad, both into the states' gradient
+            src_off, src_rows = _sources_csr(pi, shape[0])
+            gh, scale = (None, 0.0) if g_loss is None else (grad, float(g_loss))
+            gx = backend.interchange_bwd(g_out, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype)
+        return (gx,) + (None,) * 10
+
+
+# ------------------------------------------------------------------------------------------------------
+# Dispatch
+# ------------------------------------------------------------------------------------------------------
+
+def _pick(op: str, x: torch.Tensor, impl: str, teacher: torch.Tensor | None = None) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        _log_once(f"{op}:reference", f"{op}: reference path (asked for)")
+        return "reference"
+    if teacher is not None and teacher.requires_grad and torch.is_grad_enabled():
+        _log_once(f"{op}:teacher_grad", f"{op}: teacher requires grad; the fused paths treat it as a constant "
+                  "target, so the reference path runs (it differentiates the teacher)", warning=True)
+        return "reference"
+    if impl == "auto":
+        if x.device.type == "cuda":
+            impl = "triton"
+        elif x.device.type == "cpu" and _native() is not None:
+            impl = "native"
+        else:
+            why = _native_error if x.device.type == "cpu" else f"no fused path for device {x.device.type}"
+            _log_once(f"{op}:fallback", f"{op}: reference path (auto): {why}", warning=True)
+            return "reference"
+        _log_once(f"{op}:{impl}", f"{op}: {impl} path (auto, {x.device.type} tensors)")
+        return impl
+    if impl == "native":
+        if x.device.type != "cpu":
+            raise ValueError(f"{op}: impl='native' runs on CPU tensors, got {x.device}")
+        if _native() is None:
+            raise RuntimeError(f"{op}: native path unavailable: {_native_error}")
+    if impl == "triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError(f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    _log_once(f"{op}:{impl}", f"{op}: {impl} path (asked for)")
+    return impl
+
 
 def interchange(states, pi, base_start, source_start, span_len, dims=None, *, impl="auto"):
-    """Counterfactual states; see `reference.interchange_reference`."""
-    return interchange_reference(states, pi, base_start, source_start, span_len, dims)
+    """Counterfactual states; see `reference.interchange_reference`.
+
+    Args:
+        states: (B, S, D) site states of the batch.
+        pi: (B,) long, row i takes its span from row pi[i].
+        base_start, source_start, span_len: (B,) long span of each row (base / source start, length).
+        dims: (d0, d1) half-open slice of D that is swapped; None = all of D.
+        impl: "auto" | "reference" | "triton" | "native".
+    """
+    path = _pick("interchange", states, impl)
+    if path == "reference":
+        return interchange_reference(states, pi, base_start, source_start, span_len, dims)
+    pi, bs, ss, k, d0, d1 = _index_args(states, pi, base_start, source_start, span_len, dims)
+    return InterchangeFunction.apply(states, pi, bs, ss, k, d0, d1, _BACKENDS[path])
 
 
 def hidden_loss(student, teacher, mask, kind="cos", *, impl="auto"):
-    """Masked mean `1 - cos` or MSE; see `reference.hidden_loss_reference`."""
-    return hidden_loss_reference(student, teacher, mask, kind)
+    """Masked mean `1 - cos` or MSE; see `reference.hidden_loss_reference`.
+
+    Args:
+        student: (..., D) states (gets the gradient).
+        teacher: (..., D) same shape, a constant target.
+        mask: (...) bool or 0/1, tokens that count.
+        kind: "cos" | "mse".
+    Returns the scalar loss in fp32 (fp64 for fp64 inputs); 0 when no token counts.
+    """
+    kind_cos = _kind_cos(kind)
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
+    path = _pick("hidden_loss", student, impl, teacher)
+    if path == "reference":
+        return hidden_loss_reference(student, teacher, mask, kind)
+    return HiddenLossFunction.apply(student, teacher.detach(), mask, kind_cos, _BACKENDS[path])
 
 
 def interchange_hidden_loss(states, teacher, mask, pi, base_start, source_start, span_len, dims=None,
                             kind="mse", *, impl="auto"):
-    """(interchange(states, ...), hidden_loss(states, teacher, mask, kind)) from one read of states."""
-    return interchange_hidden_loss_reference(states, teacher, mask, pi, base_start, source_start,
-                                             span_len, dims, kind)
+    """(interchange(states, ...), hidden_loss(states, teacher, mask, kind)) from one read of states.
+
+    The gradient of `states` is the interchange backward of the counterfactual's gradient plus the loss'
+    gradient, in one pass.
+    """
+    kind_cos = _kind_cos(kind)
+    if states.shape != teacher.shape:
+        raise ValueError(f"states {tuple(states.shape)} and teacher {tuple(teacher.shape)} differ")
+    path = _pick("interchange_hidden_loss", states, impl, teacher)
+    if path == "reference":
+        return interchange_hidden_loss_reference(states, teacher, mask, pi, base_start, source_start, span_len,
+                                                 dims, kind)
+    pi, bs, ss, k, d0, d1 = _index_args(states, pi, base_start, source_start, span_len, dims)
+    return InterchangeHiddenLossFunction.apply(states, teacher.detach(), mask, pi, bs, ss, k, d0, d1, kind_cos,
+                                               _BACKENDS[path])

@@ -1,0 +1,288 @@
+"""Triton kernels of `interchange`, `hidden_loss` and `interchange_hidden_loss`, and their launchers.
+
+The autograd Functions and the dispatcher live in `iit_fast/ops/interchange.py`; this file holds only the
+kernels and plain launchers, Liger-Kernel style. States are contiguous (B, S, D); token t = b * S + s; one
+program per token, looping over the hidden dims in BLOCK_D tiles (BLOCK_D = next power of two of D, capped
+at MAX_BLOCK_D, so at BERT sizes the row is one tile). Loads upcast to fp32; stores cast to the output's
+dtype (fp32 / bf16 / fp16 inputs, fp32 accumulation).
+
+interchange (forward): out[b, s] = x[b, s] except, for s in the base span [bs_b, bs_b + k_b),
+    out[b, s, d0:d1] = x[pi_b, ss_b + s - bs_b, d0:d1]
+interchange (backward), a gather (conflict free for any pi): with the rows i such that pi_i = r given as CSR,
+    gx[r, p]         = g[r, p], dims d0:d1 zeroed if p is in r's base span      (+ scale * gh[r, p])
+    gx[r, p, d0:d1] += g[i, bs_i + p - ss_i, d0:d1]   for each i with pi_i = r and p in i's source span
+hidden_loss per token, weight w = mask / n_masked:
+    cos: l = 1 - c, c = <s, t> / (max(|s|, eps) max(|t|, eps)),  dl/ds = c s / |s|^2 - t / (|s| |t|)
+    mse: l = mean_d (s - t)^2,                                     dl/ds = 2 (s - t) / D
+The loss kernels write w * l per token and the gradient w * dl/ds (the loss is the last op: backward only
+scales it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK_D = 2048
+# The configurations the launchers use (the AOT test compiles exactly these): num_warps per BLOCK_D.
+# On a GPU they are also the autotune space ({2, 4, 8} warps around the default).
+AUTOTUNE_WARPS = (2, 4, 8)
+
+
+def block_d(D: int) -> int:
+    return min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
+
+
+def default_warps(BLOCK_D: int) -> int:
+    return 1 if BLOCK_D <= 128 else 2 if BLOCK_D <= 512 else 4 if BLOCK_D <= 1024 else 8
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _interchange_fwd_kernel(
+    x_ptr,      # (B, S, D) states, contiguous
+    out_ptr,    # (B, S, D) out: counterfactual states
+    pi_ptr,     # (B,) int64 source row of each row
+    bs_ptr,     # (B,) int64 base span start
+    ss_ptr,     # (B,) int64 source span start
+    k_ptr,      # (B,) int64 span length
+    S,          # positions per row
+    D,          # hidden dims
+    d0,         # first swapped dim
+    d1,         # one past the last swapped dim
+    BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    b = tok // S
+    p = tok % S
+    bs = tl.load(bs_ptr + b)
+    kk = tl.load(k_ptr + b)
+    in_span = (p >= bs) & (p < bs + kk)
+    src_tok = tl.load(pi_ptr + b) * S + tl.load(ss_ptr + b) + p - bs
+    src_tok = tl.where(in_span, src_tok, tok)
+    # swapped dims of this token: [lo, hi), empty outside the span (scalar-bool masks are avoided: the
+    # interpreter mis-types a scalar bool broadcast against a vector)
+    lo = tl.where(in_span, d0, 0)
+    hi = tl.where(in_span, d1, 0)
+    for d in range(0, D, BLOCK_D):
+        offs = d + tl.arange(0, BLOCK_D)
+        m = offs < D
+        sw = (offs >= lo) & (offs < hi)
+        own = tl.load(x_ptr + tok * D + offs, mask=m & (sw == 0))
+        src = tl.load(x_ptr + src_tok * D + offs, mask=sw)
+        tl.store(out_ptr + tok * D + offs, tl.where(sw, src, own), mask=m)
+
+
+@triton.jit
+def _interchange_bwd_kernel(
+    g_ptr,        # (B, S, D) gradient of the counterfactual states (unused unless HAS_G)
+    gh_ptr,       # (B, S, D) gradient of the loss on the plain states, unscaled (unused unless HAS_GH)
+    scale,        # fp32 factor of gh (the loss' grad_output)
+    gx_ptr,       # (B, S, D) out: gradient of the states
+    bs_ptr,       # (B,) int64 base span start
+    ss_ptr,       # (B,) int64 source span start
+    k_ptr,        # (B,) int64 span length
+    src_off_ptr,  # (B + 1,) int64 CSR offsets: rows i with pi_i = r are src_rows[src_off[r]:src_off[r + 1]]
+    src_rows_ptr, # (B,) int64 rows sorted by pi
+    S, D, d0, d1,
+    HAS_G: tl.constexpr,
+    HAS_GH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    r = tok // S
+    p = tok % S
+    bs = tl.load(bs_ptr + r)
+    kk = tl.load(k_ptr + r)
+    in_span = (p >= bs) & (p < bs + kk)
+    j0 = tl.load(src_off_ptr + r)
+    j1 = tl.load(src_off_ptr + r + 1)
+    lo = tl.where(in_span, d0, 0)
+    hi = tl.where(in_span, d1, 0)
+    for d in range(0, D, BLOCK_D):
+        offs = d + tl.arange(0, BLOCK_D)
+        m = offs < D
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        if HAS_GH:
+            acc += scale * tl.load(gh_ptr + tok * D + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_G:
+            # d x[r, p] through the kept entries of out[r, p]
+            acc += tl.load(g_ptr + tok * D + offs, mask=m & ((offs < lo) | (offs >= hi)), other=0.0).to(tl.float32)
+            # d x[r, p] through the rows i that took their span from r
+            for j in range(j0, j1):
+                i = tl.load(src_rows_ptr + j)
+                ssi = tl.load(ss_ptr + i)
+                hit = (p >= ssi) & (p < ssi + tl.load(k_ptr + i))
+                gi = i * S + tl.load(bs_ptr + i) + p - ssi
+                gi = tl.where(hit, gi, 0)
+                hlo = tl.where(hit, d0, 0)
+                hhi = tl.where(hit, d1, 0)
+                acc += tl.load(g_ptr + gi * D + offs, mask=(offs >= hlo) & (offs < hhi), other=0.0).to(tl.float32)
+        tl.store(gx_ptr + tok * D + offs, acc.to(gx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _hidden_loss_token(s_row, t_row, g_row, w, D, KIND_COS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """w * loss of one token; writes w * dl/ds to g_row (two passes over D when D > BLOCK_D)."""
+    if KIND_COS:
+        st = tl.zeros([BLOCK_D], tl.float32)
+        ss = tl.zeros([BLOCK_D], tl.float32)
+        tt = tl.zeros([BLOCK_D], tl.float32)
+        for d in range(0, D, BLOCK_D):
+            offs = d + tl.arange(0, BLOCK_D)
+            m = offs < D
+            a = tl.load(s_row + offs, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(t_row + offs, mask=m, other=0.0).to(tl.float32)
+            st += a * b
+            ss += a * a
+            tt += b * b
+        ns = tl.maximum(tl.sqrt(tl.sum(ss, 0)), 1e-8)
+        nt = tl.maximum(tl.sqrt(tl.sum(tt, 0)), 1e-8)
+        c = tl.sum(st, 0) / (ns * nt)
+        # dl/ds = c s / ns^2 - t / (ns nt), times w
+        cs = w * c / (ns * ns)
+        ct = -w / (ns * nt)
+        for d in range(0, D, BLOCK_D):
+            offs = d + tl.arange(0, BLOCK_D)
+            m = offs < D
+            a = tl.load(s_row + offs, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(t_row + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(g_row + offs, (cs * a + ct * b).to(g_row.dtype.element_ty), mask=m)
+        loss = w * (1.0 - c)
+    else:
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        c2 = 2.0 * w / D
+        for d in range(0, D, BLOCK_D):
+            offs = d + tl.arange(0, BLOCK_D)
+            m = offs < D
+            a = tl.load(s_row + offs, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(t_row + offs, mask=m, other=0.0).to(tl.float32)
+            diff = a - b
+            acc += diff * diff
+            # dl/ds = 2 (s - t) / D, times w
+            tl.store(g_row + offs, (c2 * diff).to(g_row.dtype.element_ty), mask=m)
+        loss = w * tl.sum(acc, 0) / D
+    return loss
+
+
+@triton.jit
+def _hidden_loss_kernel(
+    s_ptr,      # (N, D) student states, contiguous
+    t_ptr,      # (N, D) teacher states, contiguous (any float dtype)
+    w_ptr,      # (N,) fp32 token weights mask / n_masked
+    g_ptr,      # (N, D) out: w * dl/ds
+    loss_ptr,   # (N,) fp32 out: w * l
+    D,
+    KIND_COS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    w = tl.load(w_ptr + tok)
+    loss = _hidden_loss_token(s_ptr + tok * D, t_ptr + tok * D, g_ptr + tok * D, w, D, KIND_COS, BLOCK_D)
+    tl.store(loss_ptr + tok, loss)
+
+
+@triton.jit
+def _interchange_hidden_loss_kernel(
+    x_ptr,      # (B, S, D) student site states, contiguous
+    t_ptr,      # (B, S, D) teacher states, contiguous
+    w_ptr,      # (B * S,) fp32 token weights mask / n_masked
+    out_ptr,    # (B, S, D) out: counterfactual states
+    g_ptr,      # (B, S, D) out: w * dl/dx of the loss on the plain states
+    loss_ptr,   # (B * S,) fp32 out: w * l
+    pi_ptr, bs_ptr, ss_ptr, k_ptr,   # (B,) int64: source row, base / source span start, span length
+    S, D, d0, d1,
+    KIND_COS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    b = tok // S
+    p = tok % S
+    bs = tl.load(bs_ptr + b)
+    kk = tl.load(k_ptr + b)
+    in_span = (p >= bs) & (p < bs + kk)
+    src_tok = tl.load(pi_ptr + b) * S + tl.load(ss_ptr + b) + p - bs
+    src_tok = tl.where(in_span, src_tok, tok)
+    # swapped dims of this token: [lo, hi), empty outside the span (scalar-bool masks are avoided: the
+    # interpreter mis-types a scalar bool broadcast against a vector)
+    lo = tl.where(in_span, d0, 0)
+    hi = tl.where(in_span, d1, 0)
+    for d in range(0, D, BLOCK_D):
+        offs = d + tl.arange(0, BLOCK_D)
+        m = offs < D
+        sw = (offs >= lo) & (offs < hi)
+        own = tl.load(x_ptr + tok * D + offs, mask=m & (sw == 0))
+        src = tl.load(x_ptr + src_tok * D + offs, mask=sw)
+        tl.store(out_ptr + tok * D + offs, tl.where(sw, src, own), mask=m)
+    # the row of x was just read: the loss' loads hit in L1/L2
+    w = tl.load(w_ptr + tok)
+    loss = _hidden_loss_token(x_ptr + tok * D, t_ptr + tok * D, g_ptr + tok * D, w, D, KIND_COS, BLOCK_D)
+    tl.store(loss_ptr + tok, loss)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Autotune (GPU only: under the interpreter every config would run) over num_warps; key: D.
+# ------------------------------------------------------------------------------------------------------
+_CONFIGS = [triton.Config({}, num_warps=w) for w in AUTOTUNE_WARPS]
+_tuned = {}
+
+
+def _launch(kernel, grid, args, BLOCK_D, **constexprs):
+    if _interpret() or not torch.cuda.is_available():
+        kernel[grid](*args, BLOCK_D=BLOCK_D, num_warps=default_warps(BLOCK_D), **constexprs)
+        return
+    tuned = _tuned.get(kernel)
+    if tuned is None:
+        tuned = _tuned[kernel] = triton.autotune(configs=_CONFIGS, key=["D", "BLOCK_D"])(kernel)
+    tuned[grid](*args, BLOCK_D=BLOCK_D, **constexprs)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Launchers. All tensors contiguous, on one CUDA device (or CPU under TRITON_INTERPRET=1).
+# ------------------------------------------------------------------------------------------------------
+
+def interchange_forward(x, pi, bs, ss, k, d0, d1, out=None):
+    B, S, D = x.shape
+    out = torch.empty_like(x) if out is None else out
+    if x.numel():
+        _launch(_interchange_fwd_kernel, (B * S,), (x, out, pi, bs, ss, k, S, D, d0, d1), block_d(D))
+    return out
+
+
+def interchange_backward(g, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype, out=None):
+    """gx = interchange backward of g (None: absent) + scale * gh (None: absent)."""
+    B, S, D = shape
+    ref = g if g is not None else gh
+    gx = torch.empty(shape, dtype=dtype, device=ref.device) if out is None else out
+    if gx.numel():
+        _launch(_interchange_bwd_kernel, (B * S,),
+                (g if g is not None else ref, gh if gh is not None else ref, float(scale), gx, bs, ss, k,
+                 src_off, src_rows, S, D, d0, d1), block_d(D),
+                HAS_G=g is not None, HAS_GH=gh is not None)
+    return gx
+
+
+def hidden_loss_forward(s, t, w, kind_cos: bool, grad=None):
+    """(per-token w * l (N,) fp32, grad w * dl/ds like s); s, t: (N, D)."""
+    N, D = s.shape
+    grad = torch.empty_like(s) if grad is None else grad
+    loss = torch.empty(N, dtype=torch.float32, device=s.device)
+    if N:
+        _launch(_hidden_loss_kernel, (N,), (s, t, w, grad, loss, D), block_d(D), KIND_COS=kind_cos)
+    return loss, grad
+
+
+def interchange_hidden_loss_forward(x, t, w, pi, bs, ss, k, d0, d1, kind_cos: bool, out=None, grad=None):
+    B, S, D = x.shape
+    out = torch.empty_like(x) if out is None else out
+    grad = torch.empty_like(x) if grad is None else grad
+    loss = torch.empty(B * S, dtype=torch.float32, device=x.device)
+    if x.numel():
+        _launch(_interchange_hidden_loss_kernel, (B * S,),
+                (x, t, w, out, grad, loss, pi, bs, ss, k, S, D, d0, d1), block_d(D), KIND_COS=kind_cos)
+    return out, loss, grad
