@@ -39,6 +39,15 @@ def default_warps(BLOCK_D: int) -> int:
     return 1 if BLOCK_D <= 128 else 2 if BLOCK_D <= 512 else 4 if BLOCK_D <= 1024 else 8
 
 
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """Allocation of every output (tests replace it with a NaN-filled one to check each element is written)."""
+    return _empty(x.shape, x.dtype, x.device)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -248,7 +257,7 @@ def _launch(kernel, grid, args, BLOCK_D, **constexprs):
 
 def interchange_forward(x, pi, bs, ss, k, d0, d1, out=None):
     B, S, D = x.shape
-    out = torch.empty_like(x) if out is None else out
+    out = _empty_like(x) if out is None else out
     if x.numel():
         _launch(_interchange_fwd_kernel, (B * S,), (x, out, pi, bs, ss, k, S, D, d0, d1), block_d(D))
     return out
@@ -258,7 +267,7 @@ def interchange_backward(g, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, sha
     """gx = interchange backward of g (None: absent) + scale * gh (None: absent)."""
     B, S, D = shape
     ref = g if g is not None else gh
-    gx = torch.empty(shape, dtype=dtype, device=ref.device) if out is None else out
+    gx = _empty(shape, dtype, ref.device) if out is None else out
     if gx.numel():
         _launch(_interchange_bwd_kernel, (B * S,),
                 (g if g is not None else ref, gh if gh is not None else ref, float(scale), gx, bs, ss, k,
@@ -270,8 +279,8 @@ def interchange_backward(g, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, sha
 def hidden_loss_forward(s, t, w, kind_cos: bool, grad=None):
     """(per-token w * l (N,) fp32, grad w * dl/ds like s); s, t: (N, D)."""
     N, D = s.shape
-    grad = torch.empty_like(s) if grad is None else grad
-    loss = torch.empty(N, dtype=torch.float32, device=s.device)
+    grad = _empty_like(s) if grad is None else grad
+    loss = _empty((N,), torch.float32, s.device)
     if N:
         _launch(_hidden_loss_kernel, (N,), (s, t, w, grad, loss, D), block_d(D), KIND_COS=kind_cos)
     return loss, grad
@@ -279,9 +288,9 @@ def hidden_loss_forward(s, t, w, kind_cos: bool, grad=None):
 
 def interchange_hidden_loss_forward(x, t, w, pi, bs, ss, k, d0, d1, kind_cos: bool, out=None, grad=None):
     B, S, D = x.shape
-    out = torch.empty_like(x) if out is None else out
-    grad = torch.empty_like(x) if grad is None else grad
-    loss = torch.empty(B * S, dtype=torch.float32, device=x.device)
+    out = _empty_like(x) if out is None else out
+    grad = _empty_like(x) if grad is None else grad
+    loss = _empty((B * S,), torch.float32, x.device)
     if x.numel():
         _launch(_interchange_hidden_loss_kernel, (B * S,),
                 (x, t, w, out, grad, loss, pi, bs, ss, k, S, D, d0, d1), block_d(D), KIND_COS=kind_cos)

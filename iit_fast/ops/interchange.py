@@ -96,6 +96,15 @@ def available_paths() -> dict[str, str | None]:
 # Backends: each gives the same four primitives on contiguous tensors.
 # ------------------------------------------------------------------------------------------------------
 
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """Allocation of every native output (tests replace it with a NaN-filled one: each element must be written)."""
+    return _empty(x.shape, x.dtype, x.device)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _p(t):
     return None if t is None else t.data_ptr()
 
@@ -117,7 +126,7 @@ class _NativeBackend:
     @classmethod
     def interchange_fwd(cls, x, pi, bs, ss, k, d0, d1):
         xw = cls._work(x)
-        out = torch.empty_like(xw)
+        out = _empty_like(xw)
         B, S, D = xw.shape
         if out.numel():
             getattr(_native(), f"iit_interchange_fwd_{cls._dt(xw)}")(
@@ -130,7 +139,7 @@ class _NativeBackend:
         wd = torch.float64 if ref.dtype == torch.float64 else torch.float32
         g = None if g is None else g.to(wd).contiguous()
         gh = None if gh is None else gh.to(wd).contiguous()
-        gx = torch.empty(shape, dtype=wd)
+        gx = _empty(shape, wd, 'cpu')
         B, S, D = shape
         if gx.numel():
             getattr(_native(), f"iit_interchange_bwd_{'f64' if wd == torch.float64 else 'f32'}")(
@@ -144,8 +153,8 @@ class _NativeBackend:
         tw = t.to(sw.dtype).contiguous()
         w = w.to(sw.dtype).contiguous()
         N, D = sw.shape
-        grad = torch.empty_like(sw)
-        loss = torch.empty(N, dtype=sw.dtype)
+        grad = _empty_like(sw)
+        loss = _empty((N,), sw.dtype, 'cpu')
         if N:
             getattr(_native(), f"iit_hidden_loss_fwd_{cls._dt(sw)}")(
                 _p(sw), _p(tw), _p(w), _p(grad), _p(loss), N, D, int(kind_cos), torch.get_num_threads())
@@ -157,8 +166,8 @@ class _NativeBackend:
         tw = t.to(xw.dtype).contiguous()
         w = w.to(xw.dtype).contiguous()
         B, S, D = xw.shape
-        out, grad = torch.empty_like(xw), torch.empty_like(xw)
-        loss = torch.empty(B * S, dtype=xw.dtype)
+        out, grad = _empty_like(xw), _empty_like(xw)
+        loss = _empty((B * S,), xw.dtype, 'cpu')
         if out.numel():
             getattr(_native(), f"iit_interchange_hidden_loss_fwd_{cls._dt(xw)}")(
                 _p(xw), _p(tw), _p(w), _p(out), _p(grad), _p(loss), _p(pi), _p(bs), _p(ss), _p(k),
