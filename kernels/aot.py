@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["compile_kernel", "cuobjdump_path", "resource_usage", "run_in_subprocess"]
+__all__ = ["compile_kernel", "compile_configs", "cuobjdump_path", "resource_usage", "run_in_subprocess"]
 
 
 def cuobjdump_path() -> str:
@@ -84,13 +84,32 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, *, num_warp
     return res
 
 
-def run_in_subprocess(module: str, func: str, timeout: float = 600) -> object:
-    """Run `module.func()` (which returns JSON-able data) in a fresh Python without TRITON_INTERPRET."""
+def compile_configs(modules=("iit_fast.kernels.interchange",), archs=(80, 90)) -> list[dict]:
+    """Compile every configuration `module.aot_configs()` lists (dicts with fn, signature, constexprs,
+    num_warps, and any other JSON-able keys) for each arch; JSON-able rows with the resource usage."""
+    import importlib
+    rows = []
+    for mod in modules:
+        for cfg in importlib.import_module(mod).aot_configs():
+            for arch in archs:
+                r = compile_kernel(cfg["fn"], cfg["signature"], cfg["constexprs"], arch, num_warps=cfg["num_warps"])
+                row = {k: v for k, v in cfg.items() if k not in ("fn", "signature")}
+                row.update(module=mod, kernel=r["name"], arch=f"sm_{arch}", registers=r["registers"],
+                           spills=r["spills"], local_bytes=r["local_bytes"], stack=r["stack"], shared=r["shared"],
+                           ptx_target=(re.search(r"\.target\s+(\w+)", r["ptx"]) or [None, None])[1],
+                           cubin_bytes=len(r["cubin"]))
+                rows.append(row)
+    return rows
+
+
+def run_in_subprocess(module: str, func: str, *args, timeout: float = 600) -> object:
+    """`module.func(*args)` (JSON-able args and result) in a fresh Python without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (f"import json, importlib; r = getattr(importlib.import_module({module!r}), {func!r})(); "
-            "print('@@AOT@@' + json.dumps(r))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    code = (f"import json, sys, importlib; a = json.loads(sys.argv[1]); "
+            f"r = getattr(importlib.import_module({module!r}), {func!r})(*a); print('@@AOT@@' + json.dumps(r))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], capture_output=True, text=True,
+                          env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"AOT subprocess failed:\n{proc.stderr[-4000:]}")
     line = [l for l in proc.stdout.splitlines() if l.startswith("@@AOT@@")][-1]

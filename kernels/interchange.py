@@ -26,9 +26,6 @@ import triton
 import triton.language as tl
 
 MAX_BLOCK_D = 2048
-# The configurations the launchers use (the AOT test compiles exactly these): num_warps per BLOCK_D.
-# On a GPU they are also the autotune space ({2, 4, 8} warps around the default).
-AUTOTUNE_WARPS = (2, 4, 8)
 
 
 def block_d(D: int) -> int:
@@ -36,7 +33,15 @@ def block_d(D: int) -> int:
 
 
 def default_warps(BLOCK_D: int) -> int:
+    """8 elements of each row tile per thread (BLOCK_D >= 256)."""
     return 1 if BLOCK_D <= 128 else 2 if BLOCK_D <= 512 else 4 if BLOCK_D <= 1024 else 8
+
+
+def warp_candidates(BLOCK_D: int) -> tuple[int, ...]:
+    """The autotune space on a GPU: the default and twice as many warps (4 elements per thread). These are
+    the configurations the AOT test compiles (tests/test_triton_aot.py)."""
+    w = default_warps(BLOCK_D)
+    return (w, 2 * w) if w < 8 else (w,)
 
 
 def _empty_like(x: torch.Tensor) -> torch.Tensor:
@@ -235,9 +240,8 @@ def _interchange_hidden_loss_kernel(
 
 
 # ------------------------------------------------------------------------------------------------------
-# Autotune (GPU only: under the interpreter every config would run) over num_warps; key: D.
+# Autotune (GPU only: under the interpreter every config would run) over num_warps per BLOCK_D; key: D.
 # ------------------------------------------------------------------------------------------------------
-_CONFIGS = [triton.Config({}, num_warps=w) for w in AUTOTUNE_WARPS]
 _tuned = {}
 
 
@@ -245,9 +249,10 @@ def _launch(kernel, grid, args, BLOCK_D, **constexprs):
     if _interpret() or not torch.cuda.is_available():
         kernel[grid](*args, BLOCK_D=BLOCK_D, num_warps=default_warps(BLOCK_D), **constexprs)
         return
-    tuned = _tuned.get(kernel)
+    tuned = _tuned.get((kernel, BLOCK_D))
     if tuned is None:
-        tuned = _tuned[kernel] = triton.autotune(configs=_CONFIGS, key=["D", "BLOCK_D"])(kernel)
+        configs = [triton.Config({}, num_warps=w) for w in warp_candidates(BLOCK_D)]
+        tuned = _tuned[(kernel, BLOCK_D)] = triton.autotune(configs=configs, key=["D"])(kernel)
     tuned[grid](*args, BLOCK_D=BLOCK_D, **constexprs)
 
 
@@ -295,3 +300,54 @@ def interchange_hidden_loss_forward(x, t, w, pi, bs, ss, k, d0, d1, kind_cos: bo
         _launch(_interchange_hidden_loss_kernel, (B * S,),
                 (x, t, w, out, grad, loss, pi, bs, ss, k, S, D, d0, d1), block_d(D), KIND_COS=kind_cos)
     return out, loss, grad
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations: what the launchers can run at BERT sizes (D = 384 / 768 / 1024 -> BLOCK_D =
+# 512 / 1024, and the cap 2048), with every autotune candidate. tests/test_triton_aot.py compiles each of
+# them for sm_80 and sm_90 through kernels/aot.py and checks that none spills.
+# ------------------------------------------------------------------------------------------------------
+
+def _sig(ptrs: str, rest: dict, dtype: str) -> dict:
+    out = {}
+    for name in ptrs.split():
+        kind, _, pname = name.partition(":")
+        out[pname] = f"*{dtype}" if kind == "x" else "*fp32" if kind == "f" else "*i64"
+    out.update(rest)
+    return out
+
+
+_INDEX = {"S": "i32", "D": "i32", "d0": "i32", "d1": "i32"}
+
+
+def aot_configs(block_ds=(512, 1024, 2048), dtypes=("fp32", "bf16")) -> list[dict]:
+    """[{name, fn, signature, constexprs, num_warps}] for every kernel, variant, BLOCK_D and candidate warps
+    (bf16 storage at BLOCK_D=1024 only: the register use is the fp32 accumulation's)."""
+    rows = []
+    for dtype in dtypes:
+        for BLOCK_D in block_ds:
+            if dtype != "fp32" and BLOCK_D != 1024:
+                continue
+            kernels = [
+                ("interchange_fwd", _interchange_fwd_kernel,
+                 _sig("x:x_ptr x:out_ptr i:pi_ptr i:bs_ptr i:ss_ptr i:k_ptr", _INDEX, dtype), [{}]),
+                ("interchange_bwd", _interchange_bwd_kernel,
+                 _sig("x:g_ptr x:gh_ptr", {"scale": "fp32"}, dtype)
+                 | _sig("x:gx_ptr i:bs_ptr i:ss_ptr i:k_ptr i:src_off_ptr i:src_rows_ptr", _INDEX, dtype),
+                 [{"HAS_G": True, "HAS_GH": True}, {"HAS_G": True, "HAS_GH": False},
+                  {"HAS_G": False, "HAS_GH": True}]),
+                ("hidden_loss", _hidden_loss_kernel,
+                 _sig("x:s_ptr x:t_ptr f:w_ptr x:g_ptr f:loss_ptr", {"D": "i32"}, dtype),
+                 [{"KIND_COS": True}, {"KIND_COS": False}]),
+                ("interchange_hidden_loss", _interchange_hidden_loss_kernel,
+                 _sig("x:x_ptr x:t_ptr f:w_ptr x:out_ptr x:g_ptr f:loss_ptr i:pi_ptr i:bs_ptr i:ss_ptr i:k_ptr",
+                      _INDEX, dtype),
+                 [{"KIND_COS": True}, {"KIND_COS": False}]),
+            ]
+            for name, fn, sig, variants in kernels:
+                for v in variants:
+                    for w in warp_candidates(BLOCK_D):
+                        ce = dict(v, BLOCK_D=BLOCK_D)
+                        rows.append({"name": name, "fn": fn, "dtype": dtype, "signature": dict(sig),
+                                     "constexprs": ce, "num_warps": w})
+    return rows
