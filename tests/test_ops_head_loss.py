@@ -176,3 +176,23 @@ def test_auto_picks_native_on_cpu():
     from iit_fast.ops.head_loss import _pick_impl
     assert _pick_impl("auto", torch.device("cpu"), torch.float32) == "native"
     assert _pick_impl("auto", torch.device("cpu"), torch.float64) == "chunked"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_cuda_bert_vocab(dtype):
+    # compiled Triton kernel + cuBLAS on a BERT-vocabulary shape (skipped without CUDA)
+    hs, ht, ws, bs, wt, bt, y, m = make(n=1000, d=64, dt=48, v=30522, dtype=dtype)
+    hs, ht, ws, bs, wt, bt, y, m = (t.detach().cuda() if t is not None else None
+                                    for t in (hs, ht, ws, bs, wt, bt, y, m))
+    for t in (hs, ws, bs):
+        t.requires_grad_()
+    f32 = [t.detach().float().requires_grad_() for t in (hs, ws, bs)]
+    ce_r, mlm_r = distill_head_loss_reference(f32[0], ht.float(), f32[1], f32[2], wt.float(), bt.float(), y, m)
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, chunk_size=300)   # auto -> triton
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(ce, ce_r) < tol and rel(mlm, mlm_r) < tol
+    g = torch.autograd.grad(ce + mlm, (hs, ws, bs))
+    gr = torch.autograd.grad(ce_r + mlm_r, f32)
+    for a, b in zip(g, gr):
+        assert a.dtype == dtype and rel(a, b) < (1e-4 if dtype == torch.float32 else 3e-2)
