@@ -277,37 +277,36 @@ class StopSignal:
 
 # ---- out_dir and checkpoints ---------------------------------------------------------------------
 
-def prepare_out_dir(cfg: TrainConfig, rank: int) -> Path:
-    """The run's folder: new and empty, or (--resume) a run of the same config with a checkpoint."""
-    import torch.distributed as dist
-    out = Path(cfg.out_dir) if cfg.out_dir else None
-    if out is None:
-        if cfg.resume:
-            raise ValueError("--resume needs --out_dir: the folder of the run to continue")
-        out = Path(broadcast(time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()), rank))
-    err = None
+def check_out_dir(cfg: TrainConfig) -> str | None:
+    """Why out_dir can't be used (None if it can): it must be new or empty, or, with --resume, hold a run of
+    the same config with a checkpoint. Every rank checks before the process group forms, so no rank has
+    written anything yet when another looks."""
+    if cfg.out_dir is None:
+        return "--resume needs --out_dir: the folder of the run to continue" if cfg.resume else None
+    out = Path(cfg.out_dir)
     saved = out / "train_config.json"
     if cfg.resume:
         if not saved.is_file() or latest_tag(out / "checkpoints") is None:
-            err = f"--resume: {out} holds no run with a checkpoint (train_config.json, checkpoints/latest)"
-        else:
-            old = json.loads(saved.read_text())
-            new = cfg.to_json()
-            diff = sorted(k for k in set(old) | set(new)
-                          if k not in RESUME_MAY_CHANGE and old.get(k) != (list(new[k]) if isinstance(new.get(k), tuple) else new.get(k)))
-            if diff:
-                err = (f"--resume: the config differs from the run in {out} in {diff}; "
-                       + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
-    elif out.exists() and any(out.iterdir()):
-        err = (f"out_dir {out} already holds another run ({', '.join(sorted(p.name for p in out.iterdir())[:5])}); "
-               "nothing was overwritten: pass --resume to continue it, or choose another --out_dir")
-    dist.barrier()  # every rank has looked before rank 0 writes anything
-    if err:
-        raise SystemExit(f"error: {err}")
+            return f"--resume: {out} holds no run with a checkpoint (train_config.json, checkpoints/latest)"
+        old, new = json.loads(saved.read_text()), json.loads(json.dumps(cfg.to_json()))
+        diff = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
+        if diff:
+            return (f"--resume: the config differs from the run in {out}: "
+                    + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        names = sorted(p.name for p in out.iterdir())[:5] if out.is_dir() else []
+        return (f"out_dir {out} already holds another run ({', '.join(names)}); nothing was overwritten: "
+                "pass --resume to continue it, or choose another --out_dir")
+    return None
+
+
+def make_out_dir(cfg: TrainConfig, rank: int) -> Path:
+    import torch.distributed as dist
+    out = Path(cfg.out_dir or broadcast(time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()), rank))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
-            saved.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+            (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     dist.barrier()
     return out
 
@@ -555,13 +554,25 @@ class _OnDevice:
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def main(argv=None):
+def check_inputs(argv):
+    """Everything that can be checked before any process group forms: config, DeepSpeed config, paths."""
     cfg = parse_args(argv)
-    # errors that need no process group come first
-    if cfg.teacher is not None and not Path(cfg.teacher).is_dir():
-        raise SystemExit(f"error: --teacher {cfg.teacher}: no such folder (a Hugging Face model folder)")
-    if cfg.student is not None and not Path(cfg.student).is_dir():
-        raise SystemExit(f"error: --student {cfg.student}: no such folder (a Hugging Face model folder)")
+    for name in ("teacher", "student"):
+        path = getattr(cfg, name)
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"--{name} {path}: not a Hugging Face model folder (no config.json there)")
+    ds = load_ds_config(cfg.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)))
+    err = check_out_dir(cfg)
+    if err:
+        raise FileExistsError(err)
+    return cfg, ds
+
+
+def main(argv=None):
+    try:
+        cfg, ds = check_inputs(argv)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not torch.cuda.is_available():
@@ -569,15 +580,15 @@ def main(argv=None):
         from iit_fast.allocator import tune_malloc
         tune_malloc()
     import logging
+    import warnings
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
-    world_guess = int(os.environ.get("WORLD_SIZE", 1))
-    ds = load_ds_config(cfg.deepspeed_config, world_guess)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
 
     rank, world, device = init_distributed()
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
-    out = prepare_out_dir(cfg, rank)
+    out = make_out_dir(cfg, rank)
     stop = StopSignal()
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
@@ -775,8 +786,9 @@ def print_summary(records, state, last_val, out: Path, ckpt: Path):
     if teacher:
         rows.append(("teacher val perplexity", f"{teacher['teacher_val_perplexity']:.1f}"))
     rows += [("non-finite steps skipped", str(state["nonfinite"])), ("metrics", str(out / "metrics.jsonl")),
-             ("checkpoint", str(ckpt)), ("student (HF)", str(out / "student")),
-             ("plots", f"{out / 'loss.png'}, {out / 'val.png'}")]
+             ("checkpoint", str(ckpt)), ("student (HF)", str(out / "student"))]
+    if (out / "loss.png").exists():
+        rows.append(("plots", f"{out / 'loss.png'}, {out / 'val.png'}"))
     w = max(len(a) for a, _ in rows)
     print("\n" + "-" * (w + 40))
     for a, b in rows:

@@ -51,4 +51,258 @@ def tiny_assets(root: Path, hidden=32, layers=4, seed=0) -> tuple[Path, Path]:
         return " ".join(out) + " ."
     (corpus / "train.txt").write_text("\n".join(sentence() for _ in range(300)) + "\n")
     (corpus / "validation.txt").write_text("\n".join(sentence() for _ in range(40)) + "\n")
+    small = root / "overfit"  # two batches of 8 sentences, seen again and again
+    small.mkdir()
+    (small / "train.txt").write_text("\n".join(sentence() for _ in range(16)) + "\n")
+    (small / "validation.txt").write_text((corpus / "validation.txt").read_text())
     return teacher, corpus
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    teacher, corpus = tiny_assets(root)
+    ds = {}
+    for stage in (0, 1, 2, 3):
+        ds[stage] = root / f"zero{stage}.json"
+        ds[stage].write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+                                         "gradient_clipping": 1.0, "steps_per_print": 10 ** 6,
+                                         "zero_optimization": {"stage": stage}}))
+    return {"root": root, "teacher": teacher, "corpus": corpus, "ds": ds}
+
+
+def env(assets) -> dict:
+    e = dict(os.environ)
+    e.update(TORCH_EXTENSIONS_DIR=str(assets["root"] / "torch_extensions"), TOKENIZERS_PARALLELISM="false",
+             HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None)
+    return e
+
+
+def flags(assets, out: Path, stage=2, steps=6, **kw) -> list[str]:
+    f = {"teacher": assets["teacher"], "corpus": assets["corpus"], "cache_dir": assets["root"] / "cache",
+         "student_layers": 2, "max_length": 16, "max_steps": steps, "eval_interval": 0, "eval_batches": 2,
+         "deepspeed_config": assets["ds"][stage], "out_dir": out, "dropout": 0, "lr": 1e-3, "warmup_steps": 1,
+         "plots": "false", "seed": 0}
+    f.update(kw)
+    out = []
+    for k, v in f.items():
+        out += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return out
+
+
+def launch(assets, out: Path, launcher="python", ranks=1, **kw) -> subprocess.Popen:
+    """Start a training run: launcher python | deepspeed | torchrun."""
+    script = str(REPO / "iit_fast" / "train.py")
+    if launcher == "python":
+        cmd = [PY, script]
+    elif launcher == "deepspeed":
+        cmd = [DS] + (["--num_gpus", str(ranks)] if ranks > 1 else []) + ["--master_port", str(free_port()), script]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+               str(free_port()), script]
+    log = open(out.parent / f"{out.name}.log", "w")
+    return subprocess.Popen(cmd + flags(assets, out, **kw), cwd=assets["root"], env=env(assets), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(p: subprocess.Popen, out: Path, timeout=240, rc=0) -> str:
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    text = (out.parent / f"{out.name}.log").read_text()
+    assert p.returncode == rc, f"exit {p.returncode}, expected {rc}:\n{text[-4000:]}"
+    return text
+
+
+def steps_of(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def checkpoint_student(out: Path):
+    """The engine's student as saved by DeepSpeed (fp32 module states of the last checkpoint)."""
+    from transformers import AutoConfig, BertForMaskedLM
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    sd = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                    weights_only=False)["module"]
+    model = BertForMaskedLM(AutoConfig.from_pretrained(out / "student")).eval()
+    missing, unexpected = model.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("decoder" in k or "position_ids" in k for k in missing), (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
+def assert_export_matches(out: Path, assets):
+    """The exported folder loads in transformers and gives the logits of the engine's student."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    exported = AutoModelForMaskedLM.from_pretrained(out / "student").eval()
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    batch = tok(["the cat sees a dog .", "a small red bird sings in the old tree ."], padding=True,
+                return_tensors="pt")
+    with torch.no_grad():
+        a = exported(**batch).logits
+        b = checkpoint_student(out)(**batch).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def ds_shm_files() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if "deepspeed" in f} if os.path.isdir("/dev/shm") else set()
+
+
+# ---- bad input: clear errors, nothing overwritten ----------------------------------------------------
+
+def test_bad_config_fields(tmp_path):
+    from iit_fast.train import load_ds_config, make_config, parse_args
+    with pytest.raises(ValueError, match="unknown config field.*'no_such_field'"):
+        make_config({"no_such_field": 1})
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"max_steps": 5, "lr_shedule": "linear"}))
+    with pytest.raises(ValueError, match="lr_shedule"):
+        parse_args(["--config", str(run)])
+    with pytest.raises(SystemExit):  # argparse: unknown flag
+        parse_args(["--no_such_flag", "1"])
+    with pytest.raises(ValueError, match="TrainConfig.max_steps"):
+        make_config({"max_steps": -1})
+    with pytest.raises(ValueError, match="DistillConfig.w_iit"):
+        make_config({"w_iit": -0.5})
+    with pytest.raises(ValueError, match="lr_schedule"):
+        make_config({"lr_schedule": "exp"})
+    run.write_text(json.dumps({"max_steps": 5, "w_iit": 0.5}))
+    cfg = parse_args(["--config", str(run), "--w_iit", "0", "--dims", "0,16"])  # flags win over the file
+    assert cfg.max_steps == 5 and cfg.distill.w_iit == 0 and cfg.distill.dims == (0, 16)
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4,
+                               "gradient_accumulation_steps": 2}))
+    with pytest.raises(ValueError, match="train_batch_size.*train_micro_batch_size_per_gpu.*gradient_accumulation"):
+        load_ds_config(str(bad), world_size=1)
+    ok = load_ds_config(str(REPO / "ds_configs" / "zero2.json"), world_size=2)
+    assert ok["train_batch_size"] == 2 * ok["train_micro_batch_size_per_gpu"] * ok["gradient_accumulation_steps"]
+
+
+def test_missing_teacher_and_used_out_dir(tmp_path, assets):
+    from iit_fast.train import main
+    with pytest.raises(SystemExit, match="--teacher .*not a Hugging Face model folder"):
+        main(["--teacher", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o")])
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("precious\n")
+    with pytest.raises(SystemExit, match="already holds another run.*nothing was overwritten"):
+        main(flags(assets, used))
+    with pytest.raises(SystemExit, match="--resume: .* holds no run with a checkpoint"):
+        main(flags(assets, used) + ["--resume"])
+    assert (used / "metrics.jsonl").read_text() == "precious\n" and len(list(used.iterdir())) == 1
+    assert not (tmp_path / "o").exists()
+
+
+# ---- runs ------------------------------------------------------------------------------------------
+
+def test_single_rank_deepspeed_overfits_and_exports(tmp_path, assets):
+    """Plain `deepspeed train.py` (one rank, no --num_gpus): the loss goes down on a small overfit case
+    (two batches seen again and again, high lr; the student fits the teacher: ce + cos + iit, the mlm
+    term logged but weighted 0, since a random tiny teacher and the true tokens pull apart); outputs,
+    plots and the HF export are right."""
+    shm = ds_shm_files()
+    out = tmp_path / "overfit"
+    p = launch(assets, out, launcher="deepspeed", steps=20, lr=3e-3, corpus=assets["root"] / "overfit", warmup_steps=2, lr_schedule="constant",
+               eval_interval=8, plots="true", save_interval=8, w_mlm=0)
+    text = finish(p, out)
+    rows = steps_of(out)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    for k in ("loss", "ce", "cos", "iit", "lr", "grad_norm", "tokens_per_s", "memory_mb"):
+        assert all(r[k] is not None and r[k] == r[k] for r in rows), k
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < 0.2 * first, (first, last)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_perplexity" in r] == [0, 8, 16, 20]
+    assert [r["step"] for r in records if "teacher_val_perplexity" in r] == [0]
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "val.png").stat().st_size > 1000
+    assert "val perplexity" in text and "tokens/s (median)" in text  # the summary table
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step16", "step20", "step8"]
+    assert_export_matches(out, assets)
+    assert ds_shm_files() == shm, "a run left DeepSpeed buffers in /dev/shm"
+    ext = assets["root"] / "torch_extensions"
+    assert not any("deepspeed" in str(f) or "shm_comm" in str(f) for f in ext.rglob("*")) if ext.exists() else True
+
+
+def test_zero_stages_match_single_process(tmp_path, assets):
+    """ZeRO-1/2/3 (and torchrun) give the losses of ZeRO-0 single-process at steps 1 and 2 (the second
+    step sees the first optimizer update); the non-finite guard skips, counts and stops."""
+    runs = {0: launch(assets, tmp_path / "z0", stage=0, steps=2),
+            1: launch(assets, tmp_path / "z1", launcher="torchrun", stage=1, steps=2),
+            2: launch(assets, tmp_path / "z2", stage=2, steps=2),
+            3: launch(assets, tmp_path / "z3", stage=3, steps=2)}
+    nan = launch(assets, tmp_path / "nan", stage=2, steps=20, lr=1e30, warmup_steps=0, lr_schedule="constant",
+                 max_nonfinite=2, w_cos=0)
+    losses = {}
+    for stage, p in runs.items():
+        finish(p, tmp_path / f"z{stage}")
+        losses[stage] = [r["loss"] for r in steps_of(tmp_path / f"z{stage}")]
+    for stage in (1, 2, 3):
+        torch.testing.assert_close(torch.tensor(losses[stage]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6,
+                                   msg=f"ZeRO-{stage} {losses[stage]} vs single-process {losses[0]}")
+    from transformers import AutoModelForMaskedLM
+    exported = {s: AutoModelForMaskedLM.from_pretrained(tmp_path / f"z{s}" / "student") for s in (0, 3)}
+    for (n, a), (_, b) in zip(exported[0].state_dict().items(), exported[3].state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)  # consolidated ZeRO-3 export
+    text = finish(nan, tmp_path / "nan", rc=1)
+    assert "non-finite" in text and "max_nonfinite=2" in text
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, assets):
+    """SIGTERM saves a checkpoint at the next step boundary; --resume then gives the losses of a run that
+    was never interrupted (same seed, dropout off), step for step."""
+    steps = 24
+    full = launch(assets, tmp_path / "full", steps=steps)
+    cut = tmp_path / "cut"
+    p = launch(assets, cut, steps=steps)
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if (cut / "metrics.jsonl").exists() and len(steps_of(cut)) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTERM)
+    text = finish(p, cut, rc=128 + signal.SIGTERM)
+    assert "SIGTERM: saved" in text
+    stopped = len(steps_of(cut))
+    assert 3 <= stopped < steps
+    finish(launch(assets, cut, steps=steps, resume=True), cut)
+    finish(full, tmp_path / "full")
+    a, b = steps_of(cut), steps_of(tmp_path / "full")
+    assert [r["step"] for r in a] == list(range(1, steps + 1))
+    for k in ("loss", "ce", "mlm", "cos", "iit", "lr"):
+        torch.testing.assert_close(torch.tensor([r[k] for r in a]), torch.tensor([r[k] for r in b]), rtol=1e-5,
+                                   atol=1e-7, msg=f"{k} after resuming at step {stopped}")
+    # a changed config is refused on --resume, and nothing is touched
+    before = (cut / "metrics.jsonl").read_text()
+    p = launch(assets, cut, steps=steps, resume=True, lr=5e-4)
+    assert "config differs" in finish(p, cut, rc=1) and (cut / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_ranks_zero2(tmp_path, assets):
+    """`deepspeed --num_gpus 2 train.py --deepspeed_config zero2`: two gloo ranks on CPU, a few steps;
+    nothing built, nothing left in /dev/shm, the export equals the engine's student."""
+    shm = ds_shm_files()
+    out = tmp_path / "two"
+    text = finish(launch(assets, out, launcher="deepspeed", ranks=2, stage=2, steps=4, eval_interval=2), out)
+    assert "2 rank(s) on cpu, ZeRO-2" in text
+    rows = steps_of(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math_finite(r["loss"]) for r in rows)
+    ckpt = out / "checkpoints" / "step4"
+    assert {"rank0_state.pt", "rank1_state.pt"} <= {f.name for f in ckpt.iterdir()}
+    assert_export_matches(out, assets)
+    assert ds_shm_files() == shm
+
+
+def math_finite(x) -> bool:
+    return x == x and abs(x) != float("inf")
