@@ -1,0 +1,131 @@
+"""The teacher builder end to end on a tiny random BERT and a tiny corpus (no download), and load_teacher's
+errors for bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
+
+from iit_fast import teacher as T
+from iit_fast.data import MLMBatches, load_corpus, tokenize_corpus
+
+WORDS = ("the a of and to in is was it for on with as he she they we you that this there be have had "
+         "not are were by at from or but his her their one all would when which what who will more no "
+         "if out so said up its about into than them can only other new some could time these two may "
+         "then do first any my now such like our over man me even most made after also did many before "
+         "must through back years where much your way well down should because each just those people "
+         "how too little state good very make world still own see men work long get here between both "
+         "life being under never day same another know while last might us great old year off come "
+         "since against go came right used take three").split()
+
+
+def tiny_vocab(tmp_path, extra=()):
+    """A WordPiece vocabulary: specials, the words above, single letters and ## letters."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "'", "!", "?", ";", ":", "-"]
+    vocab += sorted(set(WORDS) | set(extra))
+    vocab += [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in vocab]
+    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return path, len(vocab)
+
+
+def tiny_encoder(tmp_path, with_head=False, hidden=32, layers=2):
+    """A random tiny BertModel (or BertForMaskedLM) saved with its tokenizer in tmp_path/'encoder'."""
+    vocab_file, V = tiny_vocab(tmp_path)
+    folder = tmp_path / ("mlm" if with_head else "encoder")
+    words = vocab_file.read_text().split()
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=V, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=2 * hidden, max_position_embeddings=64)
+    model = BertForMaskedLM(cfg) if with_head else BertModel(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, tok
+
+
+def tiny_corpus(tmp_path, n=240, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    folder = tmp_path / "corpus"
+    folder.mkdir(exist_ok=True)
+    for f in range(3):
+        pars = []
+        for _ in range(n // 3):
+            k = int(torch.randint(8, 40, (1,), generator=g))
+            # a skewed (Zipf-like) word distribution, so unigram statistics carry information
+            idx = (torch.rand(k, generator=g) ** 3 * len(WORDS)).long()
+            pars.append(" ".join(WORDS[i] for i in idx) + ".")
+        (folder / f"part{f}.txt").write_text("\n\n".join(pars) + "\n")
+    return folder
+
+
+def test_builder_end_to_end_on_tiny_encoder(tmp_path):
+    enc, _ = tiny_encoder(tmp_path)
+    corpus = tiny_corpus(tmp_path)
+    out = T.build_default_teacher(tmp_path / "cache", encoder=str(enc), corpus=str(corpus), head_steps=4,
+                                  adapt_steps=6, batch_size=8, max_length=32, progress=False)
+    assert out == tmp_path / "cache" / T.DEFAULT_TEACHER_DIRNAME
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("unigram", "initial", "head_only", "final"):
+        assert math.isfinite(metrics[key]["perplexity"]) and 0 <= metrics[key]["top1"] <= 1
+        assert metrics[key]["tokens"] == metrics["unigram"]["tokens"] > 0
+    assert metrics["head_phase"]["steps"] == 4 and metrics["adapt_phase"]["steps"] == 6
+    # the unigram-initialised bias makes the untrained head about as good as unigram, not ~vocab size
+    assert metrics["initial"]["perplexity"] < 3 * metrics["unigram"]["perplexity"]
+    # a standard BertForMaskedLM checkpoint: safetensors, head weights, decoder tied, tokenizer beside it
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    model, tok = T.load_teacher(out)
+    assert isinstance(model, BertForMaskedLM) and not model.training
+    assert model.cls.predictions.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert len(tok) == model.config.vocab_size
+    # reloading gives the same figures: what was saved is what was measured
+    td = tokenize_corpus(load_corpus(str(corpus)), tok, max_length=32, num_proc=1, cache_dir=tmp_path / "cache")
+    val = list(MLMBatches(td["validation"], tok, min(8, len(td["validation"])), seed=T.EVAL_SEED,
+                          shuffle=False, drop_last=False))
+    again = T.evaluate_mlm(model, val)
+    assert again["perplexity"] == pytest.approx(metrics["final"]["perplexity"], rel=1e-4)
+    # cached: a second call returns at once without rebuilding
+    mtime = (out / "metrics.json").stat().st_mtime
+    assert T.build_default_teacher(tmp_path / "cache", encoder=str(enc), corpus=str(corpus), head_steps=4,
+                                   adapt_steps=6, progress=False) == out
+    assert (out / "metrics.json").stat().st_mtime == mtime
+
+
+def test_time_budget_stops_the_adaptation(tmp_path):
+    enc, _ = tiny_encoder(tmp_path)
+    corpus = tiny_corpus(tmp_path)
+    out = T.build_default_teacher(encoder=str(enc), corpus=str(corpus), head_steps=0, adapt_steps=10_000,
+                                  batch_size=8, max_length=32, progress=False, out_dir=tmp_path / "t",
+                                  cache_dir=tmp_path / "cache", max_adapt_seconds=1.0)
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 < m["adapt_phase"]["steps"] < 10_000 and m["adapt_phase"]["seconds"] < 5
+
+
+def test_load_teacher_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher: .*does not exist"):
+        T.load_teacher(tmp_path / "nowhere")
+    enc, _ = tiny_encoder(tmp_path)  # a BertModel: no MLM head
+    with pytest.raises(ValueError, match=r"teacher: .*no MLM head weights .*expected a BertForMaskedLM"):
+        T.load_teacher(enc)
+    mlm, _ = tiny_encoder(tmp_path, with_head=True)
+    model, tok = T.load_teacher(mlm)
+    assert isinstance(model, BertForMaskedLM)
+    # a tokenizer of another vocabulary
+    other = tmp_path / "other_tok"
+    other.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(other)
+    with pytest.raises(ValueError, match=r"tokenizer_path: .*7 tokens but the model's vocab_size is \d+"):
+        T.load_teacher(mlm, tokenizer_path=other)
+    with pytest.raises(ValueError, match=r"tokenizer: .*7 tokens"):
+        T.build_default_teacher(encoder=str(enc), tokenizer=str(other), corpus=str(tiny_corpus(tmp_path)),
+                                head_steps=1, adapt_steps=1, out_dir=tmp_path / "x", progress=False)
+    with pytest.raises(FileNotFoundError, match="encoder: .*config.json"):
+        T.build_default_teacher(encoder=str(tmp_path / "nowhere"), head_steps=1, adapt_steps=1,
+                                out_dir=tmp_path / "y", progress=False)
+    with pytest.raises(FileNotFoundError, match="teacher: .*not built"):
+        T.default_teacher_path(tmp_path / "empty_cache", build_if_missing=False)
