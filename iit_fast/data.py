@@ -41,7 +41,7 @@ from torch import Tensor
 DEFAULT_CACHE = Path(os.environ.get("IIT_FAST_CACHE", "~/.cache/iit_fast")).expanduser()
 # setup.sh reads this line (apt-get install as root); keep it one plain string.
 DEBIAN_PACKAGES = "python3-doc debian-reference-en developers-reference maint-guide gnu-standards fortunes bible-kjv"
-CORPUS_VERSION = 1  # bump when the cleaning changes: the cached corpus is rebuilt under a new name
+CORPUS_VERSION = 2  # bump when the cleaning changes: the cached corpus is rebuilt under a new name
 VALIDATION_PER_MILLE = 20  # 2% of the paragraphs
 MIN_WORDS = 8
 
@@ -113,6 +113,7 @@ def _rst_inline(text: str) -> str:
     text = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?!\w)", r"\1", text)
     text = re.sub(r"\|(\w[\w\- ]*)\|", r"\1", text)
     text = re.sub(r"\s*\[#\w*\]_", "", text)  # footnote references
+    text = text.replace("\\ ", "").replace("\\", "")  # reST escapes
     return text
 
 
@@ -166,8 +167,9 @@ def clean_rst(text: str) -> list[str]:
         pending_literal = stripped.endswith("::")
         if pending_literal:
             stripped = stripped[:-1] if not stripped.endswith(" ::") else stripped[:-3]
-        out.append(_rst_inline(stripped))
-    return [p for p in _paragraphs(out) if _is_prose(p)]
+        out.append(stripped)
+    # inline markup often spans lines (:ref:`text\n<target>`): reduce it on the joined paragraph
+    return [p for p in (_WS.sub(" ", _rst_inline(q)).strip() for q in _paragraphs(out)) if _is_prose(p)]
 
 
 def clean_text(text: str) -> list[str]:
