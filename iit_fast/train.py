@@ -576,9 +576,8 @@ def main(argv=None):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         from iit_fast.allocator import tune_malloc
-        tune_malloc()
+        tune_malloc()  # glibc: keep freed blocks (a CPU step re-faults its memory otherwise)
     import logging
     import warnings
     from deepspeed.utils import logger as ds_logger
