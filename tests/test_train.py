@@ -306,3 +306,25 @@ def test_deepspeed_launcher_two_ranks_zero2(tmp_path, assets):
 
 def math_finite(x) -> bool:
     return x == x and abs(x) != float("inf")
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    """A checkpoint file that is more than plain data (a pickle that would call a function) is refused
+    before DeepSpeed's own torch.load(weights_only=False) can run it."""
+    from iit_fast.train import check_checkpoint_safe
+    tag = tmp_path / "step1"
+    tag.mkdir()
+    torch.save({"w": torch.ones(2), "step": 1}, tag / "mp_rank_00_model_states.pt")
+    check_checkpoint_safe(tag)  # plain data passes
+    torch.save({"evil": _Evil(tmp_path / "pwned")}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(RuntimeError, match="not plain data"):
+        check_checkpoint_safe(tag)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling would create a file
+        return (Path.touch, (self.path,))
