@@ -456,10 +456,12 @@ def _local_files(spec) -> list[Path]:
 
 
 def _looks_local(spec) -> bool:
+    """Paths that exist, end in a known extension, start like a path, or list several: local. Anything
+    else ('wikitext-103-raw-v1', 'user/name:config') is a Hugging Face dataset name."""
     if not isinstance(spec, str):
         return True
-    return (os.sep in spec or spec.startswith((".", "~")) or Path(spec).suffix.lower() in _EXTS
-            or Path(spec).exists() or "," in spec)
+    return (Path(spec).expanduser().exists() or Path(spec).suffix.lower() in _EXTS
+            or spec.startswith(("/", ".", "~")) or "," in spec)
 
 
 def _from_hub(spec: str, cache_dir):
@@ -580,8 +582,17 @@ def tokenize_corpus(dataset_dict, tokenizer, max_length: int = 128, num_proc: in
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
         raise ValueError("tokenizer: needs [CLS], [SEP] and [MASK] tokens (a BERT-style WordPiece tokenizer)")
     h = hashlib.sha1(f"{_tokenizer_key(tokenizer)}|{max_length}|v1".encode())
-    for split in sorted(dataset_dict):
-        h.update(f"{split}:{dataset_dict[split]._fingerprint}:{len(dataset_dict[split])}".encode())
+    for split in sorted(dataset_dict):  # the texts themselves: in-memory datasets have random fingerprints
+        h.update(split.encode())
+        col = dataset_dict[split].with_format("arrow")["text"] if "text" in dataset_dict[split].column_names \
+            else None
+        if col is None:
+            raise ValueError(f"corpus: the {split} split has columns {dataset_dict[split].column_names}; "
+                             f"expected 'text'")
+        for chunk in col.chunks if hasattr(col, "chunks") else [col]:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    h.update(memoryview(buf))
     folder = Path(cache_dir or DEFAULT_CACHE) / "tokenized" / h.hexdigest()[:20]
     if (folder / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(folder))
@@ -661,9 +672,13 @@ class MLMBatches:
             raise ValueError(f"batch_size: {batch_size}; expected >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: {rank}; expected 0 <= rank < world_size={world_size}")
-        self.ids = list(tokenized_split["input_ids"])  # list of lists: a few million tokens fit in memory
-        self.lengths = torch.tensor([len(x) for x in self.ids], dtype=torch.long)
-        if len(self.ids) == 0:
+        # rows are fetched from the arrow table per batch: memory stays flat for large corpora
+        self.data = tokenized_split.select_columns(["input_ids"]).with_format(None)
+        lengths = tokenized_split["length"] if "length" in tokenized_split.column_names else \
+            [len(x) for x in tokenized_split["input_ids"]]
+        self.lengths = torch.tensor(list(lengths), dtype=torch.long)
+        self.n = len(self.lengths)
+        if self.n == 0:
             raise ValueError("tokenized_split: no sequences; expected a non-empty tokenized split")
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.group_by_length, self.mlm_probability, self.drop_last = group_by_length, mlm_probability, drop_last
@@ -676,10 +691,10 @@ class MLMBatches:
         self.batch_index = 0
         if len(self) == 0:
             raise ValueError(f"batch_size: {batch_size} x world_size {world_size} is more than the "
-                             f"{len(self.ids)} sequences of the split (drop_last={drop_last}); expected fewer")
+                             f"{self.n} sequences of the split (drop_last={drop_last}); expected fewer")
 
     def _epoch_batches(self, epoch: int) -> list[Tensor]:
-        n, B = len(self.ids), self.batch_size
+        n, B = self.n, self.batch_size
         g = torch.Generator().manual_seed(_seed_of(self.seed, epoch))
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         if self.drop_last:
@@ -707,7 +722,7 @@ class MLMBatches:
         return len(self._epoch_batches(self.epoch))
 
     def collate(self, rows: Tensor, epoch: int, j: int) -> dict[str, Tensor]:
-        seqs = [self.ids[i] for i in rows.tolist()]
+        seqs = self.data[rows.tolist()]["input_ids"]
         L = max(len(s) for s in seqs)
         m = self.pad_to_multiple_of
         S = -(-L // m) * m if m > 1 else L

@@ -149,6 +149,8 @@ def load_teacher(path, tokenizer_path=None):
 def mlm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy on the masked positions only: the head runs on those rows, never on (B, S, V).
     Returns (mean loss, logits (M, V), targets (M,))."""
+    dev = model.device
+    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
     labels = batch["labels"]
     h = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    token_type_ids=batch["token_type_ids"]).last_hidden_state  # (B, S, D)
@@ -192,7 +194,7 @@ def unigram_metrics(log_probs: torch.Tensor, batches) -> dict:
     nll, correct, n = 0.0, 0, 0
     best = int(log_probs.argmax())
     for batch in batches:
-        t = batch["labels"][batch["labels"] != -100]
+        t = batch["labels"][batch["labels"] != -100].cpu()
         nll -= log_probs[t].double().sum().item()
         correct += (t == best).sum().item()
         n += t.numel()
@@ -227,7 +229,7 @@ def _train(model, params, batches, steps: int, lr: float, desc: str, progress: b
         factor = (prog + 1.0 / steps) / 0.1 if prog < 0.1 else 1.0 - 0.9 * (prog - 0.1) / 0.9
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, factor)
-        batch = next(it)
+        batch = {k: v.to(model.device) for k, v in next(it).items()}
         if encoder_frozen:
             with torch.no_grad():
                 h = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
