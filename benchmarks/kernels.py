@@ -6,7 +6,7 @@ Reported per point: median time, achieved GB/s against the bytes the op must mov
 tensor: interchange fwd 2 (read x, write out), fwd+bwd 4; hidden_loss fwd 2 (read s, t), fwd+bwd 3 (+ write
 ds); interchange_hidden_loss fwd 3, fwd+bwd 7 (fwd read x, t, write out; bwd read dout, x, t, write dx)), the
 fraction of the machine's copy bandwidth measured in the same run (a 256 MiB tensor copy, read + write
-counted; before and after the sweep, the larger is used), and peak memory of one call (CPU: jemalloc's
+counted; sampled before, between sizes and after the sweep, the largest is used), and peak memory of one call (CPU: jemalloc's
 per-thread peak of live bytes, `thread.peak`; CUDA: max_memory_allocated), above the inputs.
 Also the Triton kernels' registers / spills per thread at sm_80 / sm_90 (compiled ahead of time, no GPU needed).
 
@@ -139,13 +139,14 @@ def op_fns(op: str, fused_impl: str, compiled: dict):
 
 
 def runner(call, inp, backward: bool):
+    """One call: forward (x requires grad, as in training), and with `backward` the gradient of x through
+    torch.autograd.grad (nothing accumulates in x.grad, so one call's memory does not depend on the last)."""
     x = inp["x"].detach().requires_grad_(True)
 
     def run():
-        x.grad = None
         outs, grads = call(x, inp)
         if backward:
-            torch.autograd.backward(outs, grads)
+            return torch.autograd.grad(outs, x, grads)
         return outs
     return run
 
@@ -217,6 +218,7 @@ def main():
     elem = torch.empty((), dtype=dtype).element_size()
     t_start = time.time()
     bw0 = measure_copy_bandwidth(device=device)
+    bws = [bw0]
     peak = PeakMemory(device)
     compiled: dict = {}
     compile_s: dict = {}
@@ -224,8 +226,7 @@ def main():
     for tokens, D in sizes(args.quick):
         inp = make_inputs(tokens, D, device, dtype)
         N = inp["x"].shape[0] * SEQ
-        big = N * D >= 16384 * 768
-        repeats, warmup = (3, 1) if big else (5, 2)
+        repeats, warmup = (5, 1) if N * D >= 65536 * 768 else (7, 2)
         for op in OPS:
             fns = op_fns(op, fused_impl, compiled)
             for mode, backward in (("fwd", False), ("fwd+bwd", True)):
@@ -251,8 +252,11 @@ def main():
                         r["speedup vs compile"] = times["compile"] / (r["ms"] / 1e3)
                 print(f"{op:24s} {mode:8s} N={N:6d} D={D:5d} " +
                       "  ".join(f"{c}={t * 1e3:8.2f}ms" for c, t in times.items()), flush=True)
+        del inp
+        bws.append(measure_copy_bandwidth(device=device))   # the machine is shared: sample it throughout
     bw1 = measure_copy_bandwidth(device=device)
-    bw = max(bw0, bw1)
+    bws.append(bw1)
+    bw = max(bws)
     for r in rows:
         r["copy GB/s"] = bw / 1e9
         r["frac of copy bw"] = r["GB/s"] * 1e9 / bw
@@ -278,8 +282,9 @@ def main():
         cur["local bytes"] += r["local_bytes"]
         cur["configs"] += 1
     from benchmarks.common import markdown_table
-    notes = (f"Copy bandwidth (256 MiB copy, read + write): {bw0 / 1e9:.2f} GB/s before, {bw1 / 1e9:.2f} GB/s "
-             f"after the sweep; the larger is the bound. dtype {args.dtype}; fused path = {fused_impl}; "
+    notes = (f"Copy bandwidth (256 MiB copy, read + write), sampled before, between the sizes and after the "
+             f"sweep: {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s; the largest ({bw / 1e9:.2f} GB/s) is the "
+             f"bound. The machine (2 cores) is shared with other jobs: single points are noisy. dtype {args.dtype}; fused path = {fused_impl}; "
              f"hidden_loss and interchange_hidden_loss with kind='cos'. Peak memory: {peak.how}, live bytes "
              f"allocated by one call above those at its start. MALLOC_CONF={m['malloc_conf']!r}. "
              f"torch.compile (dynamic=True) first-call seconds: "
@@ -292,7 +297,7 @@ def main():
              + ("" if reg_rows else f"\nAOT failed: {regs}\n"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = plot(rows, RESULTS / f"{name}.png", device)
-    payload = {"machine": m, "copy_bandwidth_GBps": {"before": bw0 / 1e9, "after": bw1 / 1e9},
+    payload = {"machine": m, "copy_bandwidth_GBps": [b / 1e9 for b in bws],
                "compile_seconds": {f"{k[0]} {k[1]}": v for k, v in compile_s.items()},
                "triton_aot": regs, "plot": str(png) if png else None, "wall_s": wall,
                "command": " ".join([os.path.basename(sys.executable), *sys.argv])}

@@ -27,6 +27,7 @@ import logging
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .reference import (hidden_loss_reference, interchange_hidden_loss_reference,
                         interchange_reference)
@@ -272,6 +273,7 @@ class InterchangeFunction(torch.autograd.Function):
         return backend.interchange_fwd(states, pi, bs, ss, k, d0, d1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         pi, bs, ss, k = ctx.saved_tensors
         d0, d1, backend, shape, dtype = ctx.meta
@@ -293,6 +295,7 @@ class HiddenLossFunction(torch.autograd.Function):
         return loss_tok.sum().to(_acc_dtype(student))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
         return _scale_grad(grad, g).reshape(ctx.shape), None, None, None, None
@@ -310,6 +313,7 @@ class InterchangeHiddenLossFunction(torch.autograd.Function):
         return out, loss_tok.sum().to(_acc_dtype(states))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_out, g_loss):
         grad, pi, bs, ss, k = ctx.saved_tensors
         d0, d1, backend, shape, dtype = ctx.meta
