@@ -1,0 +1,239 @@
+"""Does causal distillation beat standard distillation? The paper's claim, checked at small scale.
+
+From one teacher (default: the embedded default teacher) and the same student initialisation (the
+teacher's embeddings, head and an evenly spread subset of its blocks), on the same data for the same
+number of steps, train
+- **standard** distillation: `--mode standard --w_iit 0` (ce + mlm + cos, 0.25 each), and
+- **causal** distillation (DIITO): `--mode fast` with the published weights (ce + mlm + cos + iit),
+for several seeds each (seed: data order, MLM masks, intervention plans, dropout), with
+`iit_fast/train.py` as a subprocess, one run after the other. Then evaluate every exported student with
+`iit_fast.eval` on the same validation batches (masks fixed by `teacher.EVAL_SEED`): MLM perplexity,
+top-1, and IIA / counterfactual KL against the teacher under the training alignment (plans fixed by
+`eval.IIA_SEED`). Writes benchmarks/results/replicate.{json,md,png}.
+
+    python benchmarks/replicate.py                          # the full comparison: ~1 h on 2 quiet cores
+    python benchmarks/replicate.py --steps 30 --max-length 64 --eval-interval 10   # a reduced one
+    python benchmarks/replicate.py --teacher DIR --corpus FILES --seeds 0 1 2 --runs-dir runs/replicate
+
+Runs already finished under --runs-dir (a `student/` folder and metrics.jsonl) are reused, not retrained,
+so an interrupted comparison continues where it stopped (use a fresh --runs-dir after changing flags).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+
+MODES = {  # name -> train.py flags
+    "standard": ["--mode", "standard", "--w_iit", "0"],
+    "causal": ["--mode", "fast"],
+}
+
+
+def train_flags(a, mode: str, seed: int, out: Path, ds_config: Path) -> list[str]:
+    f = ["--deepspeed_config", str(ds_config), "--student_layers", str(a.student_layers),
+         "--max_length", str(a.max_length), "--max_steps", str(a.steps), "--eval_interval", str(a.eval_interval),
+         "--eval_batches", str(a.train_eval_batches), "--seed", str(seed), "--out_dir", str(out),
+         "--alignment", a.alignment, "--lr", str(a.lr), "--warmup_steps", str(a.warmup_steps), "--plots", "false"]
+    if a.teacher:
+        f += ["--teacher", str(a.teacher)]
+    if a.corpus:
+        f += ["--corpus", a.corpus]
+    if a.cache_dir:
+        f += ["--cache_dir", str(a.cache_dir)]
+    return f + MODES[mode]
+
+
+def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
+    out = a.runs_dir / f"{mode}-seed{seed}"
+    done = out / "student" / "config.json"
+    info_path = out / "replicate_run.json"
+    if done.is_file() and info_path.is_file():
+        print(f"[replicate] {out}: done before, reused", flush=True)
+        return json.loads(info_path.read_text())
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    cmd = [sys.executable, str(REPO / "iit_fast" / "train.py")] + train_flags(a, mode, seed, out, ds_config)
+    print(f"[replicate] {mode} seed {seed}: {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    log = a.runs_dir / f"{mode}-seed{seed}.log"
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - t0
+    if rc != 0:
+        raise SystemExit(f"error: training {mode} seed {seed} failed (exit {rc}); see {log}:\n"
+                         + log.read_text()[-3000:])
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    tps = [r["tokens_per_s"] for r in steps[1:]] or [r["tokens_per_s"] for r in steps]
+    info = {"mode": mode, "seed": seed, "out": str(out), "command": " ".join(cmd), "wall_s": wall,
+            "train_tokens": steps[-1]["tokens"], "tokens_per_s_median": statistics.median(tps),
+            "val_curve": [(r["step"], r["val_perplexity"]) for r in recs if "val_perplexity" in r],
+            "teacher_val_perplexity": next((r["teacher_val_perplexity"] for r in recs
+                                            if "teacher_val_perplexity" in r), None),
+            "final_loss_terms": {k: steps[-1][k] for k in ("loss", "ce", "mlm", "cos", "iit") if k in steps[-1]}}
+    info_path.write_text(json.dumps(info, indent=1) + "\n")
+    print(f"[replicate] {mode} seed {seed}: {wall:.0f} s, {info['tokens_per_s_median']:.0f} tok/s, "
+          f"val ppl {info['val_curve'][-1][1]:.1f}", flush=True)
+    return info
+
+
+def evaluate_runs(a, infos: list[dict]) -> None:
+    from iit_fast.eval import interchange_accuracy, load_masked_lm, mlm_metrics, parse_alignment, validation_batches
+    from iit_fast.models import IntervenableMLM
+    from iit_fast.teacher import default_teacher_path
+    teacher_dir = a.teacher or default_teacher_path(a.cache_dir)
+    t, tok = load_masked_lm(teacher_dir)
+    batches = validation_batches(tok, a.corpus, a.eval_batch_size, a.max_length, a.cache_dir)
+    n = a.eval_batches or None
+    ti = IntervenableMLM(t)
+    a.teacher_eval = mlm_metrics(t, batches, n)
+    for info in infos:
+        s, _ = load_masked_lm(Path(info["out"]) / "student")
+        si = IntervenableMLM(s)
+        pairs = parse_alignment(a.alignment, ti.num_layers, si.num_layers)
+        info["eval"] = {"mlm": mlm_metrics(s, batches, n),
+                        "iia": interchange_accuracy(ti, si, batches, pairs, n)}
+        e = info["eval"]
+        print(f"[replicate] eval {info['mode']} seed {info['seed']}: ppl {e['mlm']['perplexity']:.1f} "
+              f"top-1 {e['mlm']['top1']:.3f} IIA {e['iia']['iia']:.3f} cf-KL {e['iia']['cf_kl']:.3f}", flush=True)
+    # the starting point: the student before any training (the same for every run)
+    from iit_fast.models import init_student_from_teacher
+    s0 = init_student_from_teacher(t, infos[0]["student_layers"]).eval()
+    a.init_eval = {"mlm": mlm_metrics(s0, batches, n),
+                   "iia": interchange_accuracy(ti, IntervenableMLM(s0), batches,
+                                               parse_alignment(a.alignment, ti.num_layers, infos[0]["student_layers"]),
+                                               n)}
+
+
+def mean_sd(xs):
+    m = statistics.fmean(xs)
+    return m, (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(a, infos):
+    rows = []
+    for mode in MODES:
+        runs = [i for i in infos if i["mode"] == mode]
+        cols = {"val. perplexity": [r["eval"]["mlm"]["perplexity"] for r in runs],
+                "top-1 (masked)": [r["eval"]["mlm"]["top1"] for r in runs],
+                "IIA": [r["eval"]["iia"]["iia"] for r in runs],
+                "cf. KL": [r["eval"]["iia"]["cf_kl"] for r in runs],
+                "wall time (s)": [r["wall_s"] for r in runs],
+                "tokens/s": [r["tokens_per_s_median"] for r in runs]}
+        row = {"distillation": mode, "seeds": len(runs)}
+        for k, xs in cols.items():
+            m, sd = mean_sd(xs)
+            fmt = "{:.1f} ± {:.1f}" if k in ("val. perplexity", "wall time (s)") else \
+                "{:.0f} ± {:.0f}" if k == "tokens/s" else "{:.3f} ± {:.3f}"
+            row[k] = fmt.format(m, sd)
+            row[k + " (per seed)"] = [round(x, 4) for x in xs]
+        rows.append(row)
+    return rows
+
+
+def plot(a, infos, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = {"standard": "tab:blue", "causal": "tab:red"}
+    for mode in MODES:
+        runs = [i for i in infos if i["mode"] == mode]
+        steps = [s for s, _ in runs[0]["val_curve"]]
+        ys = [[dict(r["val_curve"])[s] for r in runs] for s in steps]
+        mean = [statistics.fmean(y) for y in ys]
+        ax.plot(steps, mean, marker="o", color=colors[mode],
+                label=f"{mode} (mean of {len(runs)} seeds; band = min..max)")
+        ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=colors[mode], alpha=0.2)
+    tv = infos[0].get("teacher_val_perplexity")
+    if tv:
+        ax.axhline(tv, color="gray", ls="--", label="teacher")
+    ax.set_xlabel("optimizer step"), ax.set_ylabel("validation MLM perplexity (train.py's validation)")
+    ax.set_yscale("log"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.set_title(f"standard vs causal distillation, {a.student_layers}-layer student, {a.steps} steps", fontsize=10)
+    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: the embedded default teacher)")
+    p.add_argument("--corpus", default=None, help="load_corpus spec (default: the embedded default corpus)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (60: ~10 min per run on 2 quiet cores)")
+    p.add_argument("--batch-size", type=int, default=16, help="micro-batch (sequences) per step")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--student-layers", type=int, default=3)
+    p.add_argument("--alignment", default="middle", help="training alignment, also the one IIA is measured on")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--eval-interval", type=int, default=10, help="steps between train.py's validations (the plot)")
+    p.add_argument("--train-eval-batches", type=int, default=5, help="validation batches inside train.py")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches of the final evaluation")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "replicate")
+    p.add_argument("--name", default="replicate", help="results name: benchmarks/results/<name>.{json,md,png}")
+    p.add_argument("--note", default="", help="a sentence for the results file (e.g. why the run was reduced)")
+    a = p.parse_args(argv)
+    a.runs_dir.mkdir(parents=True, exist_ok=True)
+    ds_config = a.runs_dir / f"ds-micro{a.batch_size}.json"
+    ds_config.write_text(json.dumps({"train_micro_batch_size_per_gpu": a.batch_size, "gradient_accumulation_steps": 1,
+                                     "gradient_clipping": 1.0, "steps_per_print": 10 ** 6,
+                                     "zero_optimization": {"stage": 2, "overlap_comm": False,
+                                                           "contiguous_gradients": True}}, indent=1))
+    t0 = time.time()
+    infos = []
+    for seed in a.seeds:            # interleaved, so a load change on a shared machine hits both modes alike
+        for mode in MODES:
+            info = train_one(a, mode, seed, ds_config)
+            info["student_layers"] = a.student_layers
+            infos.append(info)
+    evaluate_runs(a, infos)
+    rows = summarise(a, infos)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(a, infos, RESULTS / f"{a.name}.png")
+    cmd = "python benchmarks/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ti = a.teacher_eval
+    sizes = (f"{len(a.seeds)} seeds x 2 modes, {a.steps} steps of {a.batch_size} x <= {a.max_length} tokens, "
+             f"{a.student_layers}-layer student, alignment {a.alignment}, lr {a.lr}")
+    notes = "\n".join([
+        f"Command: `{cmd.strip()}`. Sizes: {sizes}. Total time {time.time() - t0:.0f} s.",
+        f"{a.note}" if a.note else "",
+        f"Teacher: val. perplexity {ti['perplexity']:.1f}, top-1 {ti['top1']:.3f}. Student at initialisation "
+        f"(before training, same for all runs): perplexity {a.init_eval['mlm']['perplexity']:.1f}, top-1 "
+        f"{a.init_eval['mlm']['top1']:.3f}, IIA {a.init_eval['iia']['iia']:.3f}, cf. KL "
+        f"{a.init_eval['iia']['cf_kl']:.3f}.",
+        f"Perplexity / top-1 / IIA / cf. KL: `iit_fast.eval` on the first {a.eval_batches} validation batches of "
+        f"{a.eval_batch_size} (masks and intervention plans seeded, the same for every student; "
+        f"{infos[0]['eval']['mlm']['tokens']} masked tokens). IIA: fraction of masked tokens where the student's "
+        f"counterfactual top-1 equals the teacher's; cf. KL: KL(teacher || student) at T = 1 on them (nats). "
+        f"Mean ± sample standard deviation over seeds. Wall time: the whole train.py process (start-up, "
+        f"validations, export included); tokens/s: median over steps of train.py's own count (real tokens).",
+        "Plot: train.py's validation perplexity during training (its masks are seeded by the run's seed).",
+    ])
+    payload = {"machine": machine(), "command": cmd.strip(), "args": {k: str(v) for k, v in vars(a).items()
+                                                                     if k not in ("teacher_eval", "init_eval")},
+               "teacher_eval": ti, "init_eval": a.init_eval, "runs": infos}
+    cols = ["distillation", "seeds", "val. perplexity", "top-1 (masked)", "IIA", "cf. KL", "wall time (s)", "tokens/s"]
+    write_results(a.name, payload, rows, cols, title="Standard vs causal distillation (the paper's claim, small scale)",
+                  notes=notes + f"\n\n![validation perplexity]({a.name}.png)")
+    print((RESULTS / f"{a.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(torch.get_num_threads())
+    main()

@@ -1,0 +1,212 @@
+"""Evaluation: perplexity by hand, IIA of a copy student, the counterfactual against plain interventions,
+the `iit-fast eval` / `finetune` commands on tiny local files. Tiny models only: seconds on 2 cores."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertTokenizer
+
+from iit_fast import cli
+from iit_fast.eval import (counterfactual_hidden, identity_alignment, interchange_accuracy, mlm_metrics,
+                           parse_alignment)
+from iit_fast.finetune import accuracy_macro_f1
+from iit_fast.models import IntervenableMLM
+from iit_fast.ops.reference import interchange_reference
+from iit_fast.sampling import make_alignment, sample_plan
+from tiny import tiny_batch, tiny_bert, tiny_pair
+
+WORDS = ("the a one this that cat dog bird man woman house tree sees eats likes finds big small red old "
+         "and or but with in on").split()
+
+
+def batches(n=3, vocab=97):
+    return [tiny_batch(lengths=(9, 5, 7, 3, 8), seed=i, vocab=vocab) for i in range(n)]
+
+
+# ---- perplexity ---------------------------------------------------------------------------------------
+
+def hand_ppl(model, bs):
+    nll, n, right = 0.0, 0, 0
+    with torch.no_grad():
+        for b in bs:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                           token_type_ids=b["token_type_ids"]).logits.double()          # (B, S, V)
+            logp = logits.log_softmax(-1)
+            for i, j in (b["labels"] != -100).nonzero().tolist():
+                t = int(b["labels"][i, j])
+                nll -= float(logp[i, j, t])
+                right += int(logits[i, j].argmax() == t)
+                n += 1
+    return math.exp(nll / n), right / n, n
+
+
+def test_perplexity_is_exp_mean_token_nll():
+    model = tiny_bert(layers=2)
+    bs = batches(3)
+    got = mlm_metrics(model, bs)
+    ppl, top1, n = hand_ppl(model, bs)
+    assert got["tokens"] == n
+    assert got["perplexity"] == pytest.approx(ppl, rel=1e-5)
+    assert got["top1"] == pytest.approx(top1)
+    assert mlm_metrics(model, bs, max_batches=1)["tokens"] == hand_ppl(model, bs[:1])[2]
+
+
+def test_perplexity_of_a_non_bert_masked_lm():
+    from transformers import RobertaConfig, RobertaForMaskedLM
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=80, pad_token_id=0)
+    model = RobertaForMaskedLM(cfg).eval()
+    bs = batches(2)
+    got = mlm_metrics(model, bs)
+    assert got["perplexity"] == pytest.approx(hand_ppl(model, bs)[0], rel=1e-5)
+
+
+# ---- IIA ------------------------------------------------------------------------------------------------
+
+def test_iia_is_one_for_a_copy_with_the_identity_alignment():
+    teacher = IntervenableMLM(tiny_bert(layers=4)).eval()
+    student = IntervenableMLM(copy.deepcopy(teacher.model)).train()  # eval() is set inside
+    res = interchange_accuracy(teacher, student, batches(4), identity_alignment(4), plans_per_batch=3)
+    assert res["iia"] == 1.0
+    assert abs(res["cf_kl"]) < 1e-6
+    assert res["plans"] == 12 and len(res["per_pair"]) > 1
+    assert student.training  # the mode is put back
+
+
+def test_iia_of_a_different_student_and_seeding():
+    teacher, student = tiny_pair(4, 2)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    al = make_alignment("full", 4, 2)
+    a = interchange_accuracy(teacher, student, batches(3), al, seed=1)
+    b = interchange_accuracy(teacher, student, batches(3), al, seed=1)
+    assert a == b
+    assert 0.0 <= a["iia"] < 1.0 and a["cf_kl"] > 0
+
+
+def test_counterfactual_equals_plain_interventions_on_a_full_pass():
+    """A teacher group {1, 2}: resuming after the swap == one full pass that swaps after blocks 1 and 2."""
+    teacher = IntervenableMLM(tiny_bert(layers=4)).eval()
+    b = tiny_batch(lengths=(9, 5, 7, 3))
+    plan = sample_plan(b["attention_mask"], [((1, 2), 0)], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = counterfactual_hidden(teacher, b, (1, 2), plan)
+        plain = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], keep={1, 2})
+        swap = {l: partial(interchange_reference, pi=plan.pi, base_start=plan.base_start,
+                           source_start=plan.source_start, span_len=plan.span_len, dims=None,
+                           source=plain.sites[l]) for l in (1, 2)}
+        want = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], interventions=swap).last_hidden
+        real = b["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[real], plain.last_hidden[real])  # the swap changed something
+
+
+def test_parse_alignment():
+    assert parse_alignment("identity", 3, 3) == [((0,), 0), ((1,), 1), ((2,), 2)]
+    assert parse_alignment("[[[2, 3], 1]]", 4, 2) == [((2, 3), 1)]
+    assert parse_alignment("middle", 4, 2) == make_alignment("middle", 4, 2)
+    with pytest.raises(ValueError, match="equal depths"):
+        parse_alignment("identity", 4, 2)
+
+
+# ---- the commands on tiny local files -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [".", ","]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)  # a fast tokenizer
+    model = tiny_bert(layers=3, vocab=len(vocab), max_pos=64)
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rng = random.Random(0)
+    sent = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randrange(4, 10)))  # noqa: E731
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\n".join(sent() for _ in range(60)) + "\n")
+    (corpus / "validation.txt").write_text("\n".join(sent() for _ in range(40)) + "\n")
+    return {"root": root, "model": model_dir, "corpus": corpus, "sent": sent, "rng": rng}
+
+
+def test_cli_eval_copy_student(assets, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = cli.main(["eval", "--model", str(assets["model"]), "--teacher", str(assets["model"]), "--alignment",
+                   "identity", "--corpus", str(assets["corpus"]), "--cache-dir", str(tmp_path / "cache"),
+                   "--batch-size", "8", "--max-length", "32", "--max-batches", "3", "--output", str(out),
+                   "--no-progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["iia"]["iia"] == 1.0 and abs(res["iia"]["cf_kl"]) < 1e-6
+    assert res["mlm"]["perplexity"] == pytest.approx(res["teacher_mlm"]["perplexity"])
+    assert res["mlm"]["tokens"] > 0 and json.loads(capsys.readouterr().out)["iia"]["iia"] == 1.0
+
+
+def test_cli_eval_errors(assets, tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(tmp_path), "--no-progress"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_accuracy_macro_f1_by_hand():
+    pred = np.array([0, 1, 1, 2, 0, -5])
+    gold = np.array([0, 1, 2, 2, 1, -100])  # the last is ignored
+    m = accuracy_macro_f1(pred, gold, 4)    # class 3 absent from both: not counted
+    # class 0: tp1 fp1 fn0 -> 2/3; class 1: tp1 fp1 fn1 -> 1/2; class 2: tp1 fp0 fn1 -> 2/3
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert m["n"] == 5
+
+
+def test_finetune_sequence_and_token_classification(assets, tmp_path):
+    rng, sent = assets["rng"], assets["sent"]
+    rows = []
+    for _ in range(48):
+        s = sent()
+        rows.append({"text": s, "label": "animal" if ("cat" in s.split() or "dog" in s.split()) else "other"})
+    import csv
+    for name, part in (("train.csv", rows[:32]), ("dev.csv", rows[32:])):
+        with open(tmp_path / name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, ["text", "label"])
+            w.writeheader(), w.writerows(part)
+    pairs = [{"sentence1": sent(), "sentence2": sent(), "label": rng.randrange(3)} for _ in range(24)]
+    for name, part in (("ptrain.jsonl", pairs[:16]), ("pdev.jsonl", pairs[16:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    toks = []
+    for _ in range(40):
+        words = sent().split()
+        toks.append({"tokens": words, "tags": ["N" if w in ("cat", "dog", "bird", "man", "woman", "house", "tree")
+                                               else "V" if w in ("sees", "eats", "likes", "finds") else "O"
+                                               for w in words]})
+    for name, part in (("ttrain.jsonl", toks[:30]), ("tdev.jsonl", toks[30:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+
+    base = ["--model", str(assets["model"]), "--max-steps", "4", "--batch-size", "8", "--max-length", "32",
+            "--no-progress"]
+    out = tmp_path / "seq.json"
+    assert cli.main(["finetune", "--task", "seq", "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+                     str(tmp_path / "dev.csv"), "--output", str(out)] + base) == 0
+    seq = json.loads(out.read_text())
+    assert seq["num_labels"] == 2 and seq["validation_examples"] == 16 and 0 <= seq["accuracy"] <= 1
+    assert seq["evaluated_labels"] == 16 and math.isfinite(seq["train_loss"])
+    assert cli.main(["finetune", "--task", "seq", "--train-file", str(tmp_path / "ptrain.jsonl"),
+                     "--validation-file", str(tmp_path / "pdev.jsonl"), "--output", str(out)] + base) == 0
+    assert json.loads(out.read_text())["num_labels"] == 3
+    assert cli.main(["finetune", "--task", "token", "--train-file", str(tmp_path / "ttrain.jsonl"),
+                     "--validation-file", str(tmp_path / "tdev.jsonl"), "--output", str(out)] + base) == 0
+    tok = json.loads(out.read_text())
+    n_words = sum(len(r["tokens"]) for r in toks[30:])
+    assert tok["num_labels"] == 3 and tok["evaluated_labels"] == n_words  # one label per word
+    assert 0 <= tok["accuracy"] <= 1 and 0 <= tok["macro_f1"] <= 1
+    assert cli.main(["finetune", "--task", "token", "--train-file", str(tmp_path / "train.csv"),
+                     "--validation-file", str(tmp_path / "dev.csv")] + base) == 2  # no tokens/tags columns
