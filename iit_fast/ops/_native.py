@@ -8,7 +8,8 @@ stderr; later processes load the cached library at once. No torch headers are in
 quick and the library is independent of the torch ABI. Flags: `-O3 -fopenmp` (no `-march=native`: a cache
 directory may be shared by machines of different CPUs; the inner loops carry `#pragma omp simd`).
 Several sources may go into one library; each (name, sources, flags) is built and loaded once per process.
-Other ops can reuse `load_native` with their own name and sources.
+Other ops can reuse `load_native` with their own name and sources (and list them in LIBRARIES, which
+`python -m iit_fast.ops._native` builds ahead of first use, e.g. in an install or CI step).
 """
 from __future__ import annotations
 
@@ -87,3 +88,24 @@ def num_threads() -> int:
 
 def extensions_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+
+
+# Libraries of the package's ops, so that an install step or CI can build them ahead of first use:
+#     python -m iit_fast.ops._native
+LIBRARIES = {"iit_fast_interchange": ("interchange.cpp",)}
+
+
+def build_all() -> dict[str, str]:
+    """Build (or find in the cache) every library in LIBRARIES; name -> path or the error."""
+    out = {}
+    for name, sources in LIBRARIES.items():
+        try:
+            out[name] = load_native(name, sources)._name
+        except NativeUnavailable as e:
+            out[name] = f"unavailable: {e}"
+    return out
+
+
+if __name__ == "__main__":
+    for name, where in build_all().items():
+        print(f"{name}: {where}")
