@@ -313,7 +313,7 @@ def math_finite(x) -> bool:
 def test_checkpoint_with_code_is_refused(tmp_path):
     """A checkpoint file that is more than plain data (a pickle that would call a function) is refused
     before DeepSpeed's own torch.load(weights_only=False) can run it."""
-    from iit_fast.train import check_checkpoint_safe
+    from iit_fast.checkpoint import check_checkpoint_safe
     tag = tmp_path / "step1"
     tag.mkdir()
     torch.save({"w": torch.ones(2), "step": 1}, tag / "mp_rank_00_model_states.pt")
