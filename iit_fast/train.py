@@ -3,7 +3,7 @@
     # the default run: embedded teacher (built offline on first use), embedded corpus, a 3-layer student;
     # about 10 minutes on 2 CPU cores (one process per NUMA node: one here)
     deepspeed iit_fast/train.py --deepspeed_config ds_configs/zero2.json
-    # two ranks on one machine (CPU: two processes on gloo; GPU: two GPUs), ZeRO-3, bf16 on GPUs
+    # two ranks on one machine (CPU: two processes on gloo; GPU: two GPUs); 8 GPUs, ZeRO-3, bf16
     deepspeed --num_gpus 2 iit_fast/train.py --deepspeed_config ds_configs/zero2.json
     deepspeed --num_gpus 8 iit_fast/train.py --deepspeed_config ds_configs/zero3_bf16.json --teacher path/to/bert
     # several nodes: the DeepSpeed launcher with a hostfile
@@ -15,14 +15,20 @@
     deepspeed iit_fast/train.py --deepspeed_config ds_configs/zero2.json --out_dir runs/X --resume
     # every flag below is a TrainConfig field; --config run.json sets any of them (unknown keys are an error)
 
-It writes, under --out_dir (default runs/<UTC timestamp>): train_config.json, metrics.jsonl (one JSON
-object per step: every loss term, lr, grad norm, tokens/s, memory; and one per validation), checkpoints/
-(DeepSpeed's save_checkpoint, with the data position and every rank's RNG states), student/ (the final
-student as a Hugging Face folder: consolidated fp32 safetensors + tokenizer), loss.png and val.png.
+It prints (rank 0) one line about the run, the teacher's and the student's validation perplexity, a
+progress bar (loss, tokens/s, ETA), and at the end a summary table. It writes, under --out_dir (default
+runs/<UTC timestamp>): train_config.json, metrics.jsonl (one JSON object per step: every loss term, lr,
+grad norm, tokens/s, memory; one per validation), checkpoints/ (DeepSpeed's save_checkpoint, with the
+data position and every rank's RNG states), student/ (the final student as a Hugging Face folder:
+consolidated fp32 safetensors + tokenizer), loss.png and val.png. SIGINT / SIGTERM save a checkpoint at
+the end of the current step and exit (128 + signal); a non-finite loss skips its micro-batch on every rank,
+and --max_nonfinite of them stop the run with an error.
 
 Choices worth knowing:
 - Batch size and gradient accumulation come from the DeepSpeed config (train_micro_batch_size_per_gpu,
   gradient_accumulation_steps, train_batch_size); a mismatch is an error that names the fields.
+- The first run builds the embedded default teacher (python -m iit_fast.teacher build, ~15 minutes on 2
+  cores) and corpus once, into the cache (--cache_dir); the 10 minutes are the distillation run itself.
 - The teacher is never given to DeepSpeed: a plain frozen module, eval(), no grad, on every rank. Under
   ZeRO-3 I do not use zero.Init, so it is neither partitioned nor gathered: one copy per rank, as with
   ZeRO-0..2 (at the sizes this project targets the teacher fits; the student is what ZeRO shards).
