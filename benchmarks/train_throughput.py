@@ -77,7 +77,9 @@ def main():
                  "DeepSpeed ZeRO-2, gloo on CPU. tokens/s = real (non-pad) tokens of all ranks per second of "
                  "wall clock, median over the steps after the first. On a 2-core machine 2 ranks share the "
                  "same 2 cores (1 thread each) that 1 rank uses with 2 threads: the 2-rank figure shows the "
-                 "cost of the data-parallel machinery, not a speed-up.")
+                 "cost of the data-parallel machinery, not a speed-up. load_avg_1min_after above the core count means "
+                 "other jobs shared the cores during the run: the figure is then a lower bound. The allocator line "
+                 "above is the benchmark driver's; train.py tunes glibc malloc in-process (iit_fast/allocator.py).")
         write_results(name, {"machine": m, "steps": a.steps}, rows,
                       ["ranks", "zero", "global_batch", "max_length", "steps", "tokens_per_s", "tokens_per_s_min",
                        "tokens_per_s_max", "s_per_step", "memory_mb_rank0", "load_avg_1min_after", "command"],
