@@ -129,13 +129,16 @@ def run_isolated(shape_name, mode, logit_tokens, ops, repeats, device) -> dict:
     jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
     if device == "cpu" and os.path.exists(jemalloc) and "jemalloc" not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = (jemalloc + " " + env.get("LD_PRELOAD", "")).strip()
+        # keep freed big blocks: without this jemalloc too re-faults every new >8 MiB tensor
+        env.setdefault("MALLOC_CONF", "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1")
     cmd = [sys.executable, __file__, "--worker", json.dumps([shape_name, mode, logit_tokens, ops, repeats, device])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"worker {shape_name}/{mode}/{logit_tokens} failed:\n{res.stderr[-4000:]}")
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
     out = json.loads(line[len("RESULT "):])
-    out["allocator"] = "jemalloc (LD_PRELOAD)" if "jemalloc" in env.get("LD_PRELOAD", "") else "glibc malloc"
+    out["allocator"] = (f"jemalloc (LD_PRELOAD, MALLOC_CONF={env.get('MALLOC_CONF')})"
+                        if "jemalloc" in env.get("LD_PRELOAD", "") else "glibc malloc")
     out["ops_path"] = [l for l in res.stderr.splitlines() if "iit_fast" in l and "path" in l][:3]
     return out
 
@@ -196,7 +199,8 @@ def main():
     step_rows = [r for r in rows if r["mode"] != "summary"]
     sum_rows = [r for r in rows if r["mode"] == "summary"]
     m = machine()
-    m["allocator"] = "jemalloc (LD_PRELOAD) in every worker" if device == "cpu" else m["allocator"]
+    if device == "cpu":
+        m["allocator"] = res["fast"]["allocator"] + " in every worker"
     from benchmarks.common import markdown_table
     notes = ("## Ratios (measured vs the FLOP model of DESIGN.md section 2)\n\n" +
              markdown_table(sum_rows, ["shape", "logit_tokens", "fast/naive speedup", "model speedup",
