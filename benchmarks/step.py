@@ -139,7 +139,9 @@ def run_isolated(shape_name, mode, logit_tokens, ops, repeats, device) -> dict:
     out = json.loads(line[len("RESULT "):])
     out["allocator"] = (f"jemalloc (LD_PRELOAD, MALLOC_CONF={env.get('MALLOC_CONF')})"
                         if "jemalloc" in env.get("LD_PRELOAD", "") else "glibc malloc")
-    out["ops_path"] = [l for l in res.stderr.splitlines() if "iit_fast" in l and "path" in l][:3]
+    # which implementation each op ran (the dispatchers log it once)
+    out["ops_path"] = sorted({l.split(":", 2)[-1].strip() for l in res.stderr.splitlines()
+                              if " path (" in l or "impl=" in l})
     return out
 
 
@@ -157,6 +159,8 @@ def main():
         torch.set_num_threads(os.cpu_count() or 1)
 
     if args.worker:
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(name)s:%(message)s")
         shape_name, mode, lt, ops, repeats, dev = json.loads(args.worker)
         print("RESULT " + json.dumps(worker(SHAPES[shape_name], mode, lt, ops, repeats, dev)), flush=True)
         return
