@@ -140,12 +140,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", action="append", default=None,
+                    help="run only these shapes (e.g. --only 'bert-base 4k'); their rows replace those in the "
+                         "existing results file, the other shapes' rows are kept")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.only:
+        shapes = [sh for sh in shapes if sh[0] in args.only]
+    load_before = os.getloadavg()
     rows = []
     for sname, n, d, v, warmup, rounds in shapes:
         contenders = [("unfused", None), ("native", None)]
@@ -197,7 +203,9 @@ def main():
             "not run: liger-kernel is not installed in this environment"
         rows.append({"shape": sname, "N": n, "D": d, "V": v, "contender": "liger (fused linear JSD/KL)",
                      "note": liger})
+    load_after = os.getloadavg()
     m = machine()
+    m["load_average_1_5_15_before_after"] = [load_before, load_after]
     m["allocator"] = "jemalloc (LD_PRELOAD) in every worker" if os.path.exists(JEMALLOC) else m["allocator"]
     notes = (
         "Forward + backward of `0.25 ce + 0.25 mlm` (T=2, 15% of tokens labelled, all tokens in the KL). "
@@ -214,6 +222,20 @@ def main():
     name = f"head_loss-{suffix}" + ("-quick" if args.quick else "")
     cols = ["shape", "contender", "time_s", "time_ratio", "min_ratio", "cpu_s", "cpu_ratio", "GFLOP/s",
             "extra_peak_MB", "extra_peak_ratio", "peak_MB", "peak_ratio", "note"]
+    notes += (f" Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in load_before)}; after: "
+              f"{', '.join(f'{x:.1f}' for x in load_after)} (2 cores).")
+    path = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    if args.only and path.exists():
+        # keep the other shapes' rows (and say when they were measured)
+        old = json.loads(path.read_text())
+        kept = [r for r in old["rows"] if r["shape"] not in args.only]
+        for r in kept:
+            r.setdefault("measured", old["machine"].get("date"))
+        rows = [dict(r, measured=m["date"]) for r in rows] + kept
+        order = [sh[0] for sh in SHAPES]
+        rows.sort(key=lambda r: order.index(r["shape"]) if r["shape"] in order else 99)
+        cols = cols + ["measured"]
+        notes += " Rows carry the time they were measured (`--only` re-runs replace a shape's rows)."
     write_results(name, {"machine": m, "temperature": T, "shapes": shapes}, rows, cols,
                   title="distill_head_loss: chunked vs unfused (forward + backward)", notes=notes)
 
