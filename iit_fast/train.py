@@ -96,7 +96,7 @@ class TrainConfig:
     deepspeed_config: str = "ds_configs/zero2.json"
     cache_dir: str | None = None      # where the default teacher is built / found
     num_proc: int = 1                 # tokenisation processes
-    group_by_length: bool = False
+    group_by_length: bool = True      # batches of similar lengths (less padding)
     plots: bool = True
     distill: DistillConfig = field(default_factory=DistillConfig)  # flags: every DistillConfig field
 
