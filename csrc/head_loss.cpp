@@ -40,8 +40,10 @@ void iit_distill_head_loss_chunk_f32(float* zs, int64_t zs_stride, const float* 
       mt = t[v] > mt ? t[v] : mt;
     }
     const float m_s = ms * inv_T, m_t = mt * inv_T, m_1 = ms;
-    // pass 2: d_s = sum exp(a_s - m_s), d_t = sum e_t, x_t = sum e_t (a_t - a_s), d_1 = sum exp(z_s - m_1)
-    float d_s = 0.f, d_t = 0.f, x_t = 0.f, d_1 = 0.f;
+    // pass 2: d_s = sum exp(a_s - m_s), d_t = sum e_t, x_t = sum e_t (a_t - a_s), d_1 = sum exp(z_s - m_1).
+    // The row sums are accumulated in double: KL is a small difference of O(log V) terms when the two
+    // distributions are close, so the sums' rounding would otherwise dominate its relative error.
+    double d_s = 0.0, d_t = 0.0, x_t = 0.0, d_1 = 0.0;
     if (has_labels) {
 #pragma omp simd reduction(+ : d_s, d_t, x_t, d_1)
       for (int64_t v = 0; v < V; ++v) {
@@ -49,7 +51,7 @@ void iit_distill_head_loss_chunk_f32(float* zs, int64_t zs_stride, const float* 
         const float et = std::exp(at - m_t);
         d_s += std::exp(as - m_s);
         d_t += et;
-        x_t += et * (at - as);
+        x_t += et * ((t[v] - s[v]) * inv_T);
         d_1 += std::exp(s[v] - m_1);
       }
     } else {
@@ -59,17 +61,18 @@ void iit_distill_head_loss_chunk_f32(float* zs, int64_t zs_stride, const float* 
         const float et = std::exp(at - m_t);
         d_s += std::exp(as - m_s);
         d_t += et;
-        x_t += et * (at - as);
+        x_t += et * ((t[v] - s[v]) * inv_T);
       }
     }
-    const float lse_s = m_s + std::log(d_s), lse_t = m_t + std::log(d_t);
-    kl[r] = x_t / d_t - lse_t + lse_s;
+    const float lse_s = m_s + (float)std::log(d_s), lse_t = m_t + (float)std::log(d_t);
+    // KL = sum p_t (a_t - a_s) - (lse_t - lse_s), the lse difference taken without rounding each lse
+    kl[r] = (float)(x_t / d_t - ((double)m_t - (double)m_s) - std::log(d_t / d_s));
     const float g_kd = w_kd[r] * T;
     // pass 3: gradient over z_s
     if (has_labels) {
       const int64_t y = labels[r];
       const bool has = y >= 0 && y < V;
-      const float lse_1 = m_1 + std::log(d_1);
+      const float lse_1 = m_1 + (float)std::log(d_1);
       ce[r] = has ? lse_1 - s[y] : 0.f;
       const float g_lab = has ? w_lab[r] : 0.f;
 #pragma omp simd

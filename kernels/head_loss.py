@@ -79,7 +79,7 @@ def _distill_head_loss_kernel(
         m_t_new = tl.maximum(m_t, tl.max(a_t, 0))
         rescale = tl.exp(m_t - m_t_new)
         e_t = tl.exp(a_t - m_t_new)                      # 0 on masked lanes
-        diff = tl.where(mask, a_t, 0.0) - tl.where(mask, a_s, 0.0)   # no (-inf) - (-inf) on masked lanes
+        diff = (tl.where(mask, zt, 0.0) - tl.where(mask, zs, 0.0)) * inv_T   # a_t - a_s; 0 on masked lanes
         d_t = d_t * rescale + tl.sum(e_t, 0)
         x_t = x_t * rescale + tl.sum(e_t * diff, 0)
         m_t = m_t_new
@@ -91,8 +91,9 @@ def _distill_head_loss_kernel(
 
     lse_s = m_s + tl.log(d_s)
     lse_t = m_t + tl.log(d_t)
-    # KL(p_t || p_s) = sum p_t (a_t - a_s) - lse_t + lse_s
-    tl.store(kl_ptr + row, x_t / d_t - lse_t + lse_s)
+    # KL(p_t || p_s) = sum p_t (a_t - a_s) - (lse_t - lse_s); the lse difference is taken as
+    # (m_t - m_s) + log(d_t / d_s), not from two rounded lse's: KL is small when p_s ~ p_t
+    tl.store(kl_ptr + row, x_t / d_t - (m_t - m_s) - tl.log(d_t / d_s))
     g_kd = tl.load(w_kd_ptr + row).to(tl.float32) * T    # w_kd * T^2 * (1/T)
 
     if HAS_LABELS:

@@ -86,7 +86,8 @@ def _inner_torch(zs, zt, labels, w_kd, w_lab, temperature):
     d_s = zt.sum(1, keepdim=True)
     zt.div_(d_s)                                          # p_s
     lse_s = m_s + d_s.log()
-    kl = (x_t / d_t - lse_t + lse_s).squeeze(1)
+    # KL = x_t / d_t - (lse_t - lse_s), the lse difference taken without rounding each lse (KL is small)
+    kl = (x_t / d_t - (m_t - m_s) - (d_t / d_s).log()).squeeze(1)
     g_kd = (w_kd * T).unsqueeze(1)                        # w_kd * T^2 * (1/T)
     if labels is None:
         # dz = w_kd T (p_s - p_t)
