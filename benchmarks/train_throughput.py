@@ -33,6 +33,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def summarise(out: Path, ranks: int, command: str) -> dict:
+    """One row from a finished run's metrics.jsonl."""
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps_ = [r for r in rows if "loss" in r]
+    tps = [r["tokens_per_s"] for r in steps_[1:]]
+    cfg = json.loads((out / "train_config.json").read_text())
+    ds_cfg = json.loads(Path(cfg["deepspeed_config"]).read_text() if Path(cfg["deepspeed_config"]).is_file()
+                        else (REPO / cfg["deepspeed_config"]).read_text())
+    tokens_per_step = statistics.median([r["tokens"] - p["tokens"] for p, r in zip(steps_, steps_[1:])])
+    return {"ranks": ranks, "zero": ds_cfg["zero_optimization"]["stage"], "steps": len(steps_),
+            "micro_batch": ds_cfg["train_micro_batch_size_per_gpu"],
+            "global_batch": ds_cfg["train_micro_batch_size_per_gpu"] * ranks, "max_length": cfg["max_length"],
+            "tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
+            "s_per_step": tokens_per_step / statistics.median(tps), "memory_mb_rank0": steps_[-1]["memory_mb"],
+            "load_avg_1min_after": round(os.getloadavg()[0], 1), "command": command}
+
+
 def run(ranks: int, steps: int, extra: list[str], out: Path) -> dict:
     ds = str(Path(sys.executable).parent / "deepspeed")
     cmd = [ds] + (["--num_gpus", str(ranks)] if ranks > 1 else []) + ["--master_port", str(free_port()),
@@ -42,17 +59,7 @@ def run(ranks: int, steps: int, extra: list[str], out: Path) -> dict:
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                    env={**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get(
                        "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))})
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    steps_ = [r for r in rows if "loss" in r]
-    tps = [r["tokens_per_s"] for r in steps_[1:]]
-    cfg = json.loads((out / "train_config.json").read_text())
-    ds_cfg = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
-    return {"ranks": ranks, "zero": 2, "steps": len(steps_), "micro_batch": ds_cfg["train_micro_batch_size_per_gpu"],
-            "global_batch": ds_cfg["train_micro_batch_size_per_gpu"] * ranks, "max_length": cfg["max_length"],
-            "tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
-            "s_per_step": statistics.median(tps) and statistics.median(
-                [r["tokens"] - p["tokens"] for p, r in zip(steps_, steps_[1:])]) / statistics.median(tps),
-            "memory_mb_rank0": steps_[-1]["memory_mb"], "load_avg_1min_after": round(os.getloadavg()[0], 1), "command": " ".join(cmd[:1] + cmd[1:]).replace(str(REPO) + "/", "")}
+    return summarise(out, ranks, " ".join(cmd).replace(str(REPO) + "/", ""))
 
 
 def main():
@@ -62,11 +69,17 @@ def main():
     p.add_argument("--teacher", default=None, help="default: the embedded default teacher")
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--include_run", action="append", default=[], metavar="OUT_DIR:RANKS:COMMAND",
+                   help="also report a finished run (e.g. the full default run) from its metrics.jsonl")
     a = p.parse_args()
     extra = (["--teacher", a.teacher] if a.teacher else []) + (["--cache_dir", a.cache_dir] if a.cache_dir else [])
     rows = []
+    for spec in a.include_run:
+        out, ranks, command = spec.split(":", 2)
+        rows.append(summarise(Path(out), int(ranks), command))
+        print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for r in [int(x) for x in a.ranks.split(",")]:
+        for r in [int(x) for x in a.ranks.split(",") if x]:
             rows.append(run(r, a.steps, extra, Path(tmp) / f"r{r}"))
             print(json.dumps(rows[-1]), flush=True)
     if not a.no_write:
