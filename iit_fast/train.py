@@ -242,11 +242,12 @@ def init_distributed():
         # DeepSpeed's CPU backend would compile a shared-memory all-reduce op at the first launch (a minute
         # of C++ build) and leave buffers in /dev/shm; gloo's own all-reduce is enough at this scale.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:  # before the process group, so nccl binds each rank to its own GPU
+        torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
-        torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
