@@ -24,14 +24,13 @@ import glob
 import gzip
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
