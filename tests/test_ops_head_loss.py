@@ -49,6 +49,8 @@ IMPLS = ["chunked", "native", "triton"]
 @pytest.mark.parametrize("chunk", [None, 5, 1000])
 @pytest.mark.parametrize("mask", ["some", "none"])
 def test_matches_reference_fp32(impl, T, chunk, mask):
+    if impl == "triton" and chunk == 1000:
+        pytest.skip("same as chunk=None (one chunk) under the slow interpreter")
     hs, ht, ws, bs, wt, bt, y, m = make(mask=mask)
     params = (hs, ws, bs)
     ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m, T)
