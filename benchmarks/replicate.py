@@ -206,13 +206,21 @@ def main(argv=None):
     rows = summarise(a, infos)
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(a, infos, RESULTS / f"{a.name}.png")
-    cmd = "python benchmarks/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    import shlex
+    cmd = "python benchmarks/replicate.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     ti = a.teacher_eval
     sizes = (f"{len(a.seeds)} seeds x 2 modes, {a.steps} steps of {a.batch_size} x <= {a.max_length} tokens, "
              f"{a.student_layers}-layer student, alignment {a.alignment}, lr {a.lr}")
+    pairs = [(next(i for i in infos if i["mode"] == "standard" and i["seed"] == sd),
+              next(i for i in infos if i["mode"] == "causal" and i["seed"] == sd)) for sd in a.seeds]
     notes = "\n".join([
-        f"Command: `{cmd.strip()}`. Sizes: {sizes}. Total time {time.time() - t0:.0f} s.",
+        f"Command: `{cmd.strip()}`. Sizes: {sizes}. Training wall time, all runs: {sum(i['wall_s'] for i in infos):.0f} s; this invocation: {time.time() - t0:.0f} s (finished runs are reused).",
         f"{a.note}" if a.note else "",
+        "Paired by seed (same data order, masks and plans in both modes), causal minus standard: perplexity "
+        + ", ".join(f"{c['eval']['mlm']['perplexity'] - s['eval']['mlm']['perplexity']:+.1f}" for s, c in pairs)
+        + "; IIA " + ", ".join(f"{c['eval']['iia']['iia'] - s['eval']['iia']['iia']:+.3f}" for s, c in pairs)
+        + "; cf. KL " + ", ".join(f"{c['eval']['iia']['cf_kl'] - s['eval']['iia']['cf_kl']:+.3f}" for s, c in pairs)
+        + ".",
         f"Teacher: val. perplexity {ti['perplexity']:.1f}, top-1 {ti['top1']:.3f}. Student at initialisation "
         f"(before training, same for all runs): perplexity {a.init_eval['mlm']['perplexity']:.1f}, top-1 "
         f"{a.init_eval['mlm']['top1']:.3f}, IIA {a.init_eval['iia']['iia']:.3f}, cf. KL "
