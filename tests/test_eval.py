@@ -191,7 +191,7 @@ def test_finetune_sequence_and_token_classification(assets, tmp_path):
     for name, part in (("ttrain.jsonl", toks[:30]), ("tdev.jsonl", toks[30:])):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
 
-    base = ["--model", str(assets["model"]), "--max-steps", "4", "--batch-size", "8", "--max-length", "32",
+    base = ["--model", str(assets["model"]), "--max-steps", "2", "--batch-size", "8", "--max-length", "32",
             "--no-progress"]
     out = tmp_path / "seq.json"
     assert cli.main(["finetune", "--task", "seq", "--train-file", str(tmp_path / "train.csv"), "--validation-file",
