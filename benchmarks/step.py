@@ -213,8 +213,8 @@ def main():
              f"\nops: `{args.ops}`; median of {args.repeats} steps after one warm-up; each mode in its own "
              f"process (peak memory = {'CUDA max allocated' if device == 'cuda' else 'peak RSS of the process, models included'}).\n"
              f"Reproduce: `python benchmarks/step.py --shapes {args.shapes} --repeats {args.repeats} --ops {args.ops}`\n")
-    write_results(f"step-{device}", {"machine": m, "shapes": shapes, "ops": args.ops, "repeats": args.repeats},
-                  step_rows + sum_rows, cols, title=f"Causal-distillation step throughput ({device})", notes=notes)
+    write_results(f"step-{device}", {"machine": m, "shapes": shapes, "ops": args.ops, "repeats": args.repeats,
+                                     "summary": sum_rows}, step_rows, cols, title=f"Causal-distillation step throughput ({device})", notes=notes)
 
 
 if __name__ == "__main__":
