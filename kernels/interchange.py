@@ -58,20 +58,9 @@ def _interpret() -> bool:
 
 
 @triton.jit
-def _interchange_fwd_kernel(
-    x_ptr,      # (B, S, D) states, contiguous
-    out_ptr,    # (B, S, D) out: counterfactual states
-    pi_ptr,     # (B,) int64 source row of each row
-    bs_ptr,     # (B,) int64 base span start
-    ss_ptr,     # (B,) int64 source span start
-    k_ptr,      # (B,) int64 span length
-    S,          # positions per row
-    D,          # hidden dims
-    d0,         # first swapped dim
-    d1,         # one past the last swapped dim
-    BLOCK_D: tl.constexpr,
-):
-    tok = tl.program_id(0).to(tl.int64)
+def _interchange_token(x_ptr, out_ptr, pi_ptr, bs_ptr, ss_ptr, k_ptr, tok, S, D, d0, d1, BLOCK_D: tl.constexpr):
+    """Write token `tok` of the counterfactual states: its own row, or inside its row's span the dims
+    [d0, d1) of the aligned token of the source row pi[b]."""
     b = tok // S
     p = tok % S
     bs = tl.load(bs_ptr + b)
@@ -90,6 +79,24 @@ def _interchange_fwd_kernel(
         own = tl.load(x_ptr + tok * D + offs, mask=m & (sw == 0))
         src = tl.load(x_ptr + src_tok * D + offs, mask=sw)
         tl.store(out_ptr + tok * D + offs, tl.where(sw, src, own), mask=m)
+
+
+@triton.jit
+def _interchange_fwd_kernel(
+    x_ptr,      # (B, S, D) states, contiguous
+    out_ptr,    # (B, S, D) out: counterfactual states
+    pi_ptr,     # (B,) int64 source row of each row
+    bs_ptr,     # (B,) int64 base span start
+    ss_ptr,     # (B,) int64 source span start
+    k_ptr,      # (B,) int64 span length
+    S,          # positions per row
+    D,          # hidden dims
+    d0,         # first swapped dim
+    d1,         # one past the last swapped dim
+    BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    _interchange_token(x_ptr, out_ptr, pi_ptr, bs_ptr, ss_ptr, k_ptr, tok, S, D, d0, d1, BLOCK_D)
 
 
 @triton.jit
@@ -215,24 +222,7 @@ def _interchange_hidden_loss_kernel(
     BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    b = tok // S
-    p = tok % S
-    bs = tl.load(bs_ptr + b)
-    kk = tl.load(k_ptr + b)
-    in_span = (p >= bs) & (p < bs + kk)
-    src_tok = tl.load(pi_ptr + b) * S + tl.load(ss_ptr + b) + p - bs
-    src_tok = tl.where(in_span, src_tok, tok)
-    # swapped dims of this token: [lo, hi), empty outside the span (scalar-bool masks are avoided: the
-    # interpreter mis-types a scalar bool broadcast against a vector)
-    lo = tl.where(in_span, d0, 0)
-    hi = tl.where(in_span, d1, 0)
-    for d in range(0, D, BLOCK_D):
-        offs = d + tl.arange(0, BLOCK_D)
-        m = offs < D
-        sw = (offs >= lo) & (offs < hi)
-        own = tl.load(x_ptr + tok * D + offs, mask=m & (sw == 0))
-        src = tl.load(x_ptr + src_tok * D + offs, mask=sw)
-        tl.store(out_ptr + tok * D + offs, tl.where(sw, src, own), mask=m)
+    _interchange_token(x_ptr, out_ptr, pi_ptr, bs_ptr, ss_ptr, k_ptr, tok, S, D, d0, d1, BLOCK_D)
     # the row of x was just read: the loss' loads hit in L1/L2
     w = tl.load(w_ptr + tok)
     loss = _hidden_loss_token(x_ptr + tok * D, t_ptr + tok * D, g_ptr + tok * D, w, D, KIND_COS, BLOCK_D)
