@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 # name -> (module with add_arguments / run, one-line help)
@@ -19,6 +20,16 @@ SUBCOMMANDS = {
     "eval": ("iit_fast.eval", "validation MLM perplexity, top-1, and IIA / counterfactual KL against a teacher"),
     "finetune": ("iit_fast.finetune", "downstream fine-tuning (sequence or token classification) with Trainer"),
 }
+
+
+def print_json(result: dict, output: str | None = None) -> None:
+    """Print a subcommand's result as JSON, and write it to `output` when given."""
+    from pathlib import Path
+    text = json.dumps(result, indent=1)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text + "\n")
+    print(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -243,9 +243,6 @@ def add_arguments(p):
 def run(a) -> dict:
     res = evaluate(a.model, a.teacher, a.corpus, a.alignment, a.max_batches or None, a.batch_size, a.max_length,
                    a.seed, a.plans_per_batch, a.span_fraction, a.cache_dir, not a.no_progress, a.threads)
-    text = json.dumps(res, indent=1)
-    if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(text + "\n")
-    print(text)
+    from .cli import print_json
+    print_json(res, a.output)
     return res

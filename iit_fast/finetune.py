@@ -21,7 +21,6 @@ Local files (always available): `.csv`, `.tsv`, `.json` / `.jsonl` (JSON lines).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -274,9 +273,6 @@ def run(a) -> dict:
                    max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, max_length=a.max_length, seed=a.seed,
                    validation_split=a.validation_split, max_train_samples=a.max_train_samples,
                    max_eval_samples=a.max_eval_samples, progress=not a.no_progress, cache_dir=a.cache_dir)
-    text = json.dumps(res, indent=1)
-    if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(text + "\n")
-    print(text)
+    from .cli import print_json
+    print_json(res, a.output)
     return res

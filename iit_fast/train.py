@@ -48,7 +48,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path

@@ -7,12 +7,12 @@ import json
 import math
 import random
 from functools import partial
-from pathlib import Path
+
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+
 from transformers import BertTokenizer
 
 from iit_fast import cli

@@ -78,7 +78,6 @@ def _inner_torch(zs, zt, labels, w_kd, w_lab, temperature):
     zt.sub_(zs, alpha=inv_T).mul_(p)
     x_t = zt.sum(1, keepdim=True)
     p.div_(d_t)                                           # p_t
-    lse_t = m_t + d_t.log()
     # student at T: p_s = softmax(z_s / T) into zt (free now); lse_s = m_s + log d_s
     torch.mul(zs, inv_T, out=zt)
     m_s = zt.amax(1, keepdim=True)
