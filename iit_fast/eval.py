@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from functools import partial
@@ -44,28 +43,10 @@ def mlm_metrics(model, batches, max_batches: int | None = None, progress: bool =
     """{"perplexity", "top1", "tokens"} of an HF masked LM over the masked tokens of `batches`.
 
     perplexity = exp(sum of token NLL / number of masked tokens), the NLL of the full softmax over the
-    vocabulary. BERT-shaped models reuse `teacher.evaluate_mlm` (one code path for the whole project)."""
+    vocabulary; computed by `teacher.evaluate_mlm` (one code path for the whole project)."""
     from iit_fast.teacher import evaluate_mlm
     batches = _progress(_rewind(batches), max_batches, "perplexity", progress)
-    if hasattr(model, "bert") and hasattr(model, "cls"):
-        return evaluate_mlm(model, batches, max_batches)
-    was = model.training
-    model.eval()
-    nll, correct, n = 0.0, 0, 0
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        kw = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        logits = model(**kw).logits                                          # (B, S, V)
-        sel = batch["labels"] != -100
-        z, t = logits[sel].float(), batch["labels"][sel]                     # (M, V), (M,)
-        nll += F.cross_entropy(z, t, reduction="sum").item()
-        correct += (z.argmax(-1) == t).sum().item()
-        n += t.numel()
-    model.train(was)
-    if n == 0:
-        raise ValueError("batches: no masked token to evaluate; expected batches with labels != -100")
-    return {"perplexity": math.exp(nll / n), "top1": correct / n, "tokens": n}
+    return evaluate_mlm(model, batches, max_batches)
 
 
 # ---- interchange intervention accuracy --------------------------------------------------------------

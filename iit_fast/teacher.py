@@ -147,15 +147,19 @@ def load_teacher(path, tokenizer_path=None):
 
 
 def mlm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy on the masked positions only: the head runs on those rows, never on (B, S, V).
+    """Cross-entropy on the masked positions only. For a BERT the head runs on those rows, never on
+    (B, S, V); any other HF masked LM gives its full logits, then the masked rows are taken.
     Returns (mean loss, logits (M, V), targets (M,))."""
     dev = model.device
     batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
     labels = batch["labels"]
-    h = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   token_type_ids=batch["token_type_ids"]).last_hidden_state  # (B, S, D)
     sel = labels != -100
-    logits = model.cls(h[sel])  # (M, V)
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    if hasattr(model, "bert") and hasattr(model, "cls"):
+        h = model.bert(**kw).last_hidden_state  # (B, S, D)
+        logits = model.cls(h[sel])  # (M, V)
+    else:
+        logits = model(**kw).logits[sel]  # (M, V)
     targets = labels[sel]
     return F.cross_entropy(logits.float(), targets), logits, targets
 
