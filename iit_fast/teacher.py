@@ -97,6 +97,18 @@ def _weight_names(folder: Path) -> list[str]:
     return []
 
 
+def _load_tokenizer(tok_dir: Path, vocab_size: int, arg: str):
+    """The tokenizer in `tok_dir`, checked against the model's vocabulary; errors name `arg`."""
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as e:
+        raise FileNotFoundError(f"{arg}: no tokenizer could be loaded from {tok_dir} ({e}); expected "
+                                f"a folder with tokenizer.json or vocab.txt") from e
+    _check_tokenizer(tokenizer, vocab_size, str(tok_dir), arg)
+    return tokenizer
+
+
 def _check_tokenizer(tokenizer, vocab_size: int, where: str, arg: str) -> None:
     if len(tokenizer) != vocab_size:
         raise ValueError(f"{arg}: the tokenizer at {where} has {len(tokenizer)} tokens but the model's "
@@ -113,7 +125,7 @@ def load_teacher(path, tokenizer_path=None):
     Errors name the argument: ``teacher`` for a missing folder, a folder without config.json or weights,
     a non-BERT model or a checkpoint without MLM head weights (``cls.predictions.*``, e.g. a bare
     BertModel); ``tokenizer_path`` for a missing tokenizer or one whose size differs from vocab_size."""
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"teacher: {folder} does not exist; expected a folder with a BertForMaskedLM "
@@ -135,12 +147,7 @@ def load_teacher(path, tokenizer_path=None):
                          f"BertForMaskedLM checkpoint. An encoder-only model can be turned into one with "
                          f"`python -m iit_fast.teacher build --encoder {folder}`")
     tok_dir = Path(tokenizer_path).expanduser() if tokenizer_path is not None else folder
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as e:
-        raise FileNotFoundError(f"tokenizer_path: no tokenizer could be loaded from {tok_dir} ({e}); expected "
-                                f"a folder with tokenizer.json or vocab.txt") from e
-    _check_tokenizer(tokenizer, config.vocab_size, str(tok_dir), "tokenizer_path")
+    tokenizer = _load_tokenizer(tok_dir, config.vocab_size, "tokenizer_path")
     with _quiet_transformers():
         model = BertForMaskedLM.from_pretrained(folder)
     return model.eval(), tokenizer
@@ -276,7 +283,7 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
     ``load_corpus`` (None -> the default corpus). The folder is written whole or not at all, and reused
     unless ``force``. ``max_adapt_seconds`` caps the whole-model phase by time as well as by steps (the
     learning-rate schedule follows whichever runs out first); ``eval_batches`` caps the validation."""
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM
     out = Path(out_dir) if out_dir is not None else default_teacher_dir(cache_dir)
     if (out / "metrics.json").is_file() and not force:
         return out
@@ -294,12 +301,7 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
     if not _weight_names(enc_dir):
         raise FileNotFoundError(f"encoder: {enc_dir} has no weights; expected model.safetensors")
     tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else enc_dir
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as e:
-        raise FileNotFoundError(f"tokenizer: no tokenizer could be loaded from {tok_dir} ({e}); expected "
-                                f"tokenizer.json or vocab.txt") from e
-    _check_tokenizer(tok, config.vocab_size, str(tok_dir), "tokenizer")
+    tok = _load_tokenizer(tok_dir, config.vocab_size, "tokenizer")
     if max_length > config.max_position_embeddings:
         raise ValueError(f"max_length: {max_length} > the encoder's max_position_embeddings "
                          f"{config.max_position_embeddings}")
