@@ -9,7 +9,9 @@ for several seeds each (seed: data order, MLM masks, intervention plans, dropout
 `iit_fast/train.py` as a subprocess, one run after the other. Then evaluate every exported student with
 `iit_fast.eval` on the same validation batches (masks fixed by `teacher.EVAL_SEED`): MLM perplexity,
 top-1, and IIA / counterfactual KL against the teacher under the training alignment (plans fixed by
-`eval.IIA_SEED`). Writes benchmarks/results/replicate.{json,md,png}.
+`eval.IIA_SEED`). Then fine-tune every student, the student at initialisation and the teacher on an
+offline downstream task (`iit_fast.finetune.build_source_task`: which of five manuals a paragraph comes
+from; hub tasks such as GLUE cannot be reached here). Writes benchmarks/results/replicate.{json,md,png}.
 
     python benchmarks/replicate.py                          # the full comparison: ~1 h on 2 quiet cores
     python benchmarks/replicate.py --steps 30 --max-length 64 --eval-interval 10   # a reduced one
@@ -118,6 +120,45 @@ def evaluate_runs(a, infos: list[dict]) -> None:
                                                n)}
 
 
+def finetune_cached(a, model_dir: Path, seed: int, out_json: Path, task_files) -> dict:
+    """One downstream fine-tune (the offline source task), cached in out_json so a re-run reuses it."""
+    from iit_fast.finetune import finetune
+    params = {"model": str(model_dir), "seed": seed, "steps": a.downstream_steps, "lr": a.downstream_lr}
+    if out_json.is_file():
+        res = json.loads(out_json.read_text())
+        if res.get("params") == params:
+            return res
+    res = finetune(str(model_dir), "seq", *task_files, max_steps=a.downstream_steps, batch_size=16,
+                   lr=a.downstream_lr, max_length=a.max_length, seed=seed, progress=False)
+    res["params"] = params
+    out_json.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"[replicate] downstream {model_dir}: accuracy {res['accuracy']:.3f} macro F1 {res['macro_f1']:.3f} "
+          f"({res['seconds']:.0f} s)", flush=True)
+    return res
+
+
+def downstream_runs(a, infos: list[dict]) -> None:
+    """Fine-tune every student (seed = its distillation seed), the student at initialisation (every seed:
+    the fine-tuning noise floor) and the teacher (seed 0) on the offline source-classification task."""
+    from iit_fast.eval import load_masked_lm
+    from iit_fast.finetune import build_source_task
+    from iit_fast.models import init_student_from_teacher
+    from iit_fast.teacher import default_teacher_path
+    task_files = build_source_task(a.runs_dir / "source-task")
+    teacher_dir = Path(a.teacher or default_teacher_path(a.cache_dir))
+    init_dir = a.runs_dir / "init-student"
+    if not (init_dir / "config.json").is_file():
+        t, tok = load_masked_lm(teacher_dir)
+        init_student_from_teacher(t, a.student_layers).save_pretrained(init_dir)
+        tok.save_pretrained(init_dir)
+    for info in infos:
+        out = Path(info["out"])
+        info["downstream"] = finetune_cached(a, out / "student", info["seed"], out / "downstream.json", task_files)
+    a.init_downstream = [finetune_cached(a, init_dir, sd, init_dir / f"downstream-seed{sd}.json", task_files)
+                         for sd in a.seeds]
+    a.teacher_downstream = finetune_cached(a, teacher_dir, 0, a.runs_dir / "teacher-downstream.json", task_files)
+
+
 def mean_sd(xs):
     m = statistics.fmean(xs)
     return m, (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -133,6 +174,9 @@ def summarise(a, infos):
                 "cf. KL": [r["eval"]["iia"]["cf_kl"] for r in runs],
                 "wall time (s)": [r["wall_s"] for r in runs],
                 "tokens/s": [r["tokens_per_s_median"] for r in runs]}
+        if all("downstream" in r for r in runs):
+            cols["downstream acc."] = [r["downstream"]["accuracy"] for r in runs]
+            cols["downstream macro F1"] = [r["downstream"]["macro_f1"] for r in runs]
         row = {"distillation": mode, "seeds": len(runs)}
         for k, xs in cols.items():
             m, sd = mean_sd(xs)
@@ -142,6 +186,21 @@ def summarise(a, infos):
             row[k + " (per seed)"] = [round(x, 4) for x in xs]
         rows.append(row)
     return rows
+
+
+def downstream_note(a, infos, pairs) -> str:
+    d0 = infos[0]["downstream"]
+    init_acc = [r["accuracy"] for r in a.init_downstream]
+    m, sd = mean_sd(init_acc)
+    return (f"Downstream: `iit-fast finetune --task seq --source-task DIR` (offline: which of "
+            f"{d0['num_labels']} Debian/Python manuals a paragraph comes from; {d0['train_examples']} training, "
+            f"{d0['validation_examples']} validation paragraphs, balanced), {a.downstream_steps} steps of 16, lr "
+            f"{a.downstream_lr}, fine-tuning seed = distillation seed. Paired by seed, causal minus standard "
+            f"accuracy: " + ", ".join(f"{c['downstream']['accuracy'] - s['downstream']['accuracy']:+.3f}"
+                                      for s, c in pairs)
+            + f". Student at initialisation: accuracy {m:.3f} ± {sd:.3f} over the same seeds (the spread is "
+            f"fine-tuning noise alone); teacher: {a.teacher_downstream['accuracy']:.3f} (macro F1 "
+            f"{a.teacher_downstream['macro_f1']:.3f}).")
 
 
 def plot(a, infos, path: Path):
@@ -174,17 +233,20 @@ def main(argv=None):
     p.add_argument("--corpus", default=None, help="load_corpus spec (default: the embedded default corpus)")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (60: ~10 min per run on 2 quiet cores)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (150: ~5 min standard, ~9 min causal on 2 quiet cores)")
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch (sequences) per step")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--student-layers", type=int, default=3)
     p.add_argument("--alignment", default="middle", help="training alignment, also the one IIA is measured on")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--eval-interval", type=int, default=10, help="steps between train.py's validations (the plot)")
+    p.add_argument("--eval-interval", type=int, default=15, help="steps between train.py's validations (the plot)")
     p.add_argument("--train-eval-batches", type=int, default=5, help="validation batches inside train.py")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches of the final evaluation")
     p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--downstream-steps", type=int, default=200,
+                   help="fine-tuning steps (batch 16) on the offline source-classification task; 0: no downstream")
+    p.add_argument("--downstream-lr", type=float, default=1e-4)
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "replicate")
     p.add_argument("--name", default="replicate", help="results name: benchmarks/results/<name>.{json,md,png}")
     p.add_argument("--note", default="", help="a sentence for the results file (e.g. why the run was reduced)")
@@ -203,6 +265,8 @@ def main(argv=None):
             info["student_layers"] = a.student_layers
             infos.append(info)
     evaluate_runs(a, infos)
+    if a.downstream_steps > 0:
+        downstream_runs(a, infos)
     rows = summarise(a, infos)
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(a, infos, RESULTS / f"{a.name}.png")
@@ -232,11 +296,18 @@ def main(argv=None):
         f"Mean ± sample standard deviation over seeds. Wall time: the whole train.py process (start-up, "
         f"validations, export included); tokens/s: median over steps of train.py's own count (real tokens).",
         "Plot: train.py's validation perplexity during training (its masks are seeded by the run's seed).",
+        downstream_note(a, infos, pairs) if a.downstream_steps > 0 else "Downstream: not run (--downstream-steps 0).",
     ])
     payload = {"machine": machine(), "command": cmd.strip(), "args": {k: str(v) for k, v in vars(a).items()
-                                                                     if k not in ("teacher_eval", "init_eval")},
-               "teacher_eval": ti, "init_eval": a.init_eval, "runs": infos}
+                                                                     if k not in ("teacher_eval", "init_eval",
+                                                                                  "init_downstream",
+                                                                                  "teacher_downstream")},
+               "teacher_eval": ti, "init_eval": a.init_eval, "runs": infos,
+               "init_downstream": getattr(a, "init_downstream", None),
+               "teacher_downstream": getattr(a, "teacher_downstream", None)}
     cols = ["distillation", "seeds", "val. perplexity", "top-1 (masked)", "IIA", "cf. KL", "wall time (s)", "tokens/s"]
+    if a.downstream_steps > 0:
+        cols += ["downstream acc.", "downstream macro F1"]
     write_results(a.name, payload, rows, cols, title="Standard vs causal distillation (the paper's claim, small scale)",
                   notes=notes + f"\n\n![validation perplexity]({a.name}.png)")
     print((RESULTS / f"{a.name}.md").read_text())

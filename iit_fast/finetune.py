@@ -5,6 +5,7 @@ transformers' `Trainer`, and report validation metrics.
     iit-fast finetune --model runs/X/student --task seq --dataset glue:sst2 --max-steps 500
     iit-fast finetune --model runs/X/student --task token --train-file train.jsonl --validation-file dev.jsonl
     iit-fast finetune --model runs/X/student --task token --dataset conll2003
+    iit-fast finetune --model runs/X/student --task seq --source-task runs/source-task   # offline, built here
 
 Tasks:
 - `seq` (GLUE-style sequence classification, `AutoModelForSequenceClassification`): columns `text`, or a
@@ -21,6 +22,7 @@ Local files (always available): `.csv`, `.tsv`, `.json` / `.jsonl` (JSON lines).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -145,6 +147,72 @@ def prepare_token(train, val, tokenizer, max_length: int):
     return mk(train), mk(val), n, names
 
 
+# ---- an offline downstream task ------------------------------------------------------------------------
+
+# Five manuals of technical prose (all in the default corpus): which one a paragraph comes from is a
+# topic/register classification that needs more than surface cues (three of them are about Debian).
+SOURCE_TASK_CLASSES = ("python-docs", "debian-reference", "developers-reference", "maint-guide", "gnu-standards")
+
+
+def build_source_task(out_dir, per_class_train: int = 500, per_class_validation: int = 120, seed: int = 0,
+                      sources=None, progress: bool = True) -> tuple[Path, Path]:
+    """Write an offline sequence-classification task, ``out_dir/{train,validation}.jsonl`` (columns `text`,
+    `label` = the source's name): balanced samples of paragraphs of each of ``sources`` (default: the
+    default corpus's sources named in SOURCE_TASK_CLASSES), cleaned as the corpus is. Hub datasets (GLUE,
+    CoNLL) cannot be reached here; this one is built from the same Debian packages. The paragraphs are
+    also in the (unlabelled) distillation corpus, as pre-training text is for GLUE. Reused when
+    ``out_dir/task.json`` records the same parameters; written to a temporary folder and renamed."""
+    import random
+    import shutil
+
+    from .data import CLEANERS, DEFAULT_SOURCES, DEBIAN_PACKAGES, normalise
+    out_dir = Path(out_dir)
+    if sources is None:
+        sources = [s for s in DEFAULT_SOURCES if s.name in SOURCE_TASK_CLASSES]
+    params = {"sources": [s.name for s in sources], "per_class_train": per_class_train,
+              "per_class_validation": per_class_validation, "seed": seed}
+    train_path, val_path = out_dir / "train.jsonl", out_dir / "validation.jsonl"
+    meta_path = out_dir / "task.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("params") == params:
+        return train_path, val_path
+    if per_class_train < 1 or per_class_validation < 1:
+        raise ValueError(f"per_class_train and per_class_validation must be >= 1, got {per_class_train} and "
+                         f"{per_class_validation}")
+    rng = random.Random(seed)
+    rows = {"train": [], "validation": []}
+    counts = {}
+    for src in sources:
+        seen, pars = set(), []
+        for doc in src.read():
+            for par in CLEANERS[src.kind](doc):
+                key = normalise(par)
+                if key and key not in seen:
+                    seen.add(key)
+                    pars.append(par)
+        need = per_class_train + per_class_validation
+        if len(pars) < need:
+            raise ValueError(f"source task: source {src.name!r} has {len(pars)} paragraphs, expected at least "
+                             f"{need} (per_class_train + per_class_validation); is its Debian package installed? "
+                             f"(`bash setup.sh` as root installs '{DEBIAN_PACKAGES}')")
+        rng.shuffle(pars)
+        rows["validation"] += [{"text": t, "label": src.name} for t in pars[:per_class_validation]]
+        rows["train"] += [{"text": t, "label": src.name} for t in pars[per_class_validation:need]]
+        counts[src.name] = len(pars)
+        if progress:
+            print(f"[source-task] {src.name}: {len(pars):,d} paragraphs", flush=True)
+    for part in rows.values():
+        rng.shuffle(part)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for split, path in (("train", train_path), ("validation", val_path)):
+        (tmp / path.name).write_text("".join(json.dumps(r) + "\n" for r in rows[split]))
+    (tmp / "task.json").write_text(json.dumps({"params": params, "paragraphs_per_source": counts}, indent=1) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return train_path, val_path
+
+
 # ---- metrics -----------------------------------------------------------------------------------------
 
 def accuracy_macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> dict:
@@ -254,6 +322,9 @@ def add_arguments(p):
     p.add_argument("--train-file", default=None, help=".csv/.tsv/.json/.jsonl")
     p.add_argument("--validation-file", default=None)
     p.add_argument("--dataset", default=None, help="hub dataset name[:config], e.g. glue:sst2, conll2003")
+    p.add_argument("--source-task", default=None, metavar="DIR",
+                   help="the offline task (which of five Debian/Python manuals a paragraph comes from; task "
+                        "seq), built in DIR or reused from it")
     p.add_argument("--validation-split", default=None, help="hub split to evaluate on (default: validation)")
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
@@ -269,6 +340,11 @@ def add_arguments(p):
 
 
 def run(a) -> dict:
+    if a.source_task:
+        if a.train_file or a.validation_file or a.dataset or a.task != "seq":
+            raise ValueError("--source-task is a seq task and replaces --train-file/--validation-file/--dataset; "
+                             "give it alone with --task seq")
+        a.train_file, a.validation_file = build_source_task(a.source_task, progress=not a.no_progress)
     res = finetune(a.model, a.task, a.train_file, a.validation_file, a.dataset, output_dir=a.output_dir,
                    max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, max_length=a.max_length, seed=a.seed,
                    validation_split=a.validation_split, max_train_samples=a.max_train_samples,

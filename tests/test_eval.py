@@ -210,3 +210,34 @@ def test_finetune_sequence_and_token_classification(assets, tmp_path):
     assert 0 <= tok["accuracy"] <= 1 and 0 <= tok["macro_f1"] <= 1
     assert cli.main(["finetune", "--task", "token", "--train-file", str(tmp_path / "train.csv"),
                      "--validation-file", str(tmp_path / "dev.csv")] + base) == 2  # no tokens/tags columns
+
+
+def test_source_task_is_balanced_labelled_disjoint_and_reused(assets, tmp_path):
+    from iit_fast.data import Source
+    from iit_fast.finetune import build_source_task, finetune
+    rng = random.Random(3)
+    sources = []
+    for name, topic in (("pets", "cat dog"), ("homes", "house tree")):
+        f = tmp_path / f"{name}.txt"
+        pars = [f"The {topic} story number {i} is {' '.join(rng.choice(WORDS) for _ in range(9))}."
+                for i in range(14)]
+        f.write_text("\n\n".join(pars + pars[:2]))  # two duplicates, dropped
+        sources.append(Source(name, "text", globs=[str(f)]))
+    tr, va = build_source_task(tmp_path / "task", per_class_train=8, per_class_validation=4, sources=sources,
+                               progress=False)
+    train = [json.loads(l) for l in tr.read_text().splitlines()]
+    val = [json.loads(l) for l in va.read_text().splitlines()]
+    assert sorted(r["label"] for r in train) == ["homes"] * 8 + ["pets"] * 8
+    assert sorted(r["label"] for r in val) == ["homes"] * 4 + ["pets"] * 4
+    assert not {r["text"] for r in train} & {r["text"] for r in val}
+    assert all(("cat dog" in r["text"]) == (r["label"] == "pets") for r in train + val)
+    meta = json.loads((tmp_path / "task" / "task.json").read_text())
+    assert meta["paragraphs_per_source"] == {"pets": 14, "homes": 14}
+    mtime = tr.stat().st_mtime_ns
+    assert build_source_task(tmp_path / "task", per_class_train=8, per_class_validation=4, sources=sources,
+                             progress=False) == (tr, va) and tr.stat().st_mtime_ns == mtime  # reused
+    with pytest.raises(ValueError, match="'pets' has 14 paragraphs, expected at least 15"):
+        build_source_task(tmp_path / "task2", per_class_train=11, per_class_validation=4, sources=sources,
+                          progress=False)
+    res = finetune(str(assets["model"]), "seq", tr, va, max_steps=2, batch_size=8, max_length=32, progress=False)
+    assert res["num_labels"] == 2 and res["validation_examples"] == 8 and 0 <= res["accuracy"] <= 1
