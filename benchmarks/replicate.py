@@ -204,10 +204,13 @@ def downstream_note(a, infos, pairs) -> str:
 
 
 def plot(a, infos, path: Path):
+    """Left: each mode's validation perplexity during training (mean over seeds, band = min..max; the band
+    is mostly the seeds' different validation masks). Right: causal minus standard, paired by seed (same
+    data, masks and validation batches), which is what the comparison is about."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"standard": "tab:blue", "causal": "tab:red"}
     for mode in MODES:
         runs = [i for i in infos if i["mode"] == mode]
@@ -219,10 +222,19 @@ def plot(a, infos, path: Path):
         ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=colors[mode], alpha=0.2)
     tv = infos[0].get("teacher_val_perplexity")
     if tv:
-        ax.axhline(tv, color="gray", ls="--", label="teacher")
+        ax.axhline(tv, color="gray", ls="--", label="teacher (seed 0's validation batches)")
     ax.set_xlabel("optimizer step"), ax.set_ylabel("validation MLM perplexity (train.py's validation)")
     ax.set_yscale("log"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     ax.set_title(f"standard vs causal distillation, {a.student_layers}-layer student, {a.steps} steps", fontsize=10)
+    for seed in sorted({i["seed"] for i in infos}):
+        std = dict(next(i for i in infos if i["mode"] == "standard" and i["seed"] == seed)["val_curve"])
+        cau = dict(next(i for i in infos if i["mode"] == "causal" and i["seed"] == seed)["val_curve"])
+        steps = sorted(set(std) & set(cau))
+        dx.plot(steps, [cau[s] - std[s] for s in steps], marker=".", label=f"seed {seed}")
+    dx.axhline(0, color="gray", lw=1)
+    dx.set_xlabel("optimizer step"), dx.set_ylabel("causal - standard perplexity (same seed)")
+    dx.set_title("paired difference: below 0 = causal better", fontsize=10)
+    dx.grid(alpha=0.3), dx.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
 
@@ -295,7 +307,9 @@ def main(argv=None):
         f"counterfactual top-1 equals the teacher's; cf. KL: KL(teacher || student) at T = 1 on them (nats). "
         f"Mean ± sample standard deviation over seeds. Wall time: the whole train.py process (start-up, "
         f"validations, export included); tokens/s: median over steps of train.py's own count (real tokens).",
-        "Plot: train.py's validation perplexity during training (its masks are seeded by the run's seed).",
+        "Plot: train.py's validation perplexity during training (its masks are seeded by the run's seed, so "
+        "seeds differ in their validation batches; the two modes of one seed share them); right: causal minus "
+        "standard, paired by seed.",
         downstream_note(a, infos, pairs) if a.downstream_steps > 0 else "Downstream: not run (--downstream-steps 0).",
     ])
     payload = {"machine": machine(), "command": cmd.strip(), "args": {k: str(v) for k, v in vars(a).items()
