@@ -37,9 +37,11 @@ def _family(model: nn.Module) -> str:
         return "bert"
     if prefix == "roberta" and hasattr(model, "lm_head"):
         return "roberta"
+    if prefix == "distilbert" and hasattr(model, "vocab_projector"):
+        return "distilbert"
     raise TypeError(
-        f"model must be a BertForMaskedLM- or RobertaForMaskedLM-shaped model (an encoder with an MLM "
-        f"head), got {type(model).__name__}")
+        f"model must be a BertForMaskedLM-, RobertaForMaskedLM- or DistilBertForMaskedLM-shaped model (an "
+        f"encoder with an MLM head), got {type(model).__name__}")
 
 
 class DistillHeadLoss(nn.Module):
@@ -63,7 +65,7 @@ class DistillHeadLoss(nn.Module):
 
 
 class IntervenableMLM(nn.Module):
-    """Wraps a `BertForMaskedLM` (or RoBERTa) so passes can be cut, intervened on and resumed."""
+    """Wraps a `BertForMaskedLM` (or RoBERTa, DistilBERT) so passes can be cut, intervened on and resumed."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -74,12 +76,12 @@ class IntervenableMLM(nn.Module):
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
-    def base(self) -> nn.Module:  # the encoder (model.bert / model.roberta); a property, not a second registration
+    def base(self) -> nn.Module:  # the encoder (model.bert / .roberta / .distilbert); a property, not a second registration
         return getattr(self.model, self.model.base_model_prefix)
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.base.encoder.layer
+        return self.base.transformer.layer if self.family == "distilbert" else self.base.encoder.layer
 
     @property
     def config(self):
@@ -102,6 +104,8 @@ class IntervenableMLM(nn.Module):
     def head_transform(self) -> nn.Module:
         if self.family == "bert":
             return self.model.cls.predictions.transform
+        if self.family == "distilbert":
+            return _DistilBertTransform(self.model)
         return _RobertaTransform(self.model.lm_head)
 
     @property
@@ -117,10 +121,12 @@ class IntervenableMLM(nn.Module):
         return self.model.cls.predictions if self.family == "bert" else self.model.lm_head
 
     def _decoder(self) -> nn.Linear:
-        return self._head().decoder
+        return self.model.vocab_projector if self.family == "distilbert" else self._head().decoder
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (..., V): the HF head, as the naive step uses it."""
+        if self.family == "distilbert":  # its head is four attributes of the model, not one module
+            return self.model.vocab_projector(self.head_transform(last_hidden))
         return self._head()(last_hidden)
 
     def attach_site_projection(self, teacher_hidden: int) -> nn.Linear:
@@ -136,6 +142,8 @@ class IntervenableMLM(nn.Module):
                                          attention_mask=attention_mask)
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.family == "distilbert":  # no segment embeddings
+            return self.base.embeddings(input_ids=input_ids)  # (B, S, D)
         return self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, S, D)
 
     def forward(
@@ -199,6 +207,16 @@ class _RobertaTransform(nn.Module):
         return self.lm_head.layer_norm(gelu(self.lm_head.dense(x)))
 
 
+class _DistilBertTransform(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        m = self.model
+        return m.vocab_layer_norm(m.activation(m.vocab_transform(x)))
+
+
 def _check_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -220,13 +238,13 @@ def student_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
 
 def init_student_from_teacher(teacher: nn.Module, student_layers: int) -> nn.Module:
     """A student of the same family and width: the teacher's embeddings, MLM head and a layer subset."""
-    _family(teacher)
     layers = student_layer_map(teacher.config.num_hidden_layers, student_layers)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = student_layers
     student = type(teacher)(config)
     state = teacher.state_dict()
-    prefix = teacher.base_model_prefix + ".encoder.layer."
+    stack = "transformer" if _family(teacher) == "distilbert" else "encoder"
+    prefix = f"{teacher.base_model_prefix}.{stack}.layer."
     new_state = {}
     for k, v in state.items():
         if k.startswith(prefix):
@@ -236,7 +254,7 @@ def init_student_from_teacher(teacher: nn.Module, student_layers: int) -> nn.Mod
         else:
             new_state[k] = v.clone()
     missing, unexpected = student.load_state_dict(new_state, strict=False)
-    missing = [k for k in missing if "decoder.weight" not in k]  # tied to the word embeddings
+    missing = [k for k in missing if not k.endswith(("decoder.weight", "vocab_projector.weight"))]  # tied
     if missing or unexpected:
         raise RuntimeError(f"student init from teacher: missing {missing}, unexpected {unexpected}")
     student.tie_weights()

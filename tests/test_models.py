@@ -1,11 +1,10 @@
 """The intervenable wrapper equals HF's own forward, resumes exactly, and intervenes where told."""
 import pytest
 import torch
-from transformers import RobertaConfig, RobertaForMaskedLM
 
 from iit_fast.models import IntervenableMLM, init_student_from_teacher, student_layer_map
 from iit_fast.ops.reference import interchange_reference
-from tiny import tiny_batch, tiny_bert
+from tiny import TINY, tiny_batch, tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -81,21 +80,37 @@ def test_intervention_in_the_middle_changes_downstream(bert):
     assert ((cf - plain).abs().amax(-1) > 1e-6)[real].all()
 
 
-def test_roberta_equals_hf():
-    cfg = RobertaConfig(vocab_size=61, hidden_size=24, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pad_token_id=1)
-    torch.manual_seed(0)
-    model = IntervenableMLM(RobertaForMaskedLM(cfg).eval())
-    b = tiny_batch((7, 4), vocab=61)
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_other_families_equal_hf(family):
+    """RoBERTa and DistilBERT: forward, every site, the split head and resuming equal HF's own forward."""
+    model = IntervenableMLM(TINY[family](layers=3, hidden=24, vocab=61, seed=2))
+    b = tiny_batch((7, 4, 6), vocab=61)
+    am, real = b["attention_mask"], b["attention_mask"].bool()
     with torch.no_grad():
-        ref = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        out = model(b["input_ids"], b["attention_mask"])
-    real = b["attention_mask"].bool()
+        ref = model.model(input_ids=b["input_ids"], attention_mask=am, output_hidden_states=True)
+        out = model(b["input_ids"], am, keep=(0, 1, 2))
+        resumed = model(None, am, resume_from=2, states=out.sites[1]).last_hidden
+    assert model.family == family and model.num_layers == 3 and model.hidden_size == 24
     torch.testing.assert_close(model.logits(out.last_hidden)[real], ref.logits[real], rtol=1e-5, atol=1e-5)
+    for l in range(3):
+        torch.testing.assert_close(out.sites[l][real], ref.hidden_states[l + 1][real], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(resumed, out.last_hidden, rtol=0, atol=1e-6)
     hs = model.head_transform(out.last_hidden)
     torch.testing.assert_close((hs @ model.decoder_weight.t() + model.decoder_bias)[real], ref.logits[real],
                                rtol=1e-5, atol=1e-5)
+    # the student: the teacher's embeddings, head and an even layer subset, the decoder still tied
+    student = IntervenableMLM(init_student_from_teacher(model.model, 2))
+    assert student.num_layers == 2 and student.family == family
+    for s_idx, t_idx in enumerate(student_layer_map(3, 2)):
+        for p1, p2 in zip(student.blocks[s_idx].parameters(), model.blocks[t_idx].parameters()):
+            assert torch.equal(p1, p2)
+    assert student.decoder_weight is student.base.embeddings.word_embeddings.weight
+    assert torch.equal(student.decoder_bias, model.decoder_bias)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(TypeError, match="BertForMaskedLM-, RobertaForMaskedLM- or DistilBertForMaskedLM"):
+        IntervenableMLM(torch.nn.Linear(2, 2))
 
 
 def test_head_split_equals_hf_head(bert):

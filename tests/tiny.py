@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig,
+                          RobertaForMaskedLM)
 
 from iit_fast.models import IntervenableMLM, init_student_from_teacher
+
+
+def _jitter_(model):
+    # random, non-trivial biases and LayerNorms so the tests see all the parameters at work
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
 
 
 def tiny_bert(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 97, seed: int = 0,
@@ -13,17 +23,32 @@ def tiny_bert(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 97
     cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      intermediate_size=2 * hidden, max_position_embeddings=max_pos,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
-    model = BertForMaskedLM(cfg).eval()
-    # random, non-trivial head bias and LayerNorm so the tests see all the parameters at work
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return _jitter_(BertForMaskedLM(cfg).eval())
 
 
-def tiny_pair(teacher_layers=4, student_layers=2, hidden=32, vocab=97, seed=0):
-    teacher = tiny_bert(teacher_layers, hidden, vocab=vocab, seed=seed)
+def tiny_roberta(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 97, seed: int = 0,
+                 max_pos: int = 64) -> RobertaForMaskedLM:
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, max_position_embeddings=max_pos + 2, pad_token_id=1,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    return _jitter_(RobertaForMaskedLM(cfg).eval())
+
+
+def tiny_distilbert(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 97, seed: int = 0,
+                    max_pos: int = 64) -> DistilBertForMaskedLM:
+    torch.manual_seed(seed)
+    cfg = DistilBertConfig(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=2 * hidden,
+                           max_position_embeddings=max_pos, dropout=0.0, attention_dropout=0.0,
+                           attn_implementation="eager")
+    return _jitter_(DistilBertForMaskedLM(cfg).eval())
+
+
+TINY = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert}
+
+
+def tiny_pair(teacher_layers=4, student_layers=2, hidden=32, vocab=97, seed=0, family="bert"):
+    teacher = TINY[family](teacher_layers, hidden, vocab=vocab, seed=seed)
     student = init_student_from_teacher(teacher, student_layers)
     with torch.no_grad():  # make the student differ from a copy, so every loss is non-zero
         for p in student.parameters():
