@@ -286,6 +286,22 @@ DEFAULT_SOURCES = [
 ]
 
 
+def publish_folder(tmp: Path, final: Path, replace: bool) -> None:
+    """Move the finished folder ``tmp`` to ``final`` with one rename, so a folder that exists is complete.
+    With ``replace=False`` a ``final`` that exists already (another rank or a concurrent run built the same
+    thing first) is kept and ``tmp`` dropped: removing it could pull files from under a process that is
+    reading it. With ``replace=True`` an old ``final`` is removed first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if replace:
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        tmp.rename(final)
+    except OSError:  # final exists (not empty): someone else published first
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _hash(par_key: str) -> int:
     return int.from_bytes(hashlib.sha1(par_key.encode()).digest()[:8], "little")
 
@@ -355,9 +371,7 @@ def build_corpus(sources: Sequence[Source], out_dir: Path, progress: bool = True
     for split, pars in splits.items():
         (tmp / f"{split}.txt").write_text("".join(p + "\n" for p in pars), encoding="utf-8")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out_dir)
+    publish_folder(tmp, out_dir, replace=not (out_dir / "manifest.json").is_file())
     if progress:
         print(f"[corpus] {out_dir}: train {manifest['train']['paragraphs']:,d} paragraphs "
               f"{manifest['train']['words']:,d} words, validation {manifest['validation']['paragraphs']:,d} "
@@ -607,8 +621,7 @@ def tokenize_corpus(dataset_dict, tokenizer, max_length: int = 128, num_proc: in
     dd = datasets.DatasetDict(out)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     dd.save_to_disk(str(tmp))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    publish_folder(tmp, folder, replace=not (folder / "dataset_dict.json").is_file())
     return datasets.load_from_disk(str(folder))
 
 

