@@ -238,12 +238,12 @@ def student_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
 
 def init_student_from_teacher(teacher: nn.Module, student_layers: int) -> nn.Module:
     """A student of the same family and width: the teacher's embeddings, MLM head and a layer subset."""
+    stack = "transformer" if _family(teacher) == "distilbert" else "encoder"  # also: a clear error first
     layers = student_layer_map(teacher.config.num_hidden_layers, student_layers)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = student_layers
     student = type(teacher)(config)
     state = teacher.state_dict()
-    stack = "transformer" if _family(teacher) == "distilbert" else "encoder"
     prefix = f"{teacher.base_model_prefix}.{stack}.layer."
     new_state = {}
     for k, v in state.items():
