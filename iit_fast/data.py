@@ -266,6 +266,15 @@ class Source:
             data = gzip.open(f, "rb").read() if f.suffix == ".gz" else f.read_bytes()
             yield data.decode("utf-8", errors="replace")
 
+    def paragraphs(self) -> Iterator[tuple[str, str]]:
+        """(key, paragraph) for each cleaned prose paragraph; key = ``normalise(paragraph)``, never empty."""
+        cleaner = CLEANERS[self.kind]
+        for doc in self.read():
+            for par in cleaner(doc):
+                key = normalise(par)
+                if key:
+                    yield key, par
+
 
 DEFAULT_SOURCES = [
     Source("python-docs", "rst", "python3-doc", ["/usr/share/doc/python3*/html/_sources/**/*.rst.txt"],
@@ -326,24 +335,19 @@ def build_corpus(sources: Sequence[Source], out_dir: Path, progress: bool = True
     splits: dict[str, list[str]] = {"train": [], "validation": []}
     manifest: dict = {"version": CORPUS_VERSION, "validation_per_mille": VALIDATION_PER_MILLE, "sources": {}}
     for src in sources:
-        cleaner = CLEANERS[src.kind]
         n_par = n_words = n_dup = 0
         words = {"train": 0, "validation": 0}
-        for doc in src.read():
-            for par in cleaner(doc):
-                key = normalise(par)
-                if not key:
-                    continue
-                if key in seen:
-                    n_dup += 1
-                    continue
-                seen.add(key)
-                split = _split_of(key)
-                splits[split].append(par)
-                n_par += 1
-                w = len(par.split())
-                n_words += w
-                words[split] += w
+        for key, par in src.paragraphs():
+            if key in seen:
+                n_dup += 1
+                continue
+            seen.add(key)
+            split = _split_of(key)
+            splits[split].append(par)
+            n_par += 1
+            w = len(par.split())
+            n_words += w
+            words[split] += w
         manifest["sources"][src.name] = {"package": src.package, "description": src.description,
                                          "paragraphs": n_par, "words": n_words, "duplicates_dropped": n_dup,
                                          "train_words": words["train"], "validation_words": words["validation"]}

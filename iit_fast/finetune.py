@@ -166,7 +166,7 @@ def build_source_task(out_dir, per_class_train: int = 500, per_class_validation:
     import random
     import shutil
 
-    from .data import CLEANERS, DEFAULT_SOURCES, DEBIAN_PACKAGES, normalise, publish_folder
+    from .data import DEFAULT_SOURCES, DEBIAN_PACKAGES, publish_folder
     out_dir = Path(out_dir)
     if sources is None:
         sources = [s for s in DEFAULT_SOURCES if s.name in SOURCE_TASK_CLASSES]
@@ -184,12 +184,10 @@ def build_source_task(out_dir, per_class_train: int = 500, per_class_validation:
     counts = {}
     for src in sources:
         seen, pars = set(), []
-        for doc in src.read():
-            for par in CLEANERS[src.kind](doc):
-                key = normalise(par)
-                if key and key not in seen:
-                    seen.add(key)
-                    pars.append(par)
+        for key, par in src.paragraphs():
+            if key not in seen:
+                seen.add(key)
+                pars.append(par)
         need = per_class_train + per_class_validation
         if len(pars) < need:
             raise ValueError(f"source task: source {src.name!r} has {len(pars)} paragraphs, expected at least "
