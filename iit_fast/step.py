@@ -20,6 +20,20 @@ with grad; the source batch is the base batch permuted by `pi`.
  5. one backward, by the caller.
 
 **standard** is the fast step without the IIT terms: the distillation baseline.
+
+The loss terms (DESIGN.md section 1). "tokens" are the real tokens of the base; every mean is over the
+tokens that count, in fp32 or wider, and 0 (not NaN) when none counts. Their formulas live once, in
+`ops/reference.py` (what the naive step calls); the fast step computes the same terms with the fused ops,
+and `tests/test_step.py` holds the two equal.
+
+| term      | formula                                              | default weight |
+|-----------|------------------------------------------------------|----------------|
+| `ce`      | T^2 * KL(softmax(z_t/T) || softmax(z_s/T))           | 0.25 |
+| `mlm`     | cross-entropy of z_s on the MLM targets              | 0.25 |
+| `cos`     | 1 - cos(h_s, h_t), last hidden states                | 0.25 |
+| `iit`     | T^2 * KL(softmax(z~_t/T) || softmax(z~_s/T))         | 0.25 |
+| `iit_cos` | 1 - cos(h~_s, h~_t)                                  | 0    |
+| `mse`     | hidden-state MSE at the aligned sites                | 0    |
 """
 from __future__ import annotations
 
@@ -29,11 +43,13 @@ from functools import partial
 
 import torch
 
+from torch import nn
+
 from . import ops
 from .config import DistillConfig
-from .losses import ce_loss, cos_loss, iit_loss, mlm_loss, mse_loss, weighted_total
 from .models import IntervenableMLM
-from .ops.reference import interchange_reference
+from .ops.reference import (hidden_loss_reference, interchange_reference, kd_loss_reference,
+                            mlm_loss_reference)
 from .sampling import InterventionPlan, check_plan
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,22 +59,62 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class StepOutput:
     loss: torch.Tensor               # scalar, carries the graph of the student
     terms: dict[str, torch.Tensor]   # each computed term, detached, fp32
-    tokens: int                      # real tokens of the base batch
+    tokens: torch.Tensor             # real tokens of the base batch (a 0-dim tensor: no host sync)
 
 
 def distill_step(teacher: IntervenableMLM, student: IntervenableMLM, batch: dict,
-                 plan: InterventionPlan | None, cfg: DistillConfig) -> StepOutput:
-    check_pair(teacher, student, cfg)
+                 plan: InterventionPlan | None, cfg: DistillConfig, *, check: bool = True) -> StepOutput:
+    """The step's losses (`loss` carries the student's graph). `check=False` skips the plan check, for a
+    caller that checked it already (`sample_plan` checks on the CPU: no device sync in the loop)."""
     needs_plan = cfg.uses_iit or cfg.w_mse > 0
-    if needs_plan:
-        if plan is None:
-            raise ValueError(f"mode {cfg.mode!r} with these weights needs an InterventionPlan (sample_plan)")
-        check_plan(plan, batch["attention_mask"], (teacher.hidden_size, student.hidden_size))
+    if check:
+        check_pair(teacher, student, cfg)
+        if needs_plan:
+            if plan is None:
+                raise ValueError(f"mode {cfg.mode!r} with these weights needs an InterventionPlan (sample_plan)")
+            check_plan(plan, batch["attention_mask"], (teacher.hidden_size, student.hidden_size))
     step = naive_step if cfg.mode == "naive" else fast_step
     terms = step(teacher, student, batch, plan, cfg)
     loss = weighted_total(terms, cfg)
     return StepOutput(loss, {k: v.detach().float() for k, v in terms.items()},
-                      int(batch["attention_mask"].sum()))
+                      batch["attention_mask"].sum())
+
+
+class DistillStep(nn.Module):
+    """The step as a module, so that a DeepSpeed engine can wrap it: `engine(batch, plan)` runs the
+    engine's forward (ZeRO-3's micro-step bookkeeping and parameter hooks), then `engine.backward(loss)`.
+
+    The student is the only submodule (what DeepSpeed trains and shards); the teacher is held outside
+    the module tree, frozen: DeepSpeed never sees its parameters (a ZeRO-3 sharded teacher is its own
+    engine, see train.prepare_teacher).
+    """
+
+    def __init__(self, teacher: IntervenableMLM, student: IntervenableMLM, cfg: DistillConfig):
+        super().__init__()
+        self.student = student
+        self._teacher = [teacher]  # a list: not registered as a submodule
+        self.cfg = cfg
+
+    @property
+    def teacher(self) -> IntervenableMLM:
+        return self._teacher[0]
+
+    def forward(self, batch: dict, plan: InterventionPlan | None):
+        """(loss, terms): `loss` a scalar with the student's graph; `terms` {name: detached fp32 scalar}."""
+        out = distill_step(self.teacher, self.student, batch, plan, self.cfg, check=False)
+        return out.loss, out.terms
+
+
+def weighted_total(terms: dict[str, torch.Tensor], cfg: DistillConfig) -> torch.Tensor:
+    """sum_t w_t * term_t over the terms that were computed."""
+    total = None
+    for name, value in terms.items():
+        w = getattr(cfg, f"w_{name}")
+        if w:
+            total = w * value if total is None else total + w * value
+    if total is None:
+        raise ValueError("every loss weight is 0: nothing to train")
+    return total
 
 
 def check_pair(teacher: IntervenableMLM, student: IntervenableMLM, cfg: DistillConfig):
@@ -97,7 +153,7 @@ def _site_mse(student: IntervenableMLM, s_site: torch.Tensor, t_site: torch.Tens
     if student.site_projection is not None:
         s_site = student.site_projection(s_site)
     if impl is None:
-        return mse_loss(s_site, t_site, tokens)
+        return hidden_loss_reference(s_site, t_site, tokens, "mse")
     return ops.hidden_loss(s_site, t_site.to(s_site.dtype), tokens, "mse", impl=impl)
 
 
@@ -117,6 +173,25 @@ def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.T
     hs = student.head_transform(h_s)                                              # (N, Ds)
     return student.lm_loss(hs, ht, teacher.decoder_weight, teacher.decoder_bias, labels, None,
                            cfg.temperature, impl=_impl(cfg), chunk_size=cfg.head_chunk)
+
+
+def counterfactual_last_hidden(model: IntervenableMLM, sites: dict[int, torch.Tensor], attention_mask: torch.Tensor,
+                               layers: tuple[int, ...], plan: InterventionPlan, impl: str = "auto",
+                               swapped: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states (B, S, D) of the counterfactual pass, resumed from the site.
+
+    `sites` are the plain pass's states at every block of `layers` (a teacher group, or one student
+    block). Row i's span at the site of `layers[0]` takes row plan.pi[i]'s span (`ops.interchange`, or
+    `swapped` when the caller built it already, e.g. fused with a loss), the pass resumes from the next
+    block, and after each later block of the group the span is swapped again from that block's plain
+    states: the blocks below the site never run twice.
+    """
+    a0 = layers[0]
+    if swapped is None:
+        swapped = ops.interchange(sites[a0], plan.pi, plan.base_start, plan.source_start, plan.span_len,
+                                  plan.dims, impl=impl)                                      # (B, S, D)
+    later = {l: partial(_swap_from, source=sites[l], pairing=plan.pi, plan=plan) for l in layers[1:]}
+    return model(None, attention_mask, resume_from=a0 + 1, states=swapped, interventions=later).last_hidden
 
 
 def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, torch.Tensor]:
@@ -151,12 +226,7 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
 
     # 3. counterfactual: swap at the site, resume from the block after it
     with torch.no_grad():
-        a0 = group[0]
-        cf_t = ops.interchange(t.sites[a0], plan.pi, plan.base_start, plan.source_start, plan.span_len,
-                               plan.dims, impl=impl)                                       # (B, S, Dt)
-        # a teacher group: swap again after each later block of the group, from the source's plain states
-        later = {l: partial(_swap_from, source=t.sites[l], pairing=plan.pi, plan=plan) for l in group[1:]}
-        h_cf_t = teacher(None, am, resume_from=a0 + 1, states=cf_t, interventions=later).last_hidden
+        h_cf_t = counterfactual_last_hidden(teacher, t.sites, am, group, plan, impl)       # (B, S, Dt)
     with _autocast(cfg, ids.device):
         site = s.sites[s_l]                                                                # (B, S, Ds)
         t_site = t.sites[group[-1]]
@@ -168,9 +238,8 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
         else:
             if cfg.w_mse:
                 terms["mse"] = _site_mse(student, site, t_site, tokens, impl)
-            cf_s = ops.interchange(site, plan.pi, plan.base_start, plan.source_start, plan.span_len,
-                                   plan.dims, impl=impl)
-        h_cf_s = student(None, am, resume_from=s_l + 1, states=cf_s).last_hidden
+            cf_s = None
+        h_cf_s = counterfactual_last_hidden(student, s.sites, am, (s_l,), plan, impl, swapped=cf_s)
 
     if cfg.w_iit:
         terms["iit"], _ = head_losses(teacher, student, h_cf_s[kd], h_cf_t[kd], None, cfg)
@@ -225,14 +294,14 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
 
     terms = {}
     if cfg.w_ce or cfg.w_mlm:
-        terms["ce"] = ce_loss(z_s, z_t, kd_mask, cfg.temperature)
-        terms["mlm"] = mlm_loss(z_s, kd_labels)
+        terms["ce"] = kd_loss_reference(z_s, z_t, kd_mask, cfg.temperature)
+        terms["mlm"] = mlm_loss_reference(z_s, kd_labels)
     if cfg.w_cos:
-        terms["cos"] = cos_loss(s_base.last_hidden, t_base.last_hidden, tokens)
+        terms["cos"] = hidden_loss_reference(s_base.last_hidden, t_base.last_hidden, tokens, "cos")
     if cfg.w_mse:
         terms["mse"] = _site_mse(student, s_base.sites[s_l], t_base.sites[group[-1]], tokens)
     if iit and cfg.w_iit:
-        terms["iit"] = iit_loss(z_cf_s, z_cf_t, kd_mask, cfg.temperature)
+        terms["iit"] = kd_loss_reference(z_cf_s, z_cf_t, kd_mask, cfg.temperature)
     if iit and cfg.w_iit_cos:
-        terms["iit_cos"] = cos_loss(s_cf.last_hidden, t_cf.last_hidden, tokens)
+        terms["iit_cos"] = hidden_loss_reference(s_cf.last_hidden, t_cf.last_hidden, tokens, "cos")
     return terms
