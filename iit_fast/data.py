@@ -1,553 +1,45 @@
-"""Corpus, tokenization and MLM batches.
+"""Tokenization and batches: corpus text -> token sequences -> training and validation batches.
 
-The default corpus is built offline from English text that Debian packages ship (``DEBIAN_PACKAGES``;
-``setup.sh`` installs them as root): the Python documentation sources, the Debian reference, the Debian
-developers' reference, the Debian new maintainers' guide, the GNU coding standards (modern technical
-prose, the bulk), the fortune cookie files and the King James New Testament. Each source is extracted, cleaned
-into plain paragraphs (markup, code, tables, line numbers and headers removed), deduplicated, and split
-train/validation by a hash of the paragraph, so the split depends on nothing but the text.
+Two kinds of data, one per model kind:
+- ``"masked"`` (BERT, RoBERTa, DistilBERT): paragraphs packed into ``cls p1 sep p2 sep ...`` of at most
+  ``max_length`` tokens, with the tokenizer's own cls/sep ids; batches masked 80/10/10 by transformers'
+  ``DataCollatorForLanguageModeling``.
+- ``"causal"`` (GPT-2, Llama-family): documents streamed into sequences of exactly ``max_length`` tokens
+  with EOS after every document (only the last sequence of a split is shorter); labels are the input ids
+  (-100 at padding); the shift happens in the loss.
 
-    python -m iit_fast.data build                 # the default corpus, cached in $IIT_FAST_CACHE
-    python -m iit_fast.data build --corpus DIR    # any corpus: summary + tokenization check
+Training batches come from a torch ``DataLoader`` (``build_train_loader``) over a distributed,
+length-grouped, resumable batch sampler: a batch, and the masks in it, are a pure function of
+(seed, epoch, batch index, rank), whatever the number of workers, so a resumed run sees exactly the
+batches of an uninterrupted one. Validation rows and their masks are fixed per row
+(``validation_batches``), so a validation figure does not depend on the batch size, accumulation or
+world size.
 
-Any other corpus goes through ``load_corpus``: local .txt/.jsonl/.json/.parquet files (a file, a list or
-a directory), or a Hugging Face dataset name ``name[:config]`` when the hub is reachable.
-
-Batches (``MLMBatches``) are right-padded to the longest row (a multiple of 8), grouped by length, masked
-80/10/10, and exactly reproducible from ``(seed, epoch, batch index, rank)``, so a resumed run sees the
-same batches as an uninterrupted one.
+The corpus itself (Debian text, ``load_corpus``) lives in ``iit_fast.corpus``.
 """
 from __future__ import annotations
 
-import argparse
-import glob
-import gzip
 import hashlib
 import json
 import os
-import re
-import shutil
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
+from transformers import DataCollatorForLanguageModeling
 
-DEFAULT_CACHE = Path(os.environ.get("IIT_FAST_CACHE", "~/.cache/iit_fast")).expanduser()
-# setup.sh reads this line (apt-get install as root); keep it one plain string.
-DEBIAN_PACKAGES = "python3-doc debian-reference-en developers-reference maint-guide gnu-standards fortunes bible-kjv"
-CORPUS_VERSION = 2  # bump when the cleaning changes: the cached corpus is rebuilt under a new name
-VALIDATION_PER_MILLE = 20  # 2% of the paragraphs
-MIN_WORDS = 8
+from .cache import DEFAULT_CACHE, publish_folder
+# Re-exported while callers move to iit_fast.corpus / iit_fast.cache (see the report of the data split).
+from .corpus import DEBIAN_PACKAGES, DEFAULT_SOURCES, Source, load_corpus  # noqa: F401
 
+KINDS = ("masked", "causal")
 
-# ---------------------------------------------------------------------------------------------------------
-# Cleaning: raw text of one source -> prose paragraphs
-# ---------------------------------------------------------------------------------------------------------
 
-_WS = re.compile(r"\s+")
-_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*[A-Za-z]|[A-Za-z]")
-
-
-def _is_prose(par: str, min_words: int = MIN_WORDS) -> bool:
-    """Heuristic: enough words, mostly letters, mostly dictionary-shaped words, ends like a sentence."""
-    words = par.split()
-    if len(words) < min_words:
-        return False
-    chars = [c for c in par if not c.isspace()]
-    if sum(c.isalpha() for c in chars) < 0.75 * len(chars):
-        return False
-    if sum(bool(_WORD.fullmatch(w.strip(".,;:!?()\"'"))) for w in words) < 0.7 * len(words):
-        return False
-    return par[-1] in ".!?:;)\"'”’"
-
-
-def normalise(par: str) -> str:
-    """Key for deduplication and the split: lower case, letters and digits only, single spaces."""
-    return _WS.sub(" ", re.sub(r"[^0-9a-z]+", " ", par.lower())).strip()
-
-
-def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
-    """Blank-line separated blocks, each joined into one line with single spaces."""
-    block: list[str] = []
-    for line in lines:
-        if line.strip():
-            block.append(line.strip())
-        elif block:
-            yield _WS.sub(" ", " ".join(block))
-            block = []
-    if block:
-        yield _WS.sub(" ", " ".join(block))
-
-
-# reStructuredText (Sphinx sources): directives whose body is code/markup, not prose
-_RST_SKIP_BODY = {"code-block", "sourcecode", "code", "literalinclude", "index", "toctree", "productionlist",
-                  "highlight", "testcode", "testsetup", "testcleanup", "doctest", "testoutput", "csv-table",
-                  "table", "list-table", "image", "figure", "raw", "math", "only", "include", "tabularcolumns",
-                  "opcode", "cmdoption", "option", "envvar", "program", "module", "currentmodule",
-                  "sectionauthor", "moduleauthor", "audit-event", "availability", "c:macro", "c:type",
-                  "c:var", "glossary", "rubric", "cssclass", "contents", "sidebar"}
-_RST_UNDERLINE = re.compile(r"^([=\-~^*#+`'\".:_])\1{2,}\s*$")
-_RST_DIRECTIVE = re.compile(r"^\.\.\s+([\w:\-]+)::")
-_RST_ROLE = re.compile(r":[\w:\-]+:`([^`]*)`")
-_RST_REF = re.compile(r"`([^`<]*?)\s*<[^>]*>`_{1,2}")
-_RST_LIT = re.compile(r"``([^`]*)``")
-_RST_INTERP = re.compile(r"`([^`]*)`_{0,2}")
-
-
-def _rst_inline(text: str) -> str:
-    def role(m):
-        inner = m.group(1)
-        inner = re.sub(r"\s*<[^>]*>$", "", inner)  # :ref:`text <target>` -> text
-        return inner.lstrip("~!")
-    text = _RST_ROLE.sub(role, text)
-    text = _RST_REF.sub(r"\1", text)
-    text = _RST_LIT.sub(r"\1", text)
-    text = _RST_INTERP.sub(r"\1", text)
-    text = re.sub(r"\*\*([^*]+)\*\*", r"\1", text)
-    text = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?!\w)", r"\1", text)
-    text = re.sub(r"\|(\w[\w\- ]*)\|", r"\1", text)
-    text = re.sub(r"\s*\[#\w*\]_", "", text)  # footnote references
-    text = text.replace("\\ ", "").replace("\\", "")  # reST escapes
-    return text
-
-
-def clean_rst(text: str) -> list[str]:
-    """Sphinx/reST source -> prose paragraphs: no directives with code bodies, literal blocks, doctests,
-    tables, titles, field lists, comments; inline roles reduced to their text."""
-    out: list[str] = []
-    skip_indent: int | None = None  # skipping lines indented more than this
-    pending_literal = False  # the previous paragraph ended with '::'
-    for raw in text.splitlines():
-        line = raw.rstrip()
-        indent = len(line) - len(line.lstrip())
-        if skip_indent is not None:
-            if not line.strip() or indent > skip_indent:
-                continue
-            skip_indent = None
-        if not line.strip():
-            out.append("")
-            continue
-        if pending_literal and indent > 0 and out and not out[-1].strip():
-            # the literal block after 'text::' starts indented after a blank line
-            skip_indent = indent - 1
-            pending_literal = False
-            continue
-        stripped = line.strip()
-        m = _RST_DIRECTIVE.match(stripped)
-        if m:
-            name = m.group(1).split(":")[-1] if m.group(1).startswith(("py:", "c:", "std:")) else m.group(1)
-            if name in _RST_SKIP_BODY or m.group(1) in _RST_SKIP_BODY:
-                skip_indent = indent
-            out.append("")  # the signature/argument line itself is never prose
-            pending_literal = False
-            continue
-        if stripped.startswith(".. ") or stripped == "..":  # comments, targets, substitutions
-            skip_indent = indent
-            out.append("")
-            continue
-        if stripped == "::":
-            pending_literal = True
-            out.append("")
-            continue
-        if (_RST_UNDERLINE.match(stripped) or stripped.startswith((">>>", "... ", "+-", "|", "$ "))
-                or re.match(r"^=+(\s+=+)+$", stripped) or re.match(r"^:[\w\- ]+:(\s|$)", stripped)):
-            if _RST_UNDERLINE.match(stripped) and out and out[-1].strip():
-                out[-1] = ""  # the title above an underline
-            out.append("")
-            continue
-        if re.match(r"^([*\-+•]|#\.|\d+\.|\(?[a-z]\))\s+", stripped):  # a list item starts a paragraph
-            out.append("")
-            stripped = re.sub(r"^([*\-+•]|#\.|\d+\.|\(?[a-z]\))\s+", "", stripped)
-        pending_literal = stripped.endswith("::")
-        if pending_literal:
-            stripped = stripped[:-1] if not stripped.endswith(" ::") else stripped[:-3]
-        out.append(stripped)
-    # inline markup often spans lines (:ref:`text\n<target>`): reduce it on the joined paragraph
-    return [p for p in (_WS.sub(" ", _rst_inline(q)).strip() for q in _paragraphs(out)) if _is_prose(p)]
-
-
-def clean_text(text: str) -> list[str]:
-    """Plain-text manuals (Debian reference, GNU standards...): no tables, no tables of contents, no code
-    or shell lines, no footnote marks, no page headers; paragraphs that read as prose only."""
-    out: list[str] = []
-    for raw in text.splitlines():
-        s = raw.strip()
-        if (not s or s.startswith(("|", "+-", "$ ", "# ", "* Menu", "File:", "Node:", "\x1f"))
-                or re.match(r"^\d+(\.\d+)*\.?\s+\S", s) and len(s.split()) < 12  # numbered titles, TOC lines
-                or re.match(r"^\[\d+\]", s)  # footnote bodies / link lists
-                or re.fullmatch(r"[=\-~_*.]{3,}", s)):
-            out.append("")
-            continue
-        s = re.sub(r"\^\[\d+\]", "", s)  # footnote marks
-        s = re.sub(r"^(\*|\+|-|o|•)\s+", "", s)
-        out.append(s)
-    return [p for p in _paragraphs(out) if _is_prose(p)]
-
-
-def clean_fortunes(text: str) -> list[str]:
-    """fortune(6) files: cookies separated by '%' lines; attributions ('-- Someone') dropped."""
-    pars = []
-    for cookie in re.split(r"^%\s*$", text, flags=re.M):
-        lines = [l for l in cookie.splitlines() if not re.match(r"^\s*(--|―|—)\s*\S", l)]
-        par = _WS.sub(" ", " ".join(l.strip() for l in lines)).strip()
-        if _is_prose(par):
-            pars.append(par)
-    return pars
-
-
-_VERSE = re.compile(r"^(\d?[A-Z][a-z]*)(\d+):(\d+)\s+(.*)$")
-
-
-def clean_kjv(text: str, verses_per_paragraph: int = 5) -> list[str]:
-    """`bible -f` output ('Ge1:1 In the beginning ...'): verse references removed, the verses of a
-    chapter grouped into paragraphs of a few verses."""
-    pars, cur, key = [], [], None
-    for line in text.splitlines():
-        m = _VERSE.match(line.strip())
-        if m:
-            chapter = (m.group(1), m.group(2))
-            if cur and (chapter != key or len(cur) >= verses_per_paragraph):
-                pars.append(" ".join(cur))
-                cur = []
-            key = chapter
-            cur.append(m.group(4).strip())
-        elif line.strip() and cur:  # a wrapped verse
-            cur[-1] += " " + line.strip()
-    if cur:
-        pars.append(" ".join(cur))
-    return [_WS.sub(" ", p) for p in pars if _is_prose(p)]
-
-
-def clean_plain(text: str) -> list[str]:
-    """A user's .txt file: blank-line separated paragraphs (a one-paragraph-per-line file works too when
-    its lines are long); whitespace collapsed, nothing else assumed."""
-    if "\n\n" not in text:
-        return [_WS.sub(" ", l).strip() for l in text.splitlines() if l.strip()]
-    return [p for p in _paragraphs(text.splitlines())]
-
-
-CLEANERS = {"rst": clean_rst, "text": clean_text, "fortunes": clean_fortunes, "kjv": clean_kjv,
-            "plain": clean_plain}
-
-
-@dataclass
-class Source:
-    """One part of a corpus: a name, how to clean it, and where its text is (file globs, or a command
-    whose output is the text)."""
-    name: str
-    kind: str  # a key of CLEANERS
-    package: str = ""  # the Debian package that ships it
-    globs: Sequence[str] = ()
-    command: Sequence[str] = ()
-    description: str = ""
-
-    def files(self) -> list[Path]:
-        return sorted({Path(f).resolve() for g in self.globs for f in glob.glob(g, recursive=True)
-                       if Path(f).is_file()})
-
-    def read(self) -> Iterator[str]:
-        """Raw text documents of this source."""
-        if self.command:
-            if shutil.which(self.command[0]) is None:
-                return
-            res = subprocess.run(list(self.command), capture_output=True, text=True, timeout=300,
-                                 env={**os.environ, "COLUMNS": "100000"})
-            if res.returncode == 0:
-                yield res.stdout
-            return
-        for f in self.files():
-            if f.suffix in (".dat", ".u8") or f.name.endswith((".dat", ".u8")):
-                continue
-            data = gzip.open(f, "rb").read() if f.suffix == ".gz" else f.read_bytes()
-            yield data.decode("utf-8", errors="replace")
-
-    def paragraphs(self) -> Iterator[tuple[str, str]]:
-        """(key, paragraph) for each cleaned prose paragraph; key = ``normalise(paragraph)``, never empty."""
-        cleaner = CLEANERS[self.kind]
-        for doc in self.read():
-            for par in cleaner(doc):
-                key = normalise(par)
-                if key:
-                    yield key, par
-
-
-DEFAULT_SOURCES = [
-    Source("python-docs", "rst", "python3-doc", ["/usr/share/doc/python3*/html/_sources/**/*.rst.txt"],
-           description="Python 3 documentation (tutorial, library, reference, HOWTOs, FAQ, what's new)"),
-    Source("debian-reference", "text", "debian-reference-en",
-           ["/usr/share/debian-reference/debian-reference.en.txt.gz"], description="Debian Reference"),
-    Source("developers-reference", "rst", "developers-reference",
-           ["/usr/share/developers-reference/_sources/*.rst.txt"], description="Debian Developer's Reference"),
-    Source("maint-guide", "text", "maint-guide", ["/usr/share/doc/maint-guide/maint-guide.en.txt.gz"],
-           description="Debian New Maintainers' Guide"),
-    Source("gnu-standards", "text", "gnu-standards",
-           ["/usr/share/doc/gnu-standards/standards.text.gz", "/usr/share/doc/gnu-standards/maintain.text.gz"],
-           description="GNU Coding Standards and Information for Maintainers of GNU Software"),
-    Source("fortunes", "fortunes", "fortunes", ["/usr/share/games/fortunes/*"],
-           description="fortune cookies (quotations, jokes, short texts)"),
-    Source("kjv", "kjv", "bible-kjv", command=["bible", "-f", "matt1:1-rev22:21"],
-           description="King James Bible, New Testament (archaic prose kept a minor part)"),
-]
-
-
-def publish_folder(tmp: Path, final: Path, replace: bool) -> None:
-    """Move the finished folder ``tmp`` to ``final`` with one rename, so a folder that exists is complete.
-    With ``replace=False`` a ``final`` that exists already (another rank or a concurrent run built the same
-    thing first) is kept and ``tmp`` dropped: removing it could pull files from under a process that is
-    reading it. With ``replace=True`` an old ``final`` is removed first."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if replace:
-        shutil.rmtree(final, ignore_errors=True)
-    try:
-        tmp.rename(final)
-    except OSError:  # final exists (not empty): someone else published first
-        if not final.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _hash(par_key: str) -> int:
-    return int.from_bytes(hashlib.sha1(par_key.encode()).digest()[:8], "little")
-
-
-def _split_of(par_key: str) -> str:
-    return "validation" if _hash(par_key) % 1000 < VALIDATION_PER_MILLE else "train"
-
-
-def _move_one(splits: dict, src: str, dst: str) -> None:
-    """Tiny corpora with an empty split: move the paragraph of smallest hash, whatever the input order."""
-    i = min(range(len(splits[src])), key=lambda k: _hash(normalise(splits[src][k])) % 1000)
-    splits[dst].append(splits[src].pop(i))
-
-
-def build_corpus(sources: Sequence[Source], out_dir: Path, progress: bool = True) -> Path:
-    """Clean, deduplicate and split ``sources`` into ``out_dir/{train,validation}.txt`` (one paragraph a
-    line) and ``out_dir/manifest.json`` (words and paragraphs per source and split). Written to a
-    temporary folder first and renamed, so a folder that exists is complete."""
-    out_dir = Path(out_dir)
-    t0 = time.time()
-    seen: set[str] = set()
-    splits: dict[str, list[str]] = {"train": [], "validation": []}
-    manifest: dict = {"version": CORPUS_VERSION, "validation_per_mille": VALIDATION_PER_MILLE, "sources": {}}
-    for src in sources:
-        n_par = n_words = n_dup = 0
-        words = {"train": 0, "validation": 0}
-        for key, par in src.paragraphs():
-            if key in seen:
-                n_dup += 1
-                continue
-            seen.add(key)
-            split = _split_of(key)
-            splits[split].append(par)
-            n_par += 1
-            w = len(par.split())
-            n_words += w
-            words[split] += w
-        manifest["sources"][src.name] = {"package": src.package, "description": src.description,
-                                         "paragraphs": n_par, "words": n_words, "duplicates_dropped": n_dup,
-                                         "train_words": words["train"], "validation_words": words["validation"]}
-        if progress:
-            print(f"[corpus] {src.name:22s} {n_par:8,d} paragraphs {n_words:10,d} words "
-                  f"({n_dup:,d} duplicates dropped)", file=sys.stderr, flush=True)
-    total = sum(len(v) for v in splits.values())
-    if total == 0:
-        raise ValueError(f"corpus: no paragraphs found in the sources {[s.name for s in sources]}; expected "
-                         f"readable English text (for the default corpus, install the Debian packages "
-                         f"'{DEBIAN_PACKAGES}' as root, e.g. by `bash setup.sh`)")
-    if not splits["validation"] or not splits["train"]:  # tiny corpora: move one paragraph over
-        src, dst = ("train", "validation") if not splits["validation"] else ("validation", "train")
-        if len(splits[src]) < 2:
-            raise ValueError(f"corpus: only {total} paragraph(s) after cleaning; expected at least 2 "
-                             f"(one for train, one for validation)")
-        _move_one(splits, src, dst)
-    for split, pars in splits.items():
-        manifest[split] = {"paragraphs": len(pars), "words": sum(len(p.split()) for p in pars)}
-    manifest["words"] = manifest["train"]["words"] + manifest["validation"]["words"]
-    manifest["build_seconds"] = round(time.time() - t0, 1)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for split, pars in splits.items():
-        (tmp / f"{split}.txt").write_text("".join(p + "\n" for p in pars), encoding="utf-8")
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    publish_folder(tmp, out_dir, replace=not (out_dir / "manifest.json").is_file())
-    if progress:
-        print(f"[corpus] {out_dir}: train {manifest['train']['paragraphs']:,d} paragraphs "
-              f"{manifest['train']['words']:,d} words, validation {manifest['validation']['paragraphs']:,d} "
-              f"paragraphs {manifest['validation']['words']:,d} words ({manifest['build_seconds']} s)",
-              file=sys.stderr, flush=True)
-    return out_dir
-
-
-def _install_debian_packages(progress: bool) -> None:
-    """As root with apt-get, install the packages of DEBIAN_PACKAGES that are missing (best effort)."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return
-    missing = [p for p in DEBIAN_PACKAGES.split()
-               if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
-    if not missing:
-        return
-    if progress:
-        print(f"[corpus] apt-get install {' '.join(missing)}", file=sys.stderr, flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-                   capture_output=True, env=env)
-
-
-def default_corpus_dir(cache_dir: Path | None = None) -> Path:
-    return Path(cache_dir or DEFAULT_CACHE) / f"corpus-default-v{CORPUS_VERSION}"
-
-
-def build_default_corpus(cache_dir: Path | None = None, progress: bool = True) -> Path:
-    """The default corpus folder (train.txt, validation.txt, manifest.json); built only when missing.
-    As root, missing Debian text packages are installed first; sources that are absent are skipped (the
-    manifest says what went in)."""
-    out = default_corpus_dir(cache_dir)
-    if (out / "manifest.json").is_file():
-        return out
-    _install_debian_packages(progress)
-    if progress:
-        print(f"[corpus] building the default corpus in {out}", file=sys.stderr, flush=True)
-    return build_corpus(DEFAULT_SOURCES, out, progress=progress)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading any corpus as a DatasetDict(train, validation) with one column "text"
-# ---------------------------------------------------------------------------------------------------------
-
-_EXTS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def _split_name(path: Path) -> str | None:
-    stem = path.name.lower()
-    if stem.startswith("train"):
-        return "train"
-    if stem.startswith(("validation", "valid", "val.", "val_", "dev", "test")):
-        return "validation"
-    return None
-
-
-def _read_texts(path: Path) -> list[str]:
-    """Paragraphs of one local file (.txt: blank-line or line separated; json/parquet: column 'text')."""
-    kind = _EXTS[path.suffix.lower()]
-    if kind == "text":
-        return clean_plain(path.read_text(encoding="utf-8", errors="replace"))
-    import datasets
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    if "text" not in ds.column_names:
-        raise ValueError(f"corpus: {path} has columns {ds.column_names}; expected a column named 'text'")
-    return [_WS.sub(" ", t).strip() for t in ds["text"] if t and t.strip()]
-
-
-def _local_files(spec) -> list[Path]:
-    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    if isinstance(spec, str) and "," in spec and not Path(spec).exists():
-        items = [s.strip() for s in spec.split(",") if s.strip()]
-    files: list[Path] = []
-    for item in items:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _EXTS
-                           and f.name != "manifest.json")
-            if not found:
-                raise ValueError(f"corpus: the folder {p} holds no .txt/.jsonl/.json/.parquet file; expected "
-                                 f"text files (one paragraph a line or blank-line separated) or JSON "
-                                 f"lines/parquet with a 'text' column")
-            files += found
-        elif p.is_file():
-            if p.suffix.lower() not in _EXTS:
-                raise ValueError(f"corpus: {p} has an unsupported extension {p.suffix!r}; expected one of "
-                                 f"{sorted(_EXTS)}")
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"corpus: {p} does not exist; expected a local file, a list of files or "
-                                    f"a folder of .txt/.jsonl/.json/.parquet files, or a Hugging Face dataset "
-                                    f"name 'name[:config]'")
-    return files
-
-
-def _looks_local(spec) -> bool:
-    """Paths that exist, end in a known extension, start like a path, or list several: local. Anything
-    else ('wikitext-103-raw-v1', 'user/name:config') is a Hugging Face dataset name."""
-    if not isinstance(spec, str):
-        return True
-    return (Path(spec).expanduser().exists() or Path(spec).suffix.lower() in _EXTS
-            or spec.startswith(("/", ".", "~")) or "," in spec)
-
-
-def _from_hub(spec: str, cache_dir):
-    import datasets
-    name, _, config = spec.partition(":")
-    if name.startswith("wikitext-") and not config:  # 'wikitext-103-raw-v1' names a config of 'wikitext'
-        name, config = "wikitext", name
-    try:
-        dd = datasets.load_dataset(name, config or None,
-                                   cache_dir=str(Path(cache_dir or DEFAULT_CACHE) / "hf-datasets"))
-    except Exception as e:  # offline, unknown name...
-        raise FileNotFoundError(f"corpus: {spec!r} is neither a local path nor a Hugging Face dataset that "
-                                f"could be loaded ({type(e).__name__}: {e}); expected a local "
-                                f".txt/.jsonl/.json/.parquet file or folder, or 'name[:config]' with the hub "
-                                f"reachable") from e
-    if "text" not in dd["train"].column_names:
-        raise ValueError(f"corpus: {spec!r} has columns {dd['train'].column_names}; expected 'text'")
-    keep = lambda t: len(t.split()) >= 3 and not re.fullmatch(r"\s*=.*=\s*", t)  # wikitext titles
-    out = {}
-    for split in ("train", "validation"):
-        if split in dd:
-            out[split] = dd[split].select_columns(["text"]).filter(lambda r: keep(r["text"]))
-    if "validation" not in out:
-        parts = out["train"].train_test_split(test_size=0.02, seed=0)
-        out = {"train": parts["train"], "validation": parts["test"]}
-    return datasets.DatasetDict(out)
-
-
-def load_corpus(spec=None, cache_dir=None):
-    """A ``datasets.DatasetDict`` with splits "train" and "validation", one column "text".
-
-    spec None: the default corpus (built on first use). A local file, a list of files (or a
-    comma-separated string) or a folder of .txt/.jsonl/.json/.parquet: files named train*/valid*/val*/
-    dev*/test* are used as those splits; otherwise every paragraph goes to a split by its hash (2%
-    validation). Anything else is tried as a Hugging Face dataset name 'name[:config]'.
-    """
-    import datasets
-    if spec is None:
-        folder = build_default_corpus(cache_dir, progress=True)
-        files = {s: str(folder / f"{s}.txt") for s in ("train", "validation")}
-        return datasets.load_dataset("text", data_files=files,
-                                     cache_dir=str(Path(cache_dir or DEFAULT_CACHE) / "hf-datasets"))
-    if isinstance(spec, str) and not spec.strip():
-        raise ValueError("corpus: an empty string; expected a path, a list of paths or a dataset name")
-    if not _looks_local(spec):
-        return _from_hub(spec, cache_dir)
-    files = _local_files(spec)
-    named = {f: _split_name(f) for f in files}
-    splits: dict[str, list[str]] = {"train": [], "validation": []}
-    if any(named.values()) and all(named.values()):
-        for f, s in named.items():
-            splits[s] += _read_texts(f)
-    else:
-        seen: set[str] = set()
-        for f in files:
-            for par in _read_texts(f):
-                key = normalise(par)
-                if key and key not in seen:
-                    seen.add(key)
-                    splits[_split_of(key)].append(par)
-        if splits["train"] and not splits["validation"] and len(splits["train"]) >= 2:
-            _move_one(splits, "train", "validation")
-    if not splits["train"]:
-        raise ValueError(f"corpus: {spec} holds no text ({len(files)} file(s), 0 training paragraphs); "
-                         f"expected non-empty text files or a 'text' column")
-    if not splits["validation"]:
-        raise ValueError(f"corpus: {spec} gives no validation paragraph; expected at least 2 paragraphs "
-                         f"or a validation file")
-    return datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()})
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind: {kind!r}; expected one of {KINDS}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -563,11 +55,22 @@ def _tokenizer_key(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def _frame_ids(tokenizer) -> tuple[int, int]:
+    """The ids that open a masked-LM sequence and close each paragraph in it: cls/sep (BERT: [CLS]/[SEP],
+    RoBERTa: <s>/</s>), else bos/eos."""
+    first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    close = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if first is None or close is None:
+        raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no cls/sep (or bos/eos) token; expected a "
+                         f"masked-LM tokenizer (BERT WordPiece, RoBERTa BPE...) for kind='masked'")
+    return first, close
+
+
 def _pack(batch, tokenizer, max_length: int):
-    """Consecutive paragraphs packed greedily into [CLS] p1 [SEP] p2 [SEP] ... of <= max_length tokens; a
+    """Consecutive paragraphs packed greedily into ``cls p1 sep p2 sep ...`` of <= max_length tokens; a
     paragraph longer than a whole sequence is cut into max_length - 2 token pieces (a last piece shorter
     than 8 tokens is dropped)."""
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    cls, sep = _frame_ids(tokenizer)
     room = max_length - 2
     enc = tokenizer(batch["text"], add_special_tokens=False, truncation=False)["input_ids"]
     out: list[list[int]] = []
@@ -588,17 +91,57 @@ def _pack(batch, tokenizer, max_length: int):
     return {"input_ids": out, "length": [len(x) for x in out]}
 
 
-def tokenize_corpus(dataset_dict, tokenizer, max_length: int = 128, num_proc: int = 2, cache_dir=None):
-    """Token sequences (columns ``input_ids``, ``length``) for every split, at most ``max_length`` tokens,
-    made with ``datasets.map`` over ``num_proc`` processes and saved under ``cache_dir/tokenized/<key>``
-    (the key hashes the texts' fingerprints, the tokenizer's vocabulary and max_length), so a second call
-    loads the arrow files instead of tokenizing again."""
+def _encode_documents(batch, tokenizer):
+    """Each document's ids followed by EOS: the stream that ``_pack_causal`` cuts into sequences."""
+    eos = tokenizer.eos_token_id
+    enc = tokenizer(batch["text"], add_special_tokens=False, truncation=False)["input_ids"]
+    return {"input_ids": [ids + [eos] for ids in enc if ids]}
+
+
+def _pack_causal(documents, max_length: int):
+    """The documents' ids (with their EOS) concatenated in order and cut every ``max_length`` tokens: every
+    sequence is full except the last. Done in one pass over the whole split (not per ``map`` batch), so
+    no batch boundary leaves a short sequence behind."""
     import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    flat = pc.list_flatten(documents.data.table.column("input_ids"))
+    stream = np.concatenate([c.to_numpy(zero_copy_only=False) for c in flat.chunks]) if flat.num_chunks else \
+        np.zeros(0, dtype=np.int64)  # (N,)
+    n = len(stream)
+    if n >= 2 ** 31:
+        raise ValueError(f"corpus: {n:,d} tokens in one split; expected fewer than 2**31 (int32 offsets)")
+    offsets = np.append(np.arange(0, n, max_length), n).astype(np.int32)  # (sequences + 1,)
+    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(stream.astype(np.int64)))
+    table = pa.table({"input_ids": ids, "length": pa.array(np.diff(offsets).astype(np.int64))})
+    return datasets.Dataset(datasets.table.InMemoryTable(table))
+
+
+def tokenize_corpus(dataset_dict, tokenizer, max_length: int = 128, num_proc: int = 2, cache_dir=None, *,
+                    kind: str = "masked"):
+    """Token sequences (columns ``input_ids``, ``length``) for every split, made with ``datasets.map`` over
+    ``num_proc`` processes and saved under ``cache_dir/tokenized/<key>`` (the key hashes the texts, the
+    tokenizer's vocabulary and special ids, max_length and kind), so a second call loads the arrow files.
+
+    kind "masked": paragraphs packed into ``cls p1 sep p2 sep ...`` of at most ``max_length`` tokens.
+    kind "causal": documents followed by EOS, streamed into sequences of exactly ``max_length`` tokens
+    (the last one of a split shorter)."""
+    import datasets
+    _check_kind(kind)
     if max_length < 8:
         raise ValueError(f"max_length: {max_length}; expected at least 8")
-    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
-        raise ValueError("tokenizer: needs [CLS], [SEP] and [MASK] tokens (a BERT-style WordPiece tokenizer)")
-    h = hashlib.sha1(f"{_tokenizer_key(tokenizer)}|{max_length}|v1".encode())
+    if kind == "masked":
+        _frame_ids(tokenizer)
+        if tokenizer.mask_token_id is None:
+            raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no mask token; expected a masked-LM "
+                             f"tokenizer for kind='masked' (or kind='causal' for a decoder)")
+        key = f"{_tokenizer_key(tokenizer)}|{max_length}|v1"  # unchanged since v1: old caches stay valid
+    else:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no eos token; expected one for "
+                             f"kind='causal' (it separates the packed documents)")
+        key = f"{_tokenizer_key(tokenizer)}|{max_length}|causal|eos={tokenizer.eos_token_id}|v1"
+    h = hashlib.sha1(key.encode())
     for split in sorted(dataset_dict):  # the texts themselves: in-memory datasets have random fingerprints
         h.update(split.encode())
         col = dataset_dict[split].with_format("arrow")["text"] if "text" in dataset_dict[split].column_names \
@@ -616,10 +159,12 @@ def tokenize_corpus(dataset_dict, tokenizer, max_length: int = 128, num_proc: in
     out = {}
     for split, ds in dataset_dict.items():
         procs = max(1, min(num_proc, len(ds) // 2000))
-        out[split] = ds.map(_pack, batched=True, batch_size=1000, num_proc=procs if procs > 1 else None,
-                            remove_columns=ds.column_names, fn_kwargs={"tokenizer": tokenizer,
-                                                                      "max_length": max_length},
-                            desc=f"tokenize {split}", load_from_cache_file=False)
+        fn, kwargs = (_pack, {"tokenizer": tokenizer, "max_length": max_length}) if kind == "masked" else \
+            (_encode_documents, {"tokenizer": tokenizer})
+        mapped = ds.map(fn, batched=True, batch_size=1000, num_proc=procs if procs > 1 else None,
+                        remove_columns=ds.column_names, fn_kwargs=kwargs, desc=f"tokenize {split}",
+                        load_from_cache_file=False)
+        out[split] = mapped if kind == "masked" else _pack_causal(mapped, max_length)
         if len(out[split]) == 0:
             raise ValueError(f"corpus: the {split} split tokenizes to no sequence; expected some text")
     dd = datasets.DatasetDict(out)
@@ -630,35 +175,53 @@ def tokenize_corpus(dataset_dict, tokenizer, max_length: int = 128, num_proc: in
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Masking and batches
+# Masking and collation
 # ---------------------------------------------------------------------------------------------------------
 
-def mask_tokens(input_ids: Tensor, attention_mask: Tensor, special_tokens_mask: Tensor, *, mask_token_id: int,
-                vocab_size: int, generator: torch.Generator, mlm_probability: float = 0.15
-                ) -> tuple[Tensor, Tensor]:
-    """BERT's MLM corruption. Each real, non-special token is chosen with probability ``mlm_probability``;
-    a chosen token becomes [MASK] (80%), a random token (10%) or stays (10%). ``labels`` hold the original
-    id at chosen positions and -100 elsewhere. Special tokens and padding are never chosen. Every row with
-    at least one eligible token gets at least one chosen position (one drawn uniformly among the eligible
-    ones when the coin flips chose none), so no row is without an MLM target.
+def mlm_collator(tokenizer, mlm_probability: float = 0.15) -> DataCollatorForLanguageModeling:
+    """transformers' MLM collator (80% mask, 10% random, 10% kept). Its own ``seed`` is not used: it seeds
+    one generator per process (seed + worker id) and draws from it batch after batch, so the masks would
+    depend on the worker count and on how many batches came before. ``mask_tokens`` gives it a generator
+    per batch instead."""
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no mask token; expected a masked-LM "
+                         f"tokenizer for kind='masked'")
+    if not 0.0 < mlm_probability <= 1.0:
+        raise ValueError(f"mlm_probability: {mlm_probability}; expected 0 < p <= 1")
+    return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
+
+
+def mask_tokens(input_ids: Tensor, attention_mask: Tensor, special_tokens_mask: Tensor, *,
+                collator: DataCollatorForLanguageModeling, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """BERT's MLM corruption through ``collator.torch_mask_tokens`` with ``generator``: each real,
+    non-special token is chosen with probability ``collator.mlm_probability``; a chosen token becomes the
+    mask token (80%), a random token (10%) or stays (10%). ``labels`` hold the original id at chosen
+    positions and -100 elsewhere. Special tokens and padding are never chosen. Every row with at least one
+    eligible token gets at least one chosen position (one drawn uniformly among the eligible ones when the
+    coin flips chose none, corrupted 80/10/10 the same way): the library collator alone does not give
+    this, and a row without a target would carry no MLM signal.
     Inputs (B, S); returns (masked_input_ids, labels), both (B, S) long; ``input_ids`` is not modified."""
     eligible = attention_mask.bool() & ~special_tokens_mask.bool()  # (B, S)
-    B, S = input_ids.shape
-    chosen = (torch.rand(B, S, generator=generator) < mlm_probability) & eligible
-    empty = ~chosen.any(1) & eligible.any(1)
+    collator.generator = generator  # read by torch_mask_tokens for every draw
+    try:
+        masked, labels = collator.torch_mask_tokens(input_ids.clone(), special_tokens_mask=~eligible)
+    finally:
+        collator.generator = None  # no generator left behind to be reused by a later call or pickled
+    empty = (labels == -100).all(1) & eligible.any(1)  # (B,)
     if empty.any():
         # uniform among eligible positions: the argmax of random keys restricted to them
-        keys = torch.rand(B, S, generator=generator).masked_fill(~eligible, -1.0)
-        pick = keys.argmax(1)
-        rows = empty.nonzero().squeeze(1)
-        chosen[rows, pick[rows]] = True
-    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
-    u = torch.rand(B, S, generator=generator)
-    random_ids = torch.randint(vocab_size, (B, S), generator=generator, dtype=input_ids.dtype)
-    masked = input_ids.clone()
-    masked[chosen & (u < 0.8)] = mask_token_id
-    rnd = chosen & (u >= 0.8) & (u < 0.9)
-    masked[rnd] = random_ids[rnd]
+        keys = torch.rand(input_ids.shape, generator=generator).masked_fill(~eligible, -1.0)  # (B, S)
+        rows = empty.nonzero().squeeze(1)  # (R,)
+        cols = keys.argmax(1)[rows]  # (R,)
+        original = input_ids[rows, cols]
+        u = torch.rand(len(rows), generator=generator)  # (R,)
+        random_ids = torch.randint(len(collator.tokenizer), (len(rows),), generator=generator,
+                                   dtype=input_ids.dtype)
+        p_mask, p_random = collator.mask_replace_prob, collator.random_replace_prob
+        mask_id = torch.full_like(original, collator.tokenizer.mask_token_id)
+        masked[rows, cols] = torch.where(u < p_mask, mask_id,
+                                         torch.where(u < p_mask + p_random, random_ids, original))
+        labels[rows, cols] = original
     return masked, labels
 
 
@@ -666,50 +229,96 @@ def _seed_of(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-class MLMBatches:
-    """Training batches over a tokenized split (``input_ids``, ``length``), resumable.
+def _pad_rows(seqs: list[list[int]], pad_id: int, pad_to_multiple_of: int) -> tuple[Tensor, Tensor]:
+    """Right-padded (input_ids, attention_mask), both (B, S) long, S the longest row rounded up to a
+    multiple of ``pad_to_multiple_of``."""
+    longest = max(len(s) for s in seqs)
+    m = pad_to_multiple_of
+    S = -(-longest // m) * m if m > 1 else longest
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)  # (B, S)
+    am = torch.zeros(len(seqs), S, dtype=torch.long)  # (B, S)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        am[i, :len(s)] = 1
+    return ids, am
+
+
+class Collate:
+    """Rows -> one batch dict. ``masked``: input_ids (masked), attention_mask, labels (-100 except MLM
+    targets), token_type_ids (zeros). ``causal``: input_ids, attention_mask, labels (= input_ids, -100 at
+    padding; the shift to next-token targets happens in the loss). All (B, S) long, right-padded.
+
+    A tokenizer without a pad token (GPT-2) pads with EOS here only; the labels come from the attention
+    mask, not from comparing ids with the pad id, so the EOS between documents stays a target (the library
+    collator's ``mlm=False`` path would turn every EOS into -100 with pad = eos, so it is not used)."""
+
+    def __init__(self, tokenizer, *, kind: str = "masked", mlm_probability: float = 0.15,
+                 pad_to_multiple_of: int = 8):
+        _check_kind(kind)
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of: {pad_to_multiple_of}; expected >= 1")
+        self.kind, self.pad_to_multiple_of = kind, pad_to_multiple_of
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError(f"tokenizer: {type(tokenizer).__name__} has neither a pad nor an eos token; "
+                             f"expected one of them to pad batches")
+        self.pad_id = pad
+        if kind == "masked":
+            self.collator = mlm_collator(tokenizer, mlm_probability)
+            self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+
+    def __call__(self, seqs: list[list[int]], generator: torch.Generator | None) -> dict[str, Tensor]:
+        ids, am = _pad_rows(seqs, self.pad_id, self.pad_to_multiple_of)
+        if self.kind == "causal":
+            return {"input_ids": ids, "attention_mask": am, "labels": ids.masked_fill(am == 0, -100)}
+        special = torch.isin(ids, self.special_ids)
+        masked, labels = mask_tokens(ids, am, special, collator=self.collator, generator=generator)
+        return {"input_ids": masked, "attention_mask": am, "labels": labels, "token_type_ids": torch.zeros_like(ids)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training batches: resumable sampler + DataLoader
+# ---------------------------------------------------------------------------------------------------------
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of row indices over a split, sharded over ranks and resumable.
 
     Order: each epoch, the rows are permuted by a generator seeded from (seed, epoch) (or kept in order
     when ``shuffle`` is False); with ``group_by_length``, windows of 50 batches' worth of rows are sorted
     by length and cut into batches, and the batches are shuffled again, so a batch holds rows of similar
     length and padding is small. Batch ``j`` of the epoch goes to rank ``j % world_size``; every rank gets
-    the same number of batches. Masking of this rank's batch ``j`` of epoch ``e`` uses a generator seeded
-    from (seed, e, j, rank).
+    the same number of batches.
 
-    Yields dicts of (B, S) long tensors: input_ids (masked), attention_mask (right-padded), labels (-100
-    except MLM targets), token_type_ids (zeros); S is the longest row rounded up to a multiple of
-    ``pad_to_multiple_of``. Iterating runs the rest of the current epoch, then moves to the next one.
+    Hand-written rather than torch's DistributedSampler + BatchSampler: those shard rows (not length-
+    grouped batches), pad the last shard with repeated rows, and cannot start mid-epoch. Iterating yields,
+    for each batch of the rest of the current epoch, a list of ``(epoch, batch index, row)``: the batch's
+    identity travels with its rows to the worker that collates it, so its masks can be seeded from it.
     """
 
-    def __init__(self, tokenized_split, tokenizer, batch_size: int, *, seed: int, shuffle: bool = True,
-                 group_by_length: bool = True, mlm_probability: float = 0.15, drop_last: bool = True,
-                 rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 8):
+    def __init__(self, lengths: Tensor, batch_size: int, *, seed: int, shuffle: bool = True,
+                 group_by_length: bool = True, drop_last: bool = True, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size: {batch_size}; expected >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: {rank}; expected 0 <= rank < world_size={world_size}")
-        # rows are fetched from the arrow table per batch: memory stays flat for large corpora
-        self.data = tokenized_split.select_columns(["input_ids"]).with_format(None)
-        lengths = tokenized_split["length"] if "length" in tokenized_split.column_names else \
-            [len(x) for x in tokenized_split["input_ids"]]
-        self.lengths = torch.tensor(list(lengths), dtype=torch.long)
-        self.n = len(self.lengths)
+        self.lengths = lengths  # (N,)
+        self.n = len(lengths)
         if self.n == 0:
             raise ValueError("tokenized_split: no sequences; expected a non-empty tokenized split")
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.group_by_length, self.mlm_probability, self.drop_last = group_by_length, mlm_probability, drop_last
-        self.rank, self.world_size, self.pad_to_multiple_of = rank, world_size, pad_to_multiple_of
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.mask_id = tokenizer.mask_token_id
-        self.vocab_size = len(tokenizer)
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.group_by_length, self.drop_last = group_by_length, drop_last
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.batch_index = 0
+        self.batch_index = 0  # the next batch of self.epoch to hand out
+        self._cached: tuple[int, list[Tensor]] | None = None
         if len(self) == 0:
             raise ValueError(f"batch_size: {batch_size} x world_size {world_size} is more than the "
                              f"{self.n} sequences of the split (drop_last={drop_last}); expected fewer")
 
-    def _epoch_batches(self, epoch: int) -> list[Tensor]:
+    def epoch_batches(self, epoch: int) -> list[Tensor]:
+        """This rank's batches of ``epoch``, each a (B,) tensor of row indices."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
         n, B = self.n, self.batch_size
         g = torch.Generator().manual_seed(_seed_of(self.seed, epoch))
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
@@ -732,89 +341,155 @@ class MLMBatches:
         if self.world_size > 1:  # every rank the same count: the last few batches may go unused
             per_rank = len(batches) // self.world_size
             batches = batches[self.rank::self.world_size][:per_rank]
+        self._cached = (epoch, batches)
         return batches
 
     def __len__(self) -> int:
-        return len(self._epoch_batches(self.epoch))
+        return len(self.epoch_batches(self.epoch))
 
-    def collate(self, rows: Tensor, epoch: int, j: int) -> dict[str, Tensor]:
-        seqs = self.data[rows.tolist()]["input_ids"]
-        L = max(len(s) for s in seqs)
-        m = self.pad_to_multiple_of
-        S = -(-L // m) * m if m > 1 else L
-        ids = torch.full((len(seqs), S), self.pad_id, dtype=torch.long)  # (B, S)
-        am = torch.zeros(len(seqs), S, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            am[i, :len(s)] = 1
-        special = torch.isin(ids, self.special_ids)
-        g = torch.Generator().manual_seed(_seed_of(self.seed, epoch, j, self.rank))
-        masked, labels = mask_tokens(ids, am, special, mask_token_id=self.mask_id, vocab_size=self.vocab_size,
-                                     generator=g, mlm_probability=self.mlm_probability)
-        return {"input_ids": masked, "attention_mask": am, "labels": labels,
-                "token_type_ids": torch.zeros_like(ids)}
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        epoch = self.epoch
-        batches = self._epoch_batches(epoch)
-        while self.batch_index < len(batches):
-            j = self.batch_index
-            self.batch_index = j + 1  # consumed once handed out: a state saved after this step resumes at j+1
-            yield self.collate(batches[j], epoch, j)
-        self.epoch, self.batch_index = epoch + 1, 0
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        # the position is read once, when the DataLoader starts pulling (workers prefetch ahead of what
+        # the consumer has taken; the consumer, not this generator, advances batch_index)
+        epoch, start = self.epoch, self.batch_index
+        batches = self.epoch_batches(epoch)
+        for j in range(start, len(batches)):
+            yield [(epoch, j, row) for row in batches[j].tolist()]
 
     def state_dict(self) -> dict:
         return {"epoch": int(self.epoch), "batch_index": int(self.batch_index)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+        epoch, j = int(state["epoch"]), int(state["batch_index"])
+        if epoch < 0 or not 0 <= j <= len(self.epoch_batches(epoch)):
+            raise ValueError(f"state: epoch {epoch}, batch_index {j}; expected epoch >= 0 and 0 <= batch_index "
+                             f"<= {len(self.epoch_batches(max(epoch, 0)))} (batches per epoch on this rank)")
+        self.epoch, self.batch_index = epoch, j
+
+
+class _Rows(torch.utils.data.Dataset):
+    """The sequences of a tokenized split, fetched a batch at a time from the arrow table (memory stays flat
+    for large corpora), collated into a batch whose masks are seeded by (seed, epoch, batch index, rank)."""
+
+    def __init__(self, tokenized_split, collate: Collate, seed: int, rank: int):
+        self.data = tokenized_split.select_columns(["input_ids"]).with_format(None)
+        self.collate, self.seed, self.rank = collate, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict[str, Tensor]:
+        epoch, j, _ = keys[0]
+        seqs = self.data[[row for _, _, row in keys]]["input_ids"]
+        g = torch.Generator().manual_seed(_seed_of(self.seed, epoch, j, self.rank))
+        return self.collate(seqs, g)
+
+
+def _batch_is_collated(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return batch  # _Rows.__getitems__ already returns the whole batch
+
+
+class Batches:
+    """Training batches through a torch DataLoader over a ``LengthGroupedBatchSampler``; resumable.
+
+    Iterating runs the rest of the current epoch, then moves to the next one; a batch counts as consumed
+    once handed out, so ``state_dict()`` saved after a step resumes at the next batch. ``len()`` is the
+    number of batches per epoch on this rank."""
+
+    def __init__(self, tokenized_split, collate: Collate, sampler: LengthGroupedBatchSampler, *, seed: int,
+                 num_workers: int = 0, pin_memory: bool | None = None):
+        if num_workers < 0:
+            raise ValueError(f"num_workers: {num_workers}; expected >= 0")
+        self.sampler = sampler
+        self.rows = _Rows(tokenized_split, collate, seed, sampler.rank)
+        self.loader = torch.utils.data.DataLoader(
+            self.rows, batch_sampler=sampler, collate_fn=_batch_is_collated, num_workers=num_workers,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            persistent_workers=num_workers > 0)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        s = self.sampler
+        epoch = s.epoch
+        for batch in self.loader:
+            s.batch_index += 1  # consumed once handed out: a state saved after this step resumes after it
+            yield batch
+        s.epoch, s.batch_index = epoch + 1, 0
 
     def forever(self) -> Iterator[dict[str, Tensor]]:
         """Batches across epochs without end (for step-counted training)."""
         while True:
             yield from self
 
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
 
-def corpus_summary(manifest_path: Path) -> str:
-    """A Markdown table of a corpus manifest: words per source and split sizes."""
-    m = json.loads(Path(manifest_path).read_text())
-    lines = ["| source | Debian package | paragraphs | words |", "|---|---|---:|---:|"]
-    for name, s in m["sources"].items():
-        lines.append(f"| {name} | {s['package']} | {s['paragraphs']:,} | {s['words']:,} |")
-    lines.append(f"| **total** | | {m['train']['paragraphs'] + m['validation']['paragraphs']:,} | {m['words']:,} |")
-    lines.append(f"\ntrain: {m['train']['paragraphs']:,} paragraphs, {m['train']['words']:,} words; validation: "
-                 f"{m['validation']['paragraphs']:,} paragraphs, {m['validation']['words']:,} words.")
-    return "\n".join(lines)
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m iit_fast.data", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build (or find) a corpus and print its composition")
-    b.add_argument("--cache-dir", type=Path, default=None)
-    b.add_argument("--corpus", default=None, help="a local path or dataset name (default: the default corpus)")
-    b.add_argument("--force", action="store_true", help="rebuild the default corpus even if cached")
-    b.add_argument("--tokenizer", default=None, help="also tokenize with this tokenizer folder")
-    b.add_argument("--max-length", type=int, default=128)
-    b.add_argument("--num-proc", type=int, default=2)
-    a = p.parse_args(argv)
-    if a.corpus is None:
-        if a.force:
-            shutil.rmtree(default_corpus_dir(a.cache_dir), ignore_errors=True)
-        folder = build_default_corpus(a.cache_dir)
-        print(corpus_summary(folder / "manifest.json"))
-    dd = load_corpus(a.corpus, a.cache_dir)
-    print({k: len(v) for k, v in dd.items()})
-    if a.tokenizer:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(a.tokenizer)
-        t0 = time.time()
-        td = tokenize_corpus(dd, tok, a.max_length, a.num_proc, a.cache_dir)
-        for k, v in td.items():
-            n = sum(v["length"])
-            print(f"{k}: {len(v):,d} sequences, {n:,d} tokens, mean length {n / len(v):.1f}")
-        print(f"tokenized in {time.time() - t0:.1f} s")
+def _lengths(tokenized_split) -> Tensor:
+    lengths = tokenized_split["length"] if "length" in tokenized_split.column_names else \
+        [len(x) for x in tokenized_split["input_ids"]]
+    return torch.tensor(list(lengths), dtype=torch.long)  # (N,)
 
 
-if __name__ == "__main__":
-    main()
+def build_train_loader(tokenized_split, tokenizer, batch_size: int, *, kind: str = "masked", seed: int,
+                       rank: int = 0, world_size: int = 1, shuffle: bool = True, group_by_length: bool = True,
+                       drop_last: bool = True, mlm_probability: float = 0.15, num_workers: int = 0,
+                       pad_to_multiple_of: int = 8, pin_memory: bool | None = None) -> Batches:
+    """Training batches over a tokenized split (``input_ids``, ``length``): length-grouped, sharded over
+    ranks (same count per rank), masked (kind "masked") with generators seeded by (seed, epoch, batch
+    index, rank), collated in ``num_workers`` DataLoader workers (persistent; pinned memory when CUDA is
+    there, unless ``pin_memory`` says otherwise). The batches do not depend on ``num_workers``."""
+    collate = Collate(tokenizer, kind=kind, mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of)
+    sampler = LengthGroupedBatchSampler(_lengths(tokenized_split), batch_size, seed=seed, shuffle=shuffle,
+                                        group_by_length=group_by_length, drop_last=drop_last, rank=rank,
+                                        world_size=world_size)
+    return Batches(tokenized_split, collate, sampler, seed=seed, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def MLMBatches(tokenized_split, tokenizer, batch_size: int, *, seed: int, shuffle: bool = True,
+               group_by_length: bool = True, mlm_probability: float = 0.15, drop_last: bool = True,
+               rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 8) -> Batches:
+    """The former masked-LM batches: ``build_train_loader(kind="masked", num_workers=0)``. Kept while
+    callers move to ``build_train_loader`` (training) and ``validation_batches`` (evaluation)."""
+    return build_train_loader(tokenized_split, tokenizer, batch_size, kind="masked", seed=seed, rank=rank,
+                              world_size=world_size, shuffle=shuffle, group_by_length=group_by_length,
+                              drop_last=drop_last, mlm_probability=mlm_probability, num_workers=0,
+                              pad_to_multiple_of=pad_to_multiple_of)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation batches: fixed rows, masks fixed per row
+# ---------------------------------------------------------------------------------------------------------
+
+def validation_batches(tokenized_split, tokenizer, batch_size: int, *, n_sequences: int | None = None,
+                       seed: int, kind: str = "masked", mlm_probability: float = 0.15,
+                       pad_to_multiple_of: int = 8) -> list[dict[str, Tensor]]:
+    """The first ``n_sequences`` sequences of the split (all when None), in order, in batches of
+    ``batch_size`` (the last one shorter). Row ``i`` is masked (kind "masked") by a generator seeded from
+    (seed, i) over its own tokens, so which positions are targets, and how they are corrupted, does not
+    depend on the batch size: the same model gets the same perplexity for any micro-batch, accumulation
+    or world size. Batch ``b`` holds rows ``b * batch_size ...``; layout as in ``Collate``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size}; expected >= 1")
+    n = len(tokenized_split)
+    if n == 0:
+        raise ValueError("tokenized_split: no sequences; expected a non-empty tokenized split")
+    if n_sequences is not None and not 1 <= n_sequences <= n:
+        raise ValueError(f"n_sequences: {n_sequences}; expected 1 <= n_sequences <= {n} (sequences in the split)")
+    n = n if n_sequences is None else n_sequences
+    collate = Collate(tokenizer, kind=kind, mlm_probability=mlm_probability, pad_to_multiple_of=1)
+    seqs = tokenized_split.select_columns(["input_ids"]).with_format(None)[:n]["input_ids"]
+    rows = [collate([s], torch.Generator().manual_seed(_seed_of(seed, i))) for i, s in enumerate(seqs)]
+    out = []
+    for b in range(0, n, batch_size):
+        part = rows[b:b + batch_size]
+        S = max(r["input_ids"].shape[1] for r in part)
+        S = -(-S // pad_to_multiple_of) * pad_to_multiple_of
+        fill = {"input_ids": collate.pad_id, "attention_mask": 0, "labels": -100, "token_type_ids": 0}
+        out.append({k: torch.cat([torch.nn.functional.pad(r[k], (0, S - r[k].shape[1]), value=fill[k])
+                                  for r in part]) for k in part[0]})  # (B, S) each
+    return out
