@@ -156,3 +156,155 @@ def test_mlm_batches_layout_and_resume(tmp_path, tok):
         D.MLMBatches(train, tok, 10_000, seed=0)
 
 
+
+
+def test_loader_batches_do_not_depend_on_workers_and_resume_exactly(tmp_path, tok):
+    """The batches and their masks are a function of (seed, epoch, batch index, rank): 0 workers and 2
+    (persistent) workers give the same ones, across an epoch boundary; a loader restored at (epoch, j),
+    with workers, gives exactly the tail; stopping early with workers prefetching still counts only the
+    batches handed out."""
+    _, td = tokenized(tmp_path, tok, max_length=24, n=300)
+    mk = lambda w, rank=0, world=1: D.build_train_loader(td["train"], tok, 4, seed=11, num_workers=w, rank=rank,
+                                                         world_size=world)
+    same = lambda xs, ys: len(xs) == len(ys) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                                     for x, y in zip(xs, ys))
+    ref, par = mk(0), mk(2)
+    ref_epochs = [list(ref), list(ref)]
+    par_epochs = [list(par), list(par)]
+    assert same(ref_epochs[0], par_epochs[0]) and same(ref_epochs[1], par_epochs[1])
+    assert not same(ref_epochs[0], ref_epochs[1])
+    assert par.state_dict() == {"epoch": 2, "batch_index": 0}
+    # stop after 5 batches of epoch 1 (workers have prefetched more), save, restore into a fresh loader
+    part = mk(2)
+    part.load_state_dict({"epoch": 1, "batch_index": 0})
+    it = iter(part)
+    head = [next(it) for _ in range(5)]
+    state = json.loads(json.dumps(part.state_dict()))
+    assert state == {"epoch": 1, "batch_index": 5}
+    tail = list(part)  # the same loader, iterated again (persistent workers reset): the rest of the epoch
+    assert same(head + tail, ref_epochs[1])
+    resumed = mk(2)
+    resumed.load_state_dict(state)
+    assert same(list(resumed), ref_epochs[1][5:]) and resumed.state_dict() == {"epoch": 2, "batch_index": 0}
+    # a rank's batches are the same with or without workers, and differ from the other rank's
+    r1 = list(mk(2, rank=1, world=2))
+    assert same(r1, list(mk(0, rank=1, world=2))) and not same(r1, list(mk(0, rank=0, world=2)))
+    with pytest.raises(ValueError, match="state: epoch 0, batch_index 999"):
+        mk(0).load_state_dict({"epoch": 0, "batch_index": 999})
+    with pytest.raises(ValueError, match="num_workers"):
+        mk(-1)
+    with pytest.raises(ValueError, match="kind: 'mlm'"):
+        D.build_train_loader(td["train"], tok, 4, seed=0, kind="mlm")
+
+
+def _rows_of(batches, batch_size):
+    """(row, masked input ids, target positions, labels at them) of every real row of a list of batches."""
+    out = set()
+    for b, batch in enumerate(batches):
+        assert batch["input_ids"].shape[1] % 8 == 0
+        for i in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][i].sum())
+            assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
+            lab = batch["labels"][i]
+            pos = (lab != -100).nonzero().squeeze(1)
+            out.add((b * batch_size + i, tuple(batch["input_ids"][i, :n].tolist()), tuple(pos.tolist()),
+                     tuple(lab[pos].tolist())))
+    return out
+
+
+def test_validation_batches_do_not_depend_on_batch_size(tmp_path, tok):
+    _, td = tokenized(tmp_path, tok, max_length=24, n=300)
+    split = td["train"]
+    rows = {bs: _rows_of(D.validation_batches(split, tok, bs, n_sequences=40, seed=5), bs) for bs in (3, 8, 16)}
+    assert rows[3] == rows[8] == rows[16] and len(rows[3]) == 40
+    assert sorted(r[0] for r in rows[3]) == list(range(40))  # the first 40 sequences, in order
+    assert all(r[2] for r in rows[3])  # every row has a target
+    for r in rows[3]:  # targets are the sequence's own tokens, never its cls/sep
+        ids = split[r[0]]["input_ids"]
+        assert all(ids[p] == t and ids[p] not in (tok.cls_token_id, tok.sep_token_id) for p, t in zip(r[2], r[3]))
+    b16 = D.validation_batches(split, tok, 16, n_sequences=40, seed=5)
+    assert [b["input_ids"].shape[0] for b in b16] == [16, 16, 8] and "token_type_ids" in b16[0]
+    other = _rows_of(D.validation_batches(split, tok, 8, n_sequences=40, seed=6), 8)
+    assert other != rows[8] and {r[0] for r in other} == {r[0] for r in rows[8]}
+    assert len(D.validation_batches(split, tok, 8, seed=5)) == -(-len(split) // 8)  # None: all
+    with pytest.raises(ValueError, match="n_sequences: 0"):
+        D.validation_batches(split, tok, 8, n_sequences=0, seed=5)
+    with pytest.raises(ValueError, match="batch_size: 0"):
+        D.validation_batches(split, tok, 0, seed=5)
+
+
+def _byte_level_bpe(texts, specials):
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=specials, show_progress=False)
+    return bpe._tokenizer
+
+
+def _docs(n=120):
+    g = torch.Generator().manual_seed(1)
+    words = "the model reads a small corpus of plain words written for this test and nothing more".split()
+    return [" ".join(words[int(i)] for i in torch.randint(len(words), (int(torch.randint(2, 30, (1,), generator=g)),),
+                                                          generator=g)) + "." for _ in range(n)]
+
+
+def test_causal_packing_and_batches_with_gpt2_tokenizer(tmp_path):
+    """kind="causal": documents + EOS streamed into sequences of exactly max_length tokens (the last one
+    shorter), no padding in the data; batches pad with EOS (GPT-2 has no pad token) but label only the real
+    tokens, so the EOS between documents stays a target."""
+    import datasets
+    from transformers import GPT2TokenizerFast
+    docs = _docs()
+    gpt2 = GPT2TokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<|endoftext|>"]), bos_token="<|endoftext|>",
+                             eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    eos = gpt2.eos_token_id
+    assert gpt2.pad_token_id is None and gpt2.cls_token_id is None
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:100]}),
+                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    td = D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "cache", kind="causal")
+    for split in ("train", "validation"):
+        seqs = list(td[split]["input_ids"])
+        assert [len(s) for s in seqs[:-1]] == [16] * (len(seqs) - 1) and 1 <= len(seqs[-1]) <= 16
+        assert list(td[split]["length"]) == [len(s) for s in seqs]
+        stream = [t for text in dd[split]["text"] for t in gpt2(text, add_special_tokens=False)["input_ids"] + [eos]]
+        assert sum(seqs, []) == stream
+    # masked tokenization needs a mask token: a clear error for a decoder's tokenizer
+    with pytest.raises(ValueError, match="tokenizer: .*no mask token"):
+        D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "cache", kind="masked")
+    loader = D.build_train_loader(td["train"], gpt2, 4, kind="causal", seed=0, shuffle=False,
+                                  group_by_length=False, drop_last=False)
+    batches = list(loader)
+    assert gpt2.pad_token_id is None  # pad = eos for collation only
+    assert sum(b["attention_mask"].sum().item() for b in batches) == sum(td["train"]["length"])
+    last = batches[-1]
+    assert set(last) == {"input_ids", "attention_mask", "labels"}
+    am, ids, labels = last["attention_mask"], last["input_ids"], last["labels"]
+    assert (am == 0).any() and (ids[am == 0] == eos).all() and (labels[am == 0] == -100).all()
+    assert torch.equal(labels[am == 1], ids[am == 1])
+    assert all((b["labels"] == eos).any() for b in batches)  # document ends are targets
+    # validation: rows fixed, labels = ids on real tokens, whatever the batch size
+    v3 = _rows_of(D.validation_batches(td["train"], gpt2, 3, n_sequences=10, seed=0, kind="causal"), 3)
+    v8 = _rows_of(D.validation_batches(td["train"], gpt2, 8, n_sequences=10, seed=0, kind="causal"), 8)
+    assert v3 == v8 and all(r[1] == r[3] for r in v3)
+
+
+def test_masked_tokenization_reads_special_tokens_from_the_tokenizer(tmp_path):
+    """A RoBERTa-style tokenizer (<s>, </s>, <pad>, <mask>): sequences open with its cls and close each
+    paragraph with its sep; masking never picks them; padding uses its pad id."""
+    import datasets
+    from transformers import RobertaTokenizerFast
+    docs = _docs()
+    rob = RobertaTokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]),
+                               bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
+                               unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:100]}),
+                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    td = D.tokenize_corpus(dd, rob, max_length=24, num_proc=1, cache_dir=tmp_path / "cache")
+    for ids in td["train"]["input_ids"]:
+        assert ids[0] == rob.convert_tokens_to_ids("<s>") and ids[-1] == rob.convert_tokens_to_ids("</s>")
+        assert ids.count(rob.cls_token_id) == 1 and rob.pad_token_id not in ids
+    for batch in D.build_train_loader(td["train"], rob, 8, seed=0):
+        am, labels = batch["attention_mask"], batch["labels"]
+        targets = labels[labels != -100]
+        assert len(targets) and not set(targets.tolist()) & {rob.cls_token_id, rob.sep_token_id, rob.pad_token_id}
+        assert (batch["input_ids"][am == 0] == rob.pad_token_id).all()
+        assert (batch["input_ids"] == rob.mask_token_id).any()
