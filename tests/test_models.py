@@ -109,7 +109,7 @@ def test_other_families_equal_hf(family):
 
 
 def test_unknown_model_is_a_clear_error():
-    with pytest.raises(TypeError, match="BertForMaskedLM-, RobertaForMaskedLM- or DistilBertForMaskedLM"):
+    with pytest.raises(TypeError, match=r"BertForMaskedLM, RobertaForMaskedLM, DistilBertForMaskedLM.*got Linear"):
         IntervenableMLM(torch.nn.Linear(2, 2))
 
 
@@ -147,3 +147,45 @@ def test_bad_input_errors(bert):
         bert(None, b["attention_mask"][:1], resume_from=1, states=torch.zeros(2, 4, 32))
     with pytest.raises(TypeError, match="BertForMaskedLM"):
         IntervenableMLM(torch.nn.Linear(2, 2))
+
+
+def test_registry_maps_every_model_type_to_its_adapter():
+    from iit_fast.models import ADAPTERS, adapter_for
+    for model_type, adapter in ADAPTERS.items():
+        assert model_type in adapter.lm_classes and adapter.kind in ("masked", "causal")
+    for family, make in TINY.items():
+        assert type(adapter_for(make(layers=1))).__name__.lower().startswith(family)
+    from transformers import BertConfig, BertModel
+    bare = BertModel(BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=8))
+    with pytest.raises(TypeError, match=r"supported family \(BertForMaskedLM.*got BertModel \(model_type 'bert'\)"):
+        IntervenableMLM(bare)  # the right model_type, but no MLM head
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_set_dropout(family):
+    model = IntervenableMLM(TINY[family](layers=2, hidden=32))
+    model.set_dropout(0.3)
+    drops = [m for m in model.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.p == 0.3 for m in drops)
+    assert all(getattr(model.config, a) == 0.3 for a in model.adapter.dropout_config)
+    b = tiny_batch((9, 5, 7, 3))
+    model.train()
+    with torch.no_grad():
+        a1 = model(b["input_ids"], b["attention_mask"]).last_hidden
+        a2 = model(b["input_ids"], b["attention_mask"]).last_hidden
+        assert not torch.equal(a1, a2)  # dropout at work in training mode
+        model.set_dropout(0.0)
+        t = model(b["input_ids"], b["attention_mask"]).last_hidden
+        e = model.eval()(b["input_ids"], b["attention_mask"]).last_hidden
+    torch.testing.assert_close(t, e, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1"):
+        model.set_dropout(1)
+
+
+def test_families_without_segments_refuse_nonzero_token_types():
+    model = IntervenableMLM(TINY["distilbert"](layers=1))
+    b = tiny_batch((4, 3))
+    model(b["input_ids"], b["attention_mask"], torch.zeros_like(b["input_ids"]))  # the BERT batch default: fine
+    with pytest.raises(ValueError, match="token_type_ids: a distilbert model has no segment embeddings"):
+        model(b["input_ids"], b["attention_mask"], torch.ones_like(b["input_ids"]))

@@ -47,6 +47,34 @@ def tiny_distilbert(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: in
 TINY = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert}
 
 
+def tiny_words(vocab: int) -> list[str]:
+    """A vocabulary of `vocab` entries: the special tokens both tokenizer kinds use, then made-up words."""
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"]
+    return special + [f"w{i}" for i in range(vocab - len(special))]
+
+
+def tiny_bert_tokenizer(vocab: int = 97, shuffle_seed: int | None = None):
+    """A BERT tokenizer of exactly `vocab` tokens ([PAD] 0, [UNK], [CLS], [SEP], [MASK], then words; the words
+    in another order with `shuffle_seed`)."""
+    from transformers import BertTokenizerFast
+    words = tiny_words(vocab)
+    if shuffle_seed is not None:
+        order = torch.randperm(vocab - 6, generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        words = words[:6] + [words[6 + i] for i in order]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=False)
+
+
+def tiny_causal_tokenizer(vocab: int = 101):
+    """A word-level tokenizer of `vocab` tokens with <|endoftext|> as bos/eos and no pad token (as GPT-2's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = tiny_words(vocab)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+
+
 def tiny_pair(teacher_layers=4, student_layers=2, hidden=32, vocab=97, seed=0, family="bert"):
     teacher = TINY[family](teacher_layers, hidden, vocab=vocab, seed=seed)
     student = init_student_from_teacher(teacher, student_layers)

@@ -1,0 +1,291 @@
+"""Intervenable LMs: run a Hugging Face masked or causal LM block by block, without hooks.
+
+A *site* `l` is the output of transformer block `l` (HF `hidden_states[l + 1]`). One `forward` call can
+- keep the states of several sites (`keep`),
+- apply an intervention function at one or more sites (`interventions`: {block: fn(states) -> states}),
+- stop after a given block (`stop`), or
+- **resume** from block `l` given the states entering it (`resume_from=l, states=...`), i.e. the
+  (possibly intervened) states of site `l - 1`.
+Everything runs through module calls (embeddings, each block, the head), so DeepSpeed ZeRO-3's
+parameter-gathering hooks fire as they do for the HF model's own forward.
+
+What differs per family (blocks, embeddings, the mask / position / rotary arguments of a block, the head)
+lives in one adapter per family file; `ADAPTERS` maps `config.model_type` to it. The wrapper is
+family-neutral: embed (or resume), build the block context once, run blocks [start, stop).
+
+The head is split as the fused loss needs it: `head_transform` (an ordinary module: BERT's dense + act +
+LayerNorm; a decoder's final norm) and the decoder (`decoder_weight`, `decoder_bias`; `decoder_bias` is
+None for the bias-free `lm_head` of GPT-2 / Llama). `lm_loss` is a submodule whose forward computes the
+distillation head losses from transformed states.
+
+`last_hidden` is the output of the last block, before any final norm: for an encoder that is HF's
+`hidden_states[-1]`; for a decoder HF's `hidden_states[-1]` is after the final norm, which we count as
+the head's transform instead, so that `cos` compares what the last block wrote (the residual stream), as
+it does for an encoder, and every site is a block output of the same kind.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .adapter import FamilyAdapter
+from .bert import BertAdapter
+from .distilbert import DistilBertAdapter
+from .roberta import RobertaAdapter
+
+Intervention = Callable[[torch.Tensor], torch.Tensor]
+
+# config.model_type -> adapter class. Adding a family: its file, one entry here, its tests.
+FAMILIES: tuple[type[FamilyAdapter], ...] = (BertAdapter, RobertaAdapter, DistilBertAdapter)
+ADAPTERS: dict[str, type[FamilyAdapter]] = {t: a for a in FAMILIES for t in a.lm_classes}
+
+
+def supported_classes() -> str:
+    return ", ".join(c for a in FAMILIES for c in a.lm_classes.values())
+
+
+def adapter_for(model: nn.Module) -> FamilyAdapter:
+    """The adapter of `model`'s family, bound to it; a TypeError naming the supported classes otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adapter = ADAPTERS.get(model_type)
+    if adapter is None or not adapter.accepts(model):
+        raise TypeError(f"model must be a language model of a supported family ({supported_classes()}), got "
+                        f"{type(model).__name__}" + (f" (model_type {model_type!r})" if model_type else ""))
+    return adapter(model)
+
+
+@dataclass
+class PassOutput:
+    last_hidden: torch.Tensor                      # (B, S, D) output of the last block run (before any final norm)
+    sites: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, S, D) kept site states
+
+
+class DistillHeadLoss(nn.Module):
+    """Decoder + distillation losses on transformed states, as one module call (see `ops.distill_head_loss`).
+
+    It owns no parameters of its own: the decoder's weight and bias belong to the model (tied to the
+    word embeddings). Under ZeRO-3 the trainer registers them as external parameters of this module.
+    A decoder without a bias (`decoder_bias` None, GPT-2 / Llama) is given to the op as zeros.
+    """
+
+    def __init__(self, owner: "IntervenableLM"):
+        super().__init__()
+        self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
+
+    def forward(self, hidden, teacher_hidden, teacher_weight, teacher_bias, labels, kd_mask,
+                temperature: float, impl: str = "auto", chunk_size: int | None = None):
+        from ..ops import distill_head_loss
+        owner = self._owner[0]
+        weight, bias = owner.decoder_weight, owner.decoder_bias
+        bias = weight.new_zeros(weight.shape[0]) if bias is None else bias                 # (V,)
+        if teacher_weight is not None and teacher_bias is None:
+            teacher_bias = teacher_weight.new_zeros(teacher_weight.shape[0])               # (V,)
+        return distill_head_loss(hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
+                                 kd_mask, temperature, chunk_size=chunk_size, impl=impl)
+
+
+class IntervenableLM(nn.Module):
+    """Wraps a Hugging Face LM of a supported family so passes can be cut, intervened on and resumed.
+
+    Attributes: `model` (the HF model), `adapter` (its family adapter), `family` (e.g. "bert", "llama"),
+    `kind` ("masked" or "causal"), `lm_loss`, `site_projection` (None until `attach_site_projection`).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.adapter = adapter_for(model)
+        self.family = self.adapter.family
+        self.kind = self.adapter.kind
+        self.model = model
+        self.lm_loss = DistillHeadLoss(self)
+        self.site_projection: nn.Linear | None = None  # student -> teacher width, for the `mse` loss
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def base(self) -> nn.Module:  # the model without its head; a property, not a second registration
+        return self.adapter.base
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.adapter.blocks
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    # ---- head --------------------------------------------------------------------------------
+    @property
+    def head_transform(self) -> nn.Module:
+        return self.adapter.head_transform
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:  # (V, D)
+        return self.adapter.decoder.weight
+
+    @property
+    def decoder_bias(self) -> torch.Tensor | None:  # (V,), or None when the decoder has no bias
+        return self.adapter.decoder_bias
+
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (..., V) from last-block states: the HF head, as the naive step uses it."""
+        return self.adapter.logits(last_hidden)
+
+    def attach_site_projection(self, teacher_hidden: int) -> nn.Linear:
+        """A learned map of site states to the teacher's width for `mse` when widths differ."""
+        self.site_projection = nn.Linear(self.hidden_size, teacher_hidden)
+        return self.site_projection
+
+    def set_dropout(self, p: float) -> None:
+        """Every dropout probability of the model set to `p` (config, nn.Dropout modules, and the float
+        attributes some attention modules read instead), e.g. 0 for exactly repeatable training."""
+        if not 0 <= p < 1:
+            raise ValueError(f"p must be in [0, 1), got {p}")
+        for name in self.adapter.dropout_config:
+            setattr(self.model.config, name, p)
+        for m in self.model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            for name in self.adapter.dropout_attrs:
+                if isinstance(getattr(m, name, None), float):
+                    setattr(m, name, p)
+
+    # ---- passes ------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, D) states entering block 0 (a causal LM takes its position ids from `attention_mask`)."""
+        return self.adapter.embed(input_ids, token_type_ids, attention_mask)
+
+    def block_context(self, attention_mask: torch.Tensor, states: torch.Tensor, cache=None) -> dict:
+        """What every block of a pass needs (mask, position ids, rotary cos/sin, cache), built once."""
+        return self.adapter.block_context(attention_mask, states, cache)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        *,
+        keep: tuple[int, ...] | set[int] = (),
+        interventions: dict[int, Intervention] | None = None,
+        resume_from: int | None = None,
+        states: torch.Tensor | None = None,
+        stop: int | None = None,
+        cache=None,
+    ) -> PassOutput:
+        """Run blocks [start, stop) and return the last states and the kept sites.
+
+        start = 0 (from the embeddings of `input_ids`) or `resume_from` (from `states`, the states that
+        enter block `resume_from`). `stop` defaults to the number of blocks; with an earlier stop,
+        `last_hidden` is the output of block `stop - 1`.
+
+        `cache` (causal LMs only; a transformers `DynamicCache` holding the keys/values of the first q0
+        positions in every block run): `input_ids` / `states` then cover positions [q0, S) only, while
+        `attention_mask` covers [0, S); the blocks append their keys/values to the cache (HF's convention).
+        """
+        n = self.num_layers
+        stop = n if stop is None else stop
+        interventions = interventions or {}
+        for l in list(keep) + list(interventions):
+            if not 0 <= l < n:
+                raise ValueError(f"site {l} does not exist: the model has blocks 0..{n - 1}")
+        past = 0 if cache is None else cache.get_seq_length()
+        if resume_from is None:
+            if input_ids is None:
+                raise ValueError("input_ids is required unless resume_from and states are given")
+            _check_mask(input_ids, attention_mask, past)
+            h = self.embed(input_ids, token_type_ids, attention_mask)
+            start = 0
+        else:
+            if states is None:
+                raise ValueError("resume_from needs `states`: the states entering that block")
+            if not 0 <= resume_from <= n:
+                raise ValueError(f"resume_from={resume_from} out of range 0..{n}")
+            expected = (states.shape[0], past + states.shape[1])
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                 f"{expected} (the states' batch and sequence"
+                                 + (f", after the {past} cached positions)" if past else ")"))
+            h, start = states, resume_from
+        ctx = self.block_context(attention_mask, h, cache)
+        sites = {}
+        for l in range(start, stop):
+            h = self.adapter.run_block(l, h, ctx)
+            if l in interventions:
+                h = interventions[l](h)
+            if l in keep:
+                sites[l] = h
+        return PassOutput(last_hidden=h, sites=sites)
+
+
+IntervenableMLM = IntervenableLM  # the name from when only masked LMs were supported
+
+
+def _check_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, past: int = 0):
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    expected = (input_ids.shape[0], past + input_ids.shape[1])
+    if attention_mask is None or tuple(attention_mask.shape) != expected:
+        got = None if attention_mask is None else tuple(attention_mask.shape)
+        where = f" plus the {past} cached positions" if past else ""
+        raise ValueError(f"attention_mask must have the shape of input_ids{where} {expected}, got {got}")
+
+
+# ---- student initialisation -------------------------------------------------------------------
+
+def student_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher blocks copied into the student: spread evenly, always the last (12 -> 6: 0,2,4,7,9,11)."""
+    if not 1 <= student_layers <= teacher_layers:
+        raise ValueError(f"student_layers must be in 1..{teacher_layers} (the teacher's), got {student_layers}")
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
+
+
+def init_student_from_teacher(teacher: nn.Module, student_layers: int) -> nn.Module:
+    """A student of the same family and width: the teacher's embeddings, head, final norm and a layer subset
+    (DistilBERT / DistilGPT2 style). `teacher` is the HF model (e.g. `IntervenableLM.model`)."""
+    adapter = adapter_for(teacher)  # also: a clear error for an unsupported model, before its config is read
+    layers = student_layer_map(len(adapter.blocks), student_layers)
+    config = adapter.student_config(copy.deepcopy(teacher.config), layers)
+    student = type(teacher)(config)
+    prefix = adapter.layer_prefix()
+    new_state = {}
+    for k, v in teacher.state_dict().items():
+        if k.startswith(prefix):
+            idx, rest = k[len(prefix):].split(".", 1)
+            if int(idx) in layers:
+                new_state[f"{prefix}{layers.index(int(idx))}.{rest}"] = v.clone()
+        else:
+            new_state[k] = v.clone()
+    missing, unexpected = student.load_state_dict(new_state, strict=False)
+    student.tie_weights()
+    # a key may be missing only because it is tied to one that was loaded (the decoder to the embeddings)
+    state = student.state_dict()
+    loaded = {state[k].data_ptr() for k in new_state if k in state}
+    missing = [k for k in missing if state[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise RuntimeError(f"student init from teacher: missing {missing}, unexpected {unexpected}")
+    return student
+
+
+from .load import check_same_tokenizer, load_model  # noqa: E402  (load uses the registry above)
+
+__all__ = ["ADAPTERS", "FAMILIES", "FamilyAdapter", "IntervenableLM", "IntervenableMLM", "Intervention",
+           "PassOutput", "adapter_for", "check_same_tokenizer", "init_student_from_teacher", "load_model",
+           "student_layer_map"]
