@@ -493,3 +493,8 @@ def validation_batches(tokenized_split, tokenizer, batch_size: int, *, n_sequenc
         out.append({k: torch.cat([torch.nn.functional.pad(r[k], (0, S - r[k].shape[1]), value=fill[k])
                                   for r in part]) for k in part[0]})  # (B, S) each
     return out
+
+
+if __name__ == "__main__":  # the former `python -m iit_fast.data build`; the command lives in iit_fast.corpus
+    from .corpus import main
+    main()
