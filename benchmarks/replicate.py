@@ -7,7 +7,7 @@ number of steps, train
 - **causal** distillation (DIITO): `--mode fast` with the published weights (ce + mlm + cos + iit),
 for several seeds each (seed: data order, MLM masks, intervention plans, dropout), with
 `iit_fast/train.py` as a subprocess, one run after the other. Then evaluate every exported student with
-`iit_fast.eval` on the same validation batches (masks fixed by `teacher.EVAL_SEED`): MLM perplexity,
+`iit_fast.eval` on the same validation batches (rows and masks fixed by `eval.EVAL_SEED`): MLM perplexity,
 top-1, and IIA / counterfactual KL against the teacher under the training alignment (plans fixed by
 `eval.IIA_SEED`). Then fine-tune every student, the student at initialisation and the teacher on an
 offline downstream task (`iit_fast.finetune.build_source_task`: which of five manuals a paragraph comes
@@ -93,31 +93,26 @@ def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
 
 
 def evaluate_runs(a, infos: list[dict]) -> None:
-    from iit_fast.eval import interchange_accuracy, load_masked_lm, mlm_metrics, parse_alignment, validation_batches
-    from iit_fast.models import IntervenableMLM
+    from iit_fast.eval import interchange_accuracy, lm_metrics, load_validation, parse_alignment
+    from iit_fast.models import IntervenableLM, init_student_from_teacher, load_model
     from iit_fast.teacher import default_teacher_path
     teacher_dir = a.teacher or default_teacher_path(a.cache_dir)
-    t, tok = load_masked_lm(teacher_dir)
-    batches = validation_batches(tok, a.corpus, a.eval_batch_size, a.max_length, a.cache_dir)
+    ti, tok = load_model(teacher_dir, kind="masked", arg="teacher")
     n = a.eval_batches or None
-    ti = IntervenableMLM(t)
-    a.teacher_eval = mlm_metrics(t, batches, n)
+    batches = load_validation(tok, a.corpus, a.eval_batch_size, a.max_length, a.cache_dir, max_batches=n)
+    a.teacher_eval = lm_metrics(ti, batches)
     for info in infos:
-        s, _ = load_masked_lm(Path(info["out"]) / "student")
-        si = IntervenableMLM(s)
+        si, _ = load_model(Path(info["out"]) / "student", kind="masked", arg="student")
         pairs = parse_alignment(a.alignment, ti.num_layers, si.num_layers)
-        info["eval"] = {"mlm": mlm_metrics(s, batches, n),
-                        "iia": interchange_accuracy(ti, si, batches, pairs, n)}
+        info["eval"] = {"mlm": lm_metrics(si, batches), "iia": interchange_accuracy(ti, si, batches, pairs)}
         e = info["eval"]
         print(f"[replicate] eval {info['mode']} seed {info['seed']}: ppl {e['mlm']['perplexity']:.1f} "
               f"top-1 {e['mlm']['top1']:.3f} IIA {e['iia']['iia']:.3f} cf-KL {e['iia']['cf_kl']:.3f}", flush=True)
     # the starting point: the student before any training (the same for every run)
-    from iit_fast.models import init_student_from_teacher
-    s0 = init_student_from_teacher(t, infos[0]["student_layers"]).eval()
-    a.init_eval = {"mlm": mlm_metrics(s0, batches, n),
-                   "iia": interchange_accuracy(ti, IntervenableMLM(s0), batches,
-                                               parse_alignment(a.alignment, ti.num_layers, infos[0]["student_layers"]),
-                                               n)}
+    s0 = IntervenableLM(init_student_from_teacher(ti.model, infos[0]["student_layers"])).eval()
+    a.init_eval = {"mlm": lm_metrics(s0, batches),
+                   "iia": interchange_accuracy(ti, s0, batches,
+                                               parse_alignment(a.alignment, ti.num_layers, s0.num_layers))}
 
 
 def finetune_cached(a, model_dir: Path, seed: int, out_json: Path, task_files) -> dict:
@@ -140,16 +135,15 @@ def finetune_cached(a, model_dir: Path, seed: int, out_json: Path, task_files) -
 def downstream_runs(a, infos: list[dict]) -> None:
     """Fine-tune every student (seed = its distillation seed), the student at initialisation (every seed:
     the fine-tuning noise floor) and the teacher (seed 0) on the offline source-classification task."""
-    from iit_fast.eval import load_masked_lm
     from iit_fast.finetune import build_source_task
-    from iit_fast.models import init_student_from_teacher
+    from iit_fast.models import init_student_from_teacher, load_model
     from iit_fast.teacher import default_teacher_path
     task_files = build_source_task(a.runs_dir / "source-task")
     teacher_dir = Path(a.teacher or default_teacher_path(a.cache_dir))
     init_dir = a.runs_dir / "init-student"
     if not (init_dir / "config.json").is_file():
-        t, tok = load_masked_lm(teacher_dir)
-        init_student_from_teacher(t, a.student_layers).save_pretrained(init_dir)
+        t, tok = load_model(teacher_dir, kind="masked", arg="teacher")
+        init_student_from_teacher(t.model, a.student_layers).save_pretrained(init_dir)
         tok.save_pretrained(init_dir)
     for info in infos:
         out = Path(info["out"])

@@ -16,8 +16,8 @@ import torch
 from transformers import BertTokenizer
 
 from iit_fast import cli
-from iit_fast.eval import (counterfactual_hidden, identity_alignment, interchange_accuracy, mlm_metrics,
-                           parse_alignment)
+from iit_fast.eval import (counterfactual_hidden, identity_alignment, interchange_accuracy, lm_metrics,
+                           parse_alignment, scored_positions)
 from iit_fast.finetune import accuracy_macro_f1
 from iit_fast.models import IntervenableMLM
 from iit_fast.ops.reference import interchange_reference
@@ -52,12 +52,12 @@ def hand_ppl(model, bs):
 def test_perplexity_is_exp_mean_token_nll():
     model = tiny_bert(layers=2)
     bs = batches(3)
-    got = mlm_metrics(model, bs)
+    got = lm_metrics(model, bs)
     ppl, top1, n = hand_ppl(model, bs)
     assert got["tokens"] == n
     assert got["perplexity"] == pytest.approx(ppl, rel=1e-5)
     assert got["top1"] == pytest.approx(top1)
-    assert mlm_metrics(model, bs, max_batches=1)["tokens"] == hand_ppl(model, bs[:1])[2]
+    assert lm_metrics(model, bs, max_batches=1)["tokens"] == hand_ppl(model, bs[:1])[2]
 
 
 def test_perplexity_of_a_non_bert_masked_lm():
@@ -65,10 +65,32 @@ def test_perplexity_of_a_non_bert_masked_lm():
     torch.manual_seed(0)
     cfg = RobertaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=80, pad_token_id=0)
-    model = RobertaForMaskedLM(cfg).eval()
+    model = RobertaForMaskedLM(cfg).eval()  # dropout 0.1: a pass in training mode would differ
     bs = batches(2)
-    got = mlm_metrics(model, bs)
+    got = lm_metrics(model, bs)
+    assert not model.training  # a plain HF model is wrapped in its own mode, and left in it
     assert got["perplexity"] == pytest.approx(hand_ppl(model, bs)[0], rel=1e-5)
+    assert lm_metrics(model.train(), bs)["perplexity"] == pytest.approx(got["perplexity"], rel=1e-6)
+    assert model.training  # evaluated without dropout, then put back in training mode
+
+
+def test_scored_positions_by_hand():
+    b = {"input_ids": torch.tensor([[7, 8, 9, 0], [5, 6, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0],
+                                                                                                   [1, 1, 0, 0]]),
+         "labels": torch.tensor([[-100, 8, -100, -100], [5, -100, -100, -100]])}
+    rows, targets = scored_positions(b, "masked")
+    assert rows.tolist() == [[False, True, False, False], [True, False, False, False]] and targets.tolist() == [8, 5]
+    # causal: position t predicts the label at t + 1 (here the labels are all real tokens)
+    causal = {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}
+    rows, targets = scored_positions(causal, "causal")
+    assert rows.tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert targets.tolist() == [8, 9, 6]
+    no_labels = {k: v for k, v in causal.items() if k != "labels"}
+    assert [t.tolist() for t in scored_positions(no_labels, "causal")] == [rows.tolist(), targets.tolist()]
+    with pytest.raises(ValueError, match="kind must be 'masked' or 'causal'"):
+        scored_positions(b, "seq2seq")
+    with pytest.raises(ValueError, match="expected a 'labels' entry"):
+        scored_positions(no_labels, "masked")
 
 
 # ---- IIA ------------------------------------------------------------------------------------------------
@@ -149,8 +171,8 @@ def test_cli_eval_copy_student(assets, tmp_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["iia"]["iia"] == 1.0 and abs(res["iia"]["cf_kl"]) < 1e-6
-    assert res["mlm"]["perplexity"] == pytest.approx(res["teacher_mlm"]["perplexity"])
-    assert res["mlm"]["tokens"] > 0 and json.loads(capsys.readouterr().out)["iia"]["iia"] == 1.0
+    assert res["lm"]["perplexity"] == pytest.approx(res["teacher_lm"]["perplexity"])
+    assert res["lm"]["tokens"] > 0 and json.loads(capsys.readouterr().out)["iia"]["iia"] == 1.0
 
 
 def test_cli_eval_errors(assets, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""The teacher builder end to end on a tiny random BERT and a tiny corpus (no download), and load_teacher's
-errors for bad input."""
+"""The teacher builder end to end on a tiny random BERT and a tiny corpus (no download), its errors for bad
+input, and the loader's errors for a teacher folder (`models.load_model(..., arg="teacher")`)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,9 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
 
 from iit_fast import teacher as T
-from iit_fast.data import MLMBatches, load_corpus, tokenize_corpus
+from iit_fast.data import load_corpus, tokenize_corpus, validation_batches
+from iit_fast.eval import EVAL_SEED, lm_metrics
+from iit_fast.models import load_model
 
 WORDS = ("the a of and to in is was it for on with as he she they we you that this there be have had "
          "not are were by at from or but his her their one all would when which what who will more no "
@@ -78,15 +80,16 @@ def test_builder_end_to_end_on_tiny_encoder(tmp_path):
     assert metrics["initial"]["perplexity"] < 3 * metrics["unigram"]["perplexity"]
     # a standard BertForMaskedLM checkpoint: safetensors, head weights, decoder tied, tokenizer beside it
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
-    model, tok = T.load_teacher(out)
+    lm, tok = load_model(out, kind="masked", arg="teacher")
+    model = lm.model
     assert isinstance(model, BertForMaskedLM) and not model.training
     assert model.cls.predictions.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
     assert len(tok) == model.config.vocab_size
     # reloading gives the same figures: what was saved is what was measured
     td = tokenize_corpus(load_corpus(str(corpus)), tok, max_length=32, num_proc=1, cache_dir=tmp_path / "cache")
-    val = list(MLMBatches(td["validation"], tok, min(8, len(td["validation"])), seed=T.EVAL_SEED,
-                          shuffle=False, drop_last=False))
-    again = T.evaluate_mlm(model, val)
+    val = validation_batches(td["validation"], tok, 8, n_sequences=min(16 * 8, len(td["validation"])),
+                             seed=EVAL_SEED)
+    again = lm_metrics(lm, val)
     assert again["perplexity"] == pytest.approx(metrics["final"]["perplexity"], rel=1e-4)
     # cached: a second call returns at once without rebuilding
     mtime = (out / "metrics.json").stat().st_mtime
@@ -98,29 +101,31 @@ def test_builder_end_to_end_on_tiny_encoder(tmp_path):
 def test_time_budget_stops_the_adaptation(tmp_path):
     enc, _ = tiny_encoder(tmp_path)
     corpus = tiny_corpus(tmp_path)
-    out = T.build_default_teacher(encoder=str(enc), corpus=str(corpus), head_steps=0, adapt_steps=10_000,
-                                  batch_size=8, max_length=32, progress=False, out_dir=tmp_path / "t",
-                                  cache_dir=tmp_path / "cache", max_adapt_seconds=1.0)
+    with pytest.warns(RuntimeWarning, match="time cap of 1 s stopped training after"):
+        out = T.build_default_teacher(encoder=str(enc), corpus=str(corpus), head_steps=0, adapt_steps=10_000,
+                                      batch_size=8, max_length=32, progress=False, out_dir=tmp_path / "t",
+                                      cache_dir=tmp_path / "cache", max_adapt_seconds=1.0)
     m = json.loads((out / "metrics.json").read_text())
     assert 0 < m["adapt_phase"]["steps"] < 10_000  # only the 1 s budget can stop it before 10,000 steps
+    assert m["adapt_phase"]["stopped_by_time_cap"] and not m["head_phase"]["stopped_by_time_cap"]
 
 
 def test_load_teacher_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="teacher: .*does not exist"):
-        T.load_teacher(tmp_path / "nowhere")
+        load_model(tmp_path / "nowhere", kind="masked", arg="teacher")
     enc, _ = tiny_encoder(tmp_path)  # a BertModel: no MLM head
-    with pytest.raises(ValueError, match=r"teacher: .*no MLM head weights .*expected a BertForMaskedLM"):
-        T.load_teacher(enc)
+    with pytest.raises(ValueError, match=r"teacher: .*no LM head weights .*expected a BertForMaskedLM"):
+        load_model(enc, kind="masked", arg="teacher")
     mlm, _ = tiny_encoder(tmp_path, with_head=True)
-    model, tok = T.load_teacher(mlm)
-    assert isinstance(model, BertForMaskedLM)
+    model, tok = load_model(mlm, kind="masked", arg="teacher")
+    assert isinstance(model.model, BertForMaskedLM)
     # a tokenizer of another vocabulary
     other = tmp_path / "other_tok"
     other.mkdir()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]
     BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(other)
     with pytest.raises(ValueError, match=r"tokenizer_path: .*7 tokens but the model's vocab_size is \d+"):
-        T.load_teacher(mlm, tokenizer_path=other)
+        load_model(mlm, kind="masked", tokenizer_path=other, arg="teacher")
     with pytest.raises(ValueError, match=r"tokenizer: .*7 tokens"):
         T.build_default_teacher(encoder=str(enc), tokenizer=str(other), corpus=str(tiny_corpus(tmp_path)),
                                 head_steps=1, adapt_steps=1, out_dir=tmp_path / "x", progress=False)
