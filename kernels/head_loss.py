@@ -9,17 +9,19 @@ Math of one row (a token), V logits, temperature T, z_s student logits, z_t teac
 
     a_s = z_s / T,  a_t = z_t / T
     lse_s = logsumexp(a_s),  lse_t = logsumexp(a_t),  lse_1 = logsumexp(z_s)          (online, pass 1)
-    p_s = exp(a_s - lse_s),  p_t = exp(a_t - lse_t),  p_1 = exp(z_s - lse_1)
-    KL(p_t || p_s) = sum_v p_t (a_t - a_s) - lse_t + lse_s     (sum_v p_t = 1 folds the log terms out)
+    p_s = exp(a_s - lse_s),  p_t = exp(a_t - lse_t),  p_1 = exp(z_s - lse_1),  u = log(p_s / p_t)
+    KL(p_t || p_s) = sum_v p_t (e^u - 1 - u)       (pass 2; every term >= 0: no cancellation, no error floor)
     CE(z_s, y)     = lse_1 - z_s[y]
 
-The loss over the chunk is  L = T^2 * sum_rows w_kd * KL + sum_rows w_lab * CE,  with per-row weights
-w_kd = kd_mask / n_kd and w_lab = [y != -100] / n_lab given by the caller. Its gradient (pass 2):
+The gradient (pass 2), with per-row gradient weights g_kd = kd_weight * kd_mask / n_kd and
+g_lab = lm_weight * [y != -100] / n_lab given by the caller:
 
-    dL/dz_s = w_kd * T^2 * (1/T) * (p_s - p_t)  +  w_lab * (p_1 - onehot(y))
-            = w_kd * T * (p_s - p_t)            +  w_lab * (p_1 - onehot(y))
+    dL/dz_s = g_kd * T^2 * (1/T) * (p_s - p_t)  +  g_lab * (p_1 - onehot(y))
+            = g_kd * T * (p_s - p_t)            +  g_lab * (p_1 - onehot(y))
 
 The teacher takes no gradient. Rows write their unweighted KL and CE; the caller applies the weights.
+Logits may be fp32, bf16 or fp16: loads upcast to fp32, all arithmetic is fp32, the gradient is stored in the
+student logits' dtype. fp64 is refused (the kernel would compute it in fp32).
 """
 from __future__ import annotations
 
@@ -34,14 +36,33 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _kl_term(p_s, p_t, u):
+    """p_t (e^u - 1 - u), u = log(p_s / p_t): the series sum_{k>=2} u^k / k! for |u| < 1 (Horner to k = 13),
+    else p_s - p_t (1 + u) (no cancellation there). Never negative."""
+    h = 1.0 / 6227020800.0
+    h = h * u + 1.0 / 479001600.0
+    h = h * u + 1.0 / 39916800.0
+    h = h * u + 1.0 / 3628800.0
+    h = h * u + 1.0 / 362880.0
+    h = h * u + 1.0 / 40320.0
+    h = h * u + 1.0 / 5040.0
+    h = h * u + 1.0 / 720.0
+    h = h * u + 1.0 / 120.0
+    h = h * u + 1.0 / 24.0
+    h = h * u + 1.0 / 6.0
+    h = h * u + 0.5
+    return tl.where(tl.abs(u) < 1.0, p_t * (h * u * u), p_s - p_t * (1.0 + u))
+
+
+@triton.jit
 def _distill_head_loss_kernel(
-    zs_ptr,         # (C, V) fp32 student logits of the chunk; overwritten with dL/dz_s
+    zs_ptr,         # (C, V) fp32/bf16/fp16 student logits of the chunk; overwritten with dL/dz_s
     zs_stride,      # row stride of zs (elements)
-    zt_ptr,         # (C, V) fp32 teacher logits of the chunk; read only
+    zt_ptr,         # (C, V) fp32/bf16/fp16 teacher logits of the chunk; read only
     zt_stride,      # row stride of zt (elements)
     labels_ptr,     # (C,) int64 MLM targets, -100 = none (unused unless HAS_LABELS)
-    w_kd_ptr,       # (C,) fp32 per-row KL weight: kd_mask / n_kd
-    w_lab_ptr,      # (C,) fp32 per-row CE weight: [y != -100] / n_lab (unused unless HAS_LABELS)
+    w_kd_ptr,       # (C,) fp32 per-row KL gradient weight: kd_weight * kd_mask / n_kd
+    w_lab_ptr,      # (C,) fp32 per-row CE gradient weight: lm_weight * [y != -100] / n_lab (unless HAS_LABELS)
     kl_ptr,         # (C,) fp32 out: KL(p_t || p_s) of the row (no T^2, no weight)
     ce_ptr,         # (C,) fp32 out: CE(z_s, y) of the row, 0 without a label (unused unless HAS_LABELS)
     V,              # vocabulary size
@@ -55,13 +76,11 @@ def _distill_head_loss_kernel(
     zt_row = zt_ptr + row * zt_stride
     offs = tl.arange(0, BLOCK_V)
 
-    # ---- pass 1: online max / sum-exp of a_s, a_t (and z_s at T=1 for the CE), and
-    #      x_t = sum_v exp(a_t - m_t) * (a_t - a_s), rescaled whenever the running max m_t moves.
+    # ---- pass 1: online max / sum-exp of a_s, a_t (and z_s at T=1 for the CE)
     m_s = tl.zeros([], tl.float32) - float("inf")
     d_s = tl.zeros([], tl.float32)
     m_t = tl.zeros([], tl.float32) - float("inf")
     d_t = tl.zeros([], tl.float32)
-    x_t = tl.zeros([], tl.float32)
     m_1 = tl.zeros([], tl.float32) - float("inf")
     d_1 = tl.zeros([], tl.float32)
     for start in range(0, V, BLOCK_V):
@@ -75,13 +94,9 @@ def _distill_head_loss_kernel(
         m_s_new = tl.maximum(m_s, tl.max(a_s, 0))
         d_s = d_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(a_s - m_s_new), 0)
         m_s = m_s_new
-        # teacher at T: d_t = sum e_t, x_t = sum e_t (a_t - a_s), e_t = exp(a_t - m_t)
+        # teacher at T: d_t = sum exp(a_t - m_t)
         m_t_new = tl.maximum(m_t, tl.max(a_t, 0))
-        rescale = tl.exp(m_t - m_t_new)
-        e_t = tl.exp(a_t - m_t_new)                      # 0 on masked lanes
-        diff = (tl.where(mask, zt, 0.0) - tl.where(mask, zs, 0.0)) * inv_T   # a_t - a_s; 0 on masked lanes
-        d_t = d_t * rescale + tl.sum(e_t, 0)
-        x_t = x_t * rescale + tl.sum(e_t * diff, 0)
+        d_t = d_t * tl.exp(m_t - m_t_new) + tl.sum(tl.exp(a_t - m_t_new), 0)
         m_t = m_t_new
         if HAS_LABELS:
             # student at T=1 for the CE: d_1 = sum exp(z_s - m_1)
@@ -91,9 +106,9 @@ def _distill_head_loss_kernel(
 
     lse_s = m_s + tl.log(d_s)
     lse_t = m_t + tl.log(d_t)
-    # KL(p_t || p_s) = sum p_t (a_t - a_s) - (lse_t - lse_s); the lse difference is taken as
-    # (m_t - m_s) + log(d_t / d_s), not from two rounded lse's: KL is small when p_s ~ p_t
-    tl.store(kl_ptr + row, x_t / d_t - (m_t - m_s) - tl.log(d_t / d_s))
+    # lse_s - lse_t, taken as (m_s - m_t) + log(d_s / d_t), not from two rounded lse's: u is small when
+    # p_s ~ p_t
+    c = (m_s - m_t) + tl.log(d_s / d_t)
     g_kd = tl.load(w_kd_ptr + row).to(tl.float32) * T    # w_kd * T^2 * (1/T)
 
     if HAS_LABELS:
@@ -109,7 +124,9 @@ def _distill_head_loss_kernel(
         lse_1 = 0.0
         g_lab = 0.0
 
-    # ---- pass 2: dL/dz_s = w_kd T (p_s - p_t) + w_lab (p_1 - onehot(y)), written over z_s
+    # ---- pass 2: KL = sum_v p_t (e^u - 1 - u), and dL/dz_s = g_kd T (p_s - p_t) + g_lab (p_1 - onehot(y))
+    #      written over z_s
+    kl = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
@@ -117,22 +134,34 @@ def _distill_head_loss_kernel(
         zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
         p_s = tl.exp(zs * inv_T - lse_s)
         p_t = tl.exp(zt * inv_T - lse_t)
+        kl += tl.where(mask, _kl_term(p_s, p_t, (zs - zt) * inv_T - c), 0.0)
         dz = g_kd * (p_s - p_t)
         if HAS_LABELS:
             p_1 = tl.exp(zs - lse_1)
             dz += g_lab * (p_1 - tl.where(cols == y, 1.0, 0.0))
-        tl.store(zs_row + cols, dz, mask=mask)
+        tl.store(zs_row + cols, dz.to(zs_ptr.dtype.element_ty), mask=mask)
+    tl.store(kl_ptr + row, tl.sum(kl, 0))
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def distill_head_loss_chunk_triton(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
                                    w_kd: torch.Tensor, w_lab: torch.Tensor | None, temperature: float):
-    """One chunk: overwrites `zs` (C, V) fp32 with dL/dz_s; returns (zs, kl_rows, ce_rows or None).
+    """One chunk: overwrites `zs` (C, V) with dL/dz_s; returns (zs, kl_rows, ce_rows or None), rows fp32.
 
-    zs, zt: (C, V) fp32 with unit column stride; labels (C,) int64 or None; w_kd, w_lab (C,) fp32.
+    zs, zt: (C, V) fp32/bf16/fp16 with unit column stride; labels (C,) int64 or None; w_kd, w_lab (C,) fp32
+    per-row gradient weights.
     """
     C, V = zs.shape
-    assert zs.dtype == torch.float32 and zt.dtype == torch.float32, "logit chunks are fp32"
-    assert zs.stride(1) == 1 and zt.stride(1) == 1
+    for name, z in (("zs", zs), ("zt", zt)):
+        if z.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"distill_head_loss triton kernel: {name} has dtype {z.dtype}; supported: "
+                             f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} (fp64: use impl='chunked')")
+        if z.stride(1) != 1:
+            raise ValueError(f"distill_head_loss triton kernel: {name} needs unit column stride")
+    w_kd = w_kd.to(torch.float32).contiguous()
+    w_lab = w_lab.to(torch.float32).contiguous() if w_lab is not None else None
     kl = torch.empty(C, dtype=torch.float32, device=zs.device)
     has_labels = labels is not None
     ce = torch.empty(C, dtype=torch.float32, device=zs.device) if has_labels else kl

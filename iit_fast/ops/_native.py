@@ -5,8 +5,11 @@
 The sources are compiled once, on first use, by `torch.utils.cpp_extension.load(..., is_python_module=False)`
 into its cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions): a few seconds, announced on
 stderr; later processes load the cached library at once. No torch headers are included, so the build is
-quick and the library is independent of the torch ABI. Flags: `-O3 -fopenmp` (no `-march=native`: a cache
-directory may be shared by machines of different CPUs; the inner loops carry `#pragma omp simd`).
+quick and the library is independent of the torch ABI. Flags: `-O3 -fopenmp`, nothing else: no `-march=native`
+(a cache directory may be shared by machines of different CPUs; sources that want AVX2 / AVX-512 compile their
+hot functions for several targets with `target_clones`, dispatched at load time) and no `-ffast-math` (it
+would let the compiler reorder sums and, linked, flush denormals for the whole process; the inner loops carry
+`#pragma omp simd`, and exp is hand-written where it must vectorise).
 Several sources may go into one library; each (name, sources, flags) is built and loaded once per process.
 Other ops can reuse `load_native` with their own name and sources (and list them in LIBRARIES, which
 `python -m iit_fast.ops._native` builds ahead of first use, e.g. in an install or CI step).
@@ -29,8 +32,12 @@ DEFAULT_LDFLAGS = ("-fopenmp",)
 _cache: dict[tuple, ctypes.CDLL | Exception] = {}
 
 
+FIX_HINT = "fix: install a C++ compiler (g++) and ninja (pip install ninja)"
+
+
 class NativeUnavailable(RuntimeError):
-    """The native library could not be built or loaded (no compiler, no ninja, build error)."""
+    """The native library could not be built or loaded (no compiler, no ninja, build error); the message
+    says why and how to fix it."""
 
 
 def csrc_dir() -> Path:
@@ -48,10 +55,10 @@ def load_native(name: str, sources, extra_cflags=DEFAULT_CFLAGS, extra_ldflags=D
     if isinstance(hit, ctypes.CDLL):
         return hit
     if isinstance(hit, Exception):
-        raise NativeUnavailable(str(hit)) from hit
+        raise NativeUnavailable(_reason(hit)) from hit
     try:
         if shutil.which("ninja") is None and not _has_ninja_module():
-            raise NativeUnavailable("ninja is not installed (pip install ninja)")
+            raise NativeUnavailable("ninja is not installed")
         from torch.utils.cpp_extension import _get_build_directory, load
 
         build_dir = _get_build_directory(name, verbose=False)
@@ -68,9 +75,17 @@ def load_native(name: str, sources, extra_cflags=DEFAULT_CFLAGS, extra_ldflags=D
         lib = ctypes.CDLL(lib_path)
     except Exception as e:  # compiler missing, build error: remember and report
         _cache[key] = e
-        raise NativeUnavailable(f"{type(e).__name__}: {e}") from e
+        raise NativeUnavailable(_reason(e)) from e
     _cache[key] = lib
     return lib
+
+
+def _reason(e: Exception) -> str:
+    msg = str(e) if isinstance(e, NativeUnavailable) else f"{type(e).__name__}: {e}"
+    if FIX_HINT in msg:
+        return msg
+    msg = " ".join(msg.split())   # a build log on one line; its end holds the compiler's error
+    return f"{msg if len(msg) <= 400 else '...' + msg[-400:]}; {FIX_HINT}"
 
 
 def _has_ninja_module() -> bool:
@@ -92,7 +107,7 @@ def extensions_dir() -> str:
 
 # Libraries of the package's ops, so that an install step or CI can build them ahead of first use:
 #     python -m iit_fast.ops._native
-LIBRARIES = {"iit_fast_interchange": ("interchange.cpp",)}
+LIBRARIES = {"iit_fast_interchange": ("interchange.cpp",), "iit_fast_head_loss": ("head_loss.cpp",)}
 
 
 def build_all() -> dict[str, str]:

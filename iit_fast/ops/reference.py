@@ -1,7 +1,9 @@
 """Plain PyTorch references of the fused ops (DESIGN.md section 3).
 
 These are the ground truth every fast path is tested against: readable, autograd does the backward,
-no cleverness. The fused implementations in `iit_fast.ops.*` (Triton on CUDA, native C++ on CPU) must
+no cleverness. They promote, never cast down: arithmetic runs in `compute_dtype(x) =
+promote_types(x.dtype, float32)`, so bf16/fp16 inputs are computed in fp32 and fp64 inputs stay fp64 (the
+naive step on fp64 inputs is an fp64 ground truth). The fused implementations in `iit_fast.ops.*` (Triton on CUDA, native C++ on CPU) must
 return the same values and gradients.
 
 Shapes: B rows, S positions, D hidden dims, V vocabulary, N tokens (flattened real tokens).
@@ -10,6 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the references compute in: x's dtype promoted to at least fp32 (fp64 stays fp64)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def span_positions(base_start: torch.Tensor, source_start: torch.Tensor, span_len: torch.Tensor):
@@ -54,9 +61,9 @@ def hidden_loss_reference(
 ) -> torch.Tensor:
     """Mean over masked tokens of `1 - cos(s, t)` (kind="cos") or of `mean_d (s - t)^2` (kind="mse").
 
-    Computed in fp32 (fp64 stays fp64). No masked token gives 0, not NaN.
+    Computed in compute_dtype(student) (fp32, fp64 stays fp64). No masked token gives 0, not NaN.
     """
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student)
     s, t = student.to(dtype), teacher.to(dtype)
     m = mask.to(dtype)
     if kind == "cos":
@@ -97,11 +104,16 @@ def distill_head_loss_reference(
 
     ce  = T^2 * mean over kd tokens of KL(softmax(z_t / T) || softmax(z_s / T))
     mlm = mean over labelled tokens of cross-entropy(z_s, label)
-    Both are 0 (not NaN) when no token counts.
+    Both are 0 (not NaN) when no token counts. The matmuls run in the inputs' dtype (as nn.Linear); the
+    softmaxes, KL and CE in compute_dtype of the logits (fp32, or fp64 for fp64 inputs).
     """
-    z_s = (student_hidden @ student_weight.t() + student_bias).float()
+    z_s = student_hidden @ student_weight.t()
+    z_s = z_s + student_bias if student_bias is not None else z_s
+    z_s = z_s.to(compute_dtype(z_s))
     with torch.no_grad():
-        z_t = (teacher_hidden @ teacher_weight.t() + teacher_bias).float()
+        z_t = teacher_hidden @ teacher_weight.t()
+        z_t = z_t + teacher_bias if teacher_bias is not None else z_t
+        z_t = z_t.to(compute_dtype(z_t))
     ce = kd_loss_reference(z_s, z_t, kd_mask, temperature)
     mlm = mlm_loss_reference(z_s, labels) if labels is not None else z_s.new_zeros(())
     return ce, mlm
@@ -111,8 +123,9 @@ def kd_loss_reference(z_s: torch.Tensor, z_t: torch.Tensor, mask: torch.Tensor |
                       temperature: float) -> torch.Tensor:
     """T^2 * masked mean over tokens of KL(softmax(z_t/T) || softmax(z_s/T)); z_*: (..., V)."""
     T = temperature
-    log_p_s = F.log_softmax(z_s.float() / T, dim=-1)
-    log_p_t = F.log_softmax(z_t.float() / T, dim=-1)
+    dtype = torch.promote_types(compute_dtype(z_s), compute_dtype(z_t))
+    log_p_s = F.log_softmax(z_s.to(dtype) / T, dim=-1)
+    log_p_t = F.log_softmax(z_t.to(dtype) / T, dim=-1)
     per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     if mask is None:
         return T * T * per_token.mean() if per_token.numel() else per_token.sum()
@@ -122,7 +135,8 @@ def kd_loss_reference(z_s: torch.Tensor, z_t: torch.Tensor, mask: torch.Tensor |
 
 def mlm_loss_reference(z_s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over labelled tokens (label != -100); 0 when none."""
-    z = z_s.reshape(-1, z_s.shape[-1]).float()
+    z = z_s.reshape(-1, z_s.shape[-1])
+    z = z.to(compute_dtype(z))
     y = labels.reshape(-1)
     n = (y != -100).sum()
     return F.cross_entropy(z, y, ignore_index=-100, reduction="sum") / n.clamp_min(1)
