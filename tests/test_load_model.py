@@ -125,3 +125,41 @@ def test_check_same_tokenizer():
     c.pad_token = "w7"
     with pytest.raises(ValueError, match=r"bert_a and bert_b tokenizers differ in pad_token: 0 vs \d+"):
         check_same_tokenizer(a, c, "bert_a", "bert_b")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_causal_lm_round_trip(tmp_path, family):
+    from tiny import TINY_CAUSAL, tiny_causal_batch
+    hf = TINY_CAUSAL[family](layers=2, vocab=101, seed=4)
+    # the tokenizer may be smaller than the embedding (padding rows), as real decoders' often are
+    folder = save(tmp_path, hf, tiny_causal_tokenizer(97))
+    model, tok = load_model(folder, kind="causal")
+    assert model.kind == "causal" and model.family == family and not model.training and len(tok) == 97
+    if family == "gpt2":
+        assert tok.pad_token is None  # returned as loaded: no pad token is invented
+    b = tiny_causal_batch((9, 5, 7, 3), vocab=97)
+    real = b["attention_mask"].bool()
+    with torch.no_grad():
+        z = model.logits(model(b["input_ids"], b["attention_mask"]).last_hidden)
+        ref = hf(**b).logits
+    torch.testing.assert_close(z[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+def test_causal_errors(tmp_path):
+    from tiny import tiny_gpt2, tiny_llama
+    gpt2 = save(tmp_path, tiny_gpt2(layers=1, vocab=101), tiny_causal_tokenizer(101), name="gpt2")
+    with pytest.raises(ValueError, match=r"student: kind='masked' was asked, but .* holds a causal LM "
+                                         r"\(model_type 'gpt2'\); expected a masked LM"):
+        load_model(gpt2, kind="masked", arg="student")
+    big = tmp_path / "tok103"
+    tiny_causal_tokenizer(103).save_pretrained(big)
+    with pytest.raises(ValueError, match=r"tokenizer_path: the tokenizer at .* has 103 tokens, more than the "
+                                         r"model's vocab_size 101"):
+        load_model(gpt2, tokenizer_path=big)
+    # an untied Llama saved without its lm_head (a bare LlamaModel's tensors) has no LM head
+    llama = save(tmp_path, tiny_llama(layers=1, tied=False), tiny_causal_tokenizer(101), name="llama")
+    sd = {k: v for k, v in load_file(llama / "model.safetensors").items() if not k.startswith("lm_head.")}
+    save_file(sd, llama / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"has no LM head weights \(no lm_head.\* among .*expected a "
+                                         r"LlamaForCausalLM checkpoint\.$"):
+        load_model(llama)

@@ -47,6 +47,76 @@ def tiny_distilbert(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: in
 TINY = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert}
 
 
+def _jitter_norms_(model):
+    # decoders: random norm gains and biases (GPT-2's ln_*, Llama's *norm; q/k/v biases of Qwen2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name or "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_gpt2(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 101, seed: int = 0,
+              max_pos: int = 64, tied: bool = True):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_pos,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied, bos_token_id=5,
+                     eos_token_id=5,
+                     attn_implementation="eager")
+    return _jitter_norms_(GPT2LMHeadModel(cfg).eval())
+
+
+def _llama_like(config_cls, model_cls, layers, hidden, heads, kv_heads, vocab, seed, max_pos, tied, **kw):
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden // 2 + 1,
+                     num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                     max_position_embeddings=max_pos, tie_word_embeddings=tied, attention_dropout=0.0,
+                     attn_implementation="eager", **kw)
+    return _jitter_norms_(model_cls(cfg).eval())
+
+
+def tiny_llama(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 101, seed: int = 0,
+               max_pos: int = 64, tied: bool = False, kv_heads: int = 2):
+    """GQA (kv_heads < heads), untied lm_head by default, attention biases on (Llama's option)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return _llama_like(LlamaConfig, LlamaForCausalLM, layers, hidden, heads, kv_heads, vocab, seed, max_pos,
+                       tied, attention_bias=True)
+
+
+def tiny_qwen2(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 101, seed: int = 0,
+               max_pos: int = 64, tied: bool = True, kv_heads: int = 2, window: int | None = 4):
+    """Qwen2 with q/k/v biases; with `window`, layers from the second on use sliding-window attention."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    extra = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
+    return _llama_like(Qwen2Config, Qwen2ForCausalLM, layers, hidden, heads, kv_heads, vocab, seed, max_pos,
+                       tied, **extra)
+
+
+def tiny_mistral(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 101, seed: int = 0,
+                 max_pos: int = 64, tied: bool = False, kv_heads: int = 1, window: int | None = 5):
+    """Mistral: multi-query attention (1 kv head) and a sliding window on every layer."""
+    from transformers import MistralConfig, MistralForCausalLM
+    return _llama_like(MistralConfig, MistralForCausalLM, layers, hidden, heads, kv_heads, vocab, seed, max_pos,
+                       tied, sliding_window=window)
+
+
+TINY_CAUSAL = {"gpt2": tiny_gpt2, "llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
+
+
+def tiny_causal_batch(lengths=(9, 5, 7, 3), vocab=101, seed=0, left=False):
+    """Padded batch of random token ids (pad id 0) with its attention mask; right padding, or left with `left`."""
+    g = torch.Generator().manual_seed(seed)
+    S, B = max(lengths), len(lengths)
+    ids = torch.zeros(B, S, dtype=torch.long)
+    am = torch.zeros(B, S, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        cols = slice(S - n, S) if left else slice(0, n)
+        ids[i, cols] = torch.randint(6, vocab, (n,), generator=g)
+        am[i, cols] = 1
+    return {"input_ids": ids, "attention_mask": am}
+
+
 def tiny_words(vocab: int) -> list[str]:
     """A vocabulary of `vocab` entries: the special tokens both tokenizer kinds use, then made-up words."""
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"]

@@ -35,12 +35,14 @@ from torch import nn
 from .adapter import FamilyAdapter
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
+from .gpt2 import GPT2Adapter
+from .llama import LlamaAdapter
 from .roberta import RobertaAdapter
 
 Intervention = Callable[[torch.Tensor], torch.Tensor]
 
 # config.model_type -> adapter class. Adding a family: its file, one entry here, its tests.
-FAMILIES: tuple[type[FamilyAdapter], ...] = (BertAdapter, RobertaAdapter, DistilBertAdapter)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (BertAdapter, RobertaAdapter, DistilBertAdapter, GPT2Adapter, LlamaAdapter)
 ADAPTERS: dict[str, type[FamilyAdapter]] = {t: a for a in FAMILIES for t in a.lm_classes}
 
 

@@ -51,7 +51,7 @@ def load_model(path, *, kind: str | None = None, tokenizer_path=None, arg: str =
     kind: None (any supported LM), "masked" or "causal" (an error when the folder holds the other kind).
     tokenizer_path: a folder with the tokenizer, default `path`. arg: the name errors give `path` (e.g.
     "teacher"). dtype: the parameters' dtype (fp32 by default, whatever the checkpoint stores).
-    The tokenizer is returned as saved: a causal LM's may have no pad token (the attention mask, not the
+    The tokenizer is returned as transformers loads it: a causal LM's may have no pad token (the attention mask, not the
     pad id, tells padding apart).
     """
     from . import ADAPTERS, IntervenableLM, supported_classes
