@@ -54,7 +54,7 @@ def run(ranks: int, steps: int, extra: list[str], out: Path) -> dict:
     ds = str(Path(sys.executable).parent / "deepspeed")
     cmd = [ds] + (["--num_gpus", str(ranks)] if ranks > 1 else []) + ["--master_port", str(free_port()),
            str(REPO / "iit_fast" / "train.py"), "--deepspeed_config", "ds_configs/zero2.json",
-           "--max_steps", str(steps), "--eval_interval", "0", "--eval_batches", "2", "--plots", "false",
+           "--max_steps", str(steps), "--eval_interval", "0", "--eval_sequences", "32", "--plots", "false",
            "--out_dir", str(out)] + extra
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                    env={**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get(

@@ -171,8 +171,19 @@ def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.T
     with torch.no_grad():
         ht = teacher.head_transform(h_t)                                          # (N, Dt)
     hs = student.head_transform(h_s)                                              # (N, Ds)
-    return student.lm_loss(hs, ht, teacher.decoder_weight, teacher.decoder_bias, labels, None,
-                           cfg.temperature, impl=_impl(cfg), chunk_size=cfg.head_chunk)
+    with _gathered(teacher.decoder_weight, teacher.decoder_bias):
+        return student.lm_loss(hs, ht, teacher.decoder_weight, teacher.decoder_bias, labels, None,
+                               cfg.temperature, impl=_impl(cfg), chunk_size=cfg.head_chunk)
+
+
+def _gathered(*params):
+    """A ZeRO-3 sharded teacher holds 1/world of each parameter; a tensor the step reads directly (not
+    through a module call, which gathers by itself) is gathered here for the duration of the read."""
+    params = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def counterfactual_last_hidden(model: IntervenableMLM, sites: dict[int, torch.Tensor], attention_mask: torch.Tensor,

@@ -1,7 +1,6 @@
-"""Causal distillation (DIITO) of a masked LM under DeepSpeed, with the fast step (DESIGN.md section 5).
+"""Causal distillation (DIITO) under DeepSpeed, with the fast step (DESIGN.md section 5).
 
-    # the default run: embedded teacher (built offline on first use), embedded corpus, a 3-layer student;
-    # about 10 minutes on 2 CPU cores (one process per NUMA node: one here)
+    # the default run: embedded teacher (built offline on first use), embedded corpus, a 3-layer student
     deepspeed iit_fast/train.py --deepspeed_config ds_configs/zero2.json
     # two ranks on one machine (CPU: two processes on gloo; GPU: two GPUs); 8 GPUs, ZeRO-3, bf16
     deepspeed --num_gpus 2 iit_fast/train.py --deepspeed_config ds_configs/zero2.json
@@ -15,34 +14,46 @@
     deepspeed iit_fast/train.py --deepspeed_config ds_configs/zero2.json --out_dir runs/X --resume
     # every flag below is a TrainConfig field; --config run.json sets any of them (unknown keys are an error)
 
+A batch's walk: `prepare()` (before any process group: every check of the arguments and folders, the
+embedded defaults built once under a file lock, models loaded, data tokenized) -> `init_distributed` ->
+the student's engine around `step.DistillStep` -> per micro-batch: a plan sampled on the CPU
+(`sampling.sample_plan`), `engine(batch, plan)` (DeepSpeed's forward runs the step), one all-reduce of
+{non-finite loss, stop signal}, `engine.backward(loss)`, `engine.step()`; per log interval one all-reduce
+of the loss terms, a metrics line and DeepSpeed's monitor (TensorBoard / CSV / W&B, as its config enables).
+
 It prints (rank 0) one line about the run, the teacher's and the student's validation perplexity, a
 progress bar (loss, tokens/s, ETA), and at the end a summary table. It writes, under --out_dir (default
-runs/<UTC timestamp>): train_config.json, metrics.jsonl (one JSON object per step: every loss term, lr,
-grad norm, tokens/s, memory; one per validation), checkpoints/ (DeepSpeed's save_checkpoint, with the
-data position and every rank's RNG states), student/ (the final student as a Hugging Face folder:
-consolidated fp32 safetensors + tokenizer), loss.png and val.png. SIGINT / SIGTERM save a checkpoint at
-the end of the current step and exit (128 + signal); a non-finite loss skips its micro-batch on every rank,
-and --max_nonfinite of them stop the run with an error.
+runs/<UTC timestamp>): train_config.json, metrics.jsonl (one JSON object per logged step: every loss term,
+the lr the step used, grad norm, tokens/s, memory; one per validation), checkpoints/ (see
+iit_fast/checkpoint.py: a tag becomes `latest` only when complete), student/ (the final student as a Hugging
+Face folder), loss.png and val.png. SIGINT / SIGTERM save a checkpoint at the end of the current step and
+exit (128 + signal). A non-finite loss skips its micro-batch on every rank; a step DeepSpeed skips
+(overflow) counts the same; --max_nonfinite of them stop the run with an error, after saving the last
+good state.
 
 Choices worth knowing:
 - Batch size and gradient accumulation come from the DeepSpeed config (train_micro_batch_size_per_gpu,
   gradient_accumulation_steps, train_batch_size); a mismatch is an error that names the fields.
-- The first run builds the embedded default teacher (python -m iit_fast.teacher build, ~15 minutes on 2
-  cores) and corpus once, into the cache (--cache_dir); the 10 minutes are the distillation run itself.
-- The teacher is never given to DeepSpeed: a plain frozen module, eval(), no grad, on every rank. Under
-  ZeRO-3 I do not use zero.Init, so it is neither partitioned nor gathered: one copy per rank, as with
-  ZeRO-0..2 (at the sizes this project targets the teacher fits; the student is what ZeRO shards).
-- The intervention plan of every micro-batch comes from a torch.Generator seeded by (seed, step, draw,
-  rank): per rank, since each rank holds different rows. It is a pure function of the position in the
-  run, so resuming restores it exactly without saving any generator state.
-- On CPU: gloo, torch AdamW (no DeepSpeed C++ op is built: the shared-memory all-reduce op is switched
-  off, so nothing is compiled and nothing is left in /dev/shm); on GPU: nccl, fused torch AdamW.
+- The teacher is frozen (eval, no grad). Under ZeRO-3 it is partitioned across ranks like the student when
+  --shard_teacher yes (auto: when it holds more than 1 GiB of parameters); otherwise one copy per rank.
+- A row's source is another row of its own micro-batch: the intervention plan (pairing, spans, aligned
+  layers) of every micro-batch comes from a torch.Generator seeded by (seed, step, micro-batch draw, rank),
+  and its MLM masks from (seed, epoch, batch index, rank). Both are pure functions of the position in the
+  run, so resuming restores them exactly without saving any generator state.
+- --resume continues the same run: the schedule (max_steps / epochs) is the one the run started with; a
+  changed value is refused. A run already at its last step says so and saves nothing.
+- A rank that dies makes the others fail within seconds; a rank that stops responding makes the others
+  fail after --rank_timeout seconds (default 300): no collective waits longer.
+- On CPU: gloo, torch AdamW (no DeepSpeed C++ op is built; nothing is left in /dev/shm); on GPU: nccl,
+  fused torch AdamW.
 - Loading is safe: weights through safetensors; every file of a checkpoint is first opened with
   torch.load(weights_only=True) before DeepSpeed reads it; configs are plain JSON.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -56,13 +67,17 @@ import torch
 
 from iit_fast.checkpoint import export_student, latest_tag, load_checkpoint, save_checkpoint
 from iit_fast.config import DistillConfig
+from iit_fast.optim import make_scheduler, param_groups
+from iit_fast.engine import (all_reduce_sum, broadcast, find_file, init_distributed, init_engine, param_count,
+                             prepare_teacher, read_ds_config, zero_stage)
 
 REPO = Path(__file__).resolve().parent.parent
 TERMS = ("ce", "mlm", "cos", "iit", "iit_cos", "mse")
 SCHEDULES = ("linear", "cosine", "constant")
 # fields that may differ between a run and its --resume (they do not change what is computed)
-RESUME_MAY_CHANGE = {"resume", "max_steps", "epochs", "eval_interval", "eval_batches", "save_interval",
-                     "log_interval", "plots", "num_proc", "max_nonfinite", "out_dir", "cache_dir"}
+RESUME_MAY_CHANGE = {"resume", "eval_interval", "eval_sequences", "save_interval", "log_interval", "plots",
+                     "num_proc", "max_nonfinite", "out_dir", "cache_dir", "keep_checkpoints", "rank_timeout"}
+SHARD_TEACHER_AUTO_BYTES = 2 ** 30
 
 
 @dataclass
@@ -83,10 +98,10 @@ class TrainConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.01
     dropout: float | None = None      # override the student's dropout (0 makes runs exactly repeatable)
-    max_nonfinite: int = 10           # stop after this many skipped non-finite losses
+    max_nonfinite: int = 10           # stop after this many skipped steps (non-finite loss, or overflow)
     # bookkeeping
     eval_interval: int = 20           # steps between validations (and one at the start and the end)
-    eval_batches: int = 10            # validation micro-batches per validation
+    eval_sequences: int = 160         # validation sequences (fixed rows and masks: any batch shape, same figure)
     save_interval: int = 0            # steps between checkpoints; 0 = only at the end (and on SIGINT/TERM)
     log_interval: int = 1             # steps between metrics lines
     out_dir: str | None = None        # default runs/<UTC timestamp>
@@ -95,18 +110,23 @@ class TrainConfig:
     deepspeed_config: str = "ds_configs/zero2.json"
     cache_dir: str | None = None      # where the default teacher is built / found
     num_proc: int = 1                 # tokenisation processes
+    num_workers: int = 0              # DataLoader workers (batches and masks do not depend on it)
     group_by_length: bool = True      # batches of similar lengths (less padding)
     plots: bool = True
+    keep_checkpoints: int = 0         # keep the newest N intact checkpoints; 0 = keep all
+    shard_teacher: str = "auto"       # auto | yes | no: partition the teacher under ZeRO-3 (auto: if > 1 GiB)
+    rank_timeout: float = 300.0       # seconds a collective waits for a rank that stopped responding
     distill: DistillConfig = field(default_factory=DistillConfig)  # flags: every DistillConfig field
 
     def __post_init__(self):
         if isinstance(self.distill, dict):
             self.distill = DistillConfig(**self.distill)
-        positive = ("student_layers", "max_length", "log_interval", "eval_batches", "max_nonfinite")
+        positive = ("student_layers", "max_length", "log_interval", "eval_sequences", "max_nonfinite")
         for f in positive:
             if getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("max_steps", "epochs", "warmup_steps", "eval_interval", "save_interval", "num_proc"):
+        for f in ("max_steps", "epochs", "warmup_steps", "eval_interval", "save_interval", "num_proc",
+                  "keep_checkpoints"):
             if getattr(self, f) < 0:
                 raise ValueError(f"TrainConfig.{f} must be >= 0, got {getattr(self, f)}")
         if self.max_steps == 0 and self.epochs == 0:
@@ -120,6 +140,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if self.shard_teacher not in ("auto", "yes", "no"):
+            raise ValueError(f"TrainConfig.shard_teacher must be auto, yes or no, got {self.shard_teacher!r}")
+        if not self.rank_timeout > 0:
+            raise ValueError(f"TrainConfig.rank_timeout must be > 0 seconds, got {self.rank_timeout}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"TrainConfig.dropout must be in [0, 1) or None, got {self.dropout}")
 
@@ -179,96 +203,7 @@ def make_config(values: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in values.items() if k in tnames}, distill=DistillConfig(**d))
 
 
-def find_file(path: str) -> Path:
-    """A path as given, or relative to the repository (so ds_configs/... works from any directory)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    return REPO / p if (REPO / p).exists() else p
-
-
-def load_ds_config(path: str, world_size: int) -> dict:
-    """Read the DeepSpeed config and make its three batch fields agree (error names them if they can't)."""
-    p = find_file(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found")
-    ds = json.loads(p.read_text())
-    micro = ds.get("train_micro_batch_size_per_gpu")
-    accum = ds.get("gradient_accumulation_steps")
-    total = ds.get("train_batch_size")
-    if micro is None and total is None:
-        raise ValueError(f"{p}: set train_micro_batch_size_per_gpu (and optionally gradient_accumulation_steps, "
-                         "train_batch_size)")
-    if micro is None:
-        accum = accum or 1
-        if total % (accum * world_size):
-            raise ValueError(f"{p}: train_batch_size={total} is not divisible by gradient_accumulation_steps="
-                             f"{accum} x world size {world_size}")
-        micro = total // (accum * world_size)
-    if accum is None:
-        accum = 1 if total is None else total // (micro * world_size)
-    if total is None:
-        total = micro * accum * world_size
-    if micro < 1 or accum < 1 or total != micro * accum * world_size:
-        raise ValueError(f"{p}: train_batch_size ({total}) must equal train_micro_batch_size_per_gpu ({micro}) "
-                         f"x gradient_accumulation_steps ({accum}) x world size ({world_size}) = "
-                         f"{micro * accum * world_size}")
-    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=total)
-    opt = ds.get("optimizer")
-    if opt and not torch.cuda.is_available() and not opt.get("params", {}).get("torch_adam", False):
-        raise ValueError(f"{p}: on CPU an 'optimizer' block needs params.torch_adam = true (DeepSpeed's own "
-                         "Adam would compile a C++ op); or leave 'optimizer' out and train.py uses torch AdamW")
-    return ds
-
-
-# ---- processes ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed():
-    """Join (or, with no launcher, form) the process group: nccl on GPUs, gloo on CPU."""
-    import deepspeed
-    if "RANK" not in os.environ:  # plain `python train.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        # DeepSpeed's CPU backend would compile a shared-memory all-reduce op at the first launch (a minute
-        # of C++ build) and leave buffers in /dev/shm; gloo's own all-reduce is enough at this scale.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:  # before the process group, so nccl binds each rank to its own GPU
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if cuda:
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
-        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between this machine's ranks
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return rank, world, device
-
-
-def broadcast(obj, rank):
-    import torch.distributed as dist
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_sum(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
+# ---- before any work: checks, the embedded defaults, models and data ----------------------------
 
 class StopSignal:
     """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits."""
@@ -282,12 +217,11 @@ class StopSignal:
         self.signum = signum
 
 
-# ---- out_dir and checkpoints ---------------------------------------------------------------------
-
 def check_out_dir(cfg: TrainConfig) -> str | None:
-    """Why out_dir can't be used (None if it can): it must be new or empty, or, with --resume, hold a run of
-    the same config with a checkpoint. Every rank checks before the process group forms, so no rank has
-    written anything yet when another looks."""
+    """Why out_dir can't be used (None if it can): it must be new, empty, hold only a failed start of
+    this same config (train_config.json and nothing else), or, with --resume, a run of the same config
+    with a checkpoint. Every rank checks before the process group forms, so no rank has written anything
+    yet when another looks."""
     if cfg.out_dir is None:
         return "--resume needs --out_dir: the folder of the run to continue" if cfg.resume else None
     out = Path(cfg.out_dir)
@@ -298,42 +232,92 @@ def check_out_dir(cfg: TrainConfig) -> str | None:
         old, new = json.loads(saved.read_text()), json.loads(json.dumps(cfg.to_json()))
         diff = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
         if diff:
+            why = ("; --resume continues the same run (the lr schedule was made for its length): start a new "
+                   "run from the exported student to train longer") if {"max_steps", "epochs"} & set(diff) else ""
             return (f"--resume: the config differs from the run in {out}: "
-                    + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
+                    + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff) + why)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        names = sorted(p.name for p in out.iterdir())[:5] if out.is_dir() else []
-        return (f"out_dir {out} already holds another run ({', '.join(names)}); nothing was overwritten: "
-                "pass --resume to continue it, or choose another --out_dir")
+        names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        failed_start = names == ["train_config.json"] and json.loads(saved.read_text()) == \
+            json.loads(json.dumps(cfg.to_json()))
+        if not failed_start:
+            return (f"out_dir {out} already holds another run ({', '.join(names[:5])}); nothing was overwritten: "
+                    "pass --resume to continue it, or choose another --out_dir")
     return None
 
 
-def make_out_dir(cfg: TrainConfig, rank: int) -> Path:
-    import torch.distributed as dist
-    out = Path(cfg.out_dir or broadcast(time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()), rank))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-    dist.barrier()
-    return out
+def check_inputs(argv) -> tuple[TrainConfig, dict]:
+    """Everything checkable from the arguments alone: config fields, DeepSpeed config, paths, out_dir."""
+    cfg = parse_args(argv)
+    for name in ("teacher", "student"):
+        path = getattr(cfg, name)
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"--{name} {path}: not a Hugging Face model folder (no config.json there)")
+    ds = read_ds_config(cfg.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)))
+    if ds.get("bf16", {}).get("enabled") or cfg.distill.teacher_dtype == "bfloat16" \
+            or cfg.distill.student_autocast == "bfloat16":
+        warn_if_bf16_emulated()
+    if cfg.distill.teacher_dtype == "float16" or cfg.distill.student_autocast == "float16":
+        if not torch.cuda.is_available():
+            raise ValueError("float16 (teacher_dtype / student_autocast) needs a GPU: this CPU has no fp16 "
+                             "training path; use bfloat16 or float32")
+    err = check_out_dir(cfg)
+    if err:
+        raise FileExistsError(err)
+    return cfg, ds
 
 
-# ---- models, data, optimizer ---------------------------------------------------------------------
+def warn_if_bf16_emulated():
+    """bf16 on hardware without native bf16 matmul runs, emulated and slow: never in silence."""
+    if torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            print("warning: this GPU has no native bf16; bf16 will be emulated and slow (use fp32)", flush=True)
+        return
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        print("warning: this CPU has no native bf16 matmul (avx512_bf16 / amx_bf16); bf16 will be emulated and "
+              "slow (use an fp32 config)", flush=True)
 
-def build_models(cfg: TrainConfig, rank: int, device):
-    """(teacher IntervenableMLM: frozen, eval, not for DeepSpeed; student IntervenableMLM; tokenizer)."""
-    import torch.distributed as dist
+
+@contextlib.contextmanager
+def cache_lock(cache_dir):
+    """One process at a time builds the embedded defaults and tokenizes (the others wait, then find them
+    built). A file lock, not a collective: it holds across a build of many minutes, and the kernel releases
+    it if its holder dies."""
+    from iit_fast.data import DEFAULT_CACHE
+    root = Path(cache_dir or DEFAULT_CACHE)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare(cfg: TrainConfig):
+    """Models and data, every check that reads a folder, before any process group forms: a bad teacher,
+    student, alignment, max_length or corpus stops here with one `error:` line, and nothing is written."""
+    from iit_fast import teacher as teacher_lib
+    from iit_fast.sampling import make_alignment
+    with cache_lock(cfg.cache_dir):
+        path = cfg.teacher or teacher_lib.default_teacher_path(cfg.cache_dir, build_if_missing=True)
+        teacher, student, tokenizer = build_models(cfg, path)
+        tokenized = tokenize(cfg, tokenizer)
+    alignment = make_alignment(cfg.distill.alignment, teacher.num_layers, student.num_layers)
+    return teacher, student, tokenizer, tokenized, alignment
+
+
+def build_models(cfg: TrainConfig, teacher_path):
+    """(teacher IntervenableMLM, frozen, eval; student IntervenableMLM; tokenizer), checked as a pair."""
     from transformers import AutoModelForMaskedLM
     from iit_fast.models import IntervenableMLM, init_student_from_teacher
     from iit_fast import teacher as teacher_lib
-    if cfg.teacher is None:
-        if rank == 0:  # build the embedded default once, the other ranks wait for it
-            teacher_lib.default_teacher_path(cfg.cache_dir, build_if_missing=True)
-        dist.barrier()
-        path = teacher_lib.default_teacher_path(cfg.cache_dir, build_if_missing=False)
-    else:
-        path = cfg.teacher
-    t_hf, tokenizer = teacher_lib.load_teacher(path)
+    from iit_fast.step import check_pair
+    t_hf, tokenizer = teacher_lib.load_teacher(teacher_path)
+    max_pos = getattr(t_hf.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.max_length > max_pos:
+        raise ValueError(f"--max_length {cfg.max_length} is more than the teacher's {max_pos} positions")
     if cfg.student is None:
         torch.manual_seed(cfg.seed)
         s_hf = init_student_from_teacher(t_hf, cfg.student_layers)
@@ -345,78 +329,34 @@ def build_models(cfg: TrainConfig, rank: int, device):
             if isinstance(m, torch.nn.Dropout):
                 m.p = cfg.dropout
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    teacher = IntervenableMLM(t_hf).eval().to(device=device, dtype=dtype[cfg.distill.teacher_dtype])
+    teacher = IntervenableMLM(t_hf).eval().to(dtype=dtype[cfg.distill.teacher_dtype])
     teacher.requires_grad_(False)
     student = IntervenableMLM(s_hf).train()
     if cfg.distill.w_mse and student.hidden_size != teacher.hidden_size:
         student.attach_site_projection(teacher.hidden_size)
+    check_pair(teacher, student, cfg.distill)
     return teacher, student, tokenizer
 
 
-def build_data(cfg: TrainConfig, tokenizer, micro_batch: int, rank: int, world: int):
-    """Rank-sharded training batches and the (same on every rank) validation batches."""
-    import torch.distributed as dist
+def tokenize(cfg: TrainConfig, tokenizer):
     from iit_fast import data
-    def tokenized():
-        return data.tokenize_corpus(data.load_corpus(cfg.corpus, cfg.cache_dir), tokenizer, cfg.max_length,
-                                    cfg.num_proc, cfg.cache_dir)
-    if rank == 0:  # build and tokenise once; the other ranks then read the cache
-        tok = tokenized()
-    dist.barrier()
-    if rank != 0:
-        tok = tokenized()
-    train = data.MLMBatches(tok["train"], tokenizer, micro_batch, seed=cfg.seed, shuffle=True,
-                            group_by_length=cfg.group_by_length, mlm_probability=cfg.mlm_probability,
-                            drop_last=True, rank=rank, world_size=world)
-    val = data.MLMBatches(tok["validation"], tokenizer, micro_batch, seed=cfg.seed, shuffle=False,
-                          group_by_length=False, mlm_probability=cfg.mlm_probability, drop_last=False,
-                          rank=0, world_size=1)
-    if len(train) == 0:
-        raise ValueError(f"the training split gives no full batch of {micro_batch} per rank on {world} ranks")
+    return data.tokenize_corpus(data.load_corpus(cfg.corpus, cfg.cache_dir), tokenizer, cfg.max_length,
+                                cfg.num_proc, cfg.cache_dir)
+
+
+def build_batches(cfg: TrainConfig, tokenized, tokenizer, micro_batch: int, rank: int, world: int):
+    """Rank-sharded training batches (a resumable DataLoader) and the validation batches: the first
+    eval_sequences rows, each masked by its own seeded generator, the same on every rank and for any
+    micro-batch, accumulation or world size."""
+    from iit_fast import data
+    from iit_fast.teacher import EVAL_SEED
+    train = data.build_train_loader(tokenized["train"], tokenizer, micro_batch, kind="masked", seed=cfg.seed,
+                                    rank=rank, world_size=world, group_by_length=cfg.group_by_length,
+                                    mlm_probability=cfg.mlm_probability, num_workers=cfg.num_workers)
+    n_val = min(cfg.eval_sequences, len(tokenized["validation"]))
+    val = data.validation_batches(tokenized["validation"], tokenizer, micro_batch, n_sequences=n_val,
+                                  seed=EVAL_SEED, kind="masked", mlm_probability=cfg.mlm_probability)
     return train, val
-
-
-def lr_lambda(cfg: TrainConfig, max_steps: int):
-    def f(step):  # multiplier of cfg.lr after `step` optimizer steps
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-        floor = cfg.min_lr / cfg.lr
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        decay = 1 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-        return floor + (1 - floor) * decay
-    return f
-
-
-def param_groups(model, weight_decay):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or "LayerNorm" in n else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def init_engine(cfg: TrainConfig, ds: dict, student, max_steps: int):
-    import deepspeed
-    groups = param_groups(student, cfg.weight_decay)
-    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, max_steps))  # noqa: E731
-    if "optimizer" in ds:  # the config's own optimizer (its lr is replaced by ours)
-        ds["optimizer"].setdefault("params", {})["lr"] = cfg.lr
-        engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=groups, config=ds,
-                                               lr_scheduler=sched)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                fused=torch.cuda.is_available() and "offload_optimizer" not in
-                                ds.get("zero_optimization", {}))
-        engine, _, _, _ = deepspeed.initialize(model=student, optimizer=opt, config=ds, lr_scheduler=sched)
-    if engine.zero_optimization_stage() == 3:
-        # the loss module reads the tied decoder weight and bias without calling the decoder module:
-        # tell ZeRO-3 to gather them for it
-        m = engine.module
-        deepspeed.zero.register_external_parameter(m.lm_loss, m.decoder_weight)
-        deepspeed.zero.register_external_parameter(m.lm_loss, m.decoder_bias)
-    return engine
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -425,7 +365,9 @@ def batch_to(batch: dict, device) -> dict:
 
 def plan_generator(seed: int, step: int, draw: int, rank: int) -> torch.Generator:
     """The intervention plan's randomness: a pure function of the position in the run (see docstring)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 * 64 + draw * 64 + rank % 64)
+    import hashlib
+    key = hashlib.sha256(f"plan|{seed}|{step}|{draw}|{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2 ** 63 - 1))
 
 
 def memory_mb(device) -> float:
@@ -436,44 +378,21 @@ def memory_mb(device) -> float:
 
 
 @torch.no_grad()
-def validate(model, batches, n, device):
-    """MLM perplexity / top-1 of an HF model on the first n validation batches (every rank, same batches)."""
-    from iit_fast import data, teacher
-    evaluate_mlm = getattr(data, "evaluate_mlm", None) or teacher.evaluate_mlm
+def validate(model, batches, device) -> dict:
+    """MLM perplexity / top-1 of an HF model on the validation batches (every rank, the same batches).
+    A diverged model gives perplexity inf, not an OverflowError."""
+    from iit_fast.teacher import evaluate_mlm
     was = model.training
     model.eval()
-    res = evaluate_mlm(model, _OnDevice(batches, device), n)
+    try:
+        res = evaluate_mlm(model, (batch_to(b, device) for b in batches))
+    except OverflowError:
+        res = {"perplexity": float("inf"), "top1": float("nan")}
     model.train(was)
     return res
 
 
-class _OnDevice:
-    def __init__(self, batches, device):
-        self.batches, self.device = batches, device
-
-    def __iter__(self):  # the same batches, the same masks, at every validation
-        self.batches.load_state_dict({"epoch": 0, "batch_index": 0})
-        return (batch_to(b, self.device) for b in self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 # ---- the run -------------------------------------------------------------------------------------
-
-def check_inputs(argv):
-    """Everything that can be checked before any process group forms: config, DeepSpeed config, paths."""
-    cfg = parse_args(argv)
-    for name in ("teacher", "student"):
-        path = getattr(cfg, name)
-        if path is not None and not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"--{name} {path}: not a Hugging Face model folder (no config.json there)")
-    ds = load_ds_config(cfg.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)))
-    err = check_out_dir(cfg)
-    if err:
-        raise FileExistsError(err)
-    return cfg, ds
-
 
 def main(argv=None):
     try:
@@ -490,31 +409,52 @@ def main(argv=None):
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
+    try:
+        teacher, student, tokenizer, tokenized, alignment = prepare(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
 
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.rank_timeout)
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     out = make_out_dir(cfg, rank)
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
 
-    from iit_fast.sampling import make_alignment, sample_plan
-    from iit_fast.step import distill_step
-
-    teacher, student, tokenizer = build_models(cfg, rank, device)
+    from iit_fast.sampling import sample_plan
+    from iit_fast.step import DistillStep
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    train_batches, val_batches = build_data(cfg, tokenizer, micro, rank, world)
+    train_batches, val_batches = build_batches(cfg, tokenized, tokenizer, micro, rank, world)
+    if len(train_batches) == 0:
+        raise SystemExit(f"error: the training split gives no full batch of {micro} per rank on {world} ranks")
+    if micro == 1 and cfg.distill.uses_iit:
+        say("warning: micro-batch 1 with IIT: a row is its own source (the swap changes nothing); use a "
+            "micro-batch of 2 or more")
     steps_per_epoch = len(train_batches) // accum
     max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
-    alignment = make_alignment(cfg.distill.alignment, teacher.num_layers, student.num_layers)
-    engine = init_engine(cfg, ds, student, max_steps)
     dcfg = cfg.distill
+    t_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    shard = cfg.shard_teacher == "yes" or (cfg.shard_teacher == "auto" and zero_stage(ds) == 3
+                                           and t_bytes > SHARD_TEACHER_AUTO_BYTES)
+    teacher = prepare_teacher(teacher.to(device), ds, shard)
+    schedule = lambda opt: make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, max_steps,  # noqa: E731
+                                          cfg.min_lr / cfg.lr)
+    engine = init_engine(ds, DistillStep(teacher, student, dcfg), param_groups(student, cfg.weight_decay),
+                         cfg.lr, schedule)
+    student = engine.module.student
 
     state = {"step": 0, "tokens": 0, "nonfinite": 0, "wall": 0.0}
     if cfg.resume:
-        state.update(load_checkpoint(engine, out, train_batches, rank).get("iit_fast", {}))
-        say(f"resumed {out} at step {state['step']}")
+        client, data_state, tag, note = load_checkpoint(engine, out, rank, world_size=world)
+        if note:
+            say(note)
+        state.update(client.get("iit_fast", {}))
+        train_batches.load_state_dict(data_state)
+        say(f"resumed {out} at step {state['step']} (checkpoint {tag})")
     step = state["step"]
+    if step >= max_steps:
+        say(f"the run in {out} is complete (step {step} of {max_steps}); nothing to do")
+        return
     metrics_path = out / "metrics.jsonl"
     if is_main:  # a resumed run drops what was logged after its checkpoint
         old = metrics_path.read_text().splitlines() if metrics_path.exists() else []
@@ -526,102 +466,118 @@ def main(argv=None):
         if metrics:
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
+        if engine.monitor.enabled:  # DeepSpeed's monitor: TensorBoard / CSV / W&B, as its config enables
+            engine.monitor.write_events([(f"iit_fast/{k}", float(v), rec["step"]) for k, v in rec.items()
+                                         if k != "step" and isinstance(v, (int, float))])
 
-    n_params = sum(p.numel() for p in student.parameters())
-    say(f"teacher {teacher.num_layers} layers x {teacher.hidden_size} -> student {student.num_layers} layers "
-        f"({n_params / 1e6:.1f}M params) | {world} rank(s) on {device.type}, ZeRO-{engine.zero_optimization_stage()}"
-        f"{', bf16' if engine.bfloat16_enabled() else ''} | batch {micro} x {accum} accum x {world} = "
-        f"{micro * accum * world} x {cfg.max_length} tokens | {max_steps} steps | mode {dcfg.mode} | out {out}")
+    say(f"teacher {teacher.num_layers} layers x {teacher.hidden_size}{' (sharded)' if shard else ''} -> student "
+        f"{student.num_layers} layers ({param_count(student) / 1e6:.1f}M params) | {world} rank(s) on "
+        f"{device.type}, ZeRO-{engine.zero_optimization_stage()}{', bf16' if engine.bfloat16_enabled() else ''} | "
+        f"batch {micro} x {accum} accum x {world} = {micro * accum * world} x {cfg.max_length} tokens | "
+        f"{max_steps} steps | mode {dcfg.mode} | out {out}")
 
     def run_validation(at_step):
-        res = validate(engine.module.model, val_batches, cfg.eval_batches, device)
+        res = validate(student.model, val_batches, device)
         rec = {"step": at_step, "val_perplexity": res["perplexity"], "val_top1": res["top1"]}
         log(rec)
         return rec
 
-    first_val = teacher_val = None
+    first_val = None
     if step == 0:
-        teacher_val = validate(teacher.model, val_batches, cfg.eval_batches, device)
+        teacher_val = validate(teacher.model, val_batches, device)
         first_val = run_validation(0)
         log({"step": 0, "teacher_val_perplexity": teacher_val["perplexity"], "teacher_val_top1": teacher_val["top1"]})
         say(f"validation at step 0: student perplexity {first_val['val_perplexity']:.1f}, teacher "
             f"{teacher_val['perplexity']:.1f}")
 
+    def save(at_step):
+        state["wall"] += time.perf_counter() - t_start
+        state["step"] = at_step
+        return save_checkpoint(engine, out, at_step, {"iit_fast": state}, train_batches.state_dict(), rank,
+                               keep=cfg.keep_checkpoints or None)
+
     stop = StopSignal()  # from here on, Ctrl-C / SIGTERM save a checkpoint first (before: they just stop)
     from tqdm import tqdm
     bar = tqdm(total=max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="distil")
     data_iter = iter(train_batches)
-    names = None
-    sums = None  # per step: [loss, terms..., tokens, micro-batches]
-    t_log, tok_log = time.perf_counter(), 0.0
-    t_start = time.perf_counter()
-    last_val = first_val
-    draw = 0
-    stopped_by = 0
+    names = [k for k in TERMS if getattr(dcfg, f"w_{k}") and (dcfg.uses_iit or k not in ("iit", "iit_cos"))]
+    names += [k for k in ("ce", "mlm") if k not in names and (dcfg.w_ce or dcfg.w_mlm)]  # computed together
+    names = [k for k in TERMS if k in names]
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # loss, terms: over the interval
+    n_sums, tok_log = 0, 0
+    t_log = t_start = time.perf_counter()
+    last_val, draw, stopped_by = first_val, 0, 0
+    lr_used = engine.get_lr()[0]
     engine.train()
     while step < max_steps:
         try:
             batch = next(data_iter)
-        except StopIteration:  # next epoch (MLMBatches counts epochs and reshuffles)
+        except StopIteration:  # next epoch (the batches count epochs and reshuffle)
             data_iter = iter(train_batches)
             batch = next(data_iter)
-        batch = batch_to(batch, device)
+        # the plan is drawn and checked on the CPU, from the CPU mask: no device sync
         plan = sample_plan(batch["attention_mask"], alignment, plan_generator(cfg.seed, step, draw, rank),
                            dcfg.span_fraction, dcfg.dims)
+        tokens = int(batch["attention_mask"].sum())
         draw += 1
-        out_step = distill_step(teacher, engine.module, batch, plan, dcfg)
-        if names is None:
-            names = [k for k in TERMS if k in out_step.terms]
-        finite = bool(torch.isfinite(out_step.loss).item())
-        # one small all-reduce per micro-batch: the ranks agree on skipping and on stopping
-        vals = [float(not finite), float(stop.signum != 0), out_step.tokens,
-                out_step.loss.item() if finite else 0.0] + [out_step.terms[k].item() if finite else 0.0 for k in names]
-        red = all_sum(vals, device)
-        if red[0] > 0:  # some rank's loss is not finite: all skip this micro-batch
+        loss, terms = engine(batch_to(batch, device), plan.to(device))
+        # the one sync per micro-batch the step needs: the ranks agree on skipping it and on stopping
+        flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
+                             torch.tensor(float(stop.signum != 0), dtype=torch.float64, device=device)])
+        flags = all_reduce_sum(flags).tolist()
+        if flags[0] > 0:  # some rank's loss is not finite: all skip this micro-batch
             state["nonfinite"] += 1
-            bar.write(f"step {step}: non-finite loss on {int(red[0])} rank(s), skipped "
+            bar.write(f"step {step}: non-finite loss on {int(flags[0])} rank(s), skipped "
                       f"({state['nonfinite']}/{cfg.max_nonfinite})") if is_main else None
             if state["nonfinite"] >= cfg.max_nonfinite:
-                raise SystemExit(f"error: stopping: {state['nonfinite']} non-finite losses (max_nonfinite="
-                                 f"{cfg.max_nonfinite}); lower --lr, check the data, or use fp32")
+                stop_on_error(cfg, state, save, bar, metrics)
             continue
-        if red[1] > 0 and not stopped_by:  # a signal reached some rank: all stop at this step's end
+        if flags[1] > 0 and not stopped_by:  # a signal reached some rank: all stop at this step's end
             stopped_by = stop.signum or signal.SIGTERM
-        engine.backward(out_step.loss)
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary():
+            lr_used = engine.get_lr()[0]  # the lr this optimizer step uses (the scheduler moves after it)
+        skipped_before = engine.skipped_steps
         engine.step()
-        row = [red[3] / world] + [v / world for v in red[4:]] + [red[2], 1.0]
-        sums = row if sums is None else [a + b for a, b in zip(sums, row)]
+        sums += torch.stack([loss.detach().double()] + [terms[k].double() for k in names])
+        n_sums += 1
+        tok_log += tokens
         if engine.global_steps == step:  # inside gradient accumulation
             continue
 
-        # ---- an optimizer step is done
+        # ---- an optimizer step is done (or DeepSpeed skipped it: an overflow counts as non-finite)
         step, draw = engine.global_steps, 0
-        n_micro = sums[-1]
-        tokens = sums[-2]
-        state["tokens"] += int(tokens)
-        tok_log += tokens
-        loss = sums[0] / n_micro
-        terms = {k: sums[1 + i] / n_micro for i, k in enumerate(names)}
-        sums = None
+        if engine.skipped_steps > skipped_before:
+            state["nonfinite"] += 1
+            bar.write(f"step {step}: DeepSpeed skipped the optimizer step (gradient overflow) "
+                      f"({state['nonfinite']}/{cfg.max_nonfinite})") if is_main else None
+            if state["nonfinite"] >= cfg.max_nonfinite:
+                stop_on_error(cfg, state, save, bar, metrics)
         bar.update(1)
         if step % cfg.log_interval == 0 or step == max_steps:
+            # one all-reduce per log interval: the terms' sums and the tokens of every rank
+            red = all_reduce_sum(torch.cat([sums, torch.tensor([float(tok_log)], dtype=torch.float64,
+                                                               device=device)])).tolist()
             now = time.perf_counter()
-            tps = tok_log / (now - t_log)
-            t_log, tok_log = now, 0.0
+            interval_tokens = int(red[-1])
+            state["tokens"] += interval_tokens
+            tps = interval_tokens / (now - t_log)
+            mean = [v / (n_sums * world) for v in red[:-1]]
             gn = engine.get_global_grad_norm()
-            rec = {"step": step, "loss": loss, **terms, "lr": engine.get_lr()[0],
+            rec = {"step": step, "loss": mean[0], **dict(zip(names, mean[1:])), "lr": lr_used,
                    "grad_norm": None if gn is None else float(gn), "tokens_per_s": tps,
                    "tokens": state["tokens"], "memory_mb": memory_mb(device), "nonfinite": state["nonfinite"]}
             log(rec)
-            bar.set_postfix_str(f"loss {loss:.3f} | {tps:,.0f} tok/s")
+            bar.set_postfix_str(f"loss {mean[0]:.3f} | {tps:,.0f} tok/s")
+            sums.zero_()
+            n_sums, tok_log, t_log = 0, 0, now
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < max_steps:
             last_val = run_validation(step)
             bar.write(f"step {step}: val perplexity {last_val['val_perplexity']:.1f}") if is_main else None
         state["step"] = step
         if stopped_by or (cfg.save_interval and step % cfg.save_interval == 0 and step < max_steps):
-            state["wall"] += time.perf_counter() - t_start
+            path = save(step)
             t_start = time.perf_counter()
-            path = save_checkpoint(engine, out, step, {"iit_fast": state}, train_batches, rank)
             if stopped_by:
                 bar.close()
                 say(f"{signal.Signals(stopped_by).name}: saved {path}; continue with the same flags and "
@@ -632,10 +588,9 @@ def main(argv=None):
     bar.close()
 
     # ---- the end: validation, checkpoint, export, plots, summary
-    state["wall"] += time.perf_counter() - t_start
     state["step"] = step
     last_val = run_validation(step)
-    ckpt = save_checkpoint(engine, out, step, {"iit_fast": state}, train_batches, rank)
+    ckpt = save(step)
     export_student(engine, tokenizer, out / "student", rank)
     if metrics:
         metrics.close()
@@ -647,6 +602,29 @@ def main(argv=None):
     import torch.distributed as dist
     dist.barrier()
     dist.destroy_process_group()
+
+
+def stop_on_error(cfg, state, save, bar, metrics):
+    """Too many skipped steps: the weights are the last good ones (a skipped step applies nothing), so save
+    them and stop with an error that says where they are."""
+    bar.close()
+    path = save(state["step"])
+    if metrics:
+        metrics.close()
+    raise SystemExit(f"error: stopping: {state['nonfinite']} skipped steps (non-finite loss or gradient "
+                     f"overflow; max_nonfinite={cfg.max_nonfinite}); the last good state is saved in {path}. "
+                     f"Lower --lr, check the data, or use fp32")
+
+
+def make_out_dir(cfg: TrainConfig, rank: int) -> Path:
+    import torch.distributed as dist
+    out = Path(cfg.out_dir or broadcast(time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()), rank))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    dist.barrier()
+    return out
 
 
 def write_plots(records, out: Path):

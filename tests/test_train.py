@@ -89,7 +89,7 @@ def env(assets) -> dict:
 
 def flags(assets, out: Path, stage=2, steps=6, **kw) -> list[str]:
     f = {"teacher": assets["teacher"], "corpus": assets["corpus"], "cache_dir": assets["root"] / "cache",
-         "student_layers": 2, "max_length": 16, "max_steps": steps, "eval_interval": 0, "eval_batches": 2,
+         "student_layers": 2, "max_length": 16, "max_steps": steps, "eval_interval": 0, "eval_sequences": 16,
          "deepspeed_config": assets["ds"][stage], "out_dir": out, "dropout": 0, "lr": 1e-3, "warmup_steps": 1,
          "plots": "false", "seed": 0}
     f.update(kw)
@@ -136,7 +136,8 @@ def checkpoint_student(out: Path):
     sd = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                     weights_only=False)["module"]
     model = BertForMaskedLM(AutoConfig.from_pretrained(out / "student")).eval()
-    missing, unexpected = model.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()}, strict=False)
+    missing, unexpected = model.load_state_dict({k.removeprefix("student.model."): v for k, v in sd.items()},
+                                               strict=False)
     assert not unexpected and all("decoder" in k or "position_ids" in k for k in missing), (missing, unexpected)
     model.tie_weights()
     return model
@@ -162,7 +163,8 @@ def ds_shm_files() -> set[str]:
 # ---- bad input: clear errors, nothing overwritten ----------------------------------------------------
 
 def test_bad_config_fields(tmp_path):
-    from iit_fast.train import load_ds_config, make_config, parse_args
+    from iit_fast.engine import read_ds_config as load_ds_config
+    from iit_fast.train import make_config, parse_args
     with pytest.raises(ValueError, match="unknown config field.*'no_such_field'"):
         make_config({"no_such_field": 1})
     run = tmp_path / "run.json"

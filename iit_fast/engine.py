@@ -1,0 +1,234 @@
+"""DeepSpeed and the process group: every scale-out concern of the main job, in one place.
+
+- `read_ds_config(path, world_size)`: the DeepSpeed config, checked before any work (JSON, misspelled keys,
+  the `zero_optimization` section against DeepSpeed's own schema, batch fields, precision support).
+- `init_distributed()`: join (or, with no launcher, form) the process group: nccl on GPUs, gloo on CPU.
+- `init_engine(...)`: the student's engine around `step.DistillStep`, so that every micro-batch goes
+  through `engine(batch, plan)` -> `engine.backward(loss)` -> `engine.step()`: DeepSpeed's forward runs
+  (ZeRO-3 counts its micro-steps there; skipping it makes each micro-batch's gradient overwrite the last).
+- `prepare_teacher(...)`: the frozen teacher, replicated, or under ZeRO-3 partitioned across ranks like
+  the student and gathered block by block as it runs (TRL's `prepare_deepspeed` recipe: an engine with
+  no optimizer). The step reads the teacher's tied decoder weight directly (not through a module call):
+  `step.head_losses` gathers it explicitly.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# DeepSpeed's top-level config keys (its sections; scalar keys come from deepspeed.runtime.constants).
+_DS_SECTIONS = {
+    "zero_optimization", "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast", "activation_checkpointing",
+    "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "aio", "compression_training",
+    "data_efficiency", "curriculum_learning", "elasticity", "autotuning", "nebula", "pipeline", "sparse_attention",
+    "checkpoint", "weight_quantization", "hybrid_engine", "compile", "timers", "data_types", "eigenvalue",
+    "progressive_layer_drop", "quantize_training", "sequence_parallel_size", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "communication_data_type", "seq_parallel_communication_data_type",
+    "gradient_clipping", "graph_harvesting", "use_node_local_storage", "dataloader_drop_last", "dump_state",
+    "memory_breakdown", "wall_clock_breakdown", "steps_per_print", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "disable_allgather", "train_batch_size",
+    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "vocabulary_size", "expert_parallel",
+    "tensor_parallel", "mics_shard_size", "mics_hierarchical_params_gather", "load_universal_checkpoint",
+    "use_data_before_expert_parallelism", "deepcompile", "checkpoint_parallel_write_pipeline", "fp32",
+}
+
+
+def _known_ds_keys() -> set[str]:
+    import deepspeed.runtime.constants as C
+    return _DS_SECTIONS | {v for k, v in vars(C).items() if k.isupper() and isinstance(v, str) and v.islower()
+                           and " " not in v and "/" not in v}
+
+
+def find_file(path: str) -> Path:
+    """A path as given, or relative to the repository (so ds_configs/... works from any directory)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO / p if (REPO / p).exists() else p
+
+
+def read_ds_config(path: str, world_size: int) -> dict:
+    """Read and check the DeepSpeed config; make its three batch fields agree. Errors name the file and key."""
+    p = find_file(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--deepspeed_config {path}: no such file")
+    try:
+        ds = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--deepspeed_config {p}: not JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"--deepspeed_config {p}: expected a JSON object of DeepSpeed settings")
+    known = _known_ds_keys()
+    for key in ds:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            hint = f"; did you mean {near[0]!r}?" if near else " (not a DeepSpeed setting this version knows)"
+            raise ValueError(f"--deepspeed_config {p}: unknown key {key!r}{hint}")
+    if "zero_optimization" in ds:  # DeepSpeed's own schema (pydantic, extra keys forbidden), checked now
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        try:
+            DeepSpeedZeroConfig(**ds["zero_optimization"])
+        except Exception as e:  # pydantic's ValidationError: name the offending key
+            first = str(e).splitlines()
+            raise ValueError(f"--deepspeed_config {p}: zero_optimization: {' '.join(first[1:3]).strip()}") from None
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    accum = ds.get("gradient_accumulation_steps")
+    total = ds.get("train_batch_size")
+    if micro is None and total is None:
+        raise ValueError(f"{p}: set train_micro_batch_size_per_gpu (and optionally gradient_accumulation_steps, "
+                         "train_batch_size)")
+    if micro is None:
+        accum = accum or 1
+        if total % (accum * world_size):
+            raise ValueError(f"{p}: train_batch_size={total} is not divisible by gradient_accumulation_steps="
+                             f"{accum} x world size {world_size}")
+        micro = total // (accum * world_size)
+    if accum is None:
+        accum = 1 if total is None else total // (micro * world_size)
+    if total is None:
+        total = micro * accum * world_size
+    if micro < 1 or accum < 1 or total != micro * accum * world_size:
+        raise ValueError(f"{p}: train_batch_size ({total}) must equal train_micro_batch_size_per_gpu ({micro}) "
+                         f"x gradient_accumulation_steps ({accum}) x world size ({world_size}) = "
+                         f"{micro * accum * world_size}")
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=total)
+    opt = ds.get("optimizer")
+    if opt and not torch.cuda.is_available() and not opt.get("params", {}).get("torch_adam", False):
+        raise ValueError(f"{p}: on CPU an 'optimizer' block needs params.torch_adam = true (DeepSpeed's own "
+                         "Adam would compile a C++ op); or leave 'optimizer' out and train.py uses torch AdamW")
+    if ds.get("fp16", {}).get("enabled"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{p}: fp16 is enabled, but this machine has no GPU and the CPU has no fp16 "
+                             "training path; use a *_bf16.json config (bf16 needs no loss scaling) or fp32")
+        if ds["fp16"].get("loss_scale", 0) == 1 and not ds["fp16"].get("dynamic_loss_scale", False):
+            raise ValueError(f"{p}: fp16 without loss scaling (loss_scale 1) underflows gradients; use bf16, or "
+                             "fp16 with dynamic loss scaling (loss_scale 0)")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+# ---- processes -----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float):
+    """Join (or, with no launcher, form) the process group: nccl on GPUs, gloo on CPU.
+
+    `timeout_s` bounds every collective: a rank that stops responding makes the others fail with an error
+    after that long instead of DeepSpeed's default 10 minutes (a rank that dies is noticed at once)."""
+    from datetime import timedelta
+    import deepspeed
+    if "RANK" not in os.environ:  # plain `python train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # DeepSpeed's CPU backend would compile a shared-memory all-reduce op at the first launch (a minute
+        # of C++ build) and leave buffers in /dev/shm; gloo's own all-reduce is enough at this scale.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:  # before the process group, so nccl binds each rank to its own GPU
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if cuda:
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between this machine's ranks
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return rank, world, device
+
+
+def broadcast(obj, rank):
+    import torch.distributed as dist
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    dist.all_reduce(t)
+    return t
+
+
+# ---- engines -------------------------------------------------------------------------------------
+
+def init_engine(ds: dict, step_module, optimizer_groups, lr: float, scheduler_fn):
+    """The student's DeepSpeed engine around `step_module` (a `step.DistillStep`)."""
+    import deepspeed
+    if "optimizer" in ds:  # the config's own optimizer (its lr is replaced by ours)
+        ds["optimizer"].setdefault("params", {})["lr"] = lr
+        engine, _, _, _ = deepspeed.initialize(model=step_module, model_parameters=optimizer_groups, config=ds,
+                                               lr_scheduler=scheduler_fn)
+    else:
+        offload = "offload_optimizer" in ds.get("zero_optimization", {})
+        opt = torch.optim.AdamW(optimizer_groups, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                fused=torch.cuda.is_available() and not offload)
+        engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=opt, config=ds,
+                                               lr_scheduler=scheduler_fn)
+    if engine.zero_optimization_stage() == 3:
+        # the loss module reads the tied decoder weight and bias without calling the decoder module:
+        # tell ZeRO-3 to gather them for it
+        student = engine.module.student
+        deepspeed.zero.register_external_parameter(student.lm_loss, student.decoder_weight)
+        if student.decoder_bias is not None:
+            deepspeed.zero.register_external_parameter(student.lm_loss, student.decoder_bias)
+    return engine
+
+
+def prepare_teacher(teacher, ds: dict, shard: bool):
+    """The frozen teacher for this run: eval, no grad; under ZeRO-3 with `shard`, its parameters are
+    partitioned across ranks (each holds ~1/world of them) and gathered block by block as it runs.
+
+    Returns the teacher module to call (the engine's module: its ZeRO-3 hooks gather on each call)."""
+    teacher.eval().requires_grad_(False)
+    if not shard:
+        return teacher
+    if zero_stage(ds) != 3:
+        raise ValueError("shard_teacher needs ZeRO stage 3 in --deepspeed_config (the teacher is partitioned "
+                         "like the student)")
+    import deepspeed
+    zero = dict(ds.get("zero_optimization", {}))
+    for k in ("offload_optimizer", "sub_group_size"):
+        zero.pop(k, None)
+    # as TRL's prepare_deepspeed: small buckets, no persistence threshold, so every block is gathered on use
+    hidden = teacher.hidden_size
+    zero.update(stage=3, stage3_param_persistence_threshold=10 * hidden, reduce_bucket_size=hidden * hidden,
+                stage3_prefetch_bucket_size=int(0.9 * hidden * hidden))
+    cfg = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+           "gradient_accumulation_steps": 1, "zero_optimization": zero,
+           "bf16": {"enabled": next(teacher.parameters()).dtype == torch.bfloat16}}
+    engine, *_ = deepspeed.initialize(model=teacher, config=cfg)
+    engine.eval()
+    return engine.module
+
+
+def local_param_bytes(module) -> int:
+    """Bytes of parameters this rank holds (ZeRO-3: its partition only)."""
+    n = 0
+    for p in module.parameters():
+        t = getattr(p, "ds_tensor", None)
+        n += (t if t is not None else p).numel() * p.element_size()
+    return n
+
+
+def param_count(module) -> int:
+    """Parameters of the whole model, also under ZeRO-3 (where each local tensor is empty: ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
