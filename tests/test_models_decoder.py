@@ -185,8 +185,32 @@ def test_set_dropout_reaches_attention_floats():
     assert (gpt2.config.resid_pdrop, gpt2.config.embd_pdrop, gpt2.config.attn_pdrop) == (0.25, 0.25, 0.25)
 
 
+def test_gpt2_embed_needs_the_mask():
+    model = IntervenableLM(tiny_gpt2(layers=1))
+    with pytest.raises(ValueError, match="attention_mask: GPT-2 numbers positions by the real tokens"):
+        model.embed(torch.ones(2, 3, dtype=torch.long))
+
+
 def test_llama_refuses_token_types():
     model = IntervenableLM(tiny_llama(layers=1))
     b = tiny_causal_batch((4, 3))
     with pytest.raises(ValueError, match="token_type_ids: a llama model has no segment embeddings"):
         model(b["input_ids"], b["attention_mask"], torch.ones_like(b["input_ids"]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sdpa_equals_eager_with_left_padding(family):
+    """Checkpoints load with sdpa attention by default: its masks (fully padded query rows included) must give
+    the eager results at every real position, with no NaN anywhere."""
+    eager = IntervenableLM(TINY_CAUSAL[family]())
+    hf = TINY_CAUSAL[family]()
+    hf.set_attn_implementation("sdpa")
+    sdpa = IntervenableLM(hf)
+    assert sdpa.config._attn_implementation == "sdpa"
+    b = tiny_causal_batch(LENGTHS, left=True)
+    real = b["attention_mask"].bool()
+    with torch.no_grad():
+        e = eager(b["input_ids"], b["attention_mask"]).last_hidden
+        s = sdpa(b["input_ids"], b["attention_mask"]).last_hidden
+    assert not torch.isnan(s).any()
+    torch.testing.assert_close(s[real], e[real], rtol=1e-5, atol=1e-5)

@@ -27,6 +27,9 @@ class GPT2Adapter(FamilyAdapter):
         return () if config.tie_word_embeddings else ("lm_head.",)
 
     def embed(self, input_ids, token_type_ids, attention_mask):
+        if attention_mask is None:
+            raise ValueError("attention_mask: GPT-2 numbers positions by the real tokens of the (B, S) attention "
+                             "mask; expected the mask, got None")
         base = self.base
         pos = causal_position_ids(attention_mask, input_ids.shape[1])  # (B, S)
         h = base.wte(input_ids) + base.wpe(pos)                        # (B, S, D)

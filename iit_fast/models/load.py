@@ -109,8 +109,8 @@ def load_tokenizer(tok_dir: Path, vocab_size: int, kind: str, arg: str):
     from transformers import AutoTokenizer
     # transformers 5 builds an empty tokenizer from a folder that has only a config.json: catch that here
     if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{arg}: no tokenizer could be loaded from {tok_dir} (none of {', '.join(TOKENIZER_FILES)}"
-                                f" there); expected a folder with the model's tokenizer")
+        raise FileNotFoundError(f"{arg}: no tokenizer could be loaded from {tok_dir} (none of "
+                                f"{', '.join(TOKENIZER_FILES)} there); expected a folder with the model's tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     except Exception as e:
