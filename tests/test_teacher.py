@@ -134,3 +134,58 @@ def test_load_teacher_errors(tmp_path):
                                 out_dir=tmp_path / "y", progress=False)
     with pytest.raises(FileNotFoundError, match="teacher: .*not built"):
         T.default_teacher_path(tmp_path / "empty_cache", build_if_missing=False)
+
+
+def test_gpt2_teacher_end_to_end(tmp_path):
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+    corpus = tiny_corpus(tmp_path)
+    out = T.build_gpt2_teacher(tmp_path / "cache", corpus=str(corpus), steps=40, vocab_size=300, layers=2,
+                               hidden=32, heads=4, batch_size=8, max_length=32, lr=3e-3, progress=False)
+    assert out == tmp_path / "cache" / T.GPT2_TEACHER_DIRNAME == T.default_teacher_path(tmp_path / "cache",
+                                                                                         family="gpt2")
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("unigram", "initial", "final"):
+        assert math.isfinite(m[key]["perplexity"]) and 0 <= m[key]["top1"] <= 1
+        assert m[key]["tokens"] == m["unigram"]["tokens"] > 0
+    assert m["train_phase"]["steps"] == 40 and not m["train_phase"]["stopped_by_time_cap"]
+    # trained: far better than the random start (about the vocabulary size), and close to the unigram model,
+    # which is near the best possible here (tiny_corpus draws its words independently)
+    assert m["final"]["perplexity"] < 0.5 * m["initial"]["perplexity"]
+    assert m["final"]["perplexity"] < 1.3 * m["unigram"]["perplexity"]
+    # a standard GPT2LMHeadModel folder (safetensors) with a GPT2TokenizerFast: BOS = EOS = <|endoftext|>
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    lm, tok = load_model(out, kind="causal", arg="teacher")
+    assert isinstance(lm.model, GPT2LMHeadModel) and lm.kind == "causal" and lm.num_layers == 2
+    assert isinstance(tok, GPT2TokenizerFast) and tok.eos_token == tok.bos_token == "<|endoftext|>"
+    assert len(tok) == lm.vocab_size == m["vocab_size"] <= 300
+    assert tok.decode(tok("the cat sat.")["input_ids"]) == "the cat sat."  # byte-level: lossless
+    # reloading gives the same figures: what was saved is what was measured
+    td = tokenize_corpus(load_corpus(str(corpus)), tok, max_length=32, num_proc=1, cache_dir=tmp_path / "cache",
+                         kind="causal")
+    val = validation_batches(td["validation"], tok, 8, n_sequences=min(16 * 8, len(td["validation"])),
+                             seed=EVAL_SEED, kind="causal")
+    assert lm_metrics(lm, val)["perplexity"] == pytest.approx(m["final"]["perplexity"], rel=1e-4)
+    # cached: a second call returns the folder without building
+    mtime = (out / "metrics.json").stat().st_mtime
+    assert T.build_gpt2_teacher(tmp_path / "cache", corpus=str(corpus), progress=False) == out
+    assert (out / "metrics.json").stat().st_mtime == mtime
+    with pytest.raises(FileNotFoundError, match="teacher: the default gpt2 teacher .*--family gpt2"):
+        T.default_teacher_path(tmp_path / "other", build_if_missing=False, family="gpt2")
+    with pytest.raises(ValueError, match="family must be one of"):
+        T.default_teacher_dir(tmp_path, family="llama")
+    with pytest.raises(ValueError, match="hidden must be a multiple of heads"):
+        T.build_gpt2_teacher(tmp_path / "c2", corpus=str(corpus), hidden=30, heads=4, progress=False)
+
+
+def test_build_command_family_gpt2(tmp_path, capsys):
+    corpus = tiny_corpus(tmp_path)
+    T.main(["build", "--family", "gpt2", "--cache-dir", str(tmp_path / "cache"), "--corpus", str(corpus),
+            "--steps", "3", "--vocab-size", "280", "--layers", "1", "--hidden", "16", "--heads", "2",
+            "--batch-size", "4", "--max-length", "16", "--eval-batches", "2"])
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "cache" / T.GPT2_TEACHER_DIRNAME) in printed and "GPT-2 trained (3 steps)" in printed
+    m = json.loads((tmp_path / "cache" / T.GPT2_TEACHER_DIRNAME / "metrics.json").read_text())
+    assert (m["layers"], m["hidden"], m["steps"], m["validation_batches"]) == (1, 16, 3, 2)
+    with pytest.raises(SystemExit):  # the MiniLM builder's options are refused for gpt2
+        T.main(["build", "--family", "gpt2", "--encoder", str(tmp_path)])
+    assert "--encoder / --tokenizer belong to --family minilm" in capsys.readouterr().err
