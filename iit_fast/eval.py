@@ -212,7 +212,8 @@ def load_validation(tokenizer, corpus=None, batch_size: int = 32, max_length: in
     """The first `max_batches` batches (None: all) of a corpus's validation split (`load_corpus` spec; None =
     the default corpus), of the given kind, rows fixed and masked per row with `EVAL_SEED`
     (`data.validation_batches`): every model compared, at any batch size, is scored on the same tokens."""
-    from iit_fast.data import load_corpus, tokenize_corpus, validation_batches
+    from iit_fast.corpus import load_corpus
+    from iit_fast.data import tokenize_corpus, validation_batches
     val = tokenize_corpus(load_corpus(corpus, cache_dir), tokenizer, max_length, num_proc, cache_dir,
                           kind=kind)["validation"]
     n = len(val) if max_batches is None else min(len(val), max_batches * batch_size)

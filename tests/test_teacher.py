@@ -10,7 +10,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
 
 from iit_fast import teacher as T
-from iit_fast.data import load_corpus, tokenize_corpus, validation_batches
+from iit_fast.corpus import load_corpus
+from iit_fast.data import tokenize_corpus, validation_batches
 from iit_fast.eval import EVAL_SEED, lm_metrics
 from iit_fast.models import load_model
 
