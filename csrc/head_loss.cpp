@@ -13,7 +13,7 @@
 //
 // Math of one row, temperature T, a_s = z_s/T, a_t = z_t/T:
 //   lse_s = logsumexp(a_s), lse_t = logsumexp(a_t), lse_1 = logsumexp(z_s)
-//   p_s = exp(a_s - lse_s), p_t = exp(a_t - lse_t), p_1 = exp(z_s - lse_1), u = log(p_s / p_t)
+//   p_s = softmax(a_s), p_t = softmax(a_t), p_1 = softmax(z_s), u = log(p_s / p_t)
 //   KL(p_t || p_s) = sum_v p_t (e^u - 1 - u)     (every term >= 0: no cancellation, never negative)
 //   CE(z_s, y)     = lse_1 - z_s[y]
 //   dL/dz_s = g_kd T (p_s - p_t) + g_lab (p_1 - onehot(y))      (T^2 of the KL times 1/T)
@@ -112,7 +112,9 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
     d_t += bt;
     d_1 += b1;
   }
-  const float lse_s = m_s + (float)std::log(d_s), lse_t = m_t + (float)std::log(d_t);
+  // p = exp(a - m) / d, not exp(a - lse): a rounded lse would put eps * |lse| into every p, and p_s - p_t is
+  // small when teacher ~= student
+  const float r_s = (float)(1.0 / d_s), r_t = (float)(1.0 / d_t);
   // lse_s - lse_t without rounding either lse (u is small when p_s ~ p_t)
   const float c = (float)(((double)m_s - (double)m_t) + std::log(d_s / d_t));
   const float gk = g_kd * T;
@@ -120,7 +122,7 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
   // pass 3: KL terms and the gradient over z_s
   if (has_labels) {
     const bool has = y >= 0 && y < V;
-    const float lse_1 = m_1 + (float)std::log(d_1);
+    const float lse_1 = (float)((double)m_1 + std::log(d_1)), r_1 = (float)(1.0 / d_1);
     *ce_out = has ? lse_1 - s[y] : 0.f;
     const float gl = has ? g_lab : 0.f;
     for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
@@ -129,9 +131,9 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
 #pragma omp simd reduction(+ : kl_block)
       for (int64_t v = v0; v < v1; ++v) {
         const float z = s[v], zt = t[v];
-        const float p_s = exp_f32(z * inv_T - lse_s), p_t = exp_f32(zt * inv_T - lse_t);
+        const float p_s = exp_f32(z * inv_T - m_s) * r_s, p_t = exp_f32(zt * inv_T - m_t) * r_t;
         kl_block += kl_term(p_s, p_t, (z - zt) * inv_T - c);
-        s[v] = gk * (p_s - p_t) + gl * exp_f32(z - lse_1);
+        s[v] = gk * (p_s - p_t) + gl * (exp_f32(z - m_1) * r_1);
       }
       kl += kl_block;
     }
@@ -143,7 +145,7 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
 #pragma omp simd reduction(+ : kl_block)
       for (int64_t v = v0; v < v1; ++v) {
         const float z = s[v], zt = t[v];
-        const float p_s = exp_f32(z * inv_T - lse_s), p_t = exp_f32(zt * inv_T - lse_t);
+        const float p_s = exp_f32(z * inv_T - m_s) * r_s, p_t = exp_f32(zt * inv_T - m_t) * r_t;
         kl_block += kl_term(p_s, p_t, (z - zt) * inv_T - c);
         s[v] = gk * (p_s - p_t);
       }

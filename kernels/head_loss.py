@@ -104,8 +104,8 @@ def _distill_head_loss_kernel(
             d_1 = d_1 * tl.exp(m_1 - m_1_new) + tl.sum(tl.exp(zs - m_1_new), 0)
             m_1 = m_1_new
 
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
+    r_s = 1.0 / d_s
+    r_t = 1.0 / d_t
     # lse_s - lse_t, taken as (m_s - m_t) + log(d_s / d_t), not from two rounded lse's: u is small when
     # p_s ~ p_t
     c = (m_s - m_t) + tl.log(d_s / d_t)
@@ -115,13 +115,14 @@ def _distill_head_loss_kernel(
         y = tl.load(labels_ptr + row)
         has_label = (y >= 0) & (y < V)                      # -100 = no target
         lse_1 = m_1 + tl.log(d_1)
+        r_1 = 1.0 / d_1
         z_y = tl.load(zs_row + tl.where(has_label, y, 0)).to(tl.float32)  # read before pass 2 writes
         tl.store(ce_ptr + row, tl.where(has_label, lse_1 - z_y, 0.0))      # CE = lse_1 - z_s[y]
         g_lab = tl.load(w_lab_ptr + row).to(tl.float32)
         g_lab = tl.where(has_label, g_lab, 0.0)
     else:
         y = -1
-        lse_1 = 0.0
+        r_1 = 0.0
         g_lab = 0.0
 
     # ---- pass 2: KL = sum_v p_t (e^u - 1 - u), and dL/dz_s = g_kd T (p_s - p_t) + g_lab (p_1 - onehot(y))
@@ -132,12 +133,13 @@ def _distill_head_loss_kernel(
         mask = cols < V
         zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
         zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
-        p_s = tl.exp(zs * inv_T - lse_s)
-        p_t = tl.exp(zt * inv_T - lse_t)
+        # p = exp(a - m) / d, not exp(a - lse): a rounded lse would put eps * |lse| into every p
+        p_s = tl.exp(zs * inv_T - m_s) * r_s
+        p_t = tl.exp(zt * inv_T - m_t) * r_t
         kl += tl.where(mask, _kl_term(p_s, p_t, (zs - zt) * inv_T - c), 0.0)
         dz = g_kd * (p_s - p_t)
         if HAS_LABELS:
-            p_1 = tl.exp(zs - lse_1)
+            p_1 = tl.exp(zs - m_1) * r_1
             dz += g_lab * (p_1 - tl.where(cols == y, 1.0, 0.0))
         tl.store(zs_row + cols, dz.to(zs_ptr.dtype.element_ty), mask=mask)
     tl.store(kl_ptr + row, tl.sum(kl, 0))

@@ -1,0 +1,298 @@
+"""`distill_head_loss` precision: loss weights (no cancellation at lm_weight = 0), fp64 ground truth from the
+references, dtype checks, bf16 GEMMs with fp32 accumulation, and the KL at vocab 128k without an error floor.
+Triton runs under the interpreter (TRITON_INTERPRET=1 from conftest)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import iit_fast.ops.head_loss as hl
+from iit_fast.ops import distill_head_loss
+from iit_fast.ops.reference import (distill_head_loss_reference, hidden_loss_reference, kd_loss_reference,
+                                    mlm_loss_reference)
+
+IMPLS = ["reference", "chunked", "native", "triton"]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def close_pair(n=64, d=32, v=3000, noise=0.2, seed=0):
+    """Student close to the teacher (KL ~ 0.1) with every token labelled (mlm ~ 10): the ce gradient is
+    ~50x smaller than the mlm gradient, so G(ce + mlm) - G(mlm) loses ~2 digits to cancellation."""
+    g = torch.Generator().manual_seed(seed)
+    ht = torch.randn(n, d, generator=g)
+    hs = (ht + noise * torch.randn(n, d, generator=g)).requires_grad_()
+    wt = torch.randn(v, d, generator=g) * 0.3
+    ws = (wt + noise * 0.3 * torch.randn(v, d, generator=g)).requires_grad_()
+    bs = torch.zeros(v, requires_grad=True)
+    bt = torch.zeros(v)
+    y = torch.randint(0, v, (n,), generator=g)
+    return hs, ht, ws, bs, wt, bt, y
+
+
+def fp64_grads(hs, ht, ws, bs, wt, bt, y, kd_w, lm_w, T=2.0):
+    p = [t.detach().double().requires_grad_() for t in (hs, ws, bs)]
+    ce, mlm = distill_head_loss_reference(p[0], ht.double(), p[1], p[2], wt.double(), bt.double(), y, None, T)
+    return torch.autograd.grad(kd_w * ce + lm_w * mlm, p)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. loss weights
+# ------------------------------------------------------------------------------------------------------
+
+# fp32 on this problem: the reference (autograd, unfused) errs 1.6e-6; the old fused backward, which formed
+# 0.25 G(ce + mlm) - 0.25 G(mlm), erred 8.5e-6 (chunked) / 9.1e-6 (native); the direct gradient ~1.5e-6.
+CE_GRAD_TOL = 3e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pass_weights", [True, False])
+def test_lm_weight_zero_ce_grad_matches_fp64(impl, pass_weights):
+    # the step's w_mlm = 0 case: loss = 0.25 ce + 0 mlm. With the weights passed the forward's gradient is
+    # used (scaled); without them (default 1, 1) the grad_outputs (0.25, 0) are not proportional and the
+    # backward recomputes with them as weights. Either way no difference of two large gradients is formed.
+    hs, ht, ws, bs, wt, bt, y = close_pair(v=3000 if impl != "triton" else 1000)
+    truth = fp64_grads(hs, ht, ws, bs, wt, bt, y, 0.25, 0.0)
+    kw = dict(kd_weight=0.25, lm_weight=0.0) if pass_weights else {}
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=16, impl=impl, **kw)
+    got = torch.autograd.grad(0.25 * ce + 0.0 * mlm, (hs, ws, bs))
+    errs = [rel(a, b) for a, b in zip(got, truth)]
+    assert max(errs) < CE_GRAD_TOL, errs
+    if pass_weights:
+        assert mlm.item() == 0.0   # lm_weight = 0: the MLM loss is not computed
+
+
+@pytest.mark.parametrize("impl", ["chunked", "native"])
+def test_cancellation_is_what_the_tolerance_catches(impl):
+    # negative control for the test above: the old backward's G(ce) = G(ce + mlm) - G(mlm), formed from two
+    # fused gradients, misses CE_GRAD_TOL on the same problem
+    hs, ht, ws, bs, wt, bt, y = close_pair()
+    truth = fp64_grads(hs, ht, ws, bs, wt, bt, y, 1.0, 0.0)
+    both = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=16, impl=impl)
+    g_both = torch.autograd.grad(both[0] + both[1], (hs, ws, bs))
+    mlm_only = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=16, impl=impl,
+                                 kd_weight=0.0, lm_weight=1.0)
+    g_mlm = torch.autograd.grad(mlm_only[1], (hs, ws, bs))
+    cancelled = [a - b for a, b in zip(g_both, g_mlm)]
+    assert max(rel(a, b) for a, b in zip(cancelled, truth)) > CE_GRAD_TOL
+
+
+@pytest.mark.parametrize("impl", ["chunked", "native", "triton"])
+def test_weighted_grads_and_backward_paths(impl, monkeypatch):
+    hs, ht, ws, bs, wt, bt, y = close_pair(n=24, v=500, noise=1.0, seed=2)
+    y[::3] = -100
+    calls = []
+    real = hl._head_loss
+    monkeypatch.setattr(hl, "_head_loss", lambda *a: calls.append(a[-5:-3]) or real(*a))
+    # proportional grad_outputs (a loss scale of 3): the forward's gradient, scaled; no second chunk loop
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=5, impl=impl,
+                                kd_weight=0.3, lm_weight=0.7)
+    got = torch.autograd.grad(3 * (0.3 * ce + 0.7 * mlm), (hs, ws, bs))
+    assert calls == [(0.3, 0.7)]
+    for a, b in zip(got, fp64_grads(hs, ht, ws, bs, wt, bt, y, 0.9, 2.1)):
+        assert rel(a, b) < 1e-5
+    # not proportional (ce alone): recomputed with the grad_outputs as weights
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=5, impl=impl,
+                                kd_weight=0.3, lm_weight=0.7)
+    got = torch.autograd.grad(ce, (hs, ws, bs))
+    assert calls[1:] == [(0.3, 0.7), (1.0, 0.0)]
+    for a, b in zip(got, fp64_grads(hs, ht, ws, bs, wt, bt, y, 1.0, 0.0)):
+        assert rel(a, b) < 1e-5
+
+
+def test_loss_weight_arguments_are_checked():
+    hs, ht, ws, bs, wt, bt, y = close_pair(n=4, v=50)
+    with pytest.raises(TypeError, match="kd_weight"):
+        distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, kd_weight="a")
+    with pytest.raises(ValueError, match="lm_weight"):
+        distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, lm_weight=float("inf"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2. references promote; fp64 is computed in fp64
+# ------------------------------------------------------------------------------------------------------
+
+def test_references_promote_fp64_against_hand_formula():
+    g = torch.Generator().manual_seed(4)
+    n, d, v, T = 7, 5, 11, 2.0
+    hs, ht = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    ws, wt = torch.randn(v, d, generator=g, dtype=torch.float64), torch.randn(v, d, generator=g, dtype=torch.float64)
+    bs, bt = torch.randn(v, generator=g, dtype=torch.float64), torch.randn(v, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, -100, 3, 10, -100, 0, 5])
+    ce, mlm = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, None, T)
+    assert ce.dtype == torch.float64 and mlm.dtype == torch.float64
+    # by hand, fp64, no torch.nn.functional
+    zs, zt = hs @ ws.T + bs, ht @ wt.T + bt
+
+    def log_softmax(a):
+        m = a.max(-1, keepdim=True).values
+        return a - m - (a - m).exp().sum(-1, keepdim=True).log()
+
+    lps, lpt = log_softmax(zs / T), log_softmax(zt / T)
+    ce_hand = T * T * (lpt.exp() * (lpt - lps)).sum(-1).mean()
+    lab = (y != -100).nonzero().squeeze(1)
+    mlm_hand = -log_softmax(zs)[lab, y[lab]].mean()
+    assert abs(ce.item() - ce_hand.item()) <= 1e-12 * abs(ce_hand.item())
+    assert abs(mlm.item() - mlm_hand.item()) <= 1e-12 * abs(mlm_hand.item())
+    # the pieces keep fp64 too, and fp32 inputs are not computed in fp64 (promote, not upcast everything)
+    assert kd_loss_reference(zs, zt, None, T).dtype == torch.float64
+    assert mlm_loss_reference(zs, y).dtype == torch.float64
+    assert hidden_loss_reference(hs, ht, torch.ones(n)).dtype == torch.float64
+    assert kd_loss_reference(zs.float(), zt.float(), None, T).dtype == torch.float32
+    assert kd_loss_reference(zs.bfloat16(), zt.bfloat16(), None, T).dtype == torch.float32
+
+
+def test_fused_fp64_is_fp64():
+    *ts, y = close_pair(n=9, v=40)
+    hs, ht, ws, bs, wt, bt = (t.detach().double() for t in ts)
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0)          # auto -> chunked for fp64
+    ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, None, 2.0)
+    assert ce.dtype == torch.float64 and rel(ce, ce_r) < 1e-12 and rel(mlm, mlm_r) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. dtypes the Triton and native steps do not take
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["triton", "native"])
+def test_fp64_refused_with_a_clear_error(impl):
+    *ts, y = close_pair(n=4, v=30)
+    hs, ht, ws, bs, wt, bt = (t.detach().double() for t in ts)
+    with pytest.raises(ValueError, match=r"float64.*|supports float32, bfloat16 and float16"):
+        distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, impl=impl)
+
+
+def test_triton_launcher_names_the_dtype():
+    from iit_fast.kernels.head_loss import distill_head_loss_chunk_triton
+    z = torch.zeros(2, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="torch.float64.*supported"):
+        distill_head_loss_chunk_triton(z, z.clone(), None, torch.ones(2), None, 2.0)
+
+
+def test_native_unavailable_warns_once_with_the_fix(monkeypatch, caplog):
+    monkeypatch.setattr(hl, "_native_fn", None)
+    monkeypatch.setattr(hl, "_native_error", "ninja is not installed; fix: install a C++ compiler (g++) and "
+                        "ninja (pip install ninja)")
+    monkeypatch.setattr(hl, "_logged", set())
+    with caplog.at_level("INFO", logger="iit_fast.ops"):
+        assert hl._pick_impl("auto", torch.device("cpu"), torch.float32) == "chunked"
+        assert hl._pick_impl("auto", torch.device("cpu"), torch.float32) == "chunked"
+    warns = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warns) == 1 and "pip install ninja" in warns[0].getMessage()
+    with pytest.raises(RuntimeError, match="pip install ninja"):
+        hl._pick_impl("native", torch.device("cpu"), torch.float32)
+
+
+def test_load_native_without_ninja_says_how_to_fix(monkeypatch):
+    import iit_fast.ops._native as nat
+    monkeypatch.setattr(nat.shutil, "which", lambda name: None)
+    monkeypatch.setattr(nat, "_has_ninja_module", lambda: False)
+    with pytest.raises(nat.NativeUnavailable, match=r"ninja is not installed.*pip install ninja"):
+        nat.load_native("iit_fast_test_no_ninja", ["head_loss.cpp"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# 5. bf16: GEMMs in bf16 with fp32 accumulation, statistics in fp32, master-weight gradients in fp32
+# ------------------------------------------------------------------------------------------------------
+
+class _RecordMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm"):
+            a, b = [x for x in args if isinstance(x, torch.Tensor)][-2:]
+            self.seen.append((name, a.dtype, b.dtype, tuple(a.shape), tuple(b.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["bf16_inputs", "bf16_hidden_fp32_master", "fp32_under_autocast"])
+def test_bf16_gemms(case):
+    hs, ht, ws, bs, wt, bt, y = close_pair(n=40, d=32, v=700, noise=1.0, seed=6)
+    y[::2] = -100
+    if case == "bf16_inputs":
+        hs, ht, ws, bs, wt, bt = (t.detach().bfloat16() for t in (hs, ht, ws, bs, wt, bt))
+    elif case == "bf16_hidden_fp32_master":
+        hs, ht = hs.detach().bfloat16(), ht.bfloat16()
+    hs, ws, bs = (t.detach().requires_grad_() for t in (hs, ws, bs))
+    rec = _RecordMatmuls()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if case == "fp32_under_autocast" else torch.autocast(
+        "cpu", enabled=False)
+    with rec, ctx:
+        ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=16, impl="native")
+    g = torch.autograd.grad(ce + mlm, (hs, ws, bs))
+    vocab_gemms = [s for s in rec.seen if 700 in s[3] + s[4]]
+    assert len(vocab_gemms) == 3 * 4       # 3 chunks x (z_s, z_t, dh, dW), all in the forward
+    assert all(s[1] == torch.bfloat16 and s[2] == torch.bfloat16 for s in rec.seen), rec.seen
+    assert ce.dtype == torch.float32 and mlm.dtype == torch.float32
+    # gradients in the parameters' own dtypes: fp32 master weights get fp32 gradients
+    assert [t.dtype for t in g] == [hs.dtype, ws.dtype, bs.dtype]
+    # flash-attention's rule: error vs fp64 (same bf16-rounded inputs) <= ~2x PyTorch's own bf16 computation
+    p64 = [t.detach().bfloat16().double().requires_grad_() for t in (hs, ws, bs)]
+    ce64, mlm64 = distill_head_loss_reference(p64[0], ht.bfloat16().double(), p64[1], p64[2],
+                                              wt.bfloat16().double(), bt.bfloat16().double(), y, None, 2.0)
+    g64 = torch.autograd.grad(ce64 + mlm64, p64)
+    pb = [t.detach().bfloat16().requires_grad_() for t in (hs, ws, bs)]
+    ce_p, mlm_p = distill_head_loss_reference(pb[0], ht.bfloat16(), pb[1], pb[2], wt.bfloat16(), bt.bfloat16(),
+                                              y, None, 2.0)
+    gp = torch.autograd.grad(ce_p + mlm_p, pb)
+    assert rel(ce, ce64) <= 2 * rel(ce_p, ce64) + 1e-6 and rel(mlm, mlm64) <= 2 * rel(mlm_p, mlm64) + 1e-6
+    for a, p, b in zip(g, gp, g64):
+        assert rel(a, b) <= 2 * rel(p, b) + 1e-6
+
+
+def _bf16_logits_128k(rows=4, seed=0):
+    """(rows, 131072) bf16 teacher logits and student logits that differ from them on 1% of the entries
+    by ~0.1: KL ~ 1e-5, teacher ~= student."""
+    g = torch.Generator().manual_seed(seed)
+    V = 131072
+    base = torch.randn(rows, V, generator=g) * 3
+    pert = (torch.rand(rows, V, generator=g) < 0.01) * torch.randn(rows, V, generator=g) * 0.1
+    return (base + pert).bfloat16(), base.bfloat16()
+
+
+def _kl_truth(zs, zt, T=2.0):
+    lps, lpt = torch.log_softmax(zs.double() / T, -1), torch.log_softmax(zt.double() / T, -1)
+    return (lpt.exp() * (lpt - lps)).sum(-1)
+
+
+@pytest.mark.parametrize("inner", ["chunked", "native", "triton"])
+def test_kl_vocab_128k_bf16_no_error_floor(inner):
+    zs, zt = _bf16_logits_128k()
+    truth = _kl_truth(zs, zt)
+    assert truth.max() < 1e-4                                            # teacher ~= student
+    w = torch.full((zs.shape[0],), 0.25)
+    # the chunk loop upcasts bf16 logits to fp32; the Triton kernel loads the bf16 logits itself
+    a, b = (zs.clone(), zt.clone()) if inner == "triton" else (zs.float(), zt.float())
+    _, kl, _ = hl._INNER[inner](a, b, None, w, None, 2.0)
+    kl = kl.double()
+    assert (kl >= 0).all()
+    assert ((kl - truth).abs() / truth).max() < 1e-5
+    # negative control: the same KL with the reduction in bf16 (PyTorch's bf16 computation) fails both checks
+    ls, lt = torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1)
+    kl_bf16 = (lt.exp() * (lt - ls)).sum(-1).double()
+    assert ((kl_bf16 - truth).abs() / truth).max() > 1e-2
+
+
+@pytest.mark.parametrize("impl", ["chunked", "native"])
+def test_head_loss_vocab_128k_bf16(impl):
+    # the whole op at V = 131072 with bf16 states and weights: the KL (ce) of teacher ~= student matches fp64
+    # computed from the logits the bf16 GEMM gives (on CPU those are rounded to bf16: no out_dtype there)
+    g = torch.Generator().manual_seed(1)
+    n, d, V = 6, 16, 131072
+    hs = torch.randn(n, d, generator=g).bfloat16()
+    w = (torch.randn(V, d, generator=g) * 0.5).bfloat16()
+    wt = (w.float() + (torch.rand(V, d, generator=g) < 0.01) * 0.05).bfloat16()
+    ce, _ = distill_head_loss(hs, hs, w, None, wt, None, None, None, 2.0, chunk_size=4, impl=impl)
+    if hl._mm_out_dtype_supported(hs.device, torch.bfloat16):
+        zs, zt = hs.double() @ w.double().T, hs.double() @ wt.double().T
+    else:
+        zs, zt = (hs @ w.T).double(), (hs @ wt.T).double()
+    truth = 4 * _kl_truth(zs, zt).mean()
+    assert 0 < truth < 1e-3
+    assert ce.item() >= 0 and abs(ce.item() - truth.item()) / truth.item() < 1e-5
