@@ -45,14 +45,29 @@ def make_alignment(spec: str, teacher_layers: int, student_layers: int) -> list[
         path = Path(spec)
         if not path.is_file():
             raise ValueError(f"alignment must be one of {PRESETS} or a JSON file; {spec!r} is neither")
-        raw = json.loads(path.read_text())
+        expected = ('expected a non-empty JSON list of {"teacher": [blocks...], "student": block} objects '
+                    '(or [[blocks...], block] pairs)')
+        try:
+            raw = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"alignment file {spec}: not JSON ({e}); {expected}") from None
         if not isinstance(raw, list) or not raw:
-            raise ValueError(f"alignment file {spec}: expected a non-empty JSON list of pairs")
+            raise ValueError(f"alignment file {spec}: {expected}")
         pairs = []
-        for item in raw:
-            t, s = (item["teacher"], item["student"]) if isinstance(item, dict) else item
-            t = (t,) if isinstance(t, int) else tuple(int(x) for x in t)
-            pairs.append((t, int(s)))
+        for i, item in enumerate(raw):
+            try:
+                if isinstance(item, dict):
+                    extra = sorted(set(item) - {"teacher", "student"})
+                    if extra or set(item) != {"teacher", "student"}:
+                        raise ValueError(f"keys {sorted(item)}")
+                    t, s = item["teacher"], item["student"]
+                else:
+                    t, s = item
+                t = (t,) if isinstance(t, int) else tuple(int(x) for x in t)
+                pairs.append((t, int(s)))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"alignment file {spec}: entry {i} ({json.dumps(item)}) is not a pair ({e}); "
+                                 f"{expected}") from None
     return validate_alignment(pairs, teacher_layers, student_layers)
 
 

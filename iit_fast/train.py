@@ -309,29 +309,25 @@ def prepare(cfg: TrainConfig):
 
 
 def build_models(cfg: TrainConfig, teacher_path):
-    """(teacher IntervenableMLM, frozen, eval; student IntervenableMLM; tokenizer), checked as a pair."""
-    from transformers import AutoModelForMaskedLM
-    from iit_fast.models import IntervenableMLM, init_student_from_teacher
-    from iit_fast import teacher as teacher_lib
+    """(teacher: frozen, eval; student; tokenizer): IntervenableLMs of one supported family, checked as a pair."""
+    from iit_fast.models import check_same_tokenizer, init_student_from_teacher, IntervenableLM, load_model
     from iit_fast.step import check_pair
-    t_hf, tokenizer = teacher_lib.load_teacher(teacher_path)
-    max_pos = getattr(t_hf.config, "max_position_embeddings", None)
-    if max_pos is not None and cfg.max_length > max_pos:
-        raise ValueError(f"--max_length {cfg.max_length} is more than the teacher's {max_pos} positions")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    teacher, tokenizer = load_model(teacher_path, kind="masked", arg="--teacher")
+    max_pos = getattr(teacher.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.max_length > max_pos - (2 if teacher.family == "roberta" else 0):
+        raise ValueError(f"--max_length {cfg.max_length} is more than the teacher's positions ({max_pos}"
+                         f"{', two of them reserved by RoBERTa' if teacher.family == 'roberta' else ''})")
     if cfg.student is None:
         torch.manual_seed(cfg.seed)
-        s_hf = init_student_from_teacher(t_hf, cfg.student_layers)
+        student = IntervenableLM(init_student_from_teacher(teacher.model, cfg.student_layers))
     else:
-        s_hf = AutoModelForMaskedLM.from_pretrained(cfg.student, use_safetensors=True)
+        student, s_tok = load_model(cfg.student, kind=teacher.kind, arg="--student")
+        check_same_tokenizer(tokenizer, s_tok, "--teacher", "--student")
     if cfg.dropout is not None:
-        s_hf.config.hidden_dropout_prob = s_hf.config.attention_probs_dropout_prob = cfg.dropout
-        for m in s_hf.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = cfg.dropout
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    teacher = IntervenableMLM(t_hf).eval().to(dtype=dtype[cfg.distill.teacher_dtype])
-    teacher.requires_grad_(False)
-    student = IntervenableMLM(s_hf).train()
+        student.set_dropout(cfg.dropout)
+    teacher = teacher.to(dtype=dtype[cfg.distill.teacher_dtype]).eval().requires_grad_(False)
+    student.train()
     if cfg.distill.w_mse and student.hidden_size != teacher.hidden_size:
         student.attach_site_projection(teacher.hidden_size)
     check_pair(teacher, student, cfg.distill)
@@ -394,11 +390,18 @@ def validate(model, batches, device) -> dict:
 
 # ---- the run -------------------------------------------------------------------------------------
 
+def fail(message: str, code: int = 2):
+    """One line on stderr, no traceback, exit `code` (2: bad input, before any work)."""
+    import sys
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 def main(argv=None):
     try:
         cfg, ds = check_inputs(argv)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not torch.cuda.is_available():
@@ -412,7 +415,7 @@ def main(argv=None):
     try:
         teacher, student, tokenizer, tokenized, alignment = prepare(cfg)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
 
     rank, world, device = init_distributed(cfg.rank_timeout)
     is_main = rank == 0
@@ -426,7 +429,7 @@ def main(argv=None):
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     train_batches, val_batches = build_batches(cfg, tokenized, tokenizer, micro, rank, world)
     if len(train_batches) == 0:
-        raise SystemExit(f"error: the training split gives no full batch of {micro} per rank on {world} ranks")
+        fail(f"the training split gives no full batch of {micro} per rank on {world} ranks")
     if micro == 1 and cfg.distill.uses_iit:
         say("warning: micro-batch 1 with IIT: a row is its own source (the swap changes nothing); use a "
             "micro-batch of 2 or more")
@@ -611,9 +614,9 @@ def stop_on_error(cfg, state, save, bar, metrics):
     path = save(state["step"])
     if metrics:
         metrics.close()
-    raise SystemExit(f"error: stopping: {state['nonfinite']} skipped steps (non-finite loss or gradient "
-                     f"overflow; max_nonfinite={cfg.max_nonfinite}); the last good state is saved in {path}. "
-                     f"Lower --lr, check the data, or use fp32")
+    fail(f"stopping: {state['nonfinite']} skipped steps (non-finite loss or gradient overflow; max_nonfinite="
+         f"{cfg.max_nonfinite}); the last good state is saved in {path}. Lower --lr, check the data, or use fp32",
+         code=1)
 
 
 def make_out_dir(cfg: TrainConfig, rank: int) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import random
 import signal
 import socket
@@ -131,14 +132,15 @@ def steps_of(out: Path) -> list[dict]:
 
 def checkpoint_student(out: Path):
     """The engine's student as saved by DeepSpeed (fp32 module states of the last checkpoint)."""
-    from transformers import AutoConfig, BertForMaskedLM
+    from transformers import AutoConfig, AutoModelForMaskedLM
     tag = (out / "checkpoints" / "latest").read_text().strip()
     sd = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                     weights_only=False)["module"]
-    model = BertForMaskedLM(AutoConfig.from_pretrained(out / "student")).eval()
+    model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(out / "student")).eval()
     missing, unexpected = model.load_state_dict({k.removeprefix("student.model."): v for k, v in sd.items()},
                                                strict=False)
-    assert not unexpected and all("decoder" in k or "position_ids" in k for k in missing), (missing, unexpected)
+    assert not unexpected and all("decoder" in k or "position_ids" in k or "vocab_projector" in k
+                                  for k in missing), (missing, unexpected)
     model.tie_weights()
     return model
 
@@ -194,22 +196,155 @@ def test_bad_config_fields(tmp_path):
         assert ok["train_batch_size"] == 2 * ok["train_micro_batch_size_per_gpu"] * ok["gradient_accumulation_steps"]
 
 
-def test_missing_teacher_and_used_out_dir(tmp_path, assets):
+def run_main(argv, capsys) -> tuple[int, str]:
+    """train.main in-process: (exit code, stderr)."""
     from iit_fast.train import main
-    with pytest.raises(SystemExit, match="--teacher .*not a Hugging Face model folder"):
-        main(["--teacher", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o")])
+    capsys.readouterr()  # drop what came before (e.g. the test's own save_pretrained progress)
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    return e.value.code, capsys.readouterr().err
+
+
+def test_missing_teacher_and_used_out_dir(tmp_path, assets, capsys):
+    code, err = run_main(["--teacher", tmp_path / "nope", "--out_dir", tmp_path / "o"], capsys)
+    assert code == 2 and re.search("--teacher .*not a Hugging Face model folder", err)
     used = tmp_path / "used"
     used.mkdir()
     (used / "metrics.jsonl").write_text("precious\n")
-    with pytest.raises(SystemExit, match="already holds another run.*nothing was overwritten"):
-        main(flags(assets, used))
-    with pytest.raises(SystemExit, match="--resume: .* holds no run with a checkpoint"):
-        main(flags(assets, used) + ["--resume"])
+    code, err = run_main(flags(assets, used), capsys)
+    assert code == 2 and re.search("already holds another run.*nothing was overwritten", err)
+    code, err = run_main(flags(assets, used) + ["--resume"], capsys)
+    assert code == 2 and re.search("--resume: .* holds no run with a checkpoint", err)
     assert (used / "metrics.jsonl").read_text() == "precious\n" and len(list(used.iterdir())) == 1
     assert not (tmp_path / "o").exists()
 
 
+def _bad_inputs(root: Path, assets) -> dict:
+    """name -> (extra flags, what the error line must say). Each is wrong in one way."""
+    from transformers import AutoTokenizer, BertModel, BertTokenizer
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import tiny_bert
+    cases = {}
+    tok = AutoTokenizer.from_pretrained(assets["teacher"])
+    words = [w for w, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    headless = root / "headless"  # an encoder without an MLM head
+    BertModel(tiny_bert(vocab=len(words)).config).save_pretrained(headless)
+    tok.save_pretrained(headless)
+    cases["no MLM head"] = (["--teacher", headless], "no LM head weights")
+    small = root / "small_vocab"  # a student whose vocabulary is one token short
+    tiny_bert(layers=2, vocab=len(words) - 1).save_pretrained(small)
+    BertTokenizer(vocab={w: i for i, w in enumerate(words[:-1])}, do_lower_case=True).save_pretrained(small)
+    cases["smaller student vocabulary"] = (["--student", small], "--student")
+    align = root / "align.json"
+    align.write_text(json.dumps([{"teachr": [1], "student": 0}]))
+    cases["misspelled alignment key"] = (["--alignment", align], f"alignment file {align}.*teachr")
+    cases["max_length above positions"] = (["--max_length", 100], "--max_length 100 .* positions")
+    ds = root / "ds_typo.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "gradient_acumulation_steps": 2}))
+    cases["misspelled DeepSpeed key"] = (["--deepspeed_config", ds], "gradient_acumulation_steps.*did you mean "
+                                                                    "'gradient_accumulation_steps'")
+    zero = root / "ds_zero_typo.json"
+    zero.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stagee": 2}}))
+    cases["misspelled zero key"] = (["--deepspeed_config", zero], "zero_optimization.*stagee")
+    notjson = root / "ds.json"
+    notjson.write_text("{stage: 2")
+    cases["DeepSpeed config not JSON"] = (["--deepspeed_config", notjson], "not JSON")
+    fp16 = root / "ds_fp16.json"
+    fp16.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "fp16": {"enabled": True}}))
+    if not torch.cuda.is_available():
+        cases["fp16 on CPU"] = (["--deepspeed_config", fp16], "fp16 .*no GPU.*bf16")
+    binary = root / "binary"
+    binary.mkdir()
+    (binary / "train.txt").write_bytes(bytes(range(256)) * 64)
+    (binary / "validation.txt").write_text("the cat sees a dog .\n")
+    cases["binary corpus"] = (["--corpus", binary], "train.txt")
+    empty = root / "empty"
+    empty.mkdir()
+    (empty / "train.txt").write_text("")
+    (empty / "validation.txt").write_text("")
+    cases["empty corpus"] = (["--corpus", empty], "empty|no text")
+    return cases
+
+
+def test_bad_input_fails_before_work(tmp_path, assets, capsys):
+    """Everything checkable from the arguments and folders fails before the out_dir is written and before
+    a process group forms: one `error:` line, no traceback, exit 2; the same command can then be rerun."""
+    for name, (extra, expected) in _bad_inputs(tmp_path, assets).items():
+        out = tmp_path / f"out_{len(name)}_{name[:5].replace(' ', '_')}"
+        code, err = run_main(flags(assets, out) + extra, capsys)
+        lines = [l for l in err.split("\n") if l.strip() and "\r" not in l]  # progress bars aside
+        assert code == 2, (name, code, err)
+        assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, (name, err)
+        assert re.search(expected, lines[0]), (name, lines[0])
+        assert not out.exists(), f"{name}: a failed start wrote {out}"
+
+
 # ---- runs ------------------------------------------------------------------------------------------
+
+def other_family_teachers(root: Path) -> dict[str, Path]:
+    """Tiny RoBERTa (byte-level BPE, <s> </s> <mask>) and DistilBERT (WordPiece) teacher folders."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizer, RobertaTokenizerFast
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import tiny_distilbert, tiny_roberta
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.RobertaProcessing(("</s>", bpe.token_to_id("</s>")),
+                                                      ("<s>", bpe.token_to_id("<s>")))
+    rtok = RobertaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    out = {"roberta": root / "roberta", "distilbert": root / "distilbert"}
+    tiny_roberta(vocab=len(rtok)).save_pretrained(out["roberta"])
+    rtok.save_pretrained(out["roberta"])
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [".", ","]
+    tiny_distilbert(vocab=len(vocab)).save_pretrained(out["distilbert"])
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(out["distilbert"])
+    return out
+
+
+def test_roberta_and_distilbert_teachers_run_the_main_job(tmp_path, assets):
+    """Any supported masked-LM family is a teacher: the data pipeline reads its special tokens from the
+    tokenizer; 2 steps run, and the exported student loads in transformers with the engine's logits."""
+    teachers = other_family_teachers(tmp_path)
+    runs = {f: launch(assets, tmp_path / f"run_{f}", steps=2, teacher=t) for f, t in teachers.items()}
+    for family, p in runs.items():
+        out = tmp_path / f"run_{family}"
+        text = finish(p, out)
+        assert [r["step"] for r in steps_of(out)] == [1, 2], text[-2000:]
+        assert json.loads((out / "student" / "config.json").read_text())["model_type"] == family
+        assert_export_matches(out, assets)
+
+
+def test_monitor_resume_rules_and_validation_independent_of_batch_shape(tmp_path, assets, capsys):
+    """DeepSpeed's CSV monitor gets the loss terms; the same model gets the same validation perplexity
+    with micro-batch 4 or 8 and accumulation 1 or 2; --resume refuses a changed schedule and a finished run
+    saves nothing."""
+    ds = tmp_path / "ds_csv.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+                              "steps_per_print": 10 ** 6, "zero_optimization": {"stage": 1},
+                              "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"),
+                                              "job_name": "job"}}))
+    a = launch(assets, tmp_path / "a", steps=2, deepspeed_config=ds)
+    b = launch(assets, tmp_path / "b", steps=2)  # micro-batch 8, accumulation 1
+    finish(a, tmp_path / "a"), finish(b, tmp_path / "b")
+    csvs = {f.name for f in (tmp_path / "csv").rglob("*.csv")}
+    assert {"iit_fast_loss.csv", "iit_fast_iit.csv", "iit_fast_val_perplexity.csv"} <= csvs, csvs
+    rows = (next((tmp_path / "csv").rglob("iit_fast_loss.csv")).read_text().splitlines())
+    assert len(rows) == 1 + 2  # a header, steps 1 and 2
+    val = {k: [json.loads(l) for l in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in "ab"}
+    first = {k: next(r for r in v if "teacher_val_perplexity" in r) for k, v in val.items()}
+    assert first["a"]["teacher_val_perplexity"] == pytest.approx(first["b"]["teacher_val_perplexity"], rel=1e-6)
+    # resume: a changed schedule is refused; the finished run has nothing to do and writes nothing
+    code, err = run_main(flags(assets, tmp_path / "b", steps=4, resume=True), capsys)
+    assert code == 2 and "max_steps: 2 -> 4" in err and "same run" in err
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "b" / "checkpoints").iterdir())
+    text = finish(launch(assets, tmp_path / "b", steps=2, resume=True), tmp_path / "b")
+    assert "is complete" in text
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "b" / "checkpoints").iterdir()) == before
 
 def test_single_rank_deepspeed_overfits_and_exports(tmp_path, assets):
     """Plain `deepspeed train.py` (one rank, no --num_gpus): the loss goes down on a small overfit case
