@@ -452,16 +452,9 @@ def main(argv=None) -> None:
     print(results_markdown(metrics))
 
 
-# ---- TEMPORARY, for train.py until the lead switches it (then delete) -------------------------------
+# ---- TEMPORARY, for train.py until the lead switches it to iit_fast.eval (then delete) --------------
 
-def load_teacher(path, tokenizer_path=None):
-    """(HF masked LM in eval mode, tokenizer): ``models.load_model(path, kind="masked", arg="teacher")``."""
-    from iit_fast.models import load_model
-    lm, tok = load_model(path, kind="masked", tokenizer_path=tokenizer_path, arg="teacher")
-    return lm.model, tok
-
-
-evaluate_mlm = lm_metrics  # the one evaluator, under its old name
+evaluate_mlm = lm_metrics  # the one evaluator, under its old name (train.validate imports it from here)
 
 
 if __name__ == "__main__":
