@@ -46,7 +46,7 @@ MODES = {  # name -> train.py flags
 def train_flags(a, mode: str, seed: int, out: Path, ds_config: Path) -> list[str]:
     f = ["--deepspeed_config", str(ds_config), "--student_layers", str(a.student_layers),
          "--max_length", str(a.max_length), "--max_steps", str(a.steps), "--eval_interval", str(a.eval_interval),
-         "--eval_batches", str(a.train_eval_batches), "--seed", str(seed), "--out_dir", str(out),
+         "--eval_sequences", str(a.train_eval_sequences), "--seed", str(seed), "--out_dir", str(out),
          "--alignment", a.alignment, "--lr", str(a.lr), "--warmup_steps", str(a.warmup_steps), "--plots", "false"]
     if a.teacher:
         f += ["--teacher", str(a.teacher)]
@@ -247,7 +247,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--eval-interval", type=int, default=15, help="steps between train.py's validations (the plot)")
-    p.add_argument("--train-eval-batches", type=int, default=5, help="validation batches inside train.py")
+    p.add_argument("--train-eval-sequences", type=int, default=80, help="validation sequences inside train.py")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches of the final evaluation")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--downstream-steps", type=int, default=200,

@@ -105,6 +105,11 @@ class DistillStep(nn.Module):
         return out.loss, out.terms
 
 
+def _weighted_only(terms: dict[str, torch.Tensor], cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """The terms whose weight is not 0 (a term computed alongside another, at weight 0, is not one)."""
+    return {k: v for k, v in terms.items() if getattr(cfg, f"w_{k}")}
+
+
 def weighted_total(terms: dict[str, torch.Tensor], cfg: DistillConfig) -> torch.Tensor:
     """sum_t w_t * term_t over the terms that were computed."""
     total = None
@@ -162,18 +167,21 @@ def _site_mse(student: IntervenableMLM, s_site: torch.Tensor, t_site: torch.Tens
 # ---------------------------------------------------------------------------------------------------
 
 def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.Tensor, h_t: torch.Tensor,
-                labels: torch.Tensor | None, cfg: DistillConfig):
+                labels: torch.Tensor | None, cfg: DistillConfig, kd_weight: float, lm_weight: float):
     """(ce, mlm) of N selected tokens from last hidden states h_s (N, Ds), h_t (N, Dt).
 
     The head transforms are ordinary modules; decoder + softmax + KL/CE go through the chunked op, so
-    with ops="fused" no (N, V) tensor is ever whole.
+    with ops="fused" no (N, V) tensor is ever whole. The op gets the loss weights (the same ones
+    `weighted_total` applies): it forms the weighted gradient directly, and skips the MLM work at weight 0.
+    Under the student's autocast the decoder GEMMs run in its dtype (bf16), the softmax statistics in fp32.
     """
     with torch.no_grad():
         ht = teacher.head_transform(h_t)                                          # (N, Dt)
-    hs = student.head_transform(h_s)                                              # (N, Ds)
-    with _gathered(teacher.decoder_weight, teacher.decoder_bias):
+    with _autocast(cfg, h_s.device), _gathered(teacher.decoder_weight, teacher.decoder_bias):
+        hs = student.head_transform(h_s)                                          # (N, Ds)
         return student.lm_loss(hs, ht, teacher.decoder_weight, teacher.decoder_bias, labels, None,
-                               cfg.temperature, impl=_impl(cfg), chunk_size=cfg.head_chunk)
+                               cfg.temperature, impl=_impl(cfg), chunk_size=cfg.head_chunk,
+                               kd_weight=kd_weight, lm_weight=lm_weight)
 
 
 def _gathered(*params):
@@ -225,8 +233,9 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
 
     terms = {}
     if cfg.w_ce or cfg.w_mlm:
-        terms["ce"], terms["mlm"] = head_losses(teacher, student, s.last_hidden[kd], t.last_hidden[kd],
-                                                labels[kd], cfg)
+        ce, mlm = head_losses(teacher, student, s.last_hidden[kd], t.last_hidden[kd], labels[kd], cfg,
+                              kd_weight=cfg.w_ce, lm_weight=cfg.w_mlm)
+        terms.update(_weighted_only({"ce": ce, "mlm": mlm}, cfg))
     if cfg.w_cos:
         terms["cos"] = ops.hidden_loss(s.last_hidden, t.last_hidden.to(s.last_hidden.dtype), tokens, "cos",
                                        impl=impl)
@@ -253,7 +262,8 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
         h_cf_s = counterfactual_last_hidden(student, s.sites, am, (s_l,), plan, impl, swapped=cf_s)
 
     if cfg.w_iit:
-        terms["iit"], _ = head_losses(teacher, student, h_cf_s[kd], h_cf_t[kd], None, cfg)
+        terms["iit"], _ = head_losses(teacher, student, h_cf_s[kd], h_cf_t[kd], None, cfg,
+                                      kd_weight=cfg.w_iit, lm_weight=0.0)
     if cfg.w_iit_cos:
         terms["iit_cos"] = ops.hidden_loss(h_cf_s, h_cf_t.to(h_cf_s.dtype), tokens, "cos", impl=impl)
     return terms
@@ -304,8 +314,9 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
             z_cf_s = student.logits(at_kd(s_cf.last_hidden))
 
     terms = {}
-    if cfg.w_ce or cfg.w_mlm:
+    if cfg.w_ce:
         terms["ce"] = kd_loss_reference(z_s, z_t, kd_mask, cfg.temperature)
+    if cfg.w_mlm:
         terms["mlm"] = mlm_loss_reference(z_s, kd_labels)
     if cfg.w_cos:
         terms["cos"] = hidden_loss_reference(s_base.last_hidden, t_base.last_hidden, tokens, "cos")

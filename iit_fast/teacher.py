@@ -454,7 +454,6 @@ def main(argv=None) -> None:
 
 # ---- TEMPORARY, for train.py until the lead switches it to iit_fast.eval (then delete) --------------
 
-evaluate_mlm = lm_metrics  # the one evaluator, under its old name (train.validate imports it from here)
 
 
 if __name__ == "__main__":

@@ -345,7 +345,7 @@ def build_batches(cfg: TrainConfig, tokenized, tokenizer, micro_batch: int, rank
     eval_sequences rows, each masked by its own seeded generator, the same on every rank and for any
     micro-batch, accumulation or world size."""
     from iit_fast import data
-    from iit_fast.teacher import EVAL_SEED
+    from iit_fast.eval import EVAL_SEED
     train = data.build_train_loader(tokenized["train"], tokenizer, micro_batch, kind="masked", seed=cfg.seed,
                                     rank=rank, world_size=world, group_by_length=cfg.group_by_length,
                                     mlm_probability=cfg.mlm_probability, num_workers=cfg.num_workers)
@@ -377,11 +377,11 @@ def memory_mb(device) -> float:
 def validate(model, batches, device) -> dict:
     """MLM perplexity / top-1 of an HF model on the validation batches (every rank, the same batches).
     A diverged model gives perplexity inf, not an OverflowError."""
-    from iit_fast.teacher import evaluate_mlm
+    from iit_fast.eval import lm_metrics
     was = model.training
     model.eval()
     try:
-        res = evaluate_mlm(model, (batch_to(b, device) for b in batches))
+        res = lm_metrics(model, [batch_to(b, device) for b in batches])
     except OverflowError:
         res = {"perplexity": float("inf"), "top1": float("nan")}
     model.train(was)
@@ -480,14 +480,14 @@ def main(argv=None):
         f"{max_steps} steps | mode {dcfg.mode} | out {out}")
 
     def run_validation(at_step):
-        res = validate(student.model, val_batches, device)
+        res = validate(student, val_batches, device)
         rec = {"step": at_step, "val_perplexity": res["perplexity"], "val_top1": res["top1"]}
         log(rec)
         return rec
 
     first_val = None
     if step == 0:
-        teacher_val = validate(teacher.model, val_batches, device)
+        teacher_val = validate(teacher, val_batches, device)
         first_val = run_validation(0)
         log({"step": 0, "teacher_val_perplexity": teacher_val["perplexity"], "teacher_val_top1": teacher_val["top1"]})
         say(f"validation at step 0: student perplexity {first_val['val_perplexity']:.1f}, teacher "
@@ -504,8 +504,6 @@ def main(argv=None):
     bar = tqdm(total=max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="distil")
     data_iter = iter(train_batches)
     names = [k for k in TERMS if getattr(dcfg, f"w_{k}") and (dcfg.uses_iit or k not in ("iit", "iit_cos"))]
-    names += [k for k in ("ce", "mlm") if k not in names and (dcfg.w_ce or dcfg.w_mlm)]  # computed together
-    names = [k for k in TERMS if k in names]
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # loss, terms: over the interval
     n_sums, tok_log = 0, 0
     t_log = t_start = time.perf_counter()

@@ -79,7 +79,8 @@ class DistillHeadLoss(nn.Module):
         self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
 
     def forward(self, hidden, teacher_hidden, teacher_weight, teacher_bias, labels, kd_mask,
-                temperature: float, impl: str = "auto", chunk_size: int | None = None):
+                temperature: float, impl: str = "auto", chunk_size: int | None = None, kd_weight: float = 1.0,
+                lm_weight: float = 1.0):
         from ..ops import distill_head_loss
         owner = self._owner[0]
         weight, bias = owner.decoder_weight, owner.decoder_bias
@@ -87,7 +88,8 @@ class DistillHeadLoss(nn.Module):
         if teacher_weight is not None and teacher_bias is None:
             teacher_bias = teacher_weight.new_zeros(teacher_weight.shape[0])               # (V,)
         return distill_head_loss(hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
-                                 kd_mask, temperature, chunk_size=chunk_size, impl=impl)
+                                 kd_mask, temperature, chunk_size=chunk_size, impl=impl, kd_weight=kd_weight,
+                                 lm_weight=lm_weight)
 
 
 class IntervenableLM(nn.Module):
