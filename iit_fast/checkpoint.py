@@ -14,7 +14,8 @@ Write order (`save_checkpoint`), so that a kill at any instant leaves `latest` n
   4. rank 0 writes `latest` atomically (temporary file, fsync, rename, fsync of checkpoints/);
   5. optional rotation (`keep`): older tags are renamed to a hidden `.deleting-<tag>` before removal.
 Hidden leftovers of a killed save are removed by the next save. A folder renamed in step 3 but not yet
-named by `latest` is complete yet uncommitted: resume uses `latest`.
+named by `latest` is complete yet uncommitted: resume uses `latest`. Every rank must see the same
+checkpoints/ folder (one machine, or a shared filesystem): rank 0 checksums and renames what all wrote.
 
 Resume (`load_checkpoint`) verifies the tag `latest` names (manifest, every file's size and checksum, a
 rank file for every rank); if it is damaged it falls back to the newest intact tag and says why; with
@@ -194,7 +195,9 @@ def save_checkpoint(engine, out: Path, step: int, client_state: dict, data_state
     crash = lambda name: _crash(crash_point, name, rank)  # noqa: E731
     ckpt = Path(out) / "checkpoints"
     if rank == 0:
-        ckpt.mkdir(parents=True, exist_ok=True)
+        if not ckpt.is_dir():
+            ckpt.mkdir(parents=True)
+            _fsync(ckpt.parent)
         _remove_leftovers(ckpt)
     tag = _broadcast(_new_tag(ckpt, step) if rank == 0 else None)
     tmp = ckpt / f"{INCOMPLETE}{tag}"
@@ -284,6 +287,8 @@ def load_checkpoint(engine, out: Path, rank: int, *, world_size: int) -> tuple[d
     (client_state, data_state of this rank, tag, note): note is a one-line message when `latest` was
     damaged and an older tag was used (print it), else None.
     """
+    if not isinstance(world_size, int) or world_size != _world_size():
+        raise ValueError(f"world_size: expected this run's number of ranks, {_world_size()}; got {world_size!r}")
     ckpt = Path(out) / "checkpoints"
     choice = None
     if rank == 0:
@@ -291,7 +296,7 @@ def load_checkpoint(engine, out: Path, rank: int, *, world_size: int) -> tuple[d
             tag, note = resume_tag(ckpt, world_size)
             check_checkpoint_safe(ckpt / tag)
             choice = (tag, note, None)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:  # every rank raises it, none waits for rank 0 forever
             choice = (None, None, str(e))
     tag, note, error = _broadcast(choice)
     if error:

@@ -166,7 +166,8 @@ def load(path: Path) -> dict:
 def assert_same(a, b, where="state"):
     """Bit-exact equality of nested states (tensors: same dtype, shape and bits)."""
     if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+        same = torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        assert same, f"{where}: tensors differ"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} vs {list(b)}"
         for k in a:
@@ -408,6 +409,9 @@ def test_bad_arguments_are_named(tmp_path, monkeypatch):
         args = {"engine": None, "out": tmp_path, "step": 1, "client_state": {}, "data_state": {}, "rank": 0, **kw}
         with pytest.raises((ValueError, TypeError), match=msg):
             save_checkpoint(**args)
+    from iit_fast.checkpoint import load_checkpoint
+    with pytest.raises(ValueError, match="world_size: expected this run's number of ranks, 1; got 2"):
+        load_checkpoint(None, tmp_path, 0, world_size=2)  # no process group: a world of one
     monkeypatch.setenv(CRASH_ENV, "after_lunch")
     with pytest.raises(ValueError, match=f"{CRASH_ENV}='after_lunch': expected one of after_deepspeed"):
         save_checkpoint(None, tmp_path, 1, {}, {}, 0)
