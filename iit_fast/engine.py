@@ -128,8 +128,9 @@ def free_port() -> int:
 def init_distributed(timeout_s: float):
     """Join (or, with no launcher, form) the process group: nccl on GPUs, gloo on CPU.
 
-    `timeout_s` bounds every collective: a rank that stops responding makes the others fail with an error
-    after that long instead of DeepSpeed's default 10 minutes (a rank that dies is noticed at once)."""
+    `timeout_s` bounds every collective, on every process group made from here on: a rank that stops
+    responding makes the others fail with an error after that long instead of DeepSpeed's default 10 minutes
+    (or torch's 30 for groups made later); a rank that dies is noticed at once."""
     from datetime import timedelta
     import deepspeed
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one
@@ -143,7 +144,17 @@ def init_distributed(timeout_s: float):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:  # before the process group, so nccl binds each rank to its own GPU
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    # The timeout given to init_process_group holds for the default group only: torch gives every group made
+    # later its module default (30 min on gloo), and DeepSpeed's gradient all-reduces run on such a group (a
+    # copy of the world group, deepspeed.utils.groups._clone_world_group). Make ours the default for them too.
+    from torch.distributed import distributed_c10d
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if not hasattr(distributed_c10d, name):
+            raise RuntimeError(f"torch.distributed.distributed_c10d.{name} is gone in torch {torch.__version__}: "
+                               "--rank_timeout would not reach DeepSpeed's process groups; update init_distributed")
+        setattr(distributed_c10d, name, timeout)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if cuda:
         device = torch.device("cuda", local_rank)
@@ -217,15 +228,20 @@ def prepare_teacher(teacher, ds: dict, shard: bool):
            "bf16": {"enabled": next(teacher.parameters()).dtype == torch.bfloat16}}
     engine, *_ = deepspeed.initialize(model=teacher, config=cfg)
     engine.eval()
+    # the engine's __del__ would remove the gathering hooks: the teacher keeps it alive (in a list, so it is
+    # not registered as a submodule)
+    teacher._zero3_engine = [engine]
     return engine.module
 
 
 def local_param_bytes(module) -> int:
-    """Bytes of parameters this rank holds (ZeRO-3: its partition only)."""
+    """Bytes of parameters this rank holds now. ZeRO-3: its partition (`ds_tensor`) plus whatever is gathered
+    in `data`: empty for a released parameter, the whole tensor for one kept whole (`ds_persist`: smaller
+    than stage3_param_persistence_threshold)."""
     n = 0
     for p in module.parameters():
-        t = getattr(p, "ds_tensor", None)
-        n += (t if t is not None else p).numel() * p.element_size()
+        part = getattr(p, "ds_tensor", None)
+        n += (p.data.numel() + (part.numel() if part is not None else 0)) * p.element_size()
     return n
 
 
