@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,9 @@ def sample_plan(attention_mask: torch.Tensor, alignment: list[AlignmentPair], ge
     lengths = real_lengths(attention_mask).cpu()
     which = int(torch.randint(len(alignment), (1,), generator=generator))
     teacher_layers, student_layer = alignment[which]
+    if lengths.numel() == 1:
+        warnings.warn("sample_plan: a batch of one row is its own source, so the interchange swaps a span with "
+                      "itself and the IIT terms equal the plain ones; use batches of 2 or more rows", stacklevel=2)
     pi = derangement(lengths.numel(), generator)
     k, bs, ss = sample_spans(lengths, pi, span_fraction, generator)
     plan = InterventionPlan(tuple(teacher_layers), student_layer, pi, bs, ss, k, dims)

@@ -80,3 +80,13 @@ def test_bad_plans_and_masks():
         check_plan(plan, am, (32,))
     with pytest.raises(ValueError, match="right-padded"):
         real_lengths(torch.tensor([[0, 1, 1]]))
+
+
+def test_batch_of_one_warns():
+    import torch
+    import pytest
+    from iit_fast.sampling import make_alignment, sample_plan
+    with pytest.warns(UserWarning, match="its own source"):
+        plan = sample_plan(torch.ones(1, 5, dtype=torch.long), make_alignment("middle", 4, 2),
+                           torch.Generator().manual_seed(0))
+    assert plan.pi.tolist() == [0]
