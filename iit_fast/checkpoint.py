@@ -91,7 +91,7 @@ def tag_damage(tag_dir: Path, *, checksums: bool = True) -> tuple[str | None, di
         manifest = json.loads((tag_dir / MANIFEST).read_text())
         files, world = manifest["files"], int(manifest["world_size"])
     except FileNotFoundError:
-        return f"no {MANIFEST} (its save did not finish)", None
+        return f"no {MANIFEST} (a save that did not finish, or one older than manifests)", None
     except (ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})", None
     missing = [f"rank{r}_state.pt" for r in range(world) if f"rank{r}_state.pt" not in files]

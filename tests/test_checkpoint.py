@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from iit_fast.checkpoint import (CRASH_ENV, CRASH_POINTS, MANIFEST, _rotate, _write_manifest, check_checkpoint_safe,
-                                 checkpoint_tags, latest_tag, resume_tag, tag_damage)
+from iit_fast.checkpoint import (CRASH_ENV, CRASH_POINTS, MANIFEST, _new_tag, _rotate, _write_manifest,
+                                 check_checkpoint_safe, checkpoint_tags, latest_tag, resume_tag, tag_damage)
 
 HERE = Path(__file__).resolve()
 SAVES = (2, 4)   # the run saves at these steps; the crash runs die while saving step 4
@@ -62,7 +62,8 @@ class Loader:
 
 
 def snapshot(engine, loader) -> dict:
-    return {"global_steps": engine.global_steps, "module": {k: v.clone() for k, v in engine.module.state_dict().items()},
+    return {"global_steps": engine.global_steps,
+            "module": {k: v.clone() for k, v in engine.module.state_dict().items()},
             "optim": engine.optimizer.state_dict(), "sched": engine.lr_scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "data": loader.state_dict()}
 
@@ -346,8 +347,10 @@ def test_resume_tag_choice_and_messages(tmp_path):
     # the manifest is the commit mark of a folder: without it, damaged
     (ckpt / "step4.1" / MANIFEST).unlink()
     tag, note = resume_tag(ckpt, 1)
-    assert tag == "step4" and note == ("checkpoint step4.1 is damaged (no manifest.json (its save did not "
-                                       "finish)); resuming from step4, the newest intact checkpoint")
+    assert tag == "step4" and note == ("checkpoint step4.1 is damaged (no manifest.json (a save that did not "
+                                       "finish, or one older than manifests)); resuming from step4, the newest "
+                                       "intact checkpoint")
+    assert _new_tag(ckpt, 4) == "step4.2" and _new_tag(ckpt, 5) == "step5"  # a damaged tag is not reused either
     # a flipped byte, same size: the checksum catches it
     f = ckpt / "step4" / "mp_rank_00_model_states.pt"
     b = bytearray(f.read_bytes())
