@@ -19,6 +19,7 @@ import sys
 SUBCOMMANDS = {
     "eval": ("iit_fast.eval", "validation MLM perplexity, top-1, and IIA / counterfactual KL against a teacher"),
     "finetune": ("iit_fast.finetune", "downstream fine-tuning (sequence or token classification) with Trainer"),
+    "cache-teacher": ("iit_fast.teacher_cache", "run the teacher once over a corpus, store its outputs to distil from"),
 }
 
 
