@@ -83,7 +83,7 @@ SHARD_TEACHER_AUTO_BYTES = 2 ** 30
 @dataclass
 class TrainConfig:
     # what is distilled into what
-    teacher: str | None = None        # HF folder of a BertForMaskedLM; None = the embedded default teacher
+    teacher: str | None = None        # HF folder of a supported LM (masked or causal); None = the embedded default
     student: str | None = None        # HF folder to start the student from; None = init from the teacher
     student_layers: int = 3           # blocks of a student initialised from the teacher
     corpus: str | None = None         # load_corpus spec; None = the embedded default corpus
@@ -113,6 +113,7 @@ class TrainConfig:
     num_workers: int = 0              # DataLoader workers (batches and masks do not depend on it)
     group_by_length: bool = True      # batches of similar lengths (less padding)
     plots: bool = True
+    precision: str = "auto"           # auto (bf16 where the hardware multiplies bf16 natively) | bf16 | fp32
     keep_checkpoints: int = 0         # keep the newest N intact checkpoints; 0 = keep all
     shard_teacher: str = "auto"       # auto | yes | no: partition the teacher under ZeRO-3 (auto: if > 1 GiB)
     rank_timeout: float = 300.0       # seconds a collective waits for a rank that stopped responding
@@ -140,6 +141,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"TrainConfig.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.shard_teacher not in ("auto", "yes", "no"):
             raise ValueError(f"TrainConfig.shard_teacher must be auto, yes or no, got {self.shard_teacher!r}")
         if not self.rank_timeout > 0:
@@ -246,17 +249,17 @@ def check_out_dir(cfg: TrainConfig) -> str | None:
     return None
 
 
-def check_inputs(argv) -> tuple[TrainConfig, dict]:
-    """Everything checkable from the arguments alone: config fields, DeepSpeed config, paths, out_dir."""
+def check_inputs(argv) -> tuple[TrainConfig, dict, str]:
+    """Everything checkable from the arguments alone: config fields, DeepSpeed config, precision, paths,
+    out_dir. Returns (config, DeepSpeed config with the precision applied, a line saying which precision
+    runs and why)."""
     cfg = parse_args(argv)
     for name in ("teacher", "student"):
         path = getattr(cfg, name)
         if path is not None and not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"--{name} {path}: not a Hugging Face model folder (no config.json there)")
     ds = read_ds_config(cfg.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)))
-    if ds.get("bf16", {}).get("enabled") or cfg.distill.teacher_dtype == "bfloat16" \
-            or cfg.distill.student_autocast == "bfloat16":
-        warn_if_bf16_emulated()
+    why = choose_precision(cfg, ds)
     if cfg.distill.teacher_dtype == "float16" or cfg.distill.student_autocast == "float16":
         if not torch.cuda.is_available():
             raise ValueError("float16 (teacher_dtype / student_autocast) needs a GPU: this CPU has no fp16 "
@@ -264,19 +267,39 @@ def check_inputs(argv) -> tuple[TrainConfig, dict]:
     err = check_out_dir(cfg)
     if err:
         raise FileExistsError(err)
-    return cfg, ds
+    return cfg, ds, why
 
 
-def warn_if_bf16_emulated():
-    """bf16 on hardware without native bf16 matmul runs, emulated and slow: never in silence."""
+def native_bf16() -> tuple[bool, str]:
+    """(does this machine multiply bf16 natively, why we think so)."""
     if torch.cuda.is_available():
-        if not torch.cuda.is_bf16_supported():
-            print("warning: this GPU has no native bf16; bf16 will be emulated and slow (use fp32)", flush=True)
-        return
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        print("warning: this CPU has no native bf16 matmul (avx512_bf16 / amx_bf16); bf16 will be emulated and "
-              "slow (use an fp32 config)", flush=True)
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"GPU {torch.cuda.get_device_name()} {'has' if ok else 'has no'} native bf16"
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return bool(found), (f"this CPU has {found[0]} (native bf16 matmul)" if found else
+                         "this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated)")
+
+
+def choose_precision(cfg: TrainConfig, ds: dict) -> str:
+    """Apply --precision to the DeepSpeed config (bf16: DeepSpeed's bf16 mode, i.e. bf16 weights and
+    activations with fp32 master weights in the optimizer; the teacher in bf16) and say what was chosen."""
+    if ds.get("fp16", {}).get("enabled"):
+        return "precision: fp16 (the DeepSpeed config enables it)"
+    native, hw = native_bf16()
+    asked = ds.get("bf16", {}).get("enabled", False)
+    if cfg.precision == "fp32":
+        ds["bf16"] = {"enabled": False}
+        return f"precision: fp32 (--precision fp32{'; overrides the config bf16' if asked else ''})"
+    if cfg.precision == "auto" and not native and not asked:
+        return f"precision: fp32 ({hw}; --precision bf16 forces bf16)"
+    if not native:
+        print(f"warning: bf16 asked, but {hw}: it will run emulated and slow (--precision fp32 is faster)",
+              flush=True)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+    cfg.distill.teacher_dtype = "bfloat16"
+    src = "--precision bf16" if cfg.precision == "bf16" else ("the DeepSpeed config" if asked else hw)
+    return f"precision: bf16, fp32 master weights ({src}; --precision fp32 forces fp32)"
 
 
 @contextlib.contextmanager
@@ -303,7 +326,7 @@ def prepare(cfg: TrainConfig):
     with cache_lock(cfg.cache_dir):
         path = cfg.teacher or teacher_lib.default_teacher_path(cfg.cache_dir, build_if_missing=True)
         teacher, student, tokenizer = build_models(cfg, path)
-        tokenized = tokenize(cfg, tokenizer)
+        tokenized = tokenize(cfg, tokenizer, teacher.kind)
     alignment = make_alignment(cfg.distill.alignment, teacher.num_layers, student.num_layers)
     return teacher, student, tokenizer, tokenized, alignment
 
@@ -313,8 +336,9 @@ def build_models(cfg: TrainConfig, teacher_path):
     from iit_fast.models import check_same_tokenizer, init_student_from_teacher, IntervenableLM, load_model
     from iit_fast.step import check_pair
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    teacher, tokenizer = load_model(teacher_path, kind="masked", arg="--teacher")
+    teacher, tokenizer = load_model(teacher_path, arg="--teacher")  # the family decides the objective
     max_pos = getattr(teacher.config, "max_position_embeddings", None)
+    max_pos = max_pos or getattr(teacher.config, "n_positions", None)
     if max_pos is not None and cfg.max_length > max_pos - (2 if teacher.family == "roberta" else 0):
         raise ValueError(f"--max_length {cfg.max_length} is more than the teacher's positions ({max_pos}"
                          f"{', two of them reserved by RoBERTa' if teacher.family == 'roberta' else ''})")
@@ -334,24 +358,26 @@ def build_models(cfg: TrainConfig, teacher_path):
     return teacher, student, tokenizer
 
 
-def tokenize(cfg: TrainConfig, tokenizer):
+def tokenize(cfg: TrainConfig, tokenizer, kind: str):
+    """Masked LMs: paragraphs packed into [CLS] p1 [SEP] p2 [SEP]...; causal LMs: documents packed into
+    sequences of exactly max_length tokens, EOS between documents."""
     from iit_fast import data
     return data.tokenize_corpus(data.load_corpus(cfg.corpus, cfg.cache_dir), tokenizer, cfg.max_length,
-                                cfg.num_proc, cfg.cache_dir)
+                                cfg.num_proc, cfg.cache_dir, kind=kind)
 
 
-def build_batches(cfg: TrainConfig, tokenized, tokenizer, micro_batch: int, rank: int, world: int):
+def build_batches(cfg: TrainConfig, tokenized, tokenizer, kind: str, micro_batch: int, rank: int, world: int):
     """Rank-sharded training batches (a resumable DataLoader) and the validation batches: the first
     eval_sequences rows, each masked by its own seeded generator, the same on every rank and for any
     micro-batch, accumulation or world size."""
     from iit_fast import data
     from iit_fast.eval import EVAL_SEED
-    train = data.build_train_loader(tokenized["train"], tokenizer, micro_batch, kind="masked", seed=cfg.seed,
+    train = data.build_train_loader(tokenized["train"], tokenizer, micro_batch, kind=kind, seed=cfg.seed,
                                     rank=rank, world_size=world, group_by_length=cfg.group_by_length,
                                     mlm_probability=cfg.mlm_probability, num_workers=cfg.num_workers)
     n_val = min(cfg.eval_sequences, len(tokenized["validation"]))
     val = data.validation_batches(tokenized["validation"], tokenizer, micro_batch, n_sequences=n_val,
-                                  seed=EVAL_SEED, kind="masked", mlm_probability=cfg.mlm_probability)
+                                  seed=EVAL_SEED, kind=kind, mlm_probability=cfg.mlm_probability)
     return train, val
 
 
@@ -399,7 +425,7 @@ def fail(message: str, code: int = 2):
 
 def main(argv=None):
     try:
-        cfg, ds = check_inputs(argv)
+        cfg, ds, precision_note = check_inputs(argv)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         fail(str(e))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -420,6 +446,7 @@ def main(argv=None):
     rank, world, device = init_distributed(cfg.rank_timeout)
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
+    say(precision_note)
     out = make_out_dir(cfg, rank)
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
@@ -427,7 +454,7 @@ def main(argv=None):
     from iit_fast.sampling import sample_plan
     from iit_fast.step import DistillStep
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    train_batches, val_batches = build_batches(cfg, tokenized, tokenizer, micro, rank, world)
+    train_batches, val_batches = build_batches(cfg, tokenized, tokenizer, teacher.kind, micro, rank, world)
     if len(train_batches) == 0:
         fail(f"the training split gives no full batch of {micro} per rank on {world} ranks")
     if micro == 1 and cfg.distill.uses_iit:
@@ -647,7 +674,7 @@ def write_plots(records, out: Path):
         ax.plot(*zip(*vals), marker="o", label="student")
     if teacher:
         ax.axhline(teacher[0], color="gray", ls="--", label="teacher")
-    ax.set_xlabel("step"), ax.set_ylabel("validation MLM perplexity"), ax.set_yscale("log"), ax.legend()
+    ax.set_xlabel("step"), ax.set_ylabel("validation perplexity"), ax.set_yscale("log"), ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout(), fig.savefig(out / "val.png", dpi=120), plt.close(fig)
 

@@ -92,7 +92,7 @@ def flags(assets, out: Path, stage=2, steps=6, **kw) -> list[str]:
     f = {"teacher": assets["teacher"], "corpus": assets["corpus"], "cache_dir": assets["root"] / "cache",
          "student_layers": 2, "max_length": 16, "max_steps": steps, "eval_interval": 0, "eval_sequences": 16,
          "deepspeed_config": assets["ds"][stage], "out_dir": out, "dropout": 0, "lr": 1e-3, "warmup_steps": 1,
-         "plots": "false", "seed": 0}
+         "plots": "false", "seed": 0, "precision": "fp32"}
     f.update(kw)
     out = []
     for k, v in f.items():
@@ -319,6 +319,24 @@ def test_roberta_and_distilbert_teachers_run_the_main_job(tmp_path, assets):
         assert_export_matches(out, assets)
 
 
+def test_precision_auto_picks_bf16_where_native(tmp_path, assets):
+    """--precision auto runs bf16 (DeepSpeed's bf16 mode, fp32 master weights, teacher in bf16) where the
+    hardware multiplies bf16 natively, and says which precision it chose and why; fp32 is forced by flag."""
+    from iit_fast.train import native_bf16
+    native, why = native_bf16()
+    auto = launch(assets, tmp_path / "auto", steps=2, precision="auto", stage=0)
+    fp32 = launch(assets, tmp_path / "fp32", steps=2, precision="fp32", stage=0)
+    text_auto, text_fp32 = finish(auto, tmp_path / "auto"), finish(fp32, tmp_path / "fp32")
+    assert "precision: fp32 (--precision fp32)" in text_fp32
+    if native:
+        assert f"precision: bf16, fp32 master weights ({why}" in text_auto and ", bf16 |" in text_auto
+    else:
+        assert f"precision: fp32 ({why}" in text_auto
+    assert all(math_finite(r["loss"]) for r in steps_of(tmp_path / "auto"))
+    saved = json.loads((tmp_path / "auto" / "train_config.json").read_text())
+    assert saved["teacher_dtype"] == ("bfloat16" if native else "float32")
+
+
 def test_monitor_resume_rules_and_validation_independent_of_batch_shape(tmp_path, assets, capsys):
     """DeepSpeed's CSV monitor gets the loss terms; the same model gets the same validation perplexity
     with micro-batch 4 or 8 and accumulation 1 or 2; --resume refuses a changed schedule and a finished run
@@ -398,7 +416,7 @@ def test_zero_stages_match_single_process(tmp_path, assets):
     assert "non-finite" in text and "max_nonfinite=2" in text
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path, assets):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, assets, capsys):
     """SIGTERM saves a checkpoint at the next step boundary; --resume then gives the losses of a run that
     was never interrupted (same seed, dropout off), step for step."""
     steps = 24
@@ -423,10 +441,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, assets):
         torch.testing.assert_close(torch.tensor([r[k] for r in a]), torch.tensor([r[k] for r in b]), rtol=1e-5,
                                    atol=1e-7, msg=f"{k} after resuming at step {stopped}")
     # a changed config is refused on --resume, and nothing is touched
-    from iit_fast.train import main
     before = (cut / "metrics.jsonl").read_text()
-    with pytest.raises(SystemExit, match="config differs.*lr: 0.001 -> 0.0005"):
-        main(flags(assets, cut, steps=steps, resume=True, lr=5e-4))
+    code, err = run_main(flags(assets, cut, steps=steps, resume=True, lr=5e-4), capsys)
+    assert code == 2 and re.search("config differs.*lr: 0.001 -> 0.0005", err)
     assert (cut / "metrics.jsonl").read_text() == before
 
 
@@ -448,25 +465,3 @@ def test_deepspeed_launcher_two_ranks_zero2(tmp_path, assets):
 
 def math_finite(x) -> bool:
     return x == x and abs(x) != float("inf")
-
-
-def test_checkpoint_with_code_is_refused(tmp_path):
-    """A checkpoint file that is more than plain data (a pickle that would call a function) is refused
-    before DeepSpeed's own torch.load(weights_only=False) can run it."""
-    from iit_fast.checkpoint import check_checkpoint_safe
-    tag = tmp_path / "step1"
-    tag.mkdir()
-    torch.save({"w": torch.ones(2), "step": 1}, tag / "mp_rank_00_model_states.pt")
-    check_checkpoint_safe(tag)  # plain data passes
-    torch.save({"evil": _Evil(tmp_path / "pwned")}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(RuntimeError, match="not plain data"):
-        check_checkpoint_safe(tag)
-    assert not (tmp_path / "pwned").exists()
-
-
-class _Evil:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):  # unpickling would create a file
-        return (Path.touch, (self.path,))
