@@ -21,6 +21,18 @@ with grad; the source batch is the base batch permuted by `pi`.
 
 **standard** is the fast step without the IIT terms: the distillation baseline.
 
+**Causal LMs** (GPT-2, Llama, Qwen2, Mistral; the family's `kind` decides, DESIGN.md section 7). The
+logits at position t predict token t + 1: `ce` is taken at every real position with a real next token,
+the LM term (weight `w_mlm`) is the student's next-token cross-entropy on the labels shifted by one, `cos`
+on the last states of the real positions, `iit` / `iit_cos` at the positions `cfg.logit_tokens` names
+(config.py: "affected" = from the base-span start b on, or "all"). A swap at [b, b + k) cannot change a
+position < b in any block, so the fast step's counterfactual passes do not recompute what they cannot
+change (`counterfactual_suffix_hidden`): the plain passes keep every block's keys/values, and each group
+of rows resumes from the block after the site for positions >= q0 only (q0 = the group's earliest b),
+attending to the plain keys/values before q0; the logits before b are never taken twice (their
+counterfactual KL is the plain one). `counted_flops` counts what that saves. Batches may be right- or
+left-padded (`sample_plan_padded`); the spans of a plan are then in columns of the batch.
+
 The loss terms (DESIGN.md section 1). "tokens" are the real tokens of the base; every mean is over the
 tokens that count, in fp32 or wider, and 0 (not NaN) when none counts. Their formulas live once, in
 `ops/reference.py` (what the naive step calls); the fast step computes the same terms with the fused ops,
@@ -42,15 +54,15 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-
 from torch import nn
+from transformers import DynamicCache
 
 from . import ops
 from .config import DistillConfig
 from .models import IntervenableMLM
 from .ops.reference import (hidden_loss_reference, interchange_reference, kd_loss_reference,
                             mlm_loss_reference)
-from .sampling import InterventionPlan, check_plan
+from .sampling import InterventionPlan, check_plan, sample_plan
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,7 +84,7 @@ def distill_step(teacher: IntervenableMLM, student: IntervenableMLM, batch: dict
         if needs_plan:
             if plan is None:
                 raise ValueError(f"mode {cfg.mode!r} with these weights needs an InterventionPlan (sample_plan)")
-            check_plan(plan, batch["attention_mask"], (teacher.hidden_size, student.hidden_size))
+            check_plan_padded(plan, batch["attention_mask"], (teacher.hidden_size, student.hidden_size))
     step = naive_step if cfg.mode == "naive" else fast_step
     terms = step(teacher, student, batch, plan, cfg)
     loss = weighted_total(terms, cfg)
@@ -124,9 +136,17 @@ def weighted_total(terms: dict[str, torch.Tensor], cfg: DistillConfig) -> torch.
 
 def check_pair(teacher: IntervenableMLM, student: IntervenableMLM, cfg: DistillConfig):
     """Teacher and student must agree where the losses compare them."""
-    if teacher.vocab_size != student.vocab_size:
+    if teacher.kind != student.kind:
+        raise ValueError(f"teacher and student must be LMs of one kind: the teacher ({teacher.family}) is a "
+                         f"{teacher.kind} LM, the student ({student.family}) a {student.kind} LM")
+    cfg.logit_tokens_for(teacher.kind)  # a combination the kind does not have is an error naming the field
+    if cfg.shared_vocab is None and teacher.vocab_size != student.vocab_size:
         raise ValueError(f"teacher and student vocabularies differ ({teacher.vocab_size} vs "
-                         f"{student.vocab_size}): the soft-target losses need the same vocabulary")
+                         f"{student.vocab_size}): the soft-target losses need the same vocabulary; if the rows "
+                         f"past one tokenizer's ids are padding, set DistillConfig.shared_vocab = len(tokenizer)")
+    if cfg.shared_vocab is not None and cfg.shared_vocab > min(teacher.vocab_size, student.vocab_size):
+        raise ValueError(f"DistillConfig.shared_vocab={cfg.shared_vocab} is more rows than the teacher "
+                         f"({teacher.vocab_size}) or the student ({student.vocab_size}) has")
     if (cfg.w_cos or cfg.w_iit_cos) and teacher.hidden_size != student.hidden_size:
         raise ValueError(f"cos / iit_cos need equal hidden sizes, got teacher {teacher.hidden_size} and "
                          f"student {student.hidden_size}: set w_cos = w_iit_cos = 0")
@@ -135,6 +155,69 @@ def check_pair(teacher: IntervenableMLM, student: IntervenableMLM, cfg: DistillC
                          "student.attach_site_projection(teacher.hidden_size)")
     if cfg.uses_iit and cfg.dims is not None and teacher.hidden_size != student.hidden_size:
         raise ValueError("a dims slice is applied to both models and needs equal hidden sizes")
+
+
+def shared_vocab(teacher: IntervenableMLM, cfg: DistillConfig) -> int:
+    """Vocabulary rows the logit losses compare (`cfg.shared_vocab`, else the models' common size)."""
+    return teacher.vocab_size if cfg.shared_vocab is None else cfg.shared_vocab
+
+
+def _vocab_rows(t: torch.Tensor | None, vocab: int, dim: int = 0) -> torch.Tensor | None:
+    """The first `vocab` entries of `t` along `dim` (t itself when it has no more: no copy, no new op)."""
+    if t is None or t.shape[dim] == vocab:
+        return t
+    return t.narrow(dim, 0, vocab)
+
+
+# ---------------------------------------------------------------------------------------------------
+# padding: plans in columns, for right- or left-padded batches
+# ---------------------------------------------------------------------------------------------------
+
+def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) long: the columns before each row's first real token (all 0 for right padding).
+
+    Each row's real tokens must be one block (right or left padding) of at least one token."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
+    am = attention_mask.long()
+    lengths = am.sum(1)                                                             # (B,)
+    if (lengths == 0).any():
+        raise ValueError("attention_mask has a row with no real token")
+    first = am.argmax(1)                                                            # (B,) first 1
+    cols = torch.arange(am.shape[1], device=am.device)
+    block = (cols >= first[:, None]) & (cols < (first + lengths)[:, None])        # (B, S)
+    if not torch.equal(block.long(), am):
+        raise ValueError("attention_mask must hold each row's real tokens in one block (right or left "
+                         "padding: ones then zeros, or zeros then ones)")
+    return first
+
+
+def _shift_plan(plan: InterventionPlan, offsets: torch.Tensor) -> InterventionPlan:
+    """The plan with every base start moved by its row's offset and every source start by its source's."""
+    return InterventionPlan(plan.teacher_layers, plan.student_layer, plan.pi, plan.base_start + offsets,
+                            plan.source_start + offsets[plan.pi], plan.span_len, plan.dims)
+
+
+def _right_aligned(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The right-padded mask with each row's number of real tokens."""
+    lengths = attention_mask.long().sum(1, keepdim=True)
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (cols[None] < lengths).to(attention_mask.dtype)                        # (B, S)
+
+
+def sample_plan_padded(attention_mask: torch.Tensor, alignment, generator: torch.Generator,
+                       span_fraction: float = 0.3, dims: tuple[int, int] | None = None) -> InterventionPlan:
+    """`sampling.sample_plan` for a right- or left-padded batch: the same draws (spans over each row's real
+    tokens), the starts in columns of the batch. For a right-padded batch it is sample_plan itself."""
+    offsets = pad_offsets(attention_mask)
+    plan = sample_plan(_right_aligned(attention_mask), alignment, generator, span_fraction, dims)
+    return _shift_plan(plan, offsets.to(plan.pi.device)) if bool(offsets.any()) else plan
+
+
+def check_plan_padded(plan: InterventionPlan, attention_mask: torch.Tensor, hidden_sizes: tuple[int, ...] = ()):
+    """`sampling.check_plan` for a right- or left-padded batch whose plan starts are in columns."""
+    offsets = pad_offsets(attention_mask).to(plan.pi.device)
+    check_plan(_shift_plan(plan, -offsets), _right_aligned(attention_mask), hidden_sizes)
 
 
 def _autocast(cfg: DistillConfig, device: torch.device):
@@ -167,21 +250,41 @@ def _site_mse(student: IntervenableMLM, s_site: torch.Tensor, t_site: torch.Tens
 # ---------------------------------------------------------------------------------------------------
 
 def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.Tensor, h_t: torch.Tensor,
-                labels: torch.Tensor | None, cfg: DistillConfig, kd_weight: float, lm_weight: float):
+                labels: torch.Tensor | None, cfg: DistillConfig, kd_weight: float, lm_weight: float,
+                kd_mask: torch.Tensor | None = None):
     """(ce, mlm) of N selected tokens from last hidden states h_s (N, Ds), h_t (N, Dt).
 
     The head transforms are ordinary modules; decoder + softmax + KL/CE go through the chunked op, so
     with ops="fused" no (N, V) tensor is ever whole. The op gets the loss weights (the same ones
     `weighted_total` applies): it forms the weighted gradient directly, and skips the MLM work at weight 0.
     Under the student's autocast the decoder GEMMs run in its dtype (bf16), the softmax statistics in fp32.
+    `kd_mask` (N,) bool: the tokens of the KL mean (None: all N; the others count for the LM term only).
+    Both decoders are cut to the first `shared_vocab` rows (the ids of the one tokenizer).
     """
+    vocab = shared_vocab(teacher, cfg)
     with torch.no_grad():
         ht = teacher.head_transform(h_t)                                          # (N, Dt)
     with _autocast(cfg, h_s.device), _gathered(teacher.decoder_weight, teacher.decoder_bias):
         hs = student.head_transform(h_s)                                          # (N, Ds)
-        return student.lm_loss(hs, ht, teacher.decoder_weight, teacher.decoder_bias, labels, None,
-                               cfg.temperature, impl=_impl(cfg), chunk_size=cfg.head_chunk,
-                               kd_weight=kd_weight, lm_weight=lm_weight)
+        tw, tb = _vocab_rows(teacher.decoder_weight, vocab), _vocab_rows(teacher.decoder_bias, vocab)
+        kw = dict(impl=_impl(cfg), chunk_size=cfg.head_chunk, kd_weight=kd_weight, lm_weight=lm_weight)
+        if student.vocab_size == vocab:
+            return student.lm_loss(hs, ht, tw, tb, labels, kd_mask, cfg.temperature, **kw)
+        return _student_rows_head_loss(student, vocab, hs, ht, tw, tb, labels, kd_mask, cfg.temperature, **kw)
+
+
+def _student_rows_head_loss(student, vocab, hs, ht, tw, tb, labels, kd_mask, temperature, **kw):
+    """The head loss over the student decoder's first `vocab` rows, for a student with padding rows past
+    them. The student's `lm_loss` module reads its whole decoder, so this calls the op itself, which a
+    ZeRO-3 partitioned student cannot (its decoder is gathered by that module call only)."""
+    w, b = student.decoder_weight, student.decoder_bias
+    if hasattr(w, "ds_id"):
+        raise NotImplementedError(f"a ZeRO-3 partitioned student with {student.vocab_size} vocabulary rows "
+                                  f"compared over {vocab}: DistillHeadLoss (models/__init__.py) must take the "
+                                  "rows to use")
+    b = w.new_zeros(vocab) if b is None else b[:vocab]                                     # (V,)
+    tb = tw.new_zeros(vocab) if tb is None else tb
+    return ops.distill_head_loss(hs, ht, w[:vocab], b, tw, tb, labels, kd_mask, temperature, **kw)
 
 
 def _gathered(*params):
@@ -214,10 +317,13 @@ def counterfactual_last_hidden(model: IntervenableMLM, sites: dict[int, torch.Te
 
 
 def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    if teacher.kind == "causal":
+        return fast_causal_step(teacher, student, batch, plan, cfg)
     ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     tt = batch.get("token_type_ids")
     tokens = am.bool()                                                # (B, S) real tokens of the base
-    kd = tokens if cfg.logit_tokens == "all" else labels != -100      # (B, S) where ce / iit are taken
+    all_tokens = cfg.logit_tokens_for(teacher.kind) == "all"
+    kd = tokens if all_tokens else labels != -100                     # (B, S) where ce / iit are taken
     impl = _impl(cfg)
     iit = cfg.uses_iit
     group, s_l = (plan.teacher_layers, plan.student_layer) if plan is not None else ((), None)
@@ -270,6 +376,276 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
 
 
 # ---------------------------------------------------------------------------------------------------
+# fast, causal LMs: the counterfactual passes compute only what the swap can change
+# ---------------------------------------------------------------------------------------------------
+
+def next_token_targets(attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nxt, y), both (B, S): nxt (bool) the real positions with a real next token, where `ce` is taken;
+    y the token each position predicts (labels shifted left by one), -100 at padding and at the last column.
+    (A left-padded row's last pad column would otherwise "predict" the row's first token.)"""
+    real = attention_mask.bool()
+    nxt = torch.zeros_like(real)
+    nxt[:, :-1] = real[:, :-1] & real[:, 1:]
+    y = torch.full_like(labels, -100)
+    y[:, :-1] = torch.where(real[:, :-1], labels[:, 1:], -100)
+    return nxt, y
+
+
+def suffix_groups(base_start: torch.Tensor, n_groups: int) -> list[tuple[torch.Tensor | None, int]]:
+    """The counterfactual suffix passes: [(rows, q0)]. The rows, sorted by base-span start, are cut into
+    at most `n_groups` groups of near-equal size, each with q0 = its earliest start; adjacent groups with one
+    q0 are merged; rows None = every row in order (one group). One host sync: the suffix widths are shapes."""
+    starts = base_start.tolist()
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    n = min(n_groups, len(starts))
+    cuts = [round(g * len(starts) / n) for g in range(n + 1)]
+    groups: list[tuple[list[int], int]] = []
+    for g in range(n):
+        rows = order[cuts[g]:cuts[g + 1]]
+        if groups and groups[-1][1] == starts[rows[0]]:
+            groups[-1][0].extend(rows)
+        else:
+            groups.append((rows, starts[rows[0]]))
+    if len(groups) == 1:
+        return [(None, groups[0][1])]
+    return [(torch.tensor(rows, device=base_start.device), q0) for rows, q0 in groups]
+
+
+def _prefix_cache(cache, rows: torch.Tensor | None, q0: int, first_block: int):
+    """A DynamicCache with the plain pass's keys/values of positions [0, q0) of `rows`, for the blocks from
+    `first_block` on (those the suffix pass runs). The blocks before it get a placeholder of the same
+    length, never read: the wrapper and the mask builders take the cached length from block 0."""
+    data = []
+    for l, (k, v, *_) in enumerate(cache):
+        if l < first_block:
+            n = k.shape[0] if rows is None else rows.numel()
+            k = v = k.new_zeros(()).expand(n, 1, q0, 1)
+        else:
+            k, v = k[:, :, :q0], v[:, :, :q0]                                     # (B, H_kv, q0, d)
+            if rows is not None:
+                k, v = k.index_select(0, rows), v.index_select(0, rows)
+        data.append((k, v))
+    return DynamicCache(ddp_cache_data=data)
+
+
+def _swap_suffix(states: torch.Tensor, source: torch.Tensor, plan: InterventionPlan, rows, q0: int):
+    """Intervention fn on a suffix pass's states (G, S - q0, D): the spans of `rows` from `source` (B, S, D)."""
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+    return interchange_reference(states, pick(plan.pi), pick(plan.base_start) - q0, pick(plan.source_start),
+                                 pick(plan.span_len), plan.dims, source=source)
+
+
+def counterfactual_suffix_hidden(model: IntervenableMLM, sites: dict[int, torch.Tensor], attention_mask, layers,
+                                 plan: InterventionPlan, cache, plain_last: torch.Tensor, groups,
+                                 impl: str = "auto", swapped: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal LMs: the counterfactual last hidden states (B, S, D), as `counterfactual_last_hidden` gives
+    them, computing only what the swap can change.
+
+    Position t depends on positions <= t only, so a swap at [b, b + k) leaves every position < b as in the
+    plain pass, in every block: there the counterfactual last states are `plain_last`, and the keys/values
+    the later blocks attend to are the plain pass's (`cache`, a DynamicCache the plain pass filled). Each
+    group of rows (`suffix_groups`: rows, q0 <= their b) resumes from the block after the site for the
+    positions [q0, S) only, over the cached keys/values of [0, q0); the positions [q0, b) it recomputes
+    equal the plain ones. The gradient reaches the cached keys/values, i.e. the plain pass, as the naive
+    counterfactual pass's own prefix (the same values from the same weights) would carry it.
+    """
+    S, a0 = attention_mask.shape[1], layers[0]
+    if cache.get_seq_length() != S:
+        raise RuntimeError(f"the plain pass left {cache.get_seq_length()} of {S} positions in its key/value "
+                           "cache (gradient checkpointing turns the cache off): the counterfactual suffix "
+                           "passes need them all")
+    if swapped is None:
+        swapped = ops.interchange(sites[a0], plan.pi, plan.base_start, plan.source_start, plan.span_len,
+                                  plan.dims, impl=impl)                                      # (B, S, D)
+    parts, order = [], []
+    for rows, q0 in groups:
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))  # noqa: E731
+        later = {l: partial(_swap_suffix, source=sites[l], plan=plan, rows=rows, q0=q0) for l in layers[1:]}
+        past = _prefix_cache(cache, rows, q0, a0 + 1) if q0 else None
+        out = model(None, pick(attention_mask), resume_from=a0 + 1, states=pick(swapped)[:, q0:],
+                    interventions=later, cache=past).last_hidden                            # (G, S - q0, D)
+        parts.append(torch.cat([pick(plain_last)[:, :q0], out], 1))                         # (G, S, D)
+        if rows is not None:
+            order.append(rows)
+    if not order:
+        return parts[0]
+    return torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))               # (B, S, D)
+
+
+def _causal_logit_terms(teacher, student, s_last, t_last, s_cf, t_cf, nxt, y, aff, cfg: DistillConfig):
+    """ce, mlm (the next-token CE) and iit of a causal step, from last states (B, S, D); s_cf None: no iit.
+
+    `aff` (B, S) bool marks the positions >= b. "affected": iit at the positions in `nxt & aff`. "all": a
+    position t < b has the same counterfactual logits as plain ones, so its iit KL is its ce KL; the base
+    head loss is split at b, the KL before b computed once serves both terms (weighted w_ce + w_iit), and
+    only the positions >= b take counterfactual logits.
+    """
+    w_ce, w_lm, w_iit = cfg.w_ce, cfg.w_mlm, (cfg.w_iit if s_cf is not None else 0.0)
+    lab = y != -100                                                                  # (B, S)
+    terms = {}
+
+    def head(h_s, h_t, kd, labels, kd_w, lm_w):
+        rows = kd | (labels != -100) if labels is not None else kd                   # (B, S) rows it reads
+        return head_losses(teacher, student, h_s[rows], h_t[rows], labels[rows] if labels is not None else None,
+                           cfg, kd_weight=kd_w, lm_weight=lm_w, kd_mask=kd[rows])
+
+    if not w_iit or cfg.logit_tokens_for("causal") == "affected":
+        if w_ce or w_lm:
+            ce, mlm = head(s_last, t_last, nxt, y, w_ce, w_lm)
+            terms.update(_weighted_only({"ce": ce, "mlm": mlm}, cfg))
+        if w_iit:
+            terms["iit"], _ = head(s_cf, t_cf, nxt & aff, None, w_iit, 0.0)
+        return terms
+
+    # "all": before b the KL of one base head loss serves ce and iit; from b on, ce and iit each take theirs
+    pre, post = nxt & ~aff, nxt & aff
+    n_pre, n_post, l_pre, l_post = (int(m.sum()) for m in (pre, post, lab & ~aff, lab & aff))
+    n, l = max(n_pre + n_post, 1), max(l_pre + l_post, 1)
+    f_pre, f_post, g_pre, g_post = n_pre / n, n_post / n, l_pre / l, l_post / l
+    y_pre, y_post = y.masked_fill(aff, -100), y.masked_fill(~aff, -100)
+    ce_pre, mlm_pre = head(s_last, t_last, pre, y_pre, (w_ce + w_iit) * f_pre, w_lm * g_pre)
+    zero = ce_pre.new_zeros(())
+    ce_post, mlm_post = (head(s_last, t_last, post, y_post, w_ce * f_post, w_lm * g_post) if (w_ce or w_lm)
+                         else (zero, zero))
+    iit_post, _ = head(s_cf, t_cf, post, None, w_iit * f_post, 0.0)
+    terms.update(_weighted_only({"ce": ce_pre * f_pre + ce_post * f_post,
+                                 "mlm": mlm_pre * g_pre + mlm_post * g_post}, cfg))
+    terms["iit"] = ce_pre * f_pre + iit_post * f_post
+    return terms
+
+
+def fast_causal_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """The fast step for causal LMs (see the module docstring and `counterfactual_suffix_hidden`)."""
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    tt = batch.get("token_type_ids")
+    tokens = am.bool()                                                # (B, S) real positions of the base
+    nxt, y = next_token_targets(am, labels)                           # (B, S), (B, S)
+    impl = _impl(cfg)
+    iit = cfg.uses_iit
+    group, s_l = (plan.teacher_layers, plan.student_layer) if plan is not None else ((), None)
+    t_keep = set(group) if (iit or cfg.w_mse) else set()
+    s_keep = {s_l} if (iit or cfg.w_mse) else set()
+
+    # 1-2. the plain passes; with a counterfactual to come they also keep every block's keys/values
+    t_cache, s_cache = (DynamicCache(), DynamicCache()) if iit else (None, None)
+    with torch.no_grad():
+        t = teacher(ids, am, tt, keep=t_keep, cache=t_cache)
+    with _autocast(cfg, ids.device):
+        s = student(ids, am, tt, keep=s_keep, cache=s_cache)
+
+    terms = {}
+    if cfg.w_cos:
+        terms["cos"] = ops.hidden_loss(s.last_hidden, t.last_hidden.to(s.last_hidden.dtype), tokens, "cos",
+                                       impl=impl)
+    if not iit:
+        terms.update(_causal_logit_terms(teacher, student, s.last_hidden, t.last_hidden, None, None, nxt, y,
+                                         None, cfg))
+        if cfg.w_mse:
+            terms["mse"] = _site_mse(student, s.sites[s_l], t.sites[group[-1]], tokens, impl)
+        return terms
+
+    # 3. counterfactual: swap at the site, resume from the block after it, from each group's q0 on
+    groups = suffix_groups(plan.base_start, cfg.suffix_groups)
+    with torch.no_grad():
+        h_cf_t = counterfactual_suffix_hidden(teacher, t.sites, am, group, plan, t_cache, t.last_hidden, groups,
+                                              impl)                                          # (B, S, Dt)
+    with _autocast(cfg, ids.device):
+        site = s.sites[s_l]                                                                  # (B, S, Ds)
+        t_site = t.sites[group[-1]]
+        if cfg.w_mse and student.site_projection is None:
+            cf_s, terms["mse"] = ops.interchange_hidden_loss(
+                site, t_site.to(site.dtype), tokens, plan.pi, plan.base_start, plan.source_start,
+                plan.span_len, plan.dims, "mse", impl=impl)
+        else:
+            if cfg.w_mse:
+                terms["mse"] = _site_mse(student, site, t_site, tokens, impl)
+            cf_s = None
+        h_cf_s = counterfactual_suffix_hidden(student, s.sites, am, (s_l,), plan, s_cache, s.last_hidden,
+                                              groups, impl, swapped=cf_s)                    # (B, S, Ds)
+
+    cols = torch.arange(am.shape[1], device=am.device)
+    aff = cols[None] >= plan.base_start[:, None]                      # (B, S) positions the swap can change
+    terms.update(_causal_logit_terms(teacher, student, s.last_hidden, t.last_hidden,
+                                     h_cf_s if cfg.w_iit else None, h_cf_t, nxt, y, aff, cfg))
+    if cfg.w_iit_cos:
+        cf_tokens = tokens & aff if cfg.logit_tokens_for("causal") == "affected" else tokens
+        terms["iit_cos"] = ops.hidden_loss(h_cf_s, h_cf_t.to(h_cf_s.dtype), cf_tokens, "cos", impl=impl)
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs: DESIGN.md section 2's cost model, counted for the batch and plan at hand
+# ---------------------------------------------------------------------------------------------------
+
+def block_flops(model: IntervenableMLM, blocks: range, queries: int, keys: int) -> int:
+    """Forward FLOPs of `blocks` for `queries` positions of one row attending over `keys` positions: 2 per
+    weight-matrix entry per query (every linear map of the block), plus QK^T and AV, 2 * keys * width each
+    (dense attention computes every key, masked or not). Norms, activations and rotary are not counted."""
+    c = model.config
+    heads = c.num_attention_heads
+    width = heads * (getattr(c, "head_dim", None) or c.hidden_size // heads)
+    weights = sum(getattr(p, "ds_numel", p.numel()) for l in blocks for p in model.blocks[l].parameters()
+                  if p.dim() == 2)
+    return queries * (2 * weights + 4 * keys * width * len(blocks))
+
+
+def _head_flops(model: IntervenableMLM, vocab: int) -> int:
+    """Forward FLOPs of the head for one position: its transform's linear maps and the decoder."""
+    weights = sum(getattr(p, "ds_numel", p.numel()) for p in model.head_transform.parameters() if p.dim() == 2)
+    return 2 * weights + 2 * vocab * model.hidden_size
+
+
+def counted_flops(teacher: IntervenableMLM, student: IntervenableMLM, batch: dict, plan: InterventionPlan | None,
+                  cfg: DistillConfig) -> dict[str, int]:
+    """FLOPs of one step on `batch` with `plan`, as each mode computes it: {"naive", "fast",
+    "fast_full_suffix", "saved"}. The teacher runs forward only; the student's backward counts twice its
+    forward; losses, norms and the interchange are not counted (O(tokens x width)).
+
+    naive: three full passes per model with full-vocabulary logits (the source pass's backward only below
+    the site). fast: one plain pass per model, the counterfactual from the block after the site, logits
+    only at the rows a loss takes. For causal LMs the counterfactual runs for positions >= each group's q0
+    only and takes logits at positions >= b only; "fast_full_suffix" is the fast step without that reuse
+    (every position from the block after the site; counterfactual logits wherever `iit` is taken), and
+    "saved" = fast_full_suffix - fast (0 for masked LMs).
+    """
+    am, labels = batch["attention_mask"], batch["labels"]
+    B, S = am.shape
+    vocab, where = shared_vocab(teacher, cfg), cfg.logit_tokens_for(teacher.kind)
+    ht, hs = _head_flops(teacher, vocab), _head_flops(student, vocab)
+    t_pass = B * block_flops(teacher, range(teacher.num_layers), S, S)
+    s_pass = B * block_flops(student, range(student.num_layers), S, S)
+    if teacher.kind == "causal":
+        nxt, y = next_token_targets(am, labels)
+        base_rows = int((nxt | (y != -100)).sum())
+        if cfg.uses_iit:  # counterfactual logits at the positions the swap can change (+ all of them, "all")
+            aff = torch.arange(S, device=am.device)[None] >= plan.base_start[:, None]      # (B, S)
+            cf_rows = {"fast": nxt & aff, "fast_full_suffix": nxt & aff if where == "affected" else nxt}
+    else:
+        kd = am.bool() if where == "all" else labels != -100
+        base_rows = int((kd | (labels != -100)).sum())
+        cf_rows = {"fast": kd, "fast_full_suffix": kd}
+    naive_rows = B * S if where != "masked" else int((labels != -100).sum())
+
+    out = {"naive": t_pass + naive_rows * ht + 3 * (s_pass + naive_rows * hs)}
+    out["fast"] = out["fast_full_suffix"] = t_pass + base_rows * (ht + 3 * hs) + 3 * s_pass
+    if cfg.uses_iit:
+        a0, s_l = plan.teacher_layers[0], plan.student_layer
+        out["naive"] += (2 * t_pass + 2 * naive_rows * ht + 3 * (s_pass + naive_rows * hs)   # cf, source
+                         + s_pass + naive_rows * hs + 2 * B * block_flops(student, range(s_l + 1), S, S))
+        causal = teacher.kind == "causal"
+        groups = suffix_groups(plan.base_start, cfg.suffix_groups) if causal else [(None, 0)]
+        for name, gs in (("fast", groups), ("fast_full_suffix", [(None, 0)])):
+            suffix = 0
+            for rows, q0 in gs:
+                n = B if rows is None else rows.numel()
+                suffix += n * (block_flops(teacher, range(a0 + 1, teacher.num_layers), S - q0, S)
+                               + 3 * block_flops(student, range(s_l + 1, student.num_layers), S - q0, S))
+            out[name] += suffix + int(cf_rows[name].sum()) * (ht + 3 * hs) * (cfg.w_iit > 0)
+    out["saved"] = out["fast_full_suffix"] - out["fast"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # naive: the published structure, three full passes per model
 # ---------------------------------------------------------------------------------------------------
 
@@ -277,16 +653,26 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
     ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     tt = batch.get("token_type_ids")
     tokens = am.bool()
-    kd = tokens if cfg.logit_tokens == "all" else labels != -100
+    where = cfg.logit_tokens_for(teacher.kind)
+    vocab = shared_vocab(teacher, cfg)
+    kd = tokens if where != "masked" else labels != -100
     iit = cfg.uses_iit
     group, s_l = (plan.teacher_layers, plan.student_layer) if plan is not None else ((), None)
     keep_t, keep_s = set(group), ({s_l} if s_l is not None else set())
-    if cfg.logit_tokens == "all":   # full logits (B, S, V), losses masked to the real tokens
+    if where != "masked":           # full logits (B, S, V), losses masked to the real tokens
         kd_mask, kd_labels = kd, labels
         at_kd = lambda h, src=False: h  # noqa: E731
     else:                           # logits of the masked tokens only (N, V), as restrict_ce_to_mask meant
         kd_mask, kd_labels = None, labels[kd]
         at_kd = lambda h, src=False: h[kd[plan.pi] if src else kd]  # noqa: E731
+    cf_mask, cf_tokens = kd_mask, tokens                            # where iit / iit_cos are taken
+    if teacher.kind == "causal":    # the logits at t predict token t + 1: next-token masks and labels
+        kd_mask, kd_labels = next_token_targets(am, labels)
+        cf_mask = kd_mask
+        if iit and where == "affected":
+            aff = torch.arange(am.shape[1], device=am.device)[None] >= plan.base_start[:, None]   # (B, S)
+            cf_mask, cf_tokens = kd_mask & aff, tokens & aff
+    logits = lambda model, h: _vocab_rows(model.logits(h), vocab, -1)  # noqa: E731  (the shared ids)
 
     if iit:
         # the source batch: row i is row pi[i] of the base batch, run as a separate forward
@@ -297,21 +683,21 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
 
     with torch.no_grad():
         t_base = teacher(ids, am, tt, keep=keep_t)
-        z_t = teacher.logits(at_kd(t_base.last_hidden))                                   # (B, S, V)
+        z_t = logits(teacher, at_kd(t_base.last_hidden))                                  # (B, S, V)
         if iit:
             t_src = teacher(src_ids, src_am, src_tt, keep=keep_t)
-            teacher.logits(at_kd(t_src.last_hidden, src=True))  # the published code runs the whole model
+            logits(teacher, at_kd(t_src.last_hidden, src=True))  # the published code runs the whole model
             t_cf = teacher(ids, am, tt, interventions={l: swap(t_src.sites[l]) for l in group})
-            z_cf_t = teacher.logits(at_kd(t_cf.last_hidden))
+            z_cf_t = logits(teacher, at_kd(t_cf.last_hidden))
 
     with _autocast(cfg, ids.device):
         s_base = student(ids, am, tt, keep=keep_s)
-        z_s = student.logits(at_kd(s_base.last_hidden))                                   # (B, S, V)
+        z_s = logits(student, at_kd(s_base.last_hidden))                                  # (B, S, V)
         if iit:
             s_src = student(src_ids, src_am, src_tt, keep=keep_s)   # not detached: gradients reach it
-            student.logits(at_kd(s_src.last_hidden, src=True))
+            logits(student, at_kd(s_src.last_hidden, src=True))
             s_cf = student(ids, am, tt, interventions={s_l: swap(s_src.sites[s_l])})
-            z_cf_s = student.logits(at_kd(s_cf.last_hidden))
+            z_cf_s = logits(student, at_kd(s_cf.last_hidden))
 
     terms = {}
     if cfg.w_ce:
@@ -323,7 +709,7 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
     if cfg.w_mse:
         terms["mse"] = _site_mse(student, s_base.sites[s_l], t_base.sites[group[-1]], tokens)
     if iit and cfg.w_iit:
-        terms["iit"] = kd_loss_reference(z_cf_s, z_cf_t, kd_mask, cfg.temperature)
+        terms["iit"] = kd_loss_reference(z_cf_s, z_cf_t, cf_mask, cfg.temperature)
     if iit and cfg.w_iit_cos:
-        terms["iit_cos"] = hidden_loss_reference(s_cf.last_hidden, t_cf.last_hidden, tokens, "cos")
+        terms["iit_cos"] = hidden_loss_reference(s_cf.last_hidden, t_cf.last_hidden, cf_tokens, "cos")
     return terms
