@@ -268,23 +268,8 @@ def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.T
         hs = student.head_transform(h_s)                                          # (N, Ds)
         tw, tb = _vocab_rows(teacher.decoder_weight, vocab), _vocab_rows(teacher.decoder_bias, vocab)
         kw = dict(impl=_impl(cfg), chunk_size=cfg.head_chunk, kd_weight=kd_weight, lm_weight=lm_weight)
-        if student.vocab_size == vocab:
-            return student.lm_loss(hs, ht, tw, tb, labels, kd_mask, cfg.temperature, **kw)
-        return _student_rows_head_loss(student, vocab, hs, ht, tw, tb, labels, kd_mask, cfg.temperature, **kw)
-
-
-def _student_rows_head_loss(student, vocab, hs, ht, tw, tb, labels, kd_mask, temperature, **kw):
-    """The head loss over the student decoder's first `vocab` rows, for a student with padding rows past
-    them. The student's `lm_loss` module reads its whole decoder, so this calls the op itself, which a
-    ZeRO-3 partitioned student cannot (its decoder is gathered by that module call only)."""
-    w, b = student.decoder_weight, student.decoder_bias
-    if hasattr(w, "ds_id"):
-        raise NotImplementedError(f"a ZeRO-3 partitioned student with {student.vocab_size} vocabulary rows "
-                                  f"compared over {vocab}: DistillHeadLoss (models/__init__.py) must take the "
-                                  "rows to use")
-    b = w.new_zeros(vocab) if b is None else b[:vocab]                                     # (V,)
-    tb = tw.new_zeros(vocab) if tb is None else tb
-    return ops.distill_head_loss(hs, ht, w[:vocab], b, tw, tb, labels, kd_mask, temperature, **kw)
+        return student.lm_loss(hs, ht, tw, tb, labels, kd_mask, cfg.temperature, **kw,
+                               vocab=None if student.vocab_size == vocab else vocab)
 
 
 def _gathered(*params):

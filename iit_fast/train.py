@@ -348,6 +348,9 @@ def build_models(cfg: TrainConfig, teacher_path):
     else:
         student, s_tok = load_model(cfg.student, kind=teacher.kind, arg="--student")
         check_same_tokenizer(tokenizer, s_tok, "--teacher", "--student")
+        if student.vocab_size != teacher.vocab_size and cfg.distill.shared_vocab is None:
+            # the same tokenizer, embeddings padded to different sizes: compare over the tokenizer's ids
+            cfg.distill.shared_vocab = len(tokenizer)
     if cfg.dropout is not None:
         student.set_dropout(cfg.dropout)
     teacher = teacher.to(dtype=dtype[cfg.distill.teacher_dtype]).eval().requires_grad_(False)

@@ -76,7 +76,9 @@ def assets(tmp_path_factory):
         ds[stage] = root / f"zero{stage}.json"
         ds[stage].write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
                                          "gradient_clipping": 1.0, "steps_per_print": 10 ** 6,
-                                         "zero_optimization": {"stage": stage}}))
+                                         # threshold 0: ZeRO-3 really partitions a tiny model
+                                         "zero_optimization": {"stage": stage, **(
+                                             {"stage3_param_persistence_threshold": 0} if stage == 3 else {})}}))
     return {"root": root, "teacher": teacher, "corpus": corpus, "ds": ds}
 
 
@@ -130,28 +132,40 @@ def steps_of(out: Path) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+CAUSAL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+
+
+def auto_lm(out: Path):
+    """transformers' Auto class for the exported student's kind."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    model_type = json.loads((out / "student" / "config.json").read_text())["model_type"]
+    return AutoModelForCausalLM if model_type in CAUSAL_TYPES else AutoModelForMaskedLM
+
+
 def checkpoint_student(out: Path):
     """The engine's student as saved by DeepSpeed (fp32 module states of the last checkpoint)."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
+    from transformers import AutoConfig
     tag = (out / "checkpoints" / "latest").read_text().strip()
     sd = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                     weights_only=False)["module"]
-    model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(out / "student")).eval()
+    model = auto_lm(out).from_config(AutoConfig.from_pretrained(out / "student")).eval()
     missing, unexpected = model.load_state_dict({k.removeprefix("student.model."): v for k, v in sd.items()},
                                                strict=False)
     assert not unexpected and all("decoder" in k or "position_ids" in k or "vocab_projector" in k
-                                  for k in missing), (missing, unexpected)
+                                  or "lm_head" in k for k in missing), (missing, unexpected)
     model.tie_weights()
     return model
 
 
 def assert_export_matches(out: Path, assets):
     """The exported folder loads in transformers and gives the logits of the engine's student."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-    exported = AutoModelForMaskedLM.from_pretrained(out / "student").eval()
+    from transformers import AutoTokenizer
+    exported = auto_lm(out).from_pretrained(out / "student").eval()
     tok = AutoTokenizer.from_pretrained(out / "student")
+    if tok.pad_token is None:  # GPT-2 style: no pad token; the mask tells padding apart
+        tok.pad_token = tok.eos_token
     batch = tok(["the cat sees a dog .", "a small red bird sings in the old tree ."], padding=True,
-                return_tensors="pt")
+                return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         a = exported(**batch).logits
         b = checkpoint_student(out)(**batch).logits
@@ -304,6 +318,45 @@ def other_family_teachers(root: Path) -> dict[str, Path]:
     tiny_distilbert(vocab=len(vocab)).save_pretrained(out["distilbert"])
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(out["distilbert"])
     return out
+
+
+def decoder_teachers(root: Path) -> dict[str, Path]:
+    """Tiny GPT-2 and Llama-style (GQA, SwiGLU, RoPE, untied head) teacher folders with a word-level
+    tokenizer over the test corpus (<|endoftext|> as bos/eos, no pad token, as GPT-2's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import tiny_gpt2, tiny_llama
+    words = ["<|endoftext|>", "[UNK]"] + WORDS + [".", ","]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]", bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>")
+    out = {"gpt2": root / "gpt2", "llama": root / "llama"}
+    g = tiny_gpt2(vocab=len(words), max_pos=64)
+    g.config.bos_token_id = g.config.eos_token_id = 0
+    g.save_pretrained(out["gpt2"])
+    tiny_llama(vocab=len(words) + 3, max_pos=64).save_pretrained(out["llama"])  # 3 padding rows past the tokenizer
+    for f in out.values():
+        tok.save_pretrained(f)
+    return out
+
+
+def test_decoder_teachers_run_the_main_job(tmp_path, assets):
+    """A causal-LM teacher (GPT-2, Llama-style) decides the objective: packed causal-LM data, next-token
+    losses, a student initialised from the teacher's layers; the export loads in AutoModelForCausalLM with
+    the engine's logits."""
+    teachers = decoder_teachers(tmp_path)
+    runs = {f: launch(assets, tmp_path / f"run_{f}", steps=2, teacher=t, eval_sequences=8)
+            for f, t in teachers.items()}
+    for family, p in runs.items():
+        out = tmp_path / f"run_{family}"
+        text = finish(p, out)
+        rows = steps_of(out)
+        assert [r["step"] for r in rows] == [1, 2], text[-2000:]
+        assert all(math_finite(r[k]) for r in rows for k in ("loss", "ce", "mlm", "cos", "iit")), rows
+        assert json.loads((out / "student" / "config.json").read_text())["model_type"] == family
+        assert_export_matches(out, assets)
 
 
 def test_roberta_and_distilbert_teachers_run_the_main_job(tmp_path, assets):

@@ -80,10 +80,14 @@ class DistillHeadLoss(nn.Module):
 
     def forward(self, hidden, teacher_hidden, teacher_weight, teacher_bias, labels, kd_mask,
                 temperature: float, impl: str = "auto", chunk_size: int | None = None, kd_weight: float = 1.0,
-                lm_weight: float = 1.0):
+                lm_weight: float = 1.0, vocab: int | None = None):
+        """`vocab`: compare over the decoder's first `vocab` rows only (a student whose embedding has
+        padding rows past the tokenizer's ids); they get no gradient."""
         from ..ops import distill_head_loss
         owner = self._owner[0]
         weight, bias = owner.decoder_weight, owner.decoder_bias
+        if vocab is not None:
+            weight, bias = weight[:vocab], (None if bias is None else bias[:vocab])      # (V', D), (V',)
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias                 # (V,)
         if teacher_weight is not None and teacher_bias is None:
             teacher_bias = teacher_weight.new_zeros(teacher_weight.shape[0])               # (V,)
