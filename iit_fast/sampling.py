@@ -97,17 +97,29 @@ def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
             return p
 
 
-def real_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Real-token count per row; the mask must be right-padded (ones, then zeros)."""
+def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) long: the columns before each row's first real token (all 0 for right padding).
+
+    Each row's real tokens must be one block (right or left padding) of at least one token."""
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
-    lengths = attention_mask.long().sum(1)
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    if not torch.equal(attention_mask.long(), (positions[None] < lengths[:, None]).long()):
-        raise ValueError("attention_mask must be right-padded: each row ones then zeros")
+    am = attention_mask.long()
+    lengths = am.sum(1)                                                             # (B,)
     if (lengths == 0).any():
         raise ValueError("attention_mask has a row with no real token")
-    return lengths
+    first = am.argmax(1)                                                            # (B,) first 1
+    cols = torch.arange(am.shape[1], device=am.device)
+    block = (cols >= first[:, None]) & (cols < (first + lengths)[:, None])        # (B, S)
+    if not torch.equal(block.long(), am):
+        raise ValueError("attention_mask must hold each row's real tokens in one block (right or left "
+                         "padding: ones then zeros, or zeros then ones)")
+    return first
+
+
+def real_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Real-token count per row; each row's real tokens one block (right or left padding)."""
+    pad_offsets(attention_mask)
+    return attention_mask.long().sum(1)
 
 
 @dataclass
@@ -140,8 +152,10 @@ def sample_spans(lengths: torch.Tensor, pi: torch.Tensor, p: float, generator: t
 
 def sample_plan(attention_mask: torch.Tensor, alignment: list[AlignmentPair], generator: torch.Generator,
                 span_fraction: float = 0.3, dims: tuple[int, int] | None = None) -> InterventionPlan:
-    """Draw one step's alignment pair, pairing and spans for a right-padded batch."""
-    lengths = real_lengths(attention_mask).cpu()
+    """Draw one step's alignment pair, pairing and spans for a right- or left-padded batch: the draws are
+    over each row's real tokens (the same for either padding); the starts are columns of the batch."""
+    offsets = pad_offsets(attention_mask).cpu()                 # left padding: starts move right by it
+    lengths = attention_mask.long().sum(1).cpu()
     which = int(torch.randint(len(alignment), (1,), generator=generator))
     teacher_layers, student_layer = alignment[which]
     if lengths.numel() == 1:
@@ -149,14 +163,15 @@ def sample_plan(attention_mask: torch.Tensor, alignment: list[AlignmentPair], ge
                       "itself and the IIT terms equal the plain ones; use batches of 2 or more rows", stacklevel=2)
     pi = derangement(lengths.numel(), generator)
     k, bs, ss = sample_spans(lengths, pi, span_fraction, generator)
-    plan = InterventionPlan(tuple(teacher_layers), student_layer, pi, bs, ss, k, dims)
+    plan = InterventionPlan(tuple(teacher_layers), student_layer, pi, bs + offsets, ss + offsets[pi], k, dims)
     check_plan(plan, attention_mask)
     return plan.to(attention_mask.device)
 
 
 def check_plan(plan: InterventionPlan, attention_mask: torch.Tensor, hidden_sizes: tuple[int, ...] = ()):
     """Spans inside each row's real tokens, pairing in range, dims inside every model's width."""
-    lengths = real_lengths(attention_mask).to(plan.pi.device)
+    offsets = pad_offsets(attention_mask).to(plan.pi.device)
+    lengths = attention_mask.long().sum(1).to(plan.pi.device)
     B = lengths.numel()
     for name in ("pi", "base_start", "source_start", "span_len"):
         t = getattr(plan, name)
@@ -166,10 +181,11 @@ def check_plan(plan: InterventionPlan, attention_mask: torch.Tensor, hidden_size
         raise ValueError(f"plan.pi must index rows 0..{B - 1}")
     if (plan.span_len < 1).any():
         raise ValueError("plan.span_len must be >= 1")
-    if (plan.base_start < 0).any() or (plan.base_start + plan.span_len > lengths).any():
+    base, source = plan.base_start - offsets, plan.source_start - offsets[plan.pi]  # positions among real tokens
+    if (base < 0).any() or (base + plan.span_len > lengths).any():
         raise ValueError("a span is longer than its base sequence's real tokens (plan.base_start + span_len "
                          "> length)")
-    if (plan.source_start < 0).any() or (plan.source_start + plan.span_len > lengths[plan.pi]).any():
+    if (source < 0).any() or (source + plan.span_len > lengths[plan.pi]).any():
         raise ValueError("a span is longer than its source sequence's real tokens (plan.source_start + "
                          "span_len > length of row pi[i])")
     if plan.dims is not None:

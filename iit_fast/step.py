@@ -31,7 +31,7 @@ change (`counterfactual_suffix_hidden`): the plain passes keep every block's key
 of rows resumes from the block after the site for positions >= q0 only (q0 = the group's earliest b),
 attending to the plain keys/values before q0; the logits before b are never taken twice (their
 counterfactual KL is the plain one). `counted_flops` counts what that saves. Batches may be right- or
-left-padded (`sample_plan_padded`); the spans of a plan are then in columns of the batch.
+left-padded (`sampling.sample_plan`); the spans of a plan are in columns of the batch.
 
 The loss terms (DESIGN.md section 1). "tokens" are the real tokens of the base; every mean is over the
 tokens that count, in fp32 or wider, and 0 (not NaN) when none counts. Their formulas live once, in
@@ -84,7 +84,7 @@ def distill_step(teacher: IntervenableMLM, student: IntervenableMLM, batch: dict
         if needs_plan:
             if plan is None:
                 raise ValueError(f"mode {cfg.mode!r} with these weights needs an InterventionPlan (sample_plan)")
-            check_plan_padded(plan, batch["attention_mask"], (teacher.hidden_size, student.hidden_size))
+            check_plan(plan, batch["attention_mask"], (teacher.hidden_size, student.hidden_size))
     step = naive_step if cfg.mode == "naive" else fast_step
     terms = step(teacher, student, batch, plan, cfg)
     loss = weighted_total(terms, cfg)
@@ -172,53 +172,6 @@ def _vocab_rows(t: torch.Tensor | None, vocab: int, dim: int = 0) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------------
 # padding: plans in columns, for right- or left-padded batches
 # ---------------------------------------------------------------------------------------------------
-
-def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) long: the columns before each row's first real token (all 0 for right padding).
-
-    Each row's real tokens must be one block (right or left padding) of at least one token."""
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
-    am = attention_mask.long()
-    lengths = am.sum(1)                                                             # (B,)
-    if (lengths == 0).any():
-        raise ValueError("attention_mask has a row with no real token")
-    first = am.argmax(1)                                                            # (B,) first 1
-    cols = torch.arange(am.shape[1], device=am.device)
-    block = (cols >= first[:, None]) & (cols < (first + lengths)[:, None])        # (B, S)
-    if not torch.equal(block.long(), am):
-        raise ValueError("attention_mask must hold each row's real tokens in one block (right or left "
-                         "padding: ones then zeros, or zeros then ones)")
-    return first
-
-
-def _shift_plan(plan: InterventionPlan, offsets: torch.Tensor) -> InterventionPlan:
-    """The plan with every base start moved by its row's offset and every source start by its source's."""
-    return InterventionPlan(plan.teacher_layers, plan.student_layer, plan.pi, plan.base_start + offsets,
-                            plan.source_start + offsets[plan.pi], plan.span_len, plan.dims)
-
-
-def _right_aligned(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The right-padded mask with each row's number of real tokens."""
-    lengths = attention_mask.long().sum(1, keepdim=True)
-    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (cols[None] < lengths).to(attention_mask.dtype)                        # (B, S)
-
-
-def sample_plan_padded(attention_mask: torch.Tensor, alignment, generator: torch.Generator,
-                       span_fraction: float = 0.3, dims: tuple[int, int] | None = None) -> InterventionPlan:
-    """`sampling.sample_plan` for a right- or left-padded batch: the same draws (spans over each row's real
-    tokens), the starts in columns of the batch. For a right-padded batch it is sample_plan itself."""
-    offsets = pad_offsets(attention_mask)
-    plan = sample_plan(_right_aligned(attention_mask), alignment, generator, span_fraction, dims)
-    return _shift_plan(plan, offsets.to(plan.pi.device)) if bool(offsets.any()) else plan
-
-
-def check_plan_padded(plan: InterventionPlan, attention_mask: torch.Tensor, hidden_sizes: tuple[int, ...] = ()):
-    """`sampling.check_plan` for a right- or left-padded batch whose plan starts are in columns."""
-    offsets = pad_offsets(attention_mask).to(plan.pi.device)
-    check_plan(_shift_plan(plan, -offsets), _right_aligned(attention_mask), hidden_sizes)
-
 
 def _autocast(cfg: DistillConfig, device: torch.device):
     if cfg.student_autocast == "float32":

@@ -78,8 +78,9 @@ def test_bad_plans_and_masks():
                             torch.tensor([1, 1]), dims=(0, 40))
     with pytest.raises(ValueError, match="dims"):
         check_plan(plan, am, (32,))
-    with pytest.raises(ValueError, match="right-padded"):
-        real_lengths(torch.tensor([[0, 1, 1]]))
+    assert real_lengths(torch.tensor([[0, 1, 1], [1, 1, 0]])).tolist() == [2, 2]  # left and right padding
+    with pytest.raises(ValueError, match="one block"):
+        real_lengths(torch.tensor([[1, 0, 1]]))
 
 
 def test_batch_of_one_warns():

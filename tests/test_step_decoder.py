@@ -10,9 +10,8 @@ from iit_fast import step as step_module
 from iit_fast.config import DistillConfig
 from iit_fast.models import IntervenableLM, init_student_from_teacher
 from iit_fast.ops.reference import kd_loss_reference
-from iit_fast.sampling import InterventionPlan, make_alignment
-from iit_fast.step import (check_pair, counted_flops, distill_step, pad_offsets, sample_plan_padded,
-                           suffix_groups)
+from iit_fast.sampling import InterventionPlan, make_alignment, pad_offsets, sample_plan
+from iit_fast.step import check_pair, counted_flops, distill_step, suffix_groups
 from test_step import assert_same_step, run
 from tiny import TINY_CAUSAL, tiny_batch, tiny_causal_batch, tiny_pair
 
@@ -53,7 +52,7 @@ def causal_batch(lengths=LENGTHS, left=False, vocab=101):
 def plan_for(batch, alignment: str, seed: int) -> InterventionPlan:
     """A plan drawn for a 4-block teacher and a 2-block student (starts in columns of the batch)."""
     generator = torch.Generator().manual_seed(seed)
-    return sample_plan_padded(batch["attention_mask"], make_alignment(alignment, 4, 2), generator)
+    return sample_plan(batch["attention_mask"], make_alignment(alignment, 4, 2), generator)
 
 
 def plan_with(plan: InterventionPlan, base_start, source_start, span_len) -> InterventionPlan:
@@ -301,8 +300,8 @@ def test_counted_flops_of_a_masked_lm():
 def test_plans_for_left_padding_are_the_right_padded_draws_in_columns():
     right, left = causal_batch(), causal_batch(left=True)
     align = make_alignment("middle", 4, 2)
-    a = sample_plan_padded(right["attention_mask"], align, torch.Generator().manual_seed(4))
-    b = sample_plan_padded(left["attention_mask"], align, torch.Generator().manual_seed(4))
+    a = sample_plan(right["attention_mask"], align, torch.Generator().manual_seed(4))
+    b = sample_plan(left["attention_mask"], align, torch.Generator().manual_seed(4))
     pad = pad_offsets(left["attention_mask"])
     assert torch.equal(pad, max(LENGTHS) - torch.tensor(LENGTHS))
     assert torch.equal(b.pi, a.pi) and torch.equal(b.span_len, a.span_len)
