@@ -88,21 +88,24 @@ def _inner(zs, logq_top, ids, logq_rest, labels, g_kd, g_lab, temperature):
     overwritten (dz is its buffer). g_kd, g_lab: per-row gradient weights (None: no MLM)."""
     T = float(temperature)
     ids = ids.long()
-    zs_y = None
+    m_z = zs.amax(1, keepdim=True)                                                # (C, 1) max logit
+    mlm = None
     if labels is not None:
-        has = labels != -100
-        y = torch.where(has, labels, 0).unsqueeze(1)                              # (C, 1)
-        zs_y = zs.gather(1, y).squeeze(1)
-        m_1 = zs.amax(1, keepdim=True)
-        e_1 = torch.sub(zs, m_1).exp_()                                           # (C, V) exp(z_s - m_1)
+        # the MLM softmax (T = 1) on the labelled rows only (~15% of the rows when every token takes the KL)
+        rows = (labels != -100).nonzero().squeeze(1)                              # (C_l,)
+        y = labels.index_select(0, rows).unsqueeze(1)                             # (C_l, 1)
+        z_l, m_l = zs.index_select(0, rows), m_z.index_select(0, rows)
+        z_y = z_l.gather(1, y).squeeze(1)
+        e_1 = z_l.sub_(m_l).exp_()                                                # (C_l, V) exp(z_s - m)
         d_1 = e_1.sum(1, keepdim=True)
-    a = zs.mul_(1.0 / T)                                                          # (C, V) z_s / T, in place
-    m = a.amax(1, keepdim=True)
-    a_top = a.gather(1, ids).sub_(m)                                              # (C, K) a_id - m
-    e = a.sub_(m).exp_()                                                          # (C, V) exp(a - m)
+        mlm = (rows, y, e_1, d_1, (m_l + d_1.log()).squeeze(1) - z_y)             # CE = lse(z_s) - z_s[y]
+    z_top = zs.gather(1, ids)                                                     # (C, K)
+    # student at T: e = exp((z_s - m) / T), one fused pass and an in-place exp
+    e = torch.addcmul(m_z.mul(-1.0 / T), zs, zs.new_tensor(1.0 / T)).exp_()     # (C, V)
+    del zs
     d = e.sum(1)
     e_top = e.gather(1, ids)                                                      # (C, K)
-    log_p_top = a_top - d.log().unsqueeze(1)             # from the logits: exact where e_top underflows
+    log_p_top = (z_top - m_z) / T - d.log().unsqueeze(1)  # from the logits: exact where e_top underflows
     e.scatter_(1, ids, 0.0)
     d_rest = e.sum(1)                                                             # the rest, summed directly
     kl, q_top, q_rest, r = _bucket_kl(log_p_top, e_top, d, d_rest, logq_top.to(e.dtype), logq_rest.to(e.dtype))
@@ -110,12 +113,13 @@ def _inner(zs, logq_top, ids, logq_rest, labels, g_kd, g_lab, temperature):
     g_k = (g_kd * T).to(e.dtype)
     dz = e.mul_(((1.0 - r) * g_k / d).unsqueeze(1))
     dz.scatter_(1, ids, (e_top / d.unsqueeze(1) - q_top) * g_k.unsqueeze(1))
-    if labels is None:
+    if mlm is None:
         return dz, kl, None
-    g_l = torch.where(has, g_lab, 0.0).to(dz.dtype).unsqueeze(1)
-    dz.add_(e_1.mul_(g_l / d_1))                                                  # + g_lab softmax(z_s)
-    dz.scatter_add_(1, y, -g_l)                                                   # - g_lab onehot(y)
-    ce = torch.where(has, (m_1 + d_1.log()).squeeze(1) - zs_y, 0.0)               # CE = lse(z_s) - z_s[y]
+    rows, y, e_1, d_1, ce_l = mlm
+    g_l = g_lab.index_select(0, rows).to(dz.dtype).unsqueeze(1)                  # (C_l, 1)
+    e_1.mul_(g_l / d_1).scatter_add_(1, y, -g_l)                                  # g_lab (softmax - onehot(y))
+    dz.index_add_(0, rows, e_1)
+    ce = torch.zeros(dz.shape[0], dtype=dz.dtype, device=dz.device).index_copy_(0, rows, ce_l)
     return dz, kl, ce
 
 
