@@ -62,7 +62,7 @@ from .config import DistillConfig
 from .models import IntervenableMLM
 from .ops.reference import (hidden_loss_reference, interchange_reference, kd_loss_reference,
                             mlm_loss_reference)
-from .sampling import InterventionPlan, check_plan, sample_plan
+from .sampling import InterventionPlan, check_plan
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -55,7 +55,6 @@ import argparse
 import contextlib
 import fcntl
 import json
-import math
 import os
 import random
 import signal
@@ -68,7 +67,7 @@ import torch
 from iit_fast.checkpoint import export_student, latest_tag, load_checkpoint, save_checkpoint
 from iit_fast.config import DistillConfig
 from iit_fast.optim import make_scheduler, param_groups
-from iit_fast.engine import (all_reduce_sum, broadcast, find_file, init_distributed, init_engine, param_count,
+from iit_fast.engine import (all_reduce_sum, broadcast, init_distributed, init_engine, param_count,
                              prepare_teacher, read_ds_config, zero_stage)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -307,7 +306,7 @@ def cache_lock(cache_dir):
     """One process at a time builds the embedded defaults and tokenizes (the others wait, then find them
     built). A file lock, not a collective: it holds across a build of many minutes, and the kernel releases
     it if its holder dies."""
-    from iit_fast.data import DEFAULT_CACHE
+    from iit_fast.cache import DEFAULT_CACHE
     root = Path(cache_dir or DEFAULT_CACHE)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".build.lock", "w") as f:
@@ -364,8 +363,8 @@ def build_models(cfg: TrainConfig, teacher_path):
 def tokenize(cfg: TrainConfig, tokenizer, kind: str):
     """Masked LMs: paragraphs packed into [CLS] p1 [SEP] p2 [SEP]...; causal LMs: documents packed into
     sequences of exactly max_length tokens, EOS between documents."""
-    from iit_fast import data
-    return data.tokenize_corpus(data.load_corpus(cfg.corpus, cfg.cache_dir), tokenizer, cfg.max_length,
+    from iit_fast import corpus, data
+    return data.tokenize_corpus(corpus.load_corpus(cfg.corpus, cfg.cache_dir), tokenizer, cfg.max_length,
                                 cfg.num_proc, cfg.cache_dir, kind=kind)
 
 
