@@ -235,6 +235,19 @@ def _gathered(*params):
     return deepspeed.zero.GatheredParameters(params)
 
 
+def _student_site_swap(student, site, t_site, tokens, plan: InterventionPlan, cfg: DistillConfig, impl, terms):
+    """The student's swapped site states (B, S, Ds), or None to let the resume swap them; with `mse` on, the
+    loss goes into `terms`. Without a projection the loss and the swap read the same states: one fused pass."""
+    if cfg.w_mse and student.site_projection is None:
+        cf_s, terms["mse"] = ops.interchange_hidden_loss(
+            site, t_site.to(site.dtype), tokens, plan.pi, plan.base_start, plan.source_start, plan.span_len,
+            plan.dims, "mse", impl=impl)
+        return cf_s
+    if cfg.w_mse:
+        terms["mse"] = _site_mse(student, site, t_site, tokens, impl)
+    return None
+
+
 def counterfactual_last_hidden(model: IntervenableMLM, sites: dict[int, torch.Tensor], attention_mask: torch.Tensor,
                                layers: tuple[int, ...], plan: InterventionPlan, impl: str = "auto",
                                swapped: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,17 +305,7 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
     with torch.no_grad():
         h_cf_t = counterfactual_last_hidden(teacher, t.sites, am, group, plan, impl)       # (B, S, Dt)
     with _autocast(cfg, ids.device):
-        site = s.sites[s_l]                                                                # (B, S, Ds)
-        t_site = t.sites[group[-1]]
-        if cfg.w_mse and student.site_projection is None:
-            # the mse loss and the interchange read the same site states: one fused pass
-            cf_s, terms["mse"] = ops.interchange_hidden_loss(
-                site, t_site.to(site.dtype), tokens, plan.pi, plan.base_start, plan.source_start,
-                plan.span_len, plan.dims, "mse", impl=impl)
-        else:
-            if cfg.w_mse:
-                terms["mse"] = _site_mse(student, site, t_site, tokens, impl)
-            cf_s = None
+        cf_s = _student_site_swap(student, s.sites[s_l], t.sites[group[-1]], tokens, plan, cfg, impl, terms)
         h_cf_s = counterfactual_last_hidden(student, s.sites, am, (s_l,), plan, impl, swapped=cf_s)
 
     if cfg.w_iit:
@@ -488,16 +491,7 @@ def fast_causal_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[
         h_cf_t = counterfactual_suffix_hidden(teacher, t.sites, am, group, plan, t_cache, t.last_hidden, groups,
                                               impl)                                          # (B, S, Dt)
     with _autocast(cfg, ids.device):
-        site = s.sites[s_l]                                                                  # (B, S, Ds)
-        t_site = t.sites[group[-1]]
-        if cfg.w_mse and student.site_projection is None:
-            cf_s, terms["mse"] = ops.interchange_hidden_loss(
-                site, t_site.to(site.dtype), tokens, plan.pi, plan.base_start, plan.source_start,
-                plan.span_len, plan.dims, "mse", impl=impl)
-        else:
-            if cfg.w_mse:
-                terms["mse"] = _site_mse(student, site, t_site, tokens, impl)
-            cf_s = None
+        cf_s = _student_site_swap(student, s.sites[s_l], t.sites[group[-1]], tokens, plan, cfg, impl, terms)
         h_cf_s = counterfactual_suffix_hidden(student, s.sites, am, (s_l,), plan, s_cache, s.last_hidden,
                                               groups, impl, swapped=cf_s)                    # (B, S, Ds)
 

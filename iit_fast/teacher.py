@@ -27,7 +27,6 @@ Any local Hugging Face LM checkpoint can be used as the teacher instead (``model
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
@@ -47,7 +46,7 @@ from iit_fast.corpus import load_corpus
 from iit_fast.data import build_train_loader, tokenize_corpus, validation_batches
 from iit_fast.eval import EVAL_SEED, lm_metrics, scored_logits, unigram_log_probs, unigram_metrics
 from iit_fast.models import IntervenableLM
-from iit_fast.models.load import load_tokenizer, weight_names
+from iit_fast.models.load import load_tokenizer, quiet_transformers, weight_names
 from iit_fast.optim import make_optimizer, make_scheduler, param_groups
 
 DEFAULT_TEACHER_DIRNAME = "teacher-minilm-l6-mlm"
@@ -79,17 +78,6 @@ GPT2_LAYERS, GPT2_HIDDEN, GPT2_HEADS = 6, 384, 6
 GPT2_STEPS = 280
 GPT2_LR = 1e-3
 GPT2_BETAS, GPT2_WEIGHT_DECAY = (0.9, 0.95), 0.1
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(old)
 
 
 def minilm_path(install: bool = True) -> Path:
@@ -235,7 +223,7 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
         f"{len(val)} batches")
 
     torch.manual_seed(seed)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = BertForMaskedLM.from_pretrained(enc_dir, config=config)
     had_head = any(n.startswith("cls.predictions.") for n in names)
     model.config.architectures = ["BertForMaskedLM"]

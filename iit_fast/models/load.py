@@ -19,7 +19,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging as hf_logging
     old = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -93,7 +93,7 @@ def load_model(path, *, kind: str | None = None, tokenizer_path=None, arg: str =
     tokenizer = load_tokenizer(tok_dir, config.vocab_size, adapter.kind,
                                "tokenizer_path" if tokenizer_path is not None else arg)
     safetensors = any(folder.glob("*.safetensors"))
-    with _quiet_transformers():
+    with quiet_transformers():
         model, info = lm_class.from_pretrained(folder, config=config, dtype=dtype, output_loading_info=True,
                                                use_safetensors=True if safetensors else None)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
