@@ -1,2 +1,3 @@
-"""iit_fast: fast causal distillation (DIITO) of masked language models."""
+"""iit_fast: fast causal distillation (DIITO) of masked and causal language models (BERT, RoBERTa,
+DistilBERT; GPT-2, Llama, Qwen2, Mistral)."""
 __version__ = "0.1.0"
