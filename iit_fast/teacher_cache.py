@@ -145,6 +145,20 @@ def fingerprint_fields(*, teacher_path, tokenizer, tokenized_split, opts: CacheO
             "corpus": corpus_fingerprint(tokenized_split, n), "examples": n, **fields}
 
 
+# the fields a training run determines by itself (the rest: top_k, plans, dtypes, seed... are the cache's choice)
+RUN_FIELDS = ("format", "teacher", "tokenizer", "corpus", "examples", "max_length", "logit_tokens", "alignment",
+              "student_layers", "span_fraction", "dims", "mlm_probability", "temperature")
+
+
+def run_fingerprint(*, teacher_path, tokenizer, tokenized_split, opts: CacheOptions, alignment,
+                    also: tuple[str, ...] = ()) -> dict:
+    """`fingerprint_fields` cut to RUN_FIELDS (plus `also`, e.g. ("top_k",) to pin k): what a training run
+    passes to `TeacherCache.open(dir, expect=...)`."""
+    fields = fingerprint_fields(teacher_path=teacher_path, tokenizer=tokenizer, tokenized_split=tokenized_split,
+                                opts=opts, alignment=alignment)
+    return {k: fields[k] for k in RUN_FIELDS + tuple(also)}
+
+
 def _fingerprint_hash(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -358,7 +372,11 @@ def build_cache(teacher_path, tokenized_split, out, opts: CacheOptions, *, loade
     if head.is_file():  # resuming (or another rank wrote it): it must be the same cache
         compare_fingerprints(json.loads(head.read_text())["fingerprint"], fields, str(out))
     else:
-        _write_bytes(head, (json.dumps(meta, indent=1) + "\n").encode())
+        try:
+            _write_bytes(head, (json.dumps(meta, indent=1) + "\n").encode())
+        except OSError as e:
+            raise CacheWriteError(e.errno, f"teacher cache {out}: writing cache.json failed ({e.strerror or e}); "
+                                           f"nothing was built") from e
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher = teacher.to(dev, dtype=DTYPES[opts.teacher_dtype]).eval().requires_grad_(False)
     collate = Collate(tokenizer, kind="masked", mlm_probability=opts.mlm_probability, pad_to_multiple_of=1)

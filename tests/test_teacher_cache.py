@@ -342,6 +342,19 @@ def test_batches_keep_pairs_draw_plans_per_epoch_and_resume(tmp_path, teacher_di
         CacheBatches(cache, 3, seed=0)
 
 
+def test_cached_step_under_bf16_autocast(tmp_path, teacher_dir):
+    build(teacher_dir, tmp_path / "c", top_k=16, logp_dtype="float16", hidden_dtype="bfloat16")
+    cache = TeacherCache.open(tmp_path / "c")
+    _, student = student_of(teacher_dir)
+    cb = collate_pairs(cache, [0, 1], [0, 1])
+    f32 = run(lambda: cached_distill_step(student, cb, DistillConfig()), student)
+    bf16 = run(lambda: cached_distill_step(student, cb, DistillConfig(student_autocast="bfloat16")), student)
+    for k in f32[0].terms:
+        assert abs(bf16[0].terms[k] - f32[0].terms[k]) <= 0.05 * f32[0].terms[k], k
+    for n, g in f32[1].items():
+        assert bf16[1][n].dtype == torch.float32 and torch.isfinite(bf16[1][n]).all()
+
+
 def test_step_refuses_what_the_cache_does_not_hold(tmp_path, teacher_dir):
     build(teacher_dir, tmp_path / "c", hidden=False)
     cache = TeacherCache.open(tmp_path / "c")
@@ -377,7 +390,14 @@ def test_another_build_is_refused_naming_the_field(tmp_path, teacher_dir, field)
         TeacherCache.open(tmp_path / "c", expect=expect)
     with pytest.raises(ValueError, match=f"another {field} "):  # a build into it is refused the same way
         build_cache(t_dir, ds, tmp_path / "c", opts, progress=False)
-    # the run's own fingerprint opens it
+    # a run's fingerprint (the fields the run determines) names the field the same way; its own opens it
+    run = tc.run_fingerprint(teacher_path=t_dir, tokenizer=tok, tokenized_split=ds, opts=opts,
+                             alignment=TeacherCache.open(tmp_path / "c").alignment, also=("top_k",))
+    with pytest.raises(ValueError, match=f"another {field} "):
+        TeacherCache.open(tmp_path / "c", expect=run)
+    TeacherCache.open(tmp_path / "c", expect=tc.run_fingerprint(
+        teacher_path=teacher_dir, tokenizer=load_model(teacher_dir)[1], tokenized_split=corpus(),
+        opts=CacheOptions(max_length=32, student_layers=2), alignment=TeacherCache.open(tmp_path / "c").alignment))
     same = fingerprint_fields(teacher_path=teacher_dir, tokenizer=load_model(teacher_dir)[1], tokenized_split=corpus(),
                               opts=options(), alignment=TeacherCache.open(tmp_path / "c").alignment)
     TeacherCache.open(tmp_path / "c", expect=same)
@@ -460,3 +480,4 @@ def test_cli_cache_teacher(tmp_path, teacher_dir, capsys):
     assert main(args[:-1] + ["--top_k", "16", "--no_progress"]) == 2          # another k into the same folder
     assert "another top_k" in capsys.readouterr().err
     assert tc.main(["verify", str(tmp_path / "c"), "--full"]) == 0
+    assert tc.main(["build"] + args[1:]) == 0                                 # python -m iit_fast.teacher_cache build
