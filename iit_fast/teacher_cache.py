@@ -271,7 +271,7 @@ def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: in
     step = max(2, batch_rows - batch_rows % 2)
     for b0 in range(0, 2 * P, step):                                              # whole pairs per batch
         b1 = min(b0 + step, 2 * P)
-        ids = _pad(masked[b0:b1], 0).to(dev)                                      # (B, S)
+        ids = _pad(masked[b0:b1], collate.pad_id).to(dev)                         # (B, S)
         lab = _pad(labels[b0:b1], -100).to(dev)
         am = (torch.arange(ids.shape[1])[None] < lengths[b0:b1, None]).long().to(dev)
         tokens = am.bool()
@@ -290,7 +290,7 @@ def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: in
                                         *(starts[n][b0:b1, m][sel.cpu()].long().to(dev)
                                           for n in ("base_start", "source_start", "span_len")), opts.dims)
                 sites = {l: t.sites[l][sel] for l in group}
-                h_cf[sel] = counterfactual_last_hidden(teacher, sites, am[sel], tuple(group), plan, "reference")
+                h_cf[sel] = counterfactual_last_hidden(teacher, sites, am[sel], tuple(group), plan, "auto")
             cfs[m].append(topk_logprobs(teacher, h_cf[kd], opts.top_k, T))
     kd_len = torch.tensor([int((lab != -100).sum()) for lab in labels]) if opts.logit_tokens == "masked" \
         else lengths
@@ -332,7 +332,8 @@ def build_cache(teacher_path, tokenized_split, out, opts: CacheOptions, *, loade
                 corpus_spec: str | None = None) -> dict:
     """Run the teacher over `tokenized_split` (columns input_ids[, length]) and write this rank's shards
     (r::world_size) of the cache `out`; complete shards are kept (a rerun resumes). Returns cache.json's
-    content. `loaded`: (IntervenableLM, tokenizer) of `teacher_path`, if the caller has loaded them."""
+    content. `loaded`: (IntervenableLM, tokenizer) of `teacher_path`, if the caller has loaded them (the
+    model is moved to `device` and `opts.teacher_dtype` in place)."""
     import safetensors.torch
     from tqdm import tqdm
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from iit_fast import teacher_cache as tc
-from iit_fast.cached_step import CacheBatches, cached_distill_step, collate_pairs
+from iit_fast.cached_step import CacheBatches, CachedDistillStep, cached_distill_step, collate_pairs
 from iit_fast.config import DistillConfig
 from iit_fast.models import IntervenableLM, init_student_from_teacher, load_model
 from iit_fast.ops.reference import distill_head_loss_reference
@@ -340,6 +340,20 @@ def test_batches_keep_pairs_draw_plans_per_epoch_and_resume(tmp_path, teacher_di
     assert not set(r0.epoch_batches(0).flatten().tolist()) & set(r1.epoch_batches(0).flatten().tolist())
     with pytest.raises(ValueError, match="batch_size"):
         CacheBatches(cache, 3, seed=0)
+
+
+def test_cached_step_module_for_the_engine(tmp_path, teacher_dir):
+    """CachedDistillStep: the student its only submodule (no teacher), forward(cb) -> (loss, terms)."""
+    build(teacher_dir, tmp_path / "c")
+    cache = TeacherCache.open(tmp_path / "c")
+    _, student = student_of(teacher_dir)
+    module = CachedDistillStep(student, DistillConfig())
+    assert [n for n, _ in module.named_children()] == ["student"]
+    cb = collate_pairs(cache, [0, 1], [0, 1])
+    loss, terms = module(cb)
+    want = cached_distill_step(student, cb, DistillConfig())
+    torch.testing.assert_close(loss, want.loss, rtol=0, atol=0)
+    assert terms.keys() == want.terms.keys() and all(not v.requires_grad for v in terms.values())
 
 
 def test_cached_step_under_bf16_autocast(tmp_path, teacher_dir):
