@@ -1,13 +1,22 @@
-"""Step throughput: naive vs fast vs standard causal distillation, in one run, on the same batch.
+"""Step throughput: naive vs fast vs standard causal distillation, fp32 and bf16, in one run, on the same batch.
 
-    python benchmarks/step.py                          # both shapes, both logit settings, writes results
-    python benchmarks/step.py --shapes small --repeats 1 --no-write   # CI smoke run (seconds)
+    python benchmarks/step.py                          # both shapes, both logit settings, fp32 + bf16, writes results
+    python benchmarks/step.py --shapes small --repeats 1 --no-write   # CI smoke run
+    python benchmarks/step.py --shapes bert-base --precisions bf16 --logit-tokens all --name step-cuda-bf16
+    python benchmarks/step.py --profile bert-base --precisions bf16   # where a step's time goes (torch.profiler)
 
-Each (shape, logit_tokens, mode) runs in its own subprocess, so that peak memory (RSS on CPU, CUDA max
-allocated on GPU) belongs to that step alone; all of them see the same seeded models, batch and plan.
-Reported: median step time over `--repeats` after a warm-up step, tokens/s, the ratios fast/naive and
-fast/standard, and beside each the ratio the FLOP model of DESIGN.md section 2 predicts.
-Results: benchmarks/results/step-<device>.json and .md.
+Each (shape, logit_tokens, precision, mode) runs in its own subprocess, so that peak memory (RSS on CPU, CUDA
+max allocated on GPU) belongs to that step alone; all of them see the same seeded models, batch and plan.
+Precisions: `fp32`; `bf16` = the teacher in bf16 (`DistillConfig(teacher_dtype="bfloat16")`) and the student
+under bf16 autocast (`student_autocast="bfloat16"`) with fp32 weights, as train.py runs it; `bf16w` = the
+student's weights themselves in bf16 (DeepSpeed's bf16 mode: its fp32 master copies live in the optimizer,
+which this step does not time), so no per-call weight casts.
+Reported: median step time over `--repeats` after a warm-up step, tokens/s, GFLOP/s of the FLOP model of
+DESIGN.md section 2 and its fraction of this machine's matmul peak in the step's compute dtype (MFU: fp32
+peak for fp32, bf16 peak for bf16 / bf16w), measured by benchmarks/peak.py in the same run (before and after
+the steps; the larger is the peak); the ratios fast/naive and fast/standard beside the model's, and each
+bf16 mode's speedup over the same fp32 mode.
+Results: benchmarks/results/<name>.json and .md (default name step-<device>).
 """
 from __future__ import annotations
 
@@ -22,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, median_time, peak_rss_bytes, write_results  # noqa: E402
+from benchmarks.common import machine, markdown_table, median_time, peak_rss_bytes, write_results  # noqa: E402
+from benchmarks.peak import matmul_peak  # noqa: E402
 
 
 @dataclass
@@ -44,6 +54,13 @@ SHAPES = {
     "small": Shape("small", 6, 3, 256, 4, 8000, 64, 16),
 }
 MODES = ("naive", "fast", "standard")
+# precision -> (teacher dtype, student autocast, student weight dtype, dtype of the matmul peak it is held to)
+PRECISIONS = {
+    "fp32": ("float32", "float32", torch.float32, "fp32"),
+    "bf16": ("bfloat16", "bfloat16", torch.float32, "bf16"),
+    "bf16w": ("bfloat16", "float32", torch.bfloat16, "bf16"),
+}
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
 # ---- the FLOP model (DESIGN.md section 2) ----------------------------------------------------------
@@ -72,15 +89,17 @@ def flops_per_step(shape: Shape, mode: str, kd_fraction: float, site_t: int, sit
 
 # ---- one measurement, in its own process -------------------------------------------------------------
 
-def build(shape: Shape, seed: int = 0):
+def build(shape: Shape, seed: int = 0, attn: str | None = None):
     from transformers import BertConfig, BertForMaskedLM
 
-    from iit_fast.models import IntervenableMLM, init_student_from_teacher
+    from iit_fast.models import IntervenableLM, init_student_from_teacher
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.teacher_layers,
                      num_attention_heads=shape.heads, intermediate_size=4 * shape.hidden,
                      max_position_embeddings=max(512, shape.seq), hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
+    if attn is not None:
+        cfg._attn_implementation = attn  # "sdpa" | "eager"; the student copies the teacher's config
     teacher = BertForMaskedLM(cfg).eval()
     student = init_student_from_teacher(teacher, shape.student_layers)
     for p in teacher.parameters():
@@ -92,20 +111,25 @@ def build(shape: Shape, seed: int = 0):
     chosen = torch.rand(ids.shape, generator=g) < 0.15
     labels[chosen] = ids[chosen]
     batch = {"input_ids": ids, "attention_mask": am, "labels": labels, "token_type_ids": torch.zeros_like(ids)}
-    return IntervenableMLM(teacher), IntervenableMLM(student).train(), batch
+    return IntervenableLM(teacher), IntervenableLM(student).train(), batch
 
 
-def worker(shape: Shape, mode: str, logit_tokens: str, ops: str, repeats: int, device: str) -> dict:
+def make_step(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: str, device: str,
+              attn: str | None = None):
+    """(step: () -> StepOutput, batch, plan): one training step's forward + backward, grads reset first."""
     from iit_fast.config import DistillConfig
     from iit_fast.sampling import make_alignment, sample_plan
     from iit_fast.step import distill_step
-    teacher, student, batch = build(shape)
-    teacher.to(device), student.to(device)
+    teacher_dtype, autocast, student_weights, _ = PRECISIONS[precision]
+    teacher, student, batch = build(shape, attn=attn)
+    teacher.to(device=device, dtype=getattr(torch, teacher_dtype))
+    student.to(device=device, dtype=student_weights)
     batch = {k: v.to(device) for k, v in batch.items()}
     align = make_alignment("middle", shape.teacher_layers, shape.student_layers)
     plan = sample_plan(batch["attention_mask"], align, torch.Generator().manual_seed(0))
-    cfg = DistillConfig(mode=mode, logit_tokens=logit_tokens, ops=ops)
-    params = [p for p in student.parameters()]
+    cfg = DistillConfig(mode=mode, logit_tokens=logit_tokens, ops=ops, teacher_dtype=teacher_dtype,
+                        student_autocast=autocast)
+    params = list(student.parameters())
 
     def step():
         for p in params:
@@ -114,27 +138,43 @@ def worker(shape: Shape, mode: str, logit_tokens: str, ops: str, repeats: int, d
         out.loss.backward()
         return out
 
+    return step, batch, plan
+
+
+def worker(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: str, repeats: int,
+           device: str, attn: str | None) -> dict:
+    step, batch, plan = make_step(shape, mode, logit_tokens, ops, precision, device, attn)
+    last = {}
+
+    def timed():
+        last["out"] = step()   # the loss is read from the last timed step: no extra step per worker
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t, times = median_time(step, repeats=repeats, warmup=1)
+    t, times = median_time(timed, repeats=repeats, warmup=1)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     kd_fraction = float((batch["labels"] != -100).float().mean()) if logit_tokens == "masked" else 1.0
     return {"seconds": t, "times": times, "peak_bytes": peak, "kd_fraction": kd_fraction,
             "site_t": plan.teacher_layers[0], "site_s": plan.student_layer,
-            "loss": float(step().loss.detach())}
+            "loss": float(last["out"].loss.detach()), "threads": torch.get_num_threads()}
 
 
-def run_isolated(shape_name, mode, logit_tokens, ops, repeats, device) -> dict:
+def worker_env(device: str) -> dict:
     env = dict(os.environ)
-    jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
-    if device == "cpu" and os.path.exists(jemalloc) and "jemalloc" not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = (jemalloc + " " + env.get("LD_PRELOAD", "")).strip()
+    if device == "cpu" and os.path.exists(JEMALLOC) and "jemalloc" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = (JEMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
         # keep freed big blocks: without this jemalloc too re-faults every new >8 MiB tensor
         env.setdefault("MALLOC_CONF", "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1")
-    cmd = [sys.executable, __file__, "--worker", json.dumps([shape_name, mode, logit_tokens, ops, repeats, device])]
+    return env
+
+
+def run_isolated(shape_name, mode, logit_tokens, ops, precision, repeats, device, attn) -> dict:
+    env = worker_env(device)
+    cmd = [sys.executable, __file__, "--worker",
+           json.dumps([shape_name, mode, logit_tokens, ops, precision, repeats, device, attn])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"worker {shape_name}/{mode}/{logit_tokens} failed:\n{res.stderr[-4000:]}")
+        raise RuntimeError(f"worker {shape_name}/{mode}/{logit_tokens}/{precision} failed:\n{res.stderr[-4000:]}")
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
     out = json.loads(line[len("RESULT "):])
     out["allocator"] = (f"jemalloc (LD_PRELOAD, MALLOC_CONF={env.get('MALLOC_CONF')})"
@@ -145,76 +185,233 @@ def run_isolated(shape_name, mode, logit_tokens, ops, repeats, device) -> dict:
     return out
 
 
+# ---- where the time goes: torch.profiler over one step ------------------------------------------------
+
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+CASTS = ("aten::_to_copy",)
+_SHORT = {"float": "fp32", "c10::BFloat16": "bf16", "c10::Half": "fp16", "double": "fp64", "long int": "i64",
+          "bool": "bool", "int": "i32"}
+
+
+def _phase(e) -> str:
+    """backward if the op runs inside an autograd engine node (or is one), else forward."""
+    p = e
+    while p is not None:
+        if p.name.startswith("autograd::engine::evaluate_function"):
+            return "backward"
+        p = p.cpu_parent
+    return "forward"
+
+
+def _dtypes(e) -> str:
+    return ",".join(_SHORT.get(d, d) for d in e.input_dtypes if d) or "-"
+
+
+def _under(e, names) -> bool:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name in names:
+            return True
+        p = p.cpu_parent
+    return False
+
+
+def profile_step(shape_name: str, mode: str, logit_tokens: str, ops: str, precision: str, device: str,
+                 attn: str | None, steps: int = 1, top: int = 30) -> str:
+    """A markdown report of `steps` profiled steps (after one warm-up): top ops by self time with their
+    phase and input dtypes, GEMM time by dtype, cast time (aten::_to_copy, outermost) by phase and source
+    dtype, and attention / norm / activation / softmax time by dtype."""
+    from torch.profiler import ProfilerActivity, profile
+    shape = SHAPES[shape_name]
+    step, _, _ = make_step(shape, mode, logit_tokens, ops, precision, device, attn)
+    step()  # warm-up: oneDNN primitive creation, the native ops' first build
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    events = [e for e in prof.events() if e.device_type.name == "CPU"]
+    total = sum(e.self_cpu_time_total for e in events)  # us, every op's self time once
+    groups: dict[tuple, list] = {}
+    for e in events:
+        g = groups.setdefault((e.name, _phase(e), _dtypes(e)), [0, 0.0])
+        g[0] += 1
+        g[1] += e.self_cpu_time_total
+
+    def share(us):
+        return f"{100 * us / total:.1f}%"
+
+    rows = [{"op": k[0], "phase": k[1], "input dtypes": k[2], "calls": v[0] // steps,
+             "self ms/step": v[1] / 1e3 / steps, "share": share(v[1])}
+            for k, v in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]]
+
+    def by(pred, key):
+        acc: dict[tuple, list] = {}
+        for e in events:
+            if pred(e):
+                a = acc.setdefault(key(e), [0, 0.0])
+                a[0] += 1
+                a[1] += e.cpu_time_total if e.name in CASTS else e.self_cpu_time_total
+        return [{"kind": " ".join(k), "calls": v[0] // steps, "ms/step": v[1] / 1e3 / steps, "share": share(v[1])}
+                for k, v in sorted(acc.items(), key=lambda kv: -kv[1][1])]
+
+    gemm = by(lambda e: e.name in GEMMS, lambda e: (_phase(e), e.name, _dtypes(e).split(",")[0]))
+    casts = by(lambda e: e.name in CASTS and not _under(e, CASTS),
+               lambda e: (_phase(e), "from " + _dtypes(e).split(",")[0],
+                          "weights (2-D)" if len(e.input_shapes[0]) <= 2 else "activations"))
+    keywords = ("attention", "softmax", "layer_norm", "gelu", "bmm", "baddbmm")
+    other = by(lambda e: any(k in e.name for k in keywords) and e.name not in GEMMS[:2],
+               lambda e: (_phase(e), e.name, _dtypes(e).split(",")[0]))
+    s = shape
+    head = (f"## {shape_name} ({s.teacher_layers}x{s.hidden} -> {s.student_layers} layers, vocab {s.vocab}, "
+            f"batch {s.batch} x {s.seq}), {mode}, logit_tokens={logit_tokens}, precision={precision}, "
+            f"attention={attn or 'transformers default'}\n\n"
+            f"Profiled {steps} step(s) after a warm-up; every op's self CPU time summed: "
+            f"{total / 1e3 / steps:.0f} ms/step (the profiler's own overhead included).\n\n")
+    return (head + "### Top ops by self time\n\n" + markdown_table(rows)
+            + "\n### GEMMs by phase, op and input dtype\n\n" + markdown_table(gemm)
+            + "\n### Casts (outermost aten::_to_copy, inclusive time) by phase and source dtype\n\n"
+            + markdown_table(casts)
+            + "\n### Attention, softmax, LayerNorm, GELU, batched GEMMs by dtype\n\n" + markdown_table(other))
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+def measure_peaks(dtypes, device: str, repeats: int) -> dict:
+    return {d: matmul_peak(d, device, repeats) for d in sorted(dtypes)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="small,bert-base", help=f"comma list of {list(SHAPES)}")
     ap.add_argument("--logit-tokens", default="all,masked")
+    ap.add_argument("--precisions", default="fp32,bf16", help=f"comma list of {list(PRECISIONS)}")
     ap.add_argument("--ops", default="fused", choices=["fused", "reference"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peak-repeats", type=int, default=5, help="calls per GEMM shape of the matmul peak")
+    ap.add_argument("--name", default=None, help="results file name (default step-<device>)")
     ap.add_argument("--no-write", action="store_true", help="print only (CI smoke run)")
+    ap.add_argument("--profile", metavar="SHAPE", help="profile one fast step at this shape instead (per "
+                    "precision of --precisions, logit tokens the first of --logit-tokens), print markdown")
+    ap.add_argument("--profile-mode", default="fast", choices=MODES)
+    ap.add_argument("--attn", default=None, choices=["sdpa", "eager"],
+                    help="attention implementation of the models (default: transformers' default)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)  # every logical core; OMP_NUM_THREADS, when set, decides
+    shapes = args.shapes.split(",")
+    precisions = args.precisions.split(",")
+    for name, values, allowed in (("--shapes", shapes, SHAPES), ("--precisions", precisions, PRECISIONS),
+                                  ("--logit-tokens", args.logit_tokens.split(","), ("all", "masked")),
+                                  ("--profile", [args.profile] if args.profile else [], SHAPES)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            ap.error(f"{name}: {bad} not among {list(allowed)}")
+    if args.repeats < 1 or args.peak_repeats < 1:
+        ap.error(f"--repeats and --peak-repeats must be >= 1, got {args.repeats}, {args.peak_repeats}")
 
     if args.worker:
         import logging
         logging.basicConfig(level=logging.INFO, format="%(name)s:%(message)s")
-        shape_name, mode, lt, ops, repeats, dev = json.loads(args.worker)
-        print("RESULT " + json.dumps(worker(SHAPES[shape_name], mode, lt, ops, repeats, dev)), flush=True)
+        shape_name, mode, lt, ops, precision, repeats, dev, attn = json.loads(args.worker)
+        print("RESULT " + json.dumps(worker(SHAPES[shape_name], mode, lt, ops, precision, repeats, dev, attn)),
+              flush=True)
+        return
+    if args.profile:
+        for p in precisions:
+            print(profile_step(args.profile, args.profile_mode, args.logit_tokens.split(",")[0], args.ops, p,
+                               device, args.attn), flush=True)
         return
 
-    rows = []
-    for shape_name in args.shapes.split(","):
+    load_before = os.getloadavg()
+    peak_dtypes = {PRECISIONS[p][3] for p in precisions}
+    peaks_before = measure_peaks(peak_dtypes, device, args.peak_repeats)
+    rows, sum_rows, allocator = [], [], None
+    for shape_name in shapes:
         shape = SHAPES[shape_name]
+        tokens = shape.batch * shape.seq
         for lt in args.logit_tokens.split(","):
-            res = {m: run_isolated(shape_name, m, lt, args.ops, args.repeats, device) for m in MODES}
-            tokens = shape.batch * shape.seq
-            fl = {m: flops_per_step(shape, m, res[m]["kd_fraction"], res[m]["site_t"], res[m]["site_s"])
-                  for m in MODES}
-            for m in MODES:
-                rows.append({
-                    "shape": shape_name, "logit_tokens": lt, "mode": m,
-                    "ms/step": 1e3 * res[m]["seconds"], "tokens/s": tokens / res[m]["seconds"],
-                    "GFLOP/step (model)": fl[m] / 1e9, "GFLOP/s": fl[m] / res[m]["seconds"] / 1e9,
-                    "peak MB": res[m]["peak_bytes"] / 2**20, "loss": res[m]["loss"],
-                })
-            speed = res["naive"]["seconds"] / res["fast"]["seconds"]
-            model = fl["naive"] / fl["fast"]
-            cost = res["fast"]["seconds"] / res["standard"]["seconds"]
-            cost_model = fl["fast"] / fl["standard"]
-            mem = res["fast"]["peak_bytes"] / res["naive"]["peak_bytes"]
-            summary = {"shape": shape_name, "logit_tokens": lt, "mode": "summary",
-                       "fast/naive speedup": speed, "model speedup": model, "speedup / model": speed / model,
-                       "fast/standard time": cost, "model fast/standard": cost_model,
-                       "fast/standard / model": cost / cost_model, "fast/naive peak mem": mem}
-            rows.append(summary)
-            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}),
-                  flush=True)
-            for m in MODES:
-                print(f"  {shape_name:9s} {lt:6s} {m:8s} {1e3 * res[m]['seconds']:9.1f} ms/step "
-                      f"{tokens / res[m]['seconds']:9.0f} tok/s  peak {res[m]['peak_bytes'] / 2**20:7.0f} MB  "
-                      f"{res[m]['ops_path']}", flush=True)
+            secs = {}
+            for prec in precisions:
+                res = {m: run_isolated(shape_name, m, lt, args.ops, prec, args.repeats, device, args.attn)
+                       for m in MODES}
+                allocator = res["fast"]["allocator"]
+                fl = {m: flops_per_step(shape, m, res[m]["kd_fraction"], res[m]["site_t"], res[m]["site_s"])
+                      for m in MODES}
+                for m in MODES:
+                    secs[(prec, m)] = res[m]["seconds"]
+                    rows.append({
+                        "shape": shape_name, "logit_tokens": lt, "precision": prec, "mode": m,
+                        "ms/step": 1e3 * res[m]["seconds"], "tokens/s": tokens / res[m]["seconds"],
+                        "GFLOP/step (model)": fl[m] / 1e9, "GFLOP/s": fl[m] / res[m]["seconds"] / 1e9,
+                        "peak MB": res[m]["peak_bytes"] / 2**20, "loss": res[m]["loss"],
+                        "ops_path": res[m]["ops_path"],
+                    })
+                    if prec != "fp32" and ("fp32", m) in secs:
+                        rows[-1]["x fp32"] = secs[("fp32", m)] / res[m]["seconds"]
+                speed = res["naive"]["seconds"] / res["fast"]["seconds"]
+                model = fl["naive"] / fl["fast"]
+                cost = res["fast"]["seconds"] / res["standard"]["seconds"]
+                cost_model = fl["fast"] / fl["standard"]
+                summary = {"shape": shape_name, "logit_tokens": lt, "precision": prec,
+                           "fast/naive speedup": speed, "model speedup": model, "speedup / model": speed / model,
+                           "fast/standard time": cost, "model fast/standard": cost_model,
+                           "fast/standard / model": cost / cost_model,
+                           "fast/naive peak mem": res["fast"]["peak_bytes"] / res["naive"]["peak_bytes"]}
+                sum_rows.append(summary)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}),
+                      flush=True)
+    peaks_after = measure_peaks(peak_dtypes, device, args.peak_repeats)
+    load_after = os.getloadavg()
+    peak = {d: max(peaks_before[d]["gflops"], peaks_after[d]["gflops"]) for d in peak_dtypes}
+    for r in rows:
+        r["MFU"] = r["GFLOP/s"] / peak[PRECISIONS[r["precision"]][3]]
+        print(f"  {r['shape']:9s} {r['logit_tokens']:6s} {r['precision']:5s} {r['mode']:8s} {r['ms/step']:9.1f} "
+              f"ms/step {r['tokens/s']:9.0f} tok/s {r['GFLOP/s']:6.1f} GFLOP/s  MFU {r['MFU']:.2f}"
+              + (f"  x fp32 {r['x fp32']:.2f}" if "x fp32" in r else "")
+              + f"  peak {r['peak MB']:7.0f} MB  {r['ops_path']}", flush=True)
+    peaks = "; ".join(f"{d} {peaks_before[d]['gflops']:.0f} / {peaks_after[d]['gflops']:.0f} GFLOP/s"
+                      for d in sorted(peak_dtypes))
+    peak_line = (f"Matmul peak (benchmarks/peak.py, best of {args.peak_repeats} per GEMM shape, before / after the "
+                 f"steps): {peaks}. Load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+                 f"after: {', '.join(f'{x:.2f}' for x in load_after)}.")
+    print(peak_line, flush=True)
     if args.no_write:
         return
-    shapes = {n: SHAPES[n].__dict__ for n in args.shapes.split(",")}
-    cols = ["shape", "logit_tokens", "mode", "ms/step", "tokens/s", "GFLOP/step (model)", "GFLOP/s", "peak MB"]
-    step_rows = [r for r in rows if r["mode"] != "summary"]
-    sum_rows = [r for r in rows if r["mode"] == "summary"]
     m = machine()
     if device == "cpu":
-        m["allocator"] = res["fast"]["allocator"] + " in every worker"
-    from benchmarks.common import markdown_table
+        m["allocator"] = f"{allocator} in every worker"
+    m["load_average_1_5_15_before_after"] = [load_before, load_after]
+    cols = ["shape", "logit_tokens", "precision", "mode", "ms/step", "tokens/s", "GFLOP/step (model)", "GFLOP/s",
+            "MFU", "x fp32", "peak MB"]
+    memory = "CUDA max allocated" if device == "cuda" else "peak RSS of the process, models included"
+    shape_line = "; ".join(f"{n} = teacher {s.teacher_layers} x {s.hidden} -> student {s.student_layers} layers, "
+                           f"{s.heads} heads, vocab {s.vocab}, batch {s.batch} x {s.seq}"
+                           for n, s in ((n, SHAPES[n]) for n in shapes))
     notes = ("## Ratios (measured vs the FLOP model of DESIGN.md section 2)\n\n" +
-             markdown_table(sum_rows, ["shape", "logit_tokens", "fast/naive speedup", "model speedup",
+             markdown_table(sum_rows, ["shape", "logit_tokens", "precision", "fast/naive speedup", "model speedup",
                                        "speedup / model", "fast/standard time", "model fast/standard",
                                        "fast/standard / model", "fast/naive peak mem"]) +
-             f"\nops: `{args.ops}`; median of {args.repeats} steps after one warm-up; each mode in its own "
-             f"process (peak memory = {'CUDA max allocated' if device == 'cuda' else 'peak RSS of the process, models included'}).\n"
-             f"Reproduce: `python benchmarks/step.py --shapes {args.shapes} --repeats {args.repeats} --ops {args.ops}`\n")
-    write_results(f"step-{device}", {"machine": m, "shapes": shapes, "ops": args.ops, "repeats": args.repeats,
-                                     "summary": sum_rows}, step_rows, cols, title=f"Causal-distillation step throughput ({device})", notes=notes)
+             f"\nShapes: {shape_line}.\n\n{peak_line} MFU = GFLOP/s of the FLOP model / the peak of the step's "
+             f"compute dtype (fp32: fp32; bf16, bf16w: bf16). `x fp32`: the fp32 step's time over this one's, "
+             f"same shape and mode.\n"
+             f"Precisions: fp32; bf16 = teacher in bf16, student under bf16 autocast, fp32 weights; bf16w = "
+             f"teacher and student weights in bf16 (DeepSpeed's bf16 mode, master copies in its optimizer, not "
+             f"timed). Attention: {args.attn or 'transformers default'}.\n"
+             f"ops: `{args.ops}`; median of {args.repeats} steps after one warm-up; each mode in its own "
+             f"process (peak memory = {memory}).\n"
+             f"Reproduce: `python benchmarks/step.py --shapes {args.shapes} --logit-tokens {args.logit_tokens} "
+             f"--precisions {args.precisions} --repeats {args.repeats} --ops {args.ops}"
+             f"{' --attn ' + args.attn if args.attn else ''}`\n")
+    payload = {"machine": m, "shapes": {n: SHAPES[n].__dict__ for n in shapes}, "ops": args.ops,
+               "repeats": args.repeats, "attn": args.attn,
+               "precisions": {p: dict(zip(("teacher_dtype", "student_autocast", "student_weights", "peak_dtype"),
+                                          map(str, PRECISIONS[p]))) for p in precisions},
+               "matmul_peak": {"before": peaks_before, "after": peaks_after, "used_gflops": peak},
+               "summary": sum_rows}
+    write_results(args.name or f"step-{device}", payload, rows, cols,
+                  title=f"Causal-distillation step throughput ({device})", notes=notes)
 
 
 if __name__ == "__main__":
