@@ -14,8 +14,9 @@ token in the KL; the loss is 0.25 ce + 0.25 mlm as in the step):
   C++/OpenMP inner step), default chunk size from the 256 MB budget; `native-256` with 256-row chunks.
 - `chunked`: the same chunk loop with the plain-torch inner step (`impl="chunked"`).
   (On CUDA every non-unfused contender runs `impl="triton"`.)
-- liger-kernel's fused linear distillation losses (`LigerFusedLinearJSDLoss` etc.) need CUDA: on a CPU
-  machine they are listed as not run.
+- `liger`: liger-kernel's fused linear JSD (`LigerFusedLinearJSD(jsd_beta=0.5, temperature=T)`: the same four
+  GEMMs, a JSD in place of the KL, no bias, no CE), on CUDA where liger-kernel is installed; otherwise the row
+  says why it was not run.
 
 Method: every (shape, contender) runs in fresh subprocesses, so its peak memory is its own: the peak RSS
 high-water mark (`getrusage` ru_maxrss) minus the RSS after the inputs are built (`extra peak`), and the
@@ -81,7 +82,13 @@ def worker(spec: dict) -> dict:
     y = torch.randint(0, v, (n,), device=dev)
     y[torch.rand(n, device=dev) > 0.15] = -100
     name = spec["contender"]
-    if name == "unfused":
+    if name == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+        jsd = LigerFusedLinearJSD(jsd_beta=0.5, temperature=T)
+
+        def loss():
+            return jsd(hs, ws, ht, wt), torch.zeros((), device=dev)
+    elif name == "unfused":
         def loss():
             return unfused_loss(hs, ht, ws, bs, wt, bt, y)
     else:
@@ -140,6 +147,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--name", default=None, help="results file name (default head_loss-<cpu|cuda>[-quick])")
     ap.add_argument("--only", action="append", default=None,
                     help="run only these shapes (e.g. --only 'bert-base 4k'); their rows replace those in the "
                          "existing results file, the other shapes' rows are kept")
@@ -151,12 +159,18 @@ def main():
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.only:
         shapes = [sh for sh in shapes if sh[0] in args.only]
+    import importlib.util
+    liger_missing = ("not run: liger-kernel's fused linear losses need CUDA" if dev == "cpu" else
+                     None if importlib.util.find_spec("liger_kernel") else
+                     "not run: liger-kernel is not installed in this environment")
     load_before = os.getloadavg()
     rows = []
     for sname, n, d, v, warmup, rounds in shapes:
         contenders = [("unfused", None), ("native", None)]
         if sname.startswith("bert-base 4k") or args.quick:
             contenders += [("chunked", None), ("native-256", 256)]
+        if liger_missing is None:
+            contenders.append(("liger", None))
         # interleaved rounds (A B C, A B C, ...): load from other work on the machine hits every contender
         res = {c: {"times_s": [], "cpu_s": [], "peak_bytes": 0, "extra_peak_bytes": 0} for c, _ in contenders}
         for _ in range(rounds):
@@ -199,10 +213,9 @@ def main():
                 "ce": r["ce"], "mlm": r["mlm"], "times_s": r["times_s"], "cpu_times_s": r["cpu_s"],
             })
             rows.append(row)
-        liger = "not run: liger-kernel's fused linear distillation losses need CUDA" if dev == "cpu" else \
-            "not run: liger-kernel is not installed in this environment"
-        rows.append({"shape": sname, "N": n, "D": d, "V": v, "contender": "liger (fused linear JSD/KL)",
-                     "note": liger})
+        if liger_missing is not None:
+            rows.append({"shape": sname, "N": n, "D": d, "V": v, "contender": "liger (fused linear JSD)",
+                         "note": liger_missing})
     load_after = os.getloadavg()
     m = machine()
     m["load_average_1_5_15_before_after"] = [load_before, load_after]
@@ -216,10 +229,9 @@ def main():
         "Contenders run in interleaved rounds, one fresh worker per round (warm-up call, then one timed call); "
         "`time_ratio` = median wall-clock ratio, `min_ratio` = ratio of the fastest rounds, `cpu_ratio` = ratio "
         "of process CPU time (user+sys). The 2 CPU cores are shared with other work, so wall times are noisy; "
-        "liger-kernel's fused linear losses run only on CUDA and are not run on this CPU machine. "
+        "liger-kernel's fused linear losses (JSD, beta 0.5: same GEMMs as the KL) run only on CUDA. "
         "Reproduce: `python benchmarks/head_loss.py`.")
-    suffix = "gpu" if dev == "cuda" else "cpu"
-    name = f"head_loss-{suffix}" + ("-quick" if args.quick else "")
+    name = args.name or f"head_loss-{dev}" + ("-quick" if args.quick else "")
     cols = ["shape", "contender", "time_s", "time_ratio", "min_ratio", "cpu_s", "cpu_ratio", "GFLOP/s",
             "extra_peak_MB", "extra_peak_ratio", "peak_MB", "peak_ratio", "note"]
     notes += (f" Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in load_before)}; after: "
