@@ -146,7 +146,8 @@ def fingerprint_fields(*, teacher_path, tokenizer, tokenized_split, opts: CacheO
 
 
 # the fields a training run determines by itself (the rest: top_k, plans, dtypes, seed... are the cache's choice)
-RUN_FIELDS = ("format", "teacher", "tokenizer", "corpus", "examples", "max_length", "logit_tokens", "alignment",
+# checked in this order: a field before the ones derived from it (the tokenized corpus depends on max_length)
+RUN_FIELDS = ("format", "teacher", "tokenizer", "max_length", "corpus", "examples", "logit_tokens", "alignment",
               "student_layers", "span_fraction", "dims", "mlm_probability", "temperature")
 
 

@@ -86,6 +86,7 @@ class TrainConfig:
     student: str | None = None        # HF folder to start the student from; None = init from the teacher
     student_layers: int = 3           # blocks of a student initialised from the teacher
     corpus: str | None = None         # load_corpus spec; None = the embedded default corpus
+    teacher_cache: str | None = None  # a cache of the teacher's outputs (iit-fast cache-teacher): no teacher pass
     max_length: int = 128             # tokens per sequence
     mlm_probability: float = 0.15
     # how long, how fast
@@ -112,7 +113,7 @@ class TrainConfig:
     num_workers: int = 0              # DataLoader workers (batches and masks do not depend on it)
     group_by_length: bool = True      # batches of similar lengths (less padding)
     plots: bool = True
-    precision: str = "auto"           # auto (bf16 where the hardware multiplies bf16 natively) | bf16 | fp32
+    precision: str = "auto"           # auto (bf16 where a probe finds bf16 GEMMs >= 1.3x fp32) | bf16 | fp32
     keep_checkpoints: int = 0         # keep the newest N intact checkpoints; 0 = keep all
     shard_teacher: str = "auto"       # auto | yes | no: partition the teacher under ZeRO-3 (auto: if > 1 GiB)
     rank_timeout: float = 300.0       # seconds a collective waits for a rank that stopped responding
@@ -270,14 +271,33 @@ def check_inputs(argv) -> tuple[TrainConfig, dict, str]:
 
 
 def native_bf16() -> tuple[bool, str]:
-    """(does this machine multiply bf16 natively, why we think so)."""
+    """(does bf16 pay on this machine, why we think so). A GPU: its bf16 support. A CPU: an instruction set
+    flag is not enough (avx512_bf16 without AMX can run bf16 GEMMs at half the fp32 speed), so a 0.1 s probe
+    times the step's own GEMM shape in both dtypes and bf16 must be at least 1.3x faster."""
     if torch.cuda.is_available():
         ok = torch.cuda.is_bf16_supported()
         return ok, f"GPU {torch.cuda.get_device_name()} {'has' if ok else 'has no'} native bf16"
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
     found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return bool(found), (f"this CPU has {found[0]} (native bf16 matmul)" if found else
-                         "this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated)")
+    if not found:
+        return False, "this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated)"
+    ratio = bf16_gemm_speedup()
+    return ratio >= 1.3, f"{found[0]}: a bf16 GEMM measured {ratio:.2f}x the fp32 one here"
+
+
+def bf16_gemm_speedup(m: int = 1024, k: int = 768, n: int = 3072, repeats: int = 3) -> float:
+    """fp32 time / bf16 time of an (m, k) x (k, n) GEMM (a BERT-base MLP's shape), best of `repeats`,
+    the dtypes alternating so that a loaded machine slows both alike."""
+    import time as _time
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+    best = {dt: float("inf") for dt in pairs}
+    for _ in range(repeats + 1):  # the first round warms up
+        for dt, (x, y) in pairs.items():
+            t0 = _time.perf_counter()
+            x @ y
+            best[dt] = min(best[dt], _time.perf_counter() - t0)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def choose_precision(cfg: TrainConfig, ds: dict) -> str:
@@ -293,7 +313,7 @@ def choose_precision(cfg: TrainConfig, ds: dict) -> str:
     if cfg.precision == "auto" and not native and not asked:
         return f"precision: fp32 ({hw}; --precision bf16 forces bf16)"
     if not native:
-        print(f"warning: bf16 asked, but {hw}: it will run emulated and slow (--precision fp32 is faster)",
+        print(f"warning: bf16 asked, but {hw}: it will run slower than fp32 (--precision fp32 is faster)",
               flush=True)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
     cfg.distill.teacher_dtype = "bfloat16"
@@ -327,7 +347,21 @@ def prepare(cfg: TrainConfig):
         teacher, student, tokenizer = build_models(cfg, path)
         tokenized = tokenize(cfg, tokenizer, teacher.kind)
     alignment = make_alignment(cfg.distill.alignment, teacher.num_layers, student.num_layers)
-    return teacher, student, tokenizer, tokenized, alignment
+    cache = open_teacher_cache(cfg, path, teacher, tokenizer, tokenized, alignment) if cfg.teacher_cache else None
+    return teacher, student, tokenizer, tokenized, alignment, cache
+
+
+def open_teacher_cache(cfg: TrainConfig, teacher_path, teacher, tokenizer, tokenized, alignment):
+    """The teacher cache, checked against this run (teacher, tokenizer, corpus, max_length, masking, plans:
+    a difference is refused naming the field) and for missing or truncated shards, before any work."""
+    from iit_fast.teacher_cache import CacheOptions, TeacherCache, run_fingerprint
+    d = cfg.distill
+    opts = CacheOptions(max_length=cfg.max_length, logit_tokens=d.logit_tokens_for(teacher.kind),
+                        alignment=d.alignment, student_layers=cfg.student_layers, span_fraction=d.span_fraction,
+                        dims=d.dims, mlm_probability=cfg.mlm_probability, temperature=d.temperature)
+    expect = run_fingerprint(teacher_path=teacher_path, tokenizer=tokenizer, tokenized_split=tokenized["train"],
+                             opts=opts, alignment=alignment)
+    return TeacherCache.open(cfg.teacher_cache, expect=expect)
 
 
 def build_models(cfg: TrainConfig, teacher_path):
@@ -441,7 +475,7 @@ def main(argv=None):
     ds_logger.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
     try:
-        teacher, student, tokenizer, tokenized, alignment = prepare(cfg)
+        teacher, student, tokenizer, tokenized, alignment, cache = prepare(cfg)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
 
@@ -457,6 +491,12 @@ def main(argv=None):
     from iit_fast.step import DistillStep
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     train_batches, val_batches = build_batches(cfg, tokenized, tokenizer, teacher.kind, micro, rank, world)
+    if cache is not None:  # whole (row, fixed partner) pairs with the cached masks and plans
+        from iit_fast.cached_step import CacheBatches
+        try:
+            train_batches = CacheBatches(cache, micro, seed=cfg.seed, rank=rank, world_size=world)
+        except ValueError as e:
+            fail(f"--teacher_cache {cfg.teacher_cache}: {e}")
     if len(train_batches) == 0:
         fail(f"the training split gives no full batch of {micro} per rank on {world} ranks")
     if micro == 1 and cfg.distill.uses_iit:
@@ -468,11 +508,15 @@ def main(argv=None):
     t_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     shard = cfg.shard_teacher == "yes" or (cfg.shard_teacher == "auto" and zero_stage(ds) == 3
                                            and t_bytes > SHARD_TEACHER_AUTO_BYTES)
-    teacher = prepare_teacher(teacher.to(device), ds, shard)
+    if cache is None:
+        teacher = prepare_teacher(teacher.to(device), ds, shard)
+        step_module = DistillStep(teacher, student, dcfg)
+    else:  # the cache holds every teacher output the step needs: the teacher stays on the CPU, unused
+        from iit_fast.cached_step import CachedDistillStep
+        step_module = CachedDistillStep(student, dcfg)
     schedule = lambda opt: make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, max_steps,  # noqa: E731
                                           cfg.min_lr / cfg.lr)
-    engine = init_engine(ds, DistillStep(teacher, student, dcfg), param_groups(student, cfg.weight_decay),
-                         cfg.lr, schedule)
+    engine = init_engine(ds, step_module, param_groups(student, cfg.weight_decay), cfg.lr, schedule)
     student = engine.module.student
 
     state = {"step": 0, "tokens": 0, "nonfinite": 0, "wall": 0.0}
@@ -516,11 +560,13 @@ def main(argv=None):
 
     first_val = None
     if step == 0:
-        teacher_val = validate(teacher, val_batches, device)
         first_val = run_validation(0)
-        log({"step": 0, "teacher_val_perplexity": teacher_val["perplexity"], "teacher_val_top1": teacher_val["top1"]})
-        say(f"validation at step 0: student perplexity {first_val['val_perplexity']:.1f}, teacher "
-            f"{teacher_val['perplexity']:.1f}")
+        if cache is None:  # (with a cache: no teacher pass at all)
+            teacher_val = validate(teacher, val_batches, device)
+            log({"step": 0, "teacher_val_perplexity": teacher_val["perplexity"],
+                 "teacher_val_top1": teacher_val["top1"]})
+        say(f"validation at step 0: student perplexity {first_val['val_perplexity']:.1f}"
+            + (f", teacher {teacher_val['perplexity']:.1f}" if cache is None else ""))
 
     def save(at_step):
         state["wall"] += time.perf_counter() - t_start
@@ -545,12 +591,16 @@ def main(argv=None):
         except StopIteration:  # next epoch (the batches count epochs and reshuffle)
             data_iter = iter(train_batches)
             batch = next(data_iter)
-        # the plan is drawn and checked on the CPU, from the CPU mask: no device sync
-        plan = sample_plan(batch["attention_mask"], alignment, plan_generator(cfg.seed, step, draw, rank),
-                           dcfg.span_fraction, dcfg.dims)
-        tokens = int(batch["attention_mask"].sum())
+        if cache is None:
+            # the plan is drawn and checked on the CPU, from the CPU mask: no device sync
+            plan = sample_plan(batch["attention_mask"], alignment, plan_generator(cfg.seed, step, draw, rank),
+                               dcfg.span_fraction, dcfg.dims)
+            tokens = int(batch["attention_mask"].sum())
+            loss, terms = engine(batch_to(batch, device), plan.to(device))
+        else:  # a cached batch carries its masks, pairs, plans and the teacher's top-k
+            tokens = int(batch.batch["attention_mask"].sum())
+            loss, terms = engine(batch.to(device))
         draw += 1
-        loss, terms = engine(batch_to(batch, device), plan.to(device))
         # the one sync per micro-batch the step needs: the ranks agree on skipping it and on stopping
         flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
                              torch.tensor(float(stop.signum != 0), dtype=torch.float64, device=device)])

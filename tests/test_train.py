@@ -372,22 +372,45 @@ def test_roberta_and_distilbert_teachers_run_the_main_job(tmp_path, assets):
         assert_export_matches(out, assets)
 
 
-def test_precision_auto_picks_bf16_where_native(tmp_path, assets):
-    """--precision auto runs bf16 (DeepSpeed's bf16 mode, fp32 master weights, teacher in bf16) where the
-    hardware multiplies bf16 natively, and says which precision it chose and why; fp32 is forced by flag."""
-    from iit_fast.train import native_bf16
-    native, why = native_bf16()
+def test_precision_auto_picks_bf16_where_it_pays(tmp_path, assets):
+    """--precision auto runs bf16 (DeepSpeed's bf16 mode, fp32 master weights, teacher in bf16) where a probe
+    finds bf16 GEMMs faster, fp32 otherwise, and says which it chose and why; --precision forces either."""
     auto = launch(assets, tmp_path / "auto", steps=2, precision="auto", stage=0)
+    bf16 = launch(assets, tmp_path / "bf16", steps=2, precision="bf16", stage=0)
     fp32 = launch(assets, tmp_path / "fp32", steps=2, precision="fp32", stage=0)
-    text_auto, text_fp32 = finish(auto, tmp_path / "auto"), finish(fp32, tmp_path / "fp32")
-    assert "precision: fp32 (--precision fp32)" in text_fp32
-    if native:
-        assert f"precision: bf16, fp32 master weights ({why}" in text_auto and ", bf16 |" in text_auto
-    else:
-        assert f"precision: fp32 ({why}" in text_auto
-    assert all(math_finite(r["loss"]) for r in steps_of(tmp_path / "auto"))
-    saved = json.loads((tmp_path / "auto" / "train_config.json").read_text())
-    assert saved["teacher_dtype"] == ("bfloat16" if native else "float32")
+    text = {k: finish(p, tmp_path / k) for k, p in (("auto", auto), ("bf16", bf16), ("fp32", fp32))}
+    assert "precision: fp32 (--precision fp32)" in text["fp32"] and ", bf16 |" not in text["fp32"]
+    assert "precision: bf16, fp32 master weights" in text["bf16"] and ", bf16 |" in text["bf16"]
+    line = next(l for l in text["auto"].splitlines() if l.startswith("precision: "))
+    assert re.search(r"GEMM measured [0-9.]+x the fp32 one here|neither avx512_bf16 nor amx_bf16", line), line
+    chose_bf16 = line.startswith("precision: bf16")
+    assert (", bf16 |" in text["auto"]) == chose_bf16
+    for k in ("auto", "bf16"):
+        assert all(math_finite(r["loss"]) for r in steps_of(tmp_path / k))
+        saved = json.loads((tmp_path / k / "train_config.json").read_text())
+        assert saved["teacher_dtype"] == ("bfloat16" if k == "bf16" or chose_bf16 else "float32")
+
+
+def test_teacher_cache_runs_without_a_teacher_pass(tmp_path, assets, capsys):
+    """`iit-fast cache-teacher` once, then train.py --teacher_cache: the main job runs from the cache (no
+    teacher validation, no teacher pass), resumes its data position, and a cache built for another
+    max_length is refused before any work, naming the field."""
+    from iit_fast.cli import main as cli
+    cache = tmp_path / "cache16"
+    common = ["--teacher", str(assets["teacher"]), "--corpus", str(assets["corpus"]), "--top_k", "8",
+              "--plans", "2", "--hidden", "--student_layers", "2", "--cache_dir", str(assets["root"] / "cache"),
+              "--no_progress"]
+    assert cli(["cache-teacher", "--max_length", "16", "--out", str(cache)] + common) == 0
+    out = tmp_path / "cached"
+    text = finish(launch(assets, out, steps=3, teacher_cache=cache), out)
+    rows = steps_of(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math_finite(r[k]) for r in rows
+                                                          for k in ("loss", "ce", "mlm", "cos", "iit"))
+    assert "teacher" not in next(l for l in text.splitlines() if l.startswith("validation at step 0"))
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any("teacher_val_perplexity" in r for r in records)
+    code, err = run_main(flags(assets, tmp_path / "other", max_length=24, teacher_cache=cache), capsys)
+    assert code == 2 and "another max_length" in err and not (tmp_path / "other").exists()
 
 
 def test_monitor_resume_rules_and_validation_independent_of_batch_shape(tmp_path, assets, capsys):

@@ -80,15 +80,23 @@ class DistillHeadLoss(nn.Module):
 
     def forward(self, hidden, teacher_hidden, teacher_weight, teacher_bias, labels, kd_mask,
                 temperature: float, impl: str = "auto", chunk_size: int | None = None, kd_weight: float = 1.0,
-                lm_weight: float = 1.0, vocab: int | None = None):
+                lm_weight: float = 1.0, vocab: int | None = None, sparse_targets: tuple | None = None):
         """`vocab`: compare over the decoder's first `vocab` rows only (a student whose embedding has
-        padding rows past the tokenizer's ids); they get no gradient."""
+        padding rows past the tokenizer's ids); they get no gradient. `sparse_targets` = (log-probs (N, k),
+        ids (N, k), rest (N,)): a cached teacher's top-k instead of its states and decoder
+        (`ops.sparse_kl`; the teacher arguments are then None)."""
         from ..ops import distill_head_loss
         owner = self._owner[0]
         weight, bias = owner.decoder_weight, owner.decoder_bias
         if vocab is not None:
             weight, bias = weight[:vocab], (None if bias is None else bias[:vocab])      # (V', D), (V',)
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias                 # (V,)
+        if sparse_targets is not None:
+            from ..ops.sparse_kl import sparse_distill_head_loss
+            logp, ids, rest = sparse_targets
+            return sparse_distill_head_loss(hidden, weight, bias, logp, ids, rest, labels, temperature,
+                                            chunk_size=chunk_size, impl="reference" if impl == "reference"
+                                            else "chunked", kd_weight=kd_weight, lm_weight=lm_weight)
         if teacher_weight is not None and teacher_bias is None:
             teacher_bias = teacher_weight.new_zeros(teacher_weight.shape[0])               # (V,)
         return distill_head_loss(hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
