@@ -31,8 +31,6 @@ from torch import Tensor
 from transformers import DataCollatorForLanguageModeling
 
 from .cache import DEFAULT_CACHE, publish_folder
-# Re-exported while callers move to iit_fast.corpus / iit_fast.cache (see the report of the data split).
-from .corpus import DEBIAN_PACKAGES, DEFAULT_SOURCES, Source, load_corpus  # noqa: F401
 
 KINDS = ("masked", "causal")
 
@@ -46,7 +44,7 @@ def _check_kind(kind: str) -> None:
 # Tokenization: paragraphs -> sequences of at most max_length tokens
 # ---------------------------------------------------------------------------------------------------------
 
-def _tokenizer_key(tokenizer) -> str:
+def tokenizer_key(tokenizer) -> str:
     vocab = tokenizer.get_vocab()
     h = hashlib.sha1(json.dumps(sorted(vocab.items())).encode())
     h.update(type(tokenizer).__name__.encode())
@@ -135,12 +133,12 @@ def tokenize_corpus(dataset_dict, tokenizer, max_length: int = 128, num_proc: in
         if tokenizer.mask_token_id is None:
             raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no mask token; expected a masked-LM "
                              f"tokenizer for kind='masked' (or kind='causal' for a decoder)")
-        key = f"{_tokenizer_key(tokenizer)}|{max_length}|v1"  # unchanged since v1: old caches stay valid
+        key = f"{tokenizer_key(tokenizer)}|{max_length}|v1"  # unchanged since v1: old caches stay valid
     else:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no eos token; expected one for "
                              f"kind='causal' (it separates the packed documents)")
-        key = f"{_tokenizer_key(tokenizer)}|{max_length}|causal|eos={tokenizer.eos_token_id}|v1"
+        key = f"{tokenizer_key(tokenizer)}|{max_length}|causal|eos={tokenizer.eos_token_id}|v1"
     h = hashlib.sha1(key.encode())
     for split in sorted(dataset_dict):  # the texts themselves: in-memory datasets have random fingerprints
         h.update(split.encode())
@@ -448,17 +446,6 @@ def build_train_loader(tokenized_split, tokenizer, batch_size: int, *, kind: str
                                         group_by_length=group_by_length, drop_last=drop_last, rank=rank,
                                         world_size=world_size)
     return Batches(tokenized_split, collate, sampler, seed=seed, num_workers=num_workers, pin_memory=pin_memory)
-
-
-def MLMBatches(tokenized_split, tokenizer, batch_size: int, *, seed: int, shuffle: bool = True,
-               group_by_length: bool = True, mlm_probability: float = 0.15, drop_last: bool = True,
-               rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 8) -> Batches:
-    """The former masked-LM batches: ``build_train_loader(kind="masked", num_workers=0)``. Kept while
-    callers move to ``build_train_loader`` (training) and ``validation_batches`` (evaluation)."""
-    return build_train_loader(tokenized_split, tokenizer, batch_size, kind="masked", seed=seed, rank=rank,
-                              world_size=world_size, shuffle=shuffle, group_by_length=group_by_length,
-                              drop_last=drop_last, mlm_probability=mlm_probability, num_workers=0,
-                              pad_to_multiple_of=pad_to_multiple_of)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def evaluate(model, teacher=None, corpus=None, alignment: str = "middle", max_ba
 
 
 def _rewind(batches):
-    """Training-style batches (`MLMBatches`) carry their position (and an epoch that reseeds the masks) from one iteration to the next:
+    """Training-style batches (`data.build_train_loader`) carry their position (and an epoch that reseeds the masks) from one iteration to the next:
     start every evaluation at epoch 0, batch 0, so every model sees the same batches and masks."""
     if hasattr(batches, "load_state_dict"):
         batches.load_state_dict({"epoch": 0, "batch_index": 0})

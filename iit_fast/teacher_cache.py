@@ -135,13 +135,13 @@ def corpus_fingerprint(tokenized_split, n: int) -> str:
 def fingerprint_fields(*, teacher_path, tokenizer, tokenized_split, opts: CacheOptions, alignment) -> dict:
     """The fields a cache is identified by. A training run builds the same dict from its own teacher,
     tokenizer, tokenized train split and options, and `TeacherCache.open(dir, expect=...)` compares."""
-    from .data import _tokenizer_key
+    from .data import tokenizer_key
     n = len(tokenized_split) if opts.max_examples is None else min(opts.max_examples, len(tokenized_split))
     fields = dataclasses.asdict(opts)
     fields.pop("max_examples")
     fields["dims"] = list(opts.dims) if opts.dims is not None else None
     fields["alignment"] = [[list(t), s] for t, s in alignment]   # resolved: a JSON file's content counts
-    return {"format": FORMAT, "teacher": teacher_fingerprint(teacher_path), "tokenizer": _tokenizer_key(tokenizer),
+    return {"format": FORMAT, "teacher": teacher_fingerprint(teacher_path), "tokenizer": tokenizer_key(tokenizer),
             "corpus": corpus_fingerprint(tokenized_split, n), "examples": n, **fields}
 
 
@@ -569,14 +569,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a) -> dict:
     """Build (or resume) the cache the arguments describe; prints one summary line."""
-    from . import data
+    from . import corpus, data
     from .models import load_model
     opts = CacheOptions(**{f.name: getattr(a, f.name) for f in dataclasses.fields(CacheOptions) if hasattr(a, f.name)})
     if a.teacher is None:
         from .teacher import default_teacher_path
         a.teacher = str(default_teacher_path(a.cache_dir, build_if_missing=True))
     loaded = load_model(a.teacher, kind="masked", arg="--teacher")
-    tokenized = data.tokenize_corpus(data.load_corpus(a.corpus, a.cache_dir), loaded[1], opts.max_length,
+    tokenized = data.tokenize_corpus(corpus.load_corpus(a.corpus, a.cache_dir), loaded[1], opts.max_length,
                                      a.num_proc, a.cache_dir)
     try:
         meta = build_cache(a.teacher, tokenized["train"], a.out, opts, loaded=loaded, rank=a.rank,

@@ -9,6 +9,7 @@ import torch
 from transformers import BertTokenizerFast
 
 from iit_fast import data as D
+from iit_fast.corpus import load_corpus
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + \
     "this is paragraph number of a small corpus written for the test and some more words".split() + \
@@ -27,7 +28,7 @@ def tokenized(tmp_path, tok, max_length=16, n=200):
         k = int(torch.randint(3, 40, (1,), generator=g))
         pars.append(" ".join(["this is paragraph number", str(i)] + ["the test and some more words"] * (k // 6)) + ".")
     (tmp_path / "c.txt").write_text("\n\n".join(pars) + "\n")
-    dd = D.load_corpus(str(tmp_path / "c.txt"))
+    dd = load_corpus(str(tmp_path / "c.txt"))
     return dd, D.tokenize_corpus(dd, tok, max_length=max_length, num_proc=2, cache_dir=tmp_path / "cache")
 
 
@@ -108,7 +109,7 @@ def test_mask_tokens_gives_every_row_a_target(tok):
 def test_mlm_batches_layout_and_resume(tmp_path, tok):
     _, td = tokenized(tmp_path, tok, max_length=24, n=300)
     train = td["train"]
-    mk = lambda **kw: D.MLMBatches(train, tok, 4, seed=7, **kw)
+    mk = lambda **kw: D.build_train_loader(train, tok, 4, seed=7, **kw)
     b = mk()
     assert len(b) == len(train) // 4
     first = list(b)
@@ -144,16 +145,16 @@ def test_mlm_batches_layout_and_resume(tmp_path, tok):
     pad = lambda bb: sum((x["attention_mask"] == 0).sum().item() for x in bb)
     assert pad(list(mk(group_by_length=True))) < pad(list(mk(group_by_length=False)))
     # ranks: equal counts, disjoint rows of the same epoch
-    r0 = D.MLMBatches(train, tok, 4, seed=7, rank=0, world_size=2)
-    r1 = D.MLMBatches(train, tok, 4, seed=7, rank=1, world_size=2)
+    r0 = D.build_train_loader(train, tok, 4, seed=7, rank=0, world_size=2)
+    r1 = D.build_train_loader(train, tok, 4, seed=7, rank=1, world_size=2)
     assert len(r0) == len(r1) == len(b) // 2
     rows = lambda r: [tuple(x) for i in r.sampler.epoch_batches(0) for x in [i.tolist()]]
     assert not set(sum(rows(r0), ())) & set(sum(rows(r1), ()))
     # no shuffle, no drop: every sequence in order, the last batch short
-    plain = D.MLMBatches(train, tok, 7, seed=0, shuffle=False, group_by_length=False, drop_last=False)
+    plain = D.build_train_loader(train, tok, 7, seed=0, shuffle=False, group_by_length=False, drop_last=False)
     assert sum(x["input_ids"].shape[0] for x in plain) == len(train)
     with pytest.raises(ValueError, match="batch_size"):
-        D.MLMBatches(train, tok, 10_000, seed=0)
+        D.build_train_loader(train, tok, 10_000, seed=0)
 
 
 

@@ -257,7 +257,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tenso
     return (a @ b).to(out_dtype)
 
 
-def _linear_chunk(h, w, b, acc):
+def linear_chunk(h, w, b, acc):
     """(C, V) logits of a chunk in `acc` dtype; h, w in the GEMM dtype, b in acc (or None)."""
     if h.dtype == acc and b is not None:
         return torch.addmm(b, h, w.t())
@@ -265,7 +265,7 @@ def _linear_chunk(h, w, b, acc):
     return z.add_(b) if b is not None else z
 
 
-def _accumulate_grads(dz, h, w, dh_out, dw, db):
+def accumulate_grads(dz, h, w, dh_out, dw, db):
     """dh_out = dz @ W; dW += dz^T @ h; db += sum_rows dz. h, w in the GEMM dtype; dW, db in acc."""
     dzc = dz if dz.dtype == h.dtype else dz.to(h.dtype)  # the GEMMs run in the inputs' precision
     if dh_out.dtype == dzc.dtype:
@@ -293,8 +293,8 @@ def _chunk_loop(hs, ht, ws, bs, wt, bt, labels, w_kd, w_lab, g_kd, g_lab, temper
     ce_sum = torch.zeros((), dtype=acc, device=hs.device)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        zs = _linear_chunk(hs[s:e], ws, bs, acc)          # (C, V)
-        zt = _linear_chunk(ht[s:e], wt, bt, acc)          # (C, V)
+        zs = linear_chunk(hs[s:e], ws, bs, acc)          # (C, V)
+        zt = linear_chunk(ht[s:e], wt, bt, acc)          # (C, V)
         lab_c = labels[s:e] if labels is not None else None
         dz, kl, ce = inner(zs, zt, lab_c, g_kd[s:e], g_lab[s:e] if lab_c is not None else None, temperature)
         del zt
@@ -302,7 +302,7 @@ def _chunk_loop(hs, ht, ws, bs, wt, bt, labels, w_kd, w_lab, g_kd, g_lab, temper
         if ce is not None:
             ce_sum += (ce.to(acc) * w_lab[s:e]).sum()
         if dhs is not None:
-            _accumulate_grads(dz, hs[s:e], ws, dhs[s:e], dws, dbs)
+            accumulate_grads(dz, hs[s:e], ws, dhs[s:e], dws, dbs)
         del dz, zs
     T = float(temperature)
     return T * T * kl_sum, ce_sum
@@ -358,7 +358,7 @@ def _head_loss(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_size, im
     return ce, mlm, dhs2, dws, dbs
 
 
-def _common_scale(g_ce: float, g_mlm: float, kd_weight: float, lm_weight: float, eps: float):
+def common_scale(g_ce: float, g_mlm: float, kd_weight: float, lm_weight: float, eps: float):
     """s with (g_ce, g_mlm) == s * (kd_weight, lm_weight) to a few ulps, else None."""
     def close(a, b):
         return abs(a - b) <= 4 * eps * max(abs(a), abs(b))
@@ -402,7 +402,7 @@ class DistillHeadLossFunction(torch.autograd.Function):
         dhs, dws, dbs = ctx.saved_tensors
         g_ce = 0.0 if g_ce is None else float(g_ce)
         g_mlm = 0.0 if (g_mlm is None or not ctx.has_labels) else float(g_mlm)   # mlm = 0 without MLM work
-        s = _common_scale(g_ce, g_mlm, *ctx.weights, eps=torch.finfo(dws.dtype).eps)
+        s = common_scale(g_ce, g_mlm, *ctx.weights, eps=torch.finfo(dws.dtype).eps)
         if s is None:
             # grad_outputs not proportional to the loss weights: the chunk loop again, with them as weights
             *args, mm_s, mm_t = ctx.recompute

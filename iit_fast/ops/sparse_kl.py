@@ -37,7 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .head_loss import (LOW_PRECISION, _accumulate_grads, _common_scale, _linear_chunk, default_chunk_size,
+from .head_loss import (LOW_PRECISION, accumulate_grads, common_scale, linear_chunk, default_chunk_size,
                         kl_rows_torch, matmul_dtype)
 
 IMPLS = ("chunked", "reference")
@@ -146,7 +146,7 @@ def _sparse_loss(hs2, ws, bs, logq, ids, logq_rest, y, temperature, chunk_size, 
     ce_sum = torch.zeros((), dtype=acc, device=dev)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        zs = _linear_chunk(h[s:e], w, b, acc)                                     # (C, V)
+        zs = linear_chunk(h[s:e], w, b, acc)                                     # (C, V)
         lab = y[s:e] if y is not None else None
         dz, kl, ce = _inner(zs, logq[s:e], ids[s:e], logq_rest[s:e], lab, w_kd[s:e] * kd_weight,
                             w_lab[s:e] * lm_weight if lab is not None else None, temperature)
@@ -154,7 +154,7 @@ def _sparse_loss(hs2, ws, bs, logq, ids, logq_rest, y, temperature, chunk_size, 
         if ce is not None:
             ce_sum += (ce.to(acc) * w_lab[s:e]).sum()
         if want_grads:
-            _accumulate_grads(dz, h[s:e], w, dh[s:e], dw, db)
+            accumulate_grads(dz, h[s:e], w, dh[s:e], dw, db)
         del dz, zs
     T = float(temperature)
     return T * T * kl_sum, ce_sum, dh, dw, db
@@ -187,7 +187,7 @@ class SparseDistillHeadLossFunction(torch.autograd.Function):
         dh, dw, db = ctx.saved_tensors
         g_ce = 0.0 if g_ce is None else float(g_ce)
         g_mlm = 0.0 if (g_mlm is None or not ctx.has_labels) else float(g_mlm)
-        s = _common_scale(g_ce, g_mlm, *ctx.weights, eps=torch.finfo(dw.dtype).eps)
+        s = common_scale(g_ce, g_mlm, *ctx.weights, eps=torch.finfo(dw.dtype).eps)
         if s is None:
             # grad_outputs not proportional to the loss weights: the chunk loop again, with them as weights
             *args, mm = ctx.recompute
