@@ -4,6 +4,7 @@
     iit-fast finetune --model runs/X/student --task seq --train-file train.csv --validation-file dev.csv
     iit-fast finetune --model runs/X/student --task seq --dataset glue:sst2
     iit-fast finetune --model runs/X/student --task token --train-file train.jsonl --validation-file dev.jsonl
+    iit-fast cache-teacher --teacher T --max_length 128 --top_k 64 --plans 4 --hidden --out cache/T-k64
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args)`; a new
 subcommand is one more line in SUBCOMMANDS (the module is imported only when its subcommand runs).
@@ -17,7 +18,8 @@ import sys
 
 # name -> (module with add_arguments / run, one-line help)
 SUBCOMMANDS = {
-    "eval": ("iit_fast.eval", "validation MLM perplexity, top-1, and IIA / counterfactual KL against a teacher"),
+    "eval": ("iit_fast.eval", "validation perplexity (masked or next-token), top-1, and IIA / counterfactual KL "
+                              "against a teacher"),
     "finetune": ("iit_fast.finetune", "downstream fine-tuning (sequence or token classification) with Trainer"),
     "cache-teacher": ("iit_fast.teacher_cache", "run the teacher once over a corpus, store its outputs to distil from"),
 }
