@@ -45,6 +45,13 @@ class Shape:
     vocab: int
     seq: int
     batch: int
+    family: str = "bert"          # bert (masked LM) | gpt2 | llama (causal LMs)
+    kv_heads: int | None = None   # llama: grouped-query attention
+    intermediate: int | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.family != "bert"
 
 
 SHAPES = {
@@ -52,7 +59,17 @@ SHAPES = {
     "bert-base": Shape("bert-base", 12, 6, 768, 12, 30522, 128, 8),
     # small enough for CI to run in seconds
     "small": Shape("small", 6, 3, 256, 4, 8000, 64, 16),
+    # decoders: GPT-2 small -> 6 layers (DistilGPT2's shape); a Llama-style model (GQA 16/4 heads, SwiGLU,
+    # RoPE, RMSNorm, vocab 32000) -> half its layers
+    "gpt2-small": Shape("gpt2-small", 12, 6, 768, 12, 50257, 256, 8, family="gpt2"),
+    "llama-style": Shape("llama-style", 8, 4, 1024, 16, 32000, 256, 4, family="llama", kv_heads=4,
+                         intermediate=2816),
+    # tiny decoder shapes for the CI smoke run and tests
+    "small-gpt2": Shape("small-gpt2", 4, 2, 128, 4, 4000, 64, 8, family="gpt2"),
+    "small-llama": Shape("small-llama", 4, 2, 128, 4, 4000, 64, 8, family="llama", kv_heads=2, intermediate=352),
 }
+# where the KL terms are taken, per kind: masked LMs all | masked; causal LMs all | affected (config.py)
+LOGIT_TOKENS = {"masked": ("all", "masked"), "causal": ("all", "affected")}
 MODES = ("naive", "fast", "standard")
 # precision -> (teacher dtype, student autocast, student weight dtype, dtype of the matmul peak it is held to)
 PRECISIONS = {
@@ -89,24 +106,42 @@ def flops_per_step(shape: Shape, mode: str, kd_fraction: float, site_t: int, sit
 
 # ---- one measurement, in its own process -------------------------------------------------------------
 
-def build(shape: Shape, seed: int = 0, attn: str | None = None):
-    from transformers import BertConfig, BertForMaskedLM
+def _teacher_model(shape: Shape):
+    """A randomly initialised HF model of the shape's family (random weights are fine for speed)."""
+    from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+    if shape.family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=shape.vocab, n_embd=shape.hidden, n_layer=shape.teacher_layers,
+                                          n_head=shape.heads, n_positions=max(1024, shape.seq), resid_pdrop=0.0,
+                                          embd_pdrop=0.0, attn_pdrop=0.0))
+    if shape.family == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                                            intermediate_size=shape.intermediate,
+                                            num_hidden_layers=shape.teacher_layers,
+                                            num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                                            max_position_embeddings=max(2048, shape.seq)))
+    return BertForMaskedLM(BertConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                                      num_hidden_layers=shape.teacher_layers, num_attention_heads=shape.heads,
+                                      intermediate_size=4 * shape.hidden, max_position_embeddings=max(512, shape.seq),
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
+
+def build(shape: Shape, seed: int = 0, attn: str | None = None):
     from iit_fast.models import IntervenableLM, init_student_from_teacher
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.teacher_layers,
-                     num_attention_heads=shape.heads, intermediate_size=4 * shape.hidden,
-                     max_position_embeddings=max(512, shape.seq), hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    teacher = _teacher_model(shape)
     if attn is not None:
-        cfg._attn_implementation = attn  # "sdpa" | "eager"; the student copies the teacher's config
-    teacher = BertForMaskedLM(cfg).eval()
+        teacher.config._attn_implementation = attn  # "sdpa" | "eager"; the student copies the teacher's config
+    teacher = teacher.eval()
     student = init_student_from_teacher(teacher, shape.student_layers)
     for p in teacher.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000 if shape.vocab > 2000 else 5, shape.vocab, (shape.batch, shape.seq), generator=g)
     am = torch.ones_like(ids)
+    if shape.causal:  # packed causal-LM rows: the labels are the ids (the loss shifts them)
+        return IntervenableLM(teacher), IntervenableLM(student).train(), {"input_ids": ids, "attention_mask": am,
+                                                                          "labels": ids.clone()}
     labels = torch.full_like(ids, -100)
     chosen = torch.rand(ids.shape, generator=g) < 0.15
     labels[chosen] = ids[chosen]
@@ -119,7 +154,7 @@ def make_step(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: s
     """(step: () -> StepOutput, batch, plan): one training step's forward + backward, grads reset first."""
     from iit_fast.config import DistillConfig
     from iit_fast.sampling import make_alignment, sample_plan
-    from iit_fast.step import distill_step
+    from iit_fast.step import counted_flops, distill_step
     teacher_dtype, autocast, student_weights, _ = PRECISIONS[precision]
     teacher, student, batch = build(shape, attn=attn)
     teacher.to(device=device, dtype=getattr(torch, teacher_dtype))
@@ -130,6 +165,7 @@ def make_step(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: s
     cfg = DistillConfig(mode=mode, logit_tokens=logit_tokens, ops=ops, teacher_dtype=teacher_dtype,
                         student_autocast=autocast)
     params = list(student.parameters())
+    make_step.flops = lambda: counted_flops(teacher, student, batch, plan, cfg)  # exact, for the worker
 
     def step():
         for p in params:
@@ -154,7 +190,9 @@ def worker(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: str,
     t, times = median_time(timed, repeats=repeats, warmup=1)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     kd_fraction = float((batch["labels"] != -100).float().mean()) if logit_tokens == "masked" else 1.0
+    counted = make_step.flops()
     return {"seconds": t, "times": times, "peak_bytes": peak, "kd_fraction": kd_fraction,
+            "counted_flops": counted["naive" if mode == "naive" else "fast"], "suffix_saved_flops": counted["saved"],
             "site_t": plan.teacher_layers[0], "site_s": plan.student_layer,
             "loss": float(last["out"].loss.detach()), "threads": torch.get_num_threads()}
 
@@ -283,7 +321,8 @@ def measure_peaks(dtypes, device: str, repeats: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="small,bert-base", help=f"comma list of {list(SHAPES)}")
-    ap.add_argument("--logit-tokens", default="all,masked")
+    ap.add_argument("--logit-tokens", default="all,masked,affected",
+                    help="masked LMs take all | masked, causal LMs all | affected (others are skipped)")
     ap.add_argument("--precisions", default="fp32,bf16", help=f"comma list of {list(PRECISIONS)}")
     ap.add_argument("--ops", default="fused", choices=["fused", "reference"])
     ap.add_argument("--repeats", type=int, default=3)
@@ -303,7 +342,7 @@ def main():
     shapes = args.shapes.split(",")
     precisions = args.precisions.split(",")
     for name, values, allowed in (("--shapes", shapes, SHAPES), ("--precisions", precisions, PRECISIONS),
-                                  ("--logit-tokens", args.logit_tokens.split(","), ("all", "masked")),
+                                  ("--logit-tokens", args.logit_tokens.split(","), ("all", "masked", "affected")),
                                   ("--profile", [args.profile] if args.profile else [], SHAPES)):
         bad = [v for v in values if v not in allowed]
         if bad:
@@ -332,12 +371,17 @@ def main():
         shape = SHAPES[shape_name]
         tokens = shape.batch * shape.seq
         for lt in args.logit_tokens.split(","):
+            if lt not in LOGIT_TOKENS["causal" if shape.causal else "masked"]:
+                continue  # masked LMs: all | masked; causal LMs: all | affected
             secs = {}
             for prec in precisions:
                 res = {m: run_isolated(shape_name, m, lt, args.ops, prec, args.repeats, device, args.attn)
                        for m in MODES}
                 allocator = res["fast"]["allocator"]
-                fl = {m: flops_per_step(shape, m, res[m]["kd_fraction"], res[m]["site_t"], res[m]["site_s"])
+                # masked LMs: DESIGN.md's model (comparable with earlier results); causal LMs: the step's exact
+                # count (step.counted_flops: the counterfactual's reuse of the prefix included)
+                fl = {m: res[m]["counted_flops"] if shape.causal else
+                      flops_per_step(shape, m, res[m]["kd_fraction"], res[m]["site_t"], res[m]["site_s"])
                       for m in MODES}
                 for m in MODES:
                     secs[(prec, m)] = res[m]["seconds"]
@@ -358,7 +402,9 @@ def main():
                            "fast/naive speedup": speed, "model speedup": model, "speedup / model": speed / model,
                            "fast/standard time": cost, "model fast/standard": cost_model,
                            "fast/standard / model": cost / cost_model,
-                           "fast/naive peak mem": res["fast"]["peak_bytes"] / res["naive"]["peak_bytes"]}
+                           "fast/naive peak mem": res["fast"]["peak_bytes"] / res["naive"]["peak_bytes"],
+                           "prefix reuse saves": res["fast"]["suffix_saved_flops"] / (
+                               res["fast"]["counted_flops"] + res["fast"]["suffix_saved_flops"])}
                 sum_rows.append(summary)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}),
                       flush=True)
@@ -386,13 +432,14 @@ def main():
     cols = ["shape", "logit_tokens", "precision", "mode", "ms/step", "tokens/s", "GFLOP/step (model)", "GFLOP/s",
             "MFU", "x fp32", "peak MB"]
     memory = "CUDA max allocated" if device == "cuda" else "peak RSS of the process, models included"
-    shape_line = "; ".join(f"{n} = teacher {s.teacher_layers} x {s.hidden} -> student {s.student_layers} layers, "
-                           f"{s.heads} heads, vocab {s.vocab}, batch {s.batch} x {s.seq}"
+    shape_line = "; ".join(f"{n} = {s.family} teacher {s.teacher_layers} x {s.hidden} -> student {s.student_layers} "
+                           f"layers, {s.heads} heads{f' ({s.kv_heads} kv)' if s.kv_heads else ''}, vocab {s.vocab}, "
+                           f"batch {s.batch} x {s.seq}"
                            for n, s in ((n, SHAPES[n]) for n in shapes))
     notes = ("## Ratios (measured vs the FLOP model of DESIGN.md section 2)\n\n" +
              markdown_table(sum_rows, ["shape", "logit_tokens", "precision", "fast/naive speedup", "model speedup",
                                        "speedup / model", "fast/standard time", "model fast/standard",
-                                       "fast/standard / model", "fast/naive peak mem"]) +
+                                       "fast/standard / model", "fast/naive peak mem", "prefix reuse saves"]) +
              f"\nShapes: {shape_line}.\n\n{peak_line} MFU = GFLOP/s of the FLOP model / the peak of the step's "
              f"compute dtype (fp32: fp32; bf16, bf16w: bf16). `x fp32`: the fp32 step's time over this one's, "
              f"same shape and mode.\n"
