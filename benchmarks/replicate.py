@@ -80,7 +80,9 @@ def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     tps = [r["tokens_per_s"] for r in steps[1:]] or [r["tokens_per_s"] for r in steps]
-    info = {"mode": mode, "seed": seed, "out": str(out), "command": " ".join(cmd), "wall_s": wall,
+    # recorded relative to the repository: no path of this machine in the results
+    shown = ["python", "iit_fast/train.py"] + [c.replace(str(REPO) + "/", "") for c in cmd[2:]]
+    info = {"mode": mode, "seed": seed, "out": str(out), "command": " ".join(shown), "wall_s": wall,
             "train_tokens": steps[-1]["tokens"], "tokens_per_s_median": statistics.median(tps),
             "val_curve": [(r["step"], r["val_perplexity"]) for r in recs if "val_perplexity" in r],
             "teacher_val_perplexity": next((r["teacher_val_perplexity"] for r in recs
