@@ -99,12 +99,13 @@ def evaluate_runs(a, infos: list[dict]) -> None:
     from iit_fast.models import IntervenableLM, init_student_from_teacher, load_model
     from iit_fast.teacher import default_teacher_path
     teacher_dir = a.teacher or default_teacher_path(a.cache_dir)
-    ti, tok = load_model(teacher_dir, kind="masked", arg="teacher")
+    ti, tok = load_model(teacher_dir, arg="teacher")  # a masked or a causal LM: its kind decides the metrics
     n = a.eval_batches or None
-    batches = load_validation(tok, a.corpus, a.eval_batch_size, a.max_length, a.cache_dir, max_batches=n)
+    batches = load_validation(tok, a.corpus, a.eval_batch_size, a.max_length, a.cache_dir, kind=ti.kind,
+                              max_batches=n)
     a.teacher_eval = lm_metrics(ti, batches)
     for info in infos:
-        si, _ = load_model(Path(info["out"]) / "student", kind="masked", arg="student")
+        si, _ = load_model(Path(info["out"]) / "student", kind=ti.kind, arg="student")
         pairs = parse_alignment(a.alignment, ti.num_layers, si.num_layers)
         info["eval"] = {"mlm": lm_metrics(si, batches), "iia": interchange_accuracy(ti, si, batches, pairs)}
         e = info["eval"]
@@ -165,7 +166,7 @@ def summarise(a, infos):
     for mode in MODES:
         runs = [i for i in infos if i["mode"] == mode]
         cols = {"val. perplexity": [r["eval"]["mlm"]["perplexity"] for r in runs],
-                "top-1 (masked)": [r["eval"]["mlm"]["top1"] for r in runs],
+                "top-1": [r["eval"]["mlm"]["top1"] for r in runs],
                 "IIA": [r["eval"]["iia"]["iia"] for r in runs],
                 "cf. KL": [r["eval"]["iia"]["cf_kl"] for r in runs],
                 "wall time (s)": [r["wall_s"] for r in runs],
@@ -219,7 +220,7 @@ def plot(a, infos, path: Path):
     tv = infos[0].get("teacher_val_perplexity")
     if tv:
         ax.axhline(tv, color="gray", ls="--", label="teacher (seed 0's validation batches)")
-    ax.set_xlabel("optimizer step"), ax.set_ylabel("validation MLM perplexity (train.py's validation)")
+    ax.set_xlabel("optimizer step"), ax.set_ylabel("validation perplexity (train.py's validation)")
     ax.set_yscale("log"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     ax.set_title(f"standard vs causal distillation, {a.student_layers}-layer student, {a.steps} steps", fontsize=10)
     for seed in sorted({i["seed"] for i in infos}):
@@ -315,7 +316,7 @@ def main(argv=None):
                "teacher_eval": ti, "init_eval": a.init_eval, "runs": infos,
                "init_downstream": getattr(a, "init_downstream", None),
                "teacher_downstream": getattr(a, "teacher_downstream", None)}
-    cols = ["distillation", "seeds", "val. perplexity", "top-1 (masked)", "IIA", "cf. KL", "wall time (s)", "tokens/s"]
+    cols = ["distillation", "seeds", "val. perplexity", "top-1", "IIA", "cf. KL", "wall time (s)", "tokens/s"]
     if a.downstream_steps > 0:
         cols += ["downstream acc.", "downstream macro F1"]
     write_results(a.name, payload, rows, cols, title="Standard vs causal distillation (the paper's claim, small scale)",
