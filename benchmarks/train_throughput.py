@@ -59,7 +59,8 @@ def run(ranks: int, steps: int, extra: list[str], out: Path) -> dict:
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                    env={**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get(
                        "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))})
-    return summarise(out, ranks, " ".join(cmd).replace(str(REPO) + "/", ""))
+    shown = " ".join(["deepspeed"] + cmd[1:]).replace(str(REPO) + "/", "").replace(str(out), "<a temporary folder>")
+    return summarise(out, ranks, shown)  # no path of this machine in the results
 
 
 def main():
