@@ -22,6 +22,7 @@ Results: benchmarks/results/<name>.json and .md (default name teacher-cache).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -69,6 +70,12 @@ def flops(shape: Shape, site_t: int, site_s: int) -> dict:
     return {"online": (teacher + student) * tokens, "cached": student * tokens}
 
 
+def _fits(teacher_dir, shape: Shape) -> bool:
+    """Does the teacher folder have the shape's depth and width (so the FLOP model describes it)?"""
+    cfg = json.loads((Path(teacher_dir) / "config.json").read_text())
+    return (cfg.get("num_hidden_layers"), cfg.get("hidden_size")) == (shape.teacher_layers, shape.hidden)
+
+
 def make_teacher(shape: Shape, folder: Path) -> str:
     """A random BertForMaskedLM at the shape and a WordPiece tokenizer of its vocabulary, saved to `folder`.
     Its decoder bias is Zipf-like, -3 log(rank): random weights alone give a nearly uniform teacher at T = 2,
@@ -105,7 +112,11 @@ def bench_shape(shape: Shape, args, work: Path) -> tuple[list[dict], dict]:
     from iit_fast.step import distill_step
     from iit_fast.teacher_cache import CacheOptions, TeacherCache, build_cache
 
-    teacher_dir = args.teacher or make_teacher(shape, work / f"teacher-{shape.name}")
+    teacher_dir = args.teacher if args.teacher and _fits(args.teacher, shape) else \
+        make_teacher(shape, work / f"teacher-{shape.name}")
+    if args.teacher and teacher_dir != args.teacher:
+        print(f"[teacher-cache] {shape.name}: --teacher is not {shape.teacher_layers} x {shape.hidden}; a random "
+              f"teacher of the shape is used (the speed figures need the shape, not the weights)", flush=True)
     teacher, tok = load_model(teacher_dir, kind="masked")
     vocab = teacher.vocab_size
     rows = 2 * shape.batch * args.batches

@@ -113,8 +113,11 @@ def main():
              f"steps after {WARMUP} (slowest rank; each rank runs cpu_count / ranks torch threads); teacher MB per rank = the largest rank's `local_param_bytes` "
              "(partition + anything kept whole: tensors under the persistence threshold, 10 x hidden). "
              f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
-             f"{tuple(round(x, 2) for x in load_after)}: **the machine was shared with other work while this ran**, "
-             "so the step times are indicative only; re-run on a quiet machine for timing. The bytes do not depend on load.")
+             f"{tuple(round(x, 2) for x in load_after)}: "
+             + ("**the machine was shared with other work while this ran**, so the step times are indicative only; "
+                "re-run on a quiet machine for timing." if load_before[0] > (os.cpu_count() or 1) + 0.5 else
+                "a quiet machine (a load of about the core count is this benchmark's own ranks).")
+             + " The bytes do not depend on load.")
     write_results("teacher-shard", {"machine": m, "shapes": {"teacher_layers": LAYERS, "hidden": HIDDEN,
                                                              "vocab": VOCAB, "student_layers": STUDENT_LAYERS,
                                                              "batch": BATCH, "seq": SEQ}},
