@@ -27,25 +27,13 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, median_time, write_results  # noqa: E402
-
-
-@dataclass
-class Shape:
-    name: str
-    teacher_layers: int
-    student_layers: int
-    hidden: int
-    heads: int
-    vocab: int
-    seq: int
-    batch: int
+from benchmarks.step import Shape  # noqa: E402  (the step benchmark's shapes: the same fields)
 
 
 SHAPES = {
