@@ -11,6 +11,8 @@ pass rebuilds exactly the context of the full pass.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -26,7 +28,7 @@ def causal_position_ids(attention_mask: torch.Tensor, q_len: int) -> torch.Tenso
     return pos[:, attention_mask.shape[1] - q_len:]            # (B, q_len)
 
 
-class FamilyAdapter:
+class FamilyAdapter(ABC):
     """What differs per family. Class attributes describe the family; methods act on the bound model."""
 
     family: str = ""                      # the name the wrapper reports, e.g. "bert", "llama"
@@ -55,18 +57,19 @@ class FamilyAdapter:
         return getattr(self.model, self.model.base_model_prefix)
 
     @property
+    @abstractmethod
     def blocks(self) -> nn.ModuleList:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def layer_prefix(self) -> str:
         """State-dict prefix of block `l`'s weights is f"{layer_prefix()}{l}." (student init)."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def head_weight_prefixes(cls, config) -> tuple[str, ...]:
         """Checkpoint tensor-name prefixes of which one must exist for the checkpoint to have an LM head;
         () when the head is the (tied) embedding matrix and needs no tensors of its own."""
-        raise NotImplementedError
 
     def student_config(self, config, layers: list[int]):
         """The teacher's config made into a student's keeping teacher blocks `layers` (edited in place)."""
@@ -79,27 +82,29 @@ class FamilyAdapter:
             raise ValueError(f"token_type_ids: a {self.family} model has no segment embeddings; expected None "
                              f"or all zeros")
 
+    @abstractmethod
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
               attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, S, D) states entering block 0."""
-        raise NotImplementedError
 
+    @abstractmethod
     def block_context(self, attention_mask: torch.Tensor, states: torch.Tensor, cache=None) -> dict:
         """What every block of one pass needs, built once from the (B, S) mask and the (B, q, D) states."""
-        raise NotImplementedError
 
+    @abstractmethod
     def run_block(self, l: int, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     # ---- head -----------------------------------------------------------------------------------
     @property
+    @abstractmethod
     def head_transform(self) -> nn.Module:
         """The module between the last block and the decoder (BERT: dense+act+LN; decoders: final norm)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def decoder(self) -> nn.Linear:
-        raise NotImplementedError
+        ...
 
     @property
     def decoder_bias(self) -> torch.Tensor | None:
