@@ -356,9 +356,13 @@ def open_teacher_cache(cfg: TrainConfig, teacher_path, teacher, tokenizer, token
     a difference is refused naming the field) and for missing or truncated shards, before any work."""
     from iit_fast.teacher_cache import CacheOptions, TeacherCache, run_fingerprint
     d = cfg.distill
+    # a cache may hold the first N rows of the corpus only (--max_examples): the run checks those rows
+    built = json.loads((Path(cfg.teacher_cache) / "cache.json").read_text()).get("fingerprint", {}) \
+        if (Path(cfg.teacher_cache) / "cache.json").is_file() else {}
     opts = CacheOptions(max_length=cfg.max_length, logit_tokens=d.logit_tokens_for(teacher.kind),
                         alignment=d.alignment, student_layers=cfg.student_layers, span_fraction=d.span_fraction,
-                        dims=d.dims, mlm_probability=cfg.mlm_probability, temperature=d.temperature)
+                        dims=d.dims, mlm_probability=cfg.mlm_probability, temperature=d.temperature,
+                        max_examples=built.get("examples") if isinstance(built.get("examples"), int) else None)
     expect = run_fingerprint(teacher_path=teacher_path, tokenizer=tokenizer, tokenized_split=tokenized["train"],
                              opts=opts, alignment=alignment)
     return TeacherCache.open(cfg.teacher_cache, expect=expect)
