@@ -89,7 +89,8 @@ def _engine(tmp: Path, stage: int, micro: int, accum: int, world: int, shard_tea
     from iit_fast.engine import init_engine, prepare_teacher, read_ds_config
     from iit_fast.optim import make_scheduler, param_groups
     from iit_fast.step import DistillStep
-    path = tmp / f"zero{stage}_{micro}x{accum}.json"
+    # one file per rank: every rank writes its config, and a shared file could be read half-written
+    path = tmp / f"zero{stage}_{micro}x{accum}_rank{os.environ.get('RANK', 0)}.json"
     # persistence threshold 0: ZeRO-3 partitions even these tiny tensors (its default keeps < 1e5 whole)
     zero = {"stage": stage, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": stage}
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
