@@ -108,6 +108,7 @@ class FamilyAdapter(ABC):
 
     @property
     def decoder_bias(self) -> torch.Tensor | None:
+        """The decoder's bias; None where it has none (GPT-2, Llama-family lm_heads)."""
         return self.decoder.bias
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:

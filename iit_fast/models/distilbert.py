@@ -2,7 +2,6 @@
 attributes of the model (vocab_transform, activation, vocab_layer_norm, vocab_projector), not one module."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .bert import BertAdapter
@@ -36,10 +35,6 @@ class DistilBertAdapter(BertAdapter):
     @property
     def decoder(self) -> nn.Linear:
         return self.model.vocab_projector
-
-    @property
-    def decoder_bias(self) -> torch.Tensor:
-        return self.decoder.bias
 
     def logits(self, last_hidden):
         return self.decoder(self.head_transform(last_hidden))

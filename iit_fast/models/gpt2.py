@@ -2,7 +2,6 @@
 pre-LN blocks, a final LayerNorm (`ln_f`, our head transform) and a bias-free `lm_head` tied to `wte`."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .adapter import FamilyAdapter, causal_position_ids
@@ -57,7 +56,3 @@ class GPT2Adapter(FamilyAdapter):
     @property
     def decoder(self) -> nn.Linear:
         return self.model.lm_head
-
-    @property
-    def decoder_bias(self) -> torch.Tensor | None:
-        return self.model.lm_head.bias  # None: GPT-2's lm_head has no bias

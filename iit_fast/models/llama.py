@@ -8,7 +8,6 @@ when `config.sliding_window` is set, Llama is full causal attention.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .adapter import FamilyAdapter, causal_position_ids
@@ -79,7 +78,3 @@ class LlamaAdapter(FamilyAdapter):
     @property
     def decoder(self) -> nn.Linear:
         return self.model.lm_head
-
-    @property
-    def decoder_bias(self) -> torch.Tensor | None:
-        return self.model.lm_head.bias  # None: these lm_heads have no bias
