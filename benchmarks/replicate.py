@@ -71,16 +71,26 @@ def train_flags(a, mode: str, seed: int, out: Path, ds_config: Path) -> list[str
          "--max_length", str(a.max_length), "--max_steps", str(a.steps), "--eval_interval", str(a.eval_interval),
          "--eval_sequences", str(a.train_eval_sequences), "--seed", str(seed), "--out_dir", str(out),
          "--alignment", a.alignment, "--lr", str(a.lr), "--warmup_steps", str(a.warmup_steps), "--plots", "false",
-         "--precision", a.precision]
-    if a.teacher:
-        f += ["--teacher", str(a.teacher)]
-    if a.corpus:
-        f += ["--corpus", a.corpus]
-    if a.cache_dir:
-        f += ["--cache_dir", str(a.cache_dir)]
+         "--precision", a.precision] + source_flags(a)
     if a.teacher_cache:
         f += ["--teacher_cache", str(teacher_cache(a, logit_tokens_of(mode)))]
     return f + MODES[mode][0]
+
+
+def source_flags(a) -> list[str]:
+    """--teacher / --corpus / --cache_dir, as train.py and cache-teacher both spell them."""
+    return ((["--teacher", str(a.teacher)] if a.teacher else []) + (["--corpus", a.corpus] if a.corpus else [])
+            + (["--cache_dir", str(a.cache_dir)] if a.cache_dir else []))
+
+
+def run_logged(cmd: list[str], log: Path, what: str) -> float:
+    """Run `cmd` from the repository, its output to `log`; its wall seconds, or exit naming `what` and the log."""
+    t0 = time.time()
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"error: {what} failed (exit {rc}); see {log}:\n" + log.read_text()[-3000:])
+    return time.time() - t0
 
 
 def relative(cmd: list[str]) -> str:
@@ -98,21 +108,10 @@ def teacher_cache(a, logit_tokens: str) -> Path:
     cmd = [sys.executable, "-m", "iit_fast.cli", "cache-teacher", "--out", str(folder),
            "--max_length", str(a.max_length), "--top_k", str(a.cache_top_k), "--plans", str(a.cache_plans),
            "--hidden", "--logit_tokens", logit_tokens, "--alignment", a.alignment,
-           "--student_layers", str(a.student_layers), "--max_examples", str(rows + rows % 2), "--no_progress"]
-    if a.teacher:
-        cmd += ["--teacher", str(a.teacher)]
-    if a.corpus:
-        cmd += ["--corpus", a.corpus]
-    if a.cache_dir:
-        cmd += ["--cache_dir", str(a.cache_dir)]
+           "--student_layers", str(a.student_layers), "--max_examples", str(rows + rows % 2),
+           "--no_progress"] + source_flags(a)
     print(f"[replicate] building the teacher cache: {relative(cmd[1:])}", flush=True)
-    log = a.runs_dir / f"cache-{logit_tokens}.log"
-    t0 = time.time()
-    with open(log, "w") as fh:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise SystemExit(f"error: building the teacher cache failed (exit {rc}); see {log}:\n" + log.read_text()[-3000:])
-    wall = time.time() - t0
+    wall = run_logged(cmd, a.runs_dir / f"cache-{logit_tokens}.log", "building the teacher cache")
     record.write_text(json.dumps({"logit_tokens": logit_tokens, "wall_s": wall, "rows": rows,
                                   "command": "python " + relative(cmd[1:])}, indent=1) + "\n")
     print(f"[replicate] teacher cache ({logit_tokens}) built in {wall:.0f} s", flush=True)
@@ -131,14 +130,8 @@ def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
         shutil.rmtree(out)
     cmd = [sys.executable, str(REPO / "iit_fast" / "train.py")] + train_flags(a, mode, seed, out, ds_config)
     print(f"[replicate] {mode} seed {seed}: {relative(cmd[1:])}", flush=True)
-    t0 = time.time()
     log = a.runs_dir / f"{mode}-seed{seed}.log"
-    with open(log, "w") as fh:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
-    wall = time.time() - t0
-    if rc != 0:
-        raise SystemExit(f"error: training {mode} seed {seed} failed (exit {rc}); see {log}:\n"
-                         + log.read_text()[-3000:])
+    wall = run_logged(cmd, log, f"training {mode} seed {seed}")
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     tps = [r["tokens_per_s"] for r in steps[1:]] or [r["tokens_per_s"] for r in steps]
