@@ -8,6 +8,8 @@ after the other:
 - **standard**: `--mode standard --w_iit 0` (ce + mlm + cos, 0.25 each);
 - **causal**: `--mode fast` with the published weights (ce + mlm + cos + iit), KL terms at every token;
 - **causal-masked**: the same with `--logit_tokens masked` (ce and iit at the MLM targets only: cheaper);
+- **standard-masked**: standard with `--logit_tokens masked` (ce at the MLM targets only), so that
+  causal-masked - standard-masked is what the IIT term adds once the ce tokens are the same;
 - **standard-nomlm** / **causal-nomlm**: both with `--w_mlm 0`. Without the MLM term the student learns
   from the teacher only, so this pair isolates what the IIT term changes in what it learns from the teacher.
 Each run is evaluated as soon as it ends, with `iit_fast.eval` on the same validation batches (rows and
@@ -15,8 +17,8 @@ masks fixed by `eval.EVAL_SEED`): MLM perplexity, top-1, and IIA / counterfactua
 under the training alignment (plans fixed by `eval.IIA_SEED`), then fine-tuned on an offline downstream
 task (`iit_fast.finetune.build_source_task`: which of five manuals a paragraph comes from; hub tasks such
 as GLUE cannot be reached here). After every run the results are rewritten:
-benchmarks/results/<name>.{json,md,png}, with each mode's paired difference to its baseline by seed, the
-mean and a 95% t-interval, and the paired difference over the training steps.
+benchmarks/results/<name>.{json,md,png}, with the paired difference of each pair in COMPARISONS by seed,
+the mean and a 95% t-interval, and the paired difference over the training steps.
 
     python benchmarks/replicate.py                          # the full sweep: ~2 h on 2 quiet cores
     python benchmarks/replicate.py --steps 30 --max-length 64 --eval-interval 10   # a reduced one
@@ -50,19 +52,23 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 
-MODES = {  # name -> (train.py flags, the mode it is compared with)
-    "standard": (["--mode", "standard", "--w_iit", "0"], None),
-    "causal": (["--mode", "fast"], "standard"),
-    "causal-masked": (["--mode", "fast", "--logit_tokens", "masked"], "standard"),
-    "standard-nomlm": (["--mode", "standard", "--w_iit", "0", "--w_mlm", "0"], None),
-    "causal-nomlm": (["--mode", "fast", "--w_mlm", "0"], "standard-nomlm"),
+MODES = {  # name -> train.py flags
+    "standard": ["--mode", "standard", "--w_iit", "0"],
+    "causal": ["--mode", "fast"],
+    "causal-masked": ["--mode", "fast", "--logit_tokens", "masked"],
+    "standard-masked": ["--mode", "standard", "--w_iit", "0", "--logit_tokens", "masked"],
+    "standard-nomlm": ["--mode", "standard", "--w_iit", "0", "--w_mlm", "0"],
+    "causal-nomlm": ["--mode", "fast", "--w_mlm", "0"],
 }
+COMPARISONS = [  # (mode, its baseline): reported where both have finished runs of the same seed
+    ("causal", "standard"), ("causal-masked", "standard"), ("standard-masked", "standard"),
+    ("causal-masked", "standard-masked"), ("causal-nomlm", "standard-nomlm")]
 # two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 seeds); no scipy here
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def logit_tokens_of(mode: str) -> str:
-    flags = MODES[mode][0]
+    flags = MODES[mode]
     return flags[flags.index("--logit_tokens") + 1] if "--logit_tokens" in flags else "all"
 
 
@@ -74,7 +80,7 @@ def train_flags(a, mode: str, seed: int, out: Path, ds_config: Path) -> list[str
          "--precision", a.precision] + source_flags(a)
     if a.teacher_cache:
         f += ["--teacher_cache", str(teacher_cache(a, logit_tokens_of(mode)))]
-    return f + MODES[mode][0]
+    return f + MODES[mode]
 
 
 def source_flags(a) -> list[str]:
@@ -241,9 +247,8 @@ def interval(xs: list[float]) -> tuple[float, float]:
     return m, T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
-def paired_runs(infos, mode: str) -> list[tuple[dict, dict]]:
-    """(baseline run, run) of `mode` for every seed where both have finished."""
-    base = MODES[mode][1]
+def paired_runs(infos, mode: str, base: str) -> list[tuple[dict, dict]]:
+    """(run of `base`, run of `mode`) for every seed where both have finished."""
     by = {(i["mode"], i["seed"]): i for i in infos}
     return [(by[(base, i["seed"])], i) for i in infos if i["mode"] == mode and (base, i["seed"]) in by]
 
@@ -251,8 +256,8 @@ def paired_runs(infos, mode: str) -> list[tuple[dict, dict]]:
 def differences(infos) -> list[dict]:
     """One row per (compared mode, metric): the paired differences by seed, their mean and 95% interval."""
     rows = []
-    for mode, (_, base) in MODES.items():
-        pairs = paired_runs(infos, mode) if base else []
+    for mode, base in COMPARISONS:
+        pairs = paired_runs(infos, mode, base)
         if not pairs:
             continue
         for name, (get, fmt) in METRICS.items():
@@ -301,7 +306,7 @@ def plot(a, infos, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(12, 4.4))
-    colors = dict(zip(MODES, ["tab:blue", "tab:red", "tab:orange", "tab:cyan", "tab:purple"]))
+    colors = dict(zip(MODES, ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:cyan", "tab:purple"]))
     for mode in MODES:
         runs = [i for i in infos if i["mode"] == mode]
         if not runs:
@@ -315,20 +320,20 @@ def plot(a, infos, path: Path):
     ax.set_xlabel("optimizer step"), ax.set_ylabel("validation perplexity (train.py's validation)")
     ax.set_yscale("log"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     ax.set_title(f"{a.student_layers}-layer student, {a.steps} steps, mean over seeds", fontsize=10)
-    for mode, (_, base) in MODES.items():
-        pairs = paired_runs(infos, mode) if base else []
+    for (mode, base), color in zip(COMPARISONS, ["tab:red", "tab:orange", "tab:green", "tab:brown", "tab:purple"]):
+        pairs = paired_runs(infos, mode, base)
         if not pairs:
             continue
         curves = [(dict(b["val_curve"]), dict(c["val_curve"])) for b, c in pairs]
         steps = sorted(set.intersection(*(set(cb) & set(cc) for cb, cc in curves)))
         diffs = [[cc[s] - cb[s] for cb, cc in curves] for s in steps]
         for k in range(len(curves)):
-            dx.plot(steps, [d[k] for d in diffs], color=colors[mode], lw=0.6, alpha=0.4)
+            dx.plot(steps, [d[k] for d in diffs], color=color, lw=0.6, alpha=0.4)
         mh = [interval(d) for d in diffs]
-        dx.plot(steps, [m for m, _ in mh], marker=".", color=colors[mode],
+        dx.plot(steps, [m for m, _ in mh], marker=".", color=color,
                 label=f"{mode} - {base} (mean of {len(curves)} seeds; band 95% CI)")
         if len(curves) > 1:
-            dx.fill_between(steps, [m - h for m, h in mh], [m + h for m, h in mh], color=colors[mode], alpha=0.15)
+            dx.fill_between(steps, [m - h for m, h in mh], [m + h for m, h in mh], color=color, alpha=0.15)
     dx.axhline(0, color="gray", lw=1)
     dx.set_xlabel("optimizer step"), dx.set_ylabel("perplexity difference, same seed")
     dx.set_title("paired difference: below 0 = the causal mode is better", fontsize=10)
@@ -432,7 +437,7 @@ def main(argv=None):
     p.add_argument("--corpus", default=None, help="load_corpus spec (default: the embedded default corpus)")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
-                   help="modes to train (a compared mode needs its baseline too)")
+                   help="modes to train (COMPARISONS lists the pairs reported)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch (sequences) per step")
@@ -460,10 +465,6 @@ def main(argv=None):
     p.add_argument("--name", default="replicate", help="results name: benchmarks/results/<name>.{json,md,png}")
     p.add_argument("--note", default="", help="a sentence for the results file (e.g. why the run was reduced)")
     a = p.parse_args(argv)
-    for mode in a.modes:
-        base = MODES[mode][1]
-        if base and base not in a.modes:
-            p.error(f"--modes: {mode} is compared with {base}; add {base}")
     a.runs_dir.mkdir(parents=True, exist_ok=True)
     ds_config = a.runs_dir / f"ds-micro{a.batch_size}.json"
     ds_config.write_text(json.dumps({"train_micro_batch_size_per_gpu": a.batch_size, "gradient_accumulation_steps": 1,
