@@ -476,14 +476,17 @@ def main(argv=None):
     t0 = time.time()
     judge = Judge(a)
     infos = []
-    for seed in a.seeds:            # interleaved, so a load change on a shared machine hits every mode alike
-        for mode in a.modes:
-            info = train_one(a, mode, seed, ds_config)
-            infos.append(info)
-            judge.evaluate(info)
-            if a.downstream_steps > 0:
-                judge.downstream(info)
-            report(a, infos, judge, None, cmd, t0)   # the figures so far: a stop loses nothing
+    # interleaved, so a load change on a shared machine hits every mode alike; finished runs first, so that
+    # every report of a continued sweep holds all of them
+    todo = [(mode, seed) for seed in a.seeds for mode in a.modes]
+    todo.sort(key=lambda ms: not (a.runs_dir / f"{ms[0]}-seed{ms[1]}" / "replicate_run.json").is_file())
+    for mode, seed in todo:
+        info = train_one(a, mode, seed, ds_config)
+        infos.append(info)
+        judge.evaluate(info)
+        if a.downstream_steps > 0:
+            judge.downstream(info)
+        report(a, infos, judge, None, cmd, t0)   # the figures so far: a stop loses nothing
     refs = judge.references(a.seeds) if a.downstream_steps > 0 else None
     report(a, infos, judge, refs, cmd, t0)
     print((RESULTS / f"{a.name}.md").read_text())
