@@ -396,7 +396,8 @@ def report(a, infos, judge, refs, cmd: str, t0: float) -> None:
     payload = {"machine": machine(), "command": cmd, "args": {k: str(v) for k, v in vars(a).items()},
                "teacher_eval": ti, "init_eval": s0, "runs": infos, "paired_differences": diffs,
                "references_downstream": refs}
-    payload = json.loads(json.dumps(payload, default=str).replace(str(REPO) + "/", ""))  # no path of this machine
+    payload = json.loads(json.dumps(payload, default=str).replace(str(REPO) + "/", "")  # no path of this machine
+                         .replace(str(Path.home()) + "/", "~/"))
     cols = ["mode", "seeds", "val. perplexity", "top-1", "IIA", "cf. KL", "downstream acc.", "wall time (s)",
             "tokens/s", "precision"]
     write_results(a.name, payload, per_mode(done), cols, title="Standard vs causal distillation, paired by seed",
