@@ -336,7 +336,7 @@ def plot(a, infos, path: Path):
             dx.fill_between(steps, [m - h for m, h in mh], [m + h for m, h in mh], color=color, alpha=0.15)
     dx.axhline(0, color="gray", lw=1)
     dx.set_xlabel("optimizer step"), dx.set_ylabel("perplexity difference, same seed")
-    dx.set_title("paired difference: below 0 = the causal mode is better", fontsize=10)
+    dx.set_title("paired difference: below 0 = the first mode of the pair is better", fontsize=10)
     dx.grid(alpha=0.3), dx.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
