@@ -20,7 +20,7 @@ as GLUE cannot be reached here). After every run the results are rewritten:
 benchmarks/results/<name>.{json,md,png}, with the paired difference of each pair in COMPARISONS by seed,
 the mean and a 95% t-interval, and the paired difference over the training steps.
 
-    python benchmarks/replicate.py                          # the full sweep: ~2 h on 2 quiet cores
+    python benchmarks/replicate.py    # the full sweep (replicate.md): 18 runs, ~2 h on 2 quiet cores
     python benchmarks/replicate.py --steps 30 --max-length 64 --eval-interval 10   # a reduced one
     python benchmarks/replicate.py --teacher-cache runs/replicate-cache --runs-dir runs/replicate-cached \\
         --online-runs runs/replicate --name replicate-cached  # the same runs from one teacher cache
@@ -440,7 +440,7 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                    help="modes to train (COMPARISONS lists the pairs reported)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch (sequences) per step")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--student-layers", type=int, default=3)
@@ -449,7 +449,7 @@ def main(argv=None):
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="train.py --precision (auto: bf16 where its probe finds bf16 GEMMs faster)")
-    p.add_argument("--eval-interval", type=int, default=15, help="steps between train.py's validations (the plot)")
+    p.add_argument("--eval-interval", type=int, default=20, help="steps between train.py's validations (the plot)")
     p.add_argument("--train-eval-sequences", type=int, default=80, help="validation sequences inside train.py")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches of the final evaluation")
     p.add_argument("--eval-batch-size", type=int, default=32)
