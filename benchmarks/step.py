@@ -154,7 +154,8 @@ def make_step(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: s
     """(step: () -> StepOutput, batch, plan): one training step's forward + backward, grads reset first."""
     from iit_fast.config import DistillConfig
     from iit_fast.sampling import make_alignment, sample_plan
-    from iit_fast.step import counted_flops, distill_step
+    from iit_fast.flops import counted_flops
+    from iit_fast.step import distill_step
     teacher_dtype, autocast, student_weights, _ = PRECISIONS[precision]
     teacher, student, batch = build(shape, attn=attn)
     teacher.to(device=device, dtype=getattr(torch, teacher_dtype))
@@ -379,7 +380,7 @@ def main():
                        for m in MODES}
                 allocator = res["fast"]["allocator"]
                 # masked LMs: DESIGN.md's model (comparable with earlier results); causal LMs: the step's exact
-                # count (step.counted_flops: the counterfactual's reuse of the prefix included)
+                # count (flops.counted_flops: the counterfactual's reuse of the prefix included)
                 fl = {m: res[m]["counted_flops"] if shape.causal else
                       flops_per_step(shape, m, res[m]["kd_fraction"], res[m]["site_t"], res[m]["site_s"])
                       for m in MODES}

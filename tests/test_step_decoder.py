@@ -11,7 +11,8 @@ from iit_fast.config import DistillConfig
 from iit_fast.models import IntervenableLM, init_student_from_teacher
 from iit_fast.ops.reference import kd_loss_reference
 from iit_fast.sampling import InterventionPlan, make_alignment, pad_offsets, sample_plan
-from iit_fast.step import check_pair, counted_flops, distill_step, suffix_groups
+from iit_fast.flops import counted_flops
+from iit_fast.step import check_pair, distill_step, suffix_groups
 from test_step import assert_same_step, run
 from tiny import TINY_CAUSAL, tiny_batch, tiny_causal_batch, tiny_pair
 
