@@ -42,7 +42,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 # the native CPU kernels, compiled once into TORCH_EXTENSIONS_DIR (else on first use)
 "$VPY" -c "from iit_fast.ops._native import build_all; build_all()
-from iit_fast.ops.head_loss import _native_step; _native_step()" >/dev/null 2>&1 || echo "[setup] note: native CPU kernels not built now; they build on first use"
+from iit_fast.ops.head_loss.native import native_step; native_step()" >/dev/null 2>&1 || echo "[setup] note: native CPU kernels not built now; they build on first use"
 "$VPY" - <<'PY'
 import torch, transformers, deepspeed, triton
 print(f"[setup] ok: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers "

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, measure_copy_bandwidth, median_time, sync, write_results  # noqa: E402
 from iit_fast.ops.interchange import hidden_loss, interchange, interchange_hidden_loss  # noqa: E402
-from iit_fast.ops.reference import (hidden_loss_reference, interchange_hidden_loss_reference,  # noqa: E402
+from iit_fast.ops.interchange.reference import (hidden_loss_reference, interchange_hidden_loss_reference,  # noqa: E402
                                     interchange_reference)
 
 OPS = ("interchange", "hidden_loss", "interchange_hidden_loss")
@@ -171,8 +171,8 @@ def paired_copy_ratio(run, nbytes: int, device: str, rounds: int = 11) -> float:
 # ---------------------------------------------------------------------------------------------------------
 def aot_registers() -> list[dict]:
     try:
-        from iit_fast.kernels.aot import run_in_subprocess
-        rows = run_in_subprocess("iit_fast.kernels.aot", "compile_configs", ["iit_fast.kernels.interchange"],
+        from iit_fast.ops.aot import run_in_subprocess
+        rows = run_in_subprocess("iit_fast.ops.aot", "compile_configs", ["iit_fast.ops.interchange.triton"],
                                  [80, 90], timeout=600)
         return [{k: r[k] for k in ("kernel", "arch", "dtype", "constexprs", "num_warps", "registers", "spills",
                                    "local_bytes")} for r in rows]

@@ -13,7 +13,7 @@ under `pi`, and the student resumes once per alignment pair present (once, with 
 
 The terms, as in the online fast step (step.fast_step), the teacher side read from the cache:
 - `ce`, `mlm`: the student's decoder fused with the sparse top-k KL (+ the rest bucket) and the MLM CE,
-  chunked (ops/sparse_kl.py): the student's log-sum-exp runs over the whole vocabulary, no (N, V) tensor
+  chunked (ops/head_loss/sparse.py): the student's log-sum-exp runs over the whole vocabulary, no (N, V) tensor
   is whole, the gradient is produced in the forward;
 - `cos`: against the cached last hidden states (the cache must have been built with --hidden);
 - `iit`: the student's counterfactual pass resumed from its site with the cached plan

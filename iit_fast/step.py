@@ -60,8 +60,8 @@ from transformers import DynamicCache
 from . import ops
 from .config import DistillConfig
 from .models import IntervenableMLM
-from .ops.reference import (hidden_loss_reference, interchange_reference, kd_loss_reference,
-                            mlm_loss_reference)
+from .ops.head_loss.reference import kd_loss_reference, mlm_loss_reference
+from .ops.interchange.reference import hidden_loss_reference, interchange_reference
 from .sampling import InterventionPlan, check_plan
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -11,7 +11,7 @@ What an example holds (everything the student's step needs, so training runs no 
   example)), so the cached teacher outputs are those of the very input the student sees;
 - the teacher's top-k log-probs at temperature T (`logp` in fp16/bf16/fp32, `ids` int32) at the loss
   tokens (every real token, or the masked ones: `logit_tokens`), and `rest`, the log of the mass outside
-  the top k (fp32), so the KL over the k entries plus one "rest" bucket is defined (ops/sparse_kl.py);
+  the top k (fp32), so the KL over the k entries plus one "rest" bucket is defined (ops/head_loss/sparse.py);
 - its fixed source partner (published style: fixed for the whole run). Examples are paired at random
   once; a pair's two rows are each other's source, and a batch is made of whole pairs;
 - M intervention plans per pair (the alignment pair, and per row the spans in base and source), with

@@ -20,7 +20,7 @@ from iit_fast.eval import (counterfactual_hidden, identity_alignment, interchang
                            parse_alignment, scored_positions)
 from iit_fast.finetune import accuracy_macro_f1
 from iit_fast.models import IntervenableMLM
-from iit_fast.ops.reference import interchange_reference
+from iit_fast.ops.interchange.reference import interchange_reference
 from iit_fast.sampling import make_alignment, sample_plan
 from tiny import tiny_batch, tiny_bert, tiny_causal_batch, tiny_gpt2, tiny_pair
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from iit_fast.config import DistillConfig
-from iit_fast.ops.reference import hidden_loss_reference, kd_loss_reference, mlm_loss_reference
+from iit_fast.ops.head_loss.reference import kd_loss_reference, mlm_loss_reference
+from iit_fast.ops.interchange.reference import hidden_loss_reference
 from iit_fast.step import check_pair, weighted_total
 
 ce_loss = iit_loss = kd_loss_reference  # iit is ce on the counterfactual logits

@@ -6,7 +6,8 @@ import torch
 from transformers import DynamicCache
 
 from iit_fast.models import IntervenableLM, init_student_from_teacher, student_layer_map
-from iit_fast.ops.reference import interchange_reference, kd_loss_reference
+from iit_fast.ops.head_loss.reference import kd_loss_reference
+from iit_fast.ops.interchange.reference import interchange_reference
 from tiny import TINY_CAUSAL, tiny_causal_batch, tiny_gpt2, tiny_llama
 
 FAMILIES = list(TINY_CAUSAL)

@@ -8,7 +8,7 @@ import torch
 
 from iit_fast.ops import distill_head_loss
 from iit_fast.ops.head_loss import DistillHeadLossFunction, default_chunk_size
-from iit_fast.ops.reference import distill_head_loss_reference
+from iit_fast.ops.head_loss.reference import distill_head_loss_reference
 
 
 def make(n=37, d=16, dt=24, v=97, dtype=torch.float32, p_label=0.3, mask="some", labels=True, seed=0):
@@ -160,8 +160,10 @@ def test_default_chunk_size():
 def test_native_step_bert_vocab_row(with_labels):
     # the C++ step against the torch step on a few full BERT-vocabulary rows (V = 30522, not a multiple
     # of any vector width), wide logits so the softmaxes are peaked
-    from iit_fast.ops.head_loss import _inner_native, _inner_torch, _native_step
-    assert _native_step() is not None, "native CPU step did not build"
+    from iit_fast.ops.head_loss.inner import inner_torch as _inner_torch
+    from iit_fast.ops.head_loss.native import inner_native as _inner_native
+    from iit_fast.ops.head_loss.native import native_step
+    assert native_step() is not None, "native CPU step did not build"
     g = torch.Generator().manual_seed(5)
     C, V = 3, 30522
     zs, zt = torch.randn(C, V, generator=g) * 4, torch.randn(C, V, generator=g) * 4

@@ -7,10 +7,17 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import iit_fast.ops._common as common
 import iit_fast.ops.head_loss as hl
+import iit_fast.ops.head_loss.chunked as chunked
+import iit_fast.ops.head_loss.native as native
 from iit_fast.ops import distill_head_loss
-from iit_fast.ops.reference import (distill_head_loss_reference, hidden_loss_reference, kd_loss_reference,
-                                    mlm_loss_reference)
+from iit_fast.ops.head_loss.reference import (
+    distill_head_loss_reference,
+    kd_loss_reference,
+    mlm_loss_reference,
+)
+from iit_fast.ops.interchange.reference import hidden_loss_reference
 
 IMPLS = ["reference", "chunked", "native", "triton"]
 
@@ -166,17 +173,17 @@ def test_fp64_refused_with_a_clear_error(impl):
 
 
 def test_triton_launcher_names_the_dtype():
-    from iit_fast.kernels.head_loss import distill_head_loss_chunk_triton
+    from iit_fast.ops.head_loss.triton import distill_head_loss_chunk_triton
     z = torch.zeros(2, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="torch.float64.*supported"):
         distill_head_loss_chunk_triton(z, z.clone(), None, torch.ones(2), None, 2.0)
 
 
 def test_native_unavailable_warns_once_with_the_fix(monkeypatch, caplog):
-    monkeypatch.setattr(hl, "_native_fn", None)
-    monkeypatch.setattr(hl, "_native_error", "ninja is not installed; fix: install a C++ compiler (g++) and "
+    monkeypatch.setattr(native, "_fn", None)
+    monkeypatch.setattr(native, "error", "ninja is not installed; fix: install a C++ compiler (g++) and "
                         "ninja (pip install ninja)")
-    monkeypatch.setattr(hl, "_logged", set())
+    monkeypatch.setattr(common, "_logged", set())
     with caplog.at_level("INFO", logger="iit_fast.ops"):
         assert hl._pick_impl("auto", torch.device("cpu"), torch.float32) == "chunked"
         assert hl._pick_impl("auto", torch.device("cpu"), torch.float32) == "chunked"
@@ -191,7 +198,7 @@ def test_load_native_without_ninja_says_how_to_fix(monkeypatch):
     monkeypatch.setattr(nat.shutil, "which", lambda name: None)
     monkeypatch.setattr(nat, "_has_ninja_module", lambda: False)
     with pytest.raises(nat.NativeUnavailable, match=r"ninja is not installed.*pip install ninja"):
-        nat.load_native("iit_fast_test_no_ninja", ["head_loss.cpp"])
+        nat.load_native("iit_fast_test_no_ninja", ["head_loss/native.cpp"])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -269,7 +276,7 @@ def test_kl_vocab_128k_bf16_no_error_floor(inner):
     w = torch.full((zs.shape[0],), 0.25)
     # the chunk loop upcasts bf16 logits to fp32; the Triton kernel loads the bf16 logits itself
     a, b = (zs.clone(), zt.clone()) if inner == "triton" else (zs.float(), zt.float())
-    _, kl, _ = hl._INNER[inner](a, b, None, w, None, 2.0)
+    _, kl, _ = chunked.INNER[inner](a, b, None, w, None, 2.0)
     kl = kl.double()
     assert (kl >= 0).all()
     assert ((kl - truth).abs() / truth).max() < 1e-5
@@ -289,7 +296,7 @@ def test_head_loss_vocab_128k_bf16(impl):
     w = (torch.randn(V, d, generator=g) * 0.5).bfloat16()
     wt = (w.float() + (torch.rand(V, d, generator=g) < 0.01) * 0.05).bfloat16()
     ce, _ = distill_head_loss(hs, hs, w, None, wt, None, None, None, 2.0, chunk_size=4, impl=impl)
-    if hl._mm_out_dtype_supported(hs.device, torch.bfloat16):
+    if chunked._mm_out_dtype_supported(hs.device, torch.bfloat16):
         zs, zt = hs.double() @ w.double().T, hs.double() @ wt.double().T
     else:
         zs, zt = (hs @ w.T).double(), (hs @ wt.T).double()

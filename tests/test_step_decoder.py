@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from iit_fast import step as step_module
 from iit_fast.config import DistillConfig
 from iit_fast.models import IntervenableLM, init_student_from_teacher
-from iit_fast.ops.reference import kd_loss_reference
+from iit_fast.ops.head_loss.reference import kd_loss_reference
 from iit_fast.sampling import InterventionPlan, make_alignment, pad_offsets, sample_plan
 from iit_fast.flops import counted_flops
 from iit_fast.step import check_pair, distill_step, suffix_groups

@@ -16,8 +16,8 @@ from iit_fast import teacher_cache as tc
 from iit_fast.cached_step import CacheBatches, CachedDistillStep, cached_distill_step, collate_pairs
 from iit_fast.config import DistillConfig
 from iit_fast.models import IntervenableLM, init_student_from_teacher, load_model
-from iit_fast.ops.reference import distill_head_loss_reference
-from iit_fast.ops.sparse_kl import sparse_distill_head_loss, sparse_distill_head_loss_reference
+from iit_fast.ops.head_loss.reference import distill_head_loss_reference
+from iit_fast.ops.head_loss.sparse import sparse_distill_head_loss, sparse_distill_head_loss_reference
 from iit_fast.step import distill_step
 from iit_fast.teacher_cache import CacheOptions, TeacherCache, build_cache, fingerprint_fields
 from tiny import tiny_bert, tiny_bert_tokenizer

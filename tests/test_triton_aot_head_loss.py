@@ -2,7 +2,7 @@
 register spills and no local memory.
 
 The compile runs in a subprocess without TRITON_INTERPRET (conftest sets it, and the interpreter patches
-`triton.language`, so the real compiler cannot run in this process). It uses `iit_fast.kernels.aot`'s
+`triton.language`, so the real compiler cannot run in this process). It uses `iit_fast.ops.aot`'s
 `compile_kernel` when that helper exists, else `triton.compile(ASTSource(...), target=GPUTarget(...))`
 and `cuobjdump --dump-resource-usage` directly.
 
@@ -46,9 +46,10 @@ def _resources(cubin: bytes, tmp: Path) -> dict:
 
 def compile_all(tmp: Path) -> list[dict]:
     """Compile every (arch, variant); runs in a process without TRITON_INTERPRET."""
-    from iit_fast.kernels.head_loss import BLOCK_V, NUM_WARPS, _distill_head_loss_kernel as fn
+    from iit_fast.ops.head_loss.triton import BLOCK_V, NUM_WARPS
+    from iit_fast.ops.head_loss.triton import _distill_head_loss_kernel as fn
     try:
-        from iit_fast.kernels.aot import compile_kernel  # the shared AOT helper
+        from iit_fast.ops.aot import compile_kernel  # the shared AOT helper
     except ImportError:  # pragma: no cover - older trees
         compile_kernel = None
     rows = []
@@ -58,7 +59,7 @@ def compile_all(tmp: Path) -> list[dict]:
             row = {"arch": f"sm_{arch}", "HAS_LABELS": has_labels, "BLOCK_V": BLOCK_V, "num_warps": NUM_WARPS}
             if compile_kernel is not None:
                 res = compile_kernel(fn, SIGNATURE, constexprs, arch, num_warps=NUM_WARPS)
-                row["via"] = "iit_fast.kernels.aot.compile_kernel"
+                row["via"] = "iit_fast.ops.aot.compile_kernel"
                 row.update({k: int(res[k]) for k in ("registers", "spills", "stack", "shared")})
                 row["local"] = int(res["local_bytes"])
                 ptx = res["ptx"]

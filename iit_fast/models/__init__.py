@@ -84,7 +84,7 @@ class DistillHeadLoss(nn.Module):
         """`vocab`: compare over the decoder's first `vocab` rows only (a student whose embedding has
         padding rows past the tokenizer's ids); they get no gradient. `sparse_targets` = (log-probs (N, k),
         ids (N, k), rest (N,)): a cached teacher's top-k instead of its states and decoder
-        (`ops.sparse_kl`; the teacher arguments are then None)."""
+        (`ops.head_loss.sparse`; the teacher arguments are then None)."""
         from ..ops import distill_head_loss
         owner = self._owner[0]
         weight, bias = owner.decoder_weight, owner.decoder_bias
@@ -92,7 +92,7 @@ class DistillHeadLoss(nn.Module):
             weight, bias = weight[:vocab], (None if bias is None else bias[:vocab])      # (V', D), (V',)
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias                 # (V,)
         if sparse_targets is not None:
-            from ..ops.sparse_kl import sparse_distill_head_loss
+            from ..ops.head_loss.sparse import sparse_distill_head_loss
             logp, ids, rest = sparse_targets
             return sparse_distill_head_loss(hidden, weight, bias, logp, ids, rest, labels, temperature,
                                             chunk_size=chunk_size, impl="reference" if impl == "reference"

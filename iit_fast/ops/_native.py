@@ -1,6 +1,6 @@
-"""Loader of the native CPU kernels in `csrc/` (C++ with OpenMP, plain C ABI, called through ctypes).
+"""Loader of the ops' native CPU kernels (`iit_fast/ops/<op>/native.cpp`: C++ with OpenMP, plain C ABI, called through ctypes).
 
-    lib = load_native("iit_fast_interchange", ["interchange.cpp"])   # ctypes.CDLL, or raises NativeUnavailable
+    lib = load_native("iit_fast_interchange", ["interchange/native.cpp"])   # ctypes.CDLL, or raises NativeUnavailable
 
 The sources are compiled once, on first use, by `torch.utils.cpp_extension.load(..., is_python_module=False)`
 into its cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions): a few seconds, announced on
@@ -40,16 +40,16 @@ class NativeUnavailable(RuntimeError):
     says why and how to fix it."""
 
 
-def csrc_dir() -> Path:
-    import iit_fast.csrc as csrc_pkg
-    return Path(csrc_pkg.__file__).resolve().parent
+def ops_dir() -> Path:
+    """iit_fast/ops/, the folder the sources are named relative to (installed as package data)."""
+    return Path(__file__).resolve().parent
 
 
 def load_native(name: str, sources, extra_cflags=DEFAULT_CFLAGS, extra_ldflags=DEFAULT_LDFLAGS) -> ctypes.CDLL:
     """Build (first use, cached) and load the C ABI library `name` made of `sources` (paths relative to
-    `csrc/` or absolute). Raises NativeUnavailable, with the reason, when that cannot be done; the failure
+    `iit_fast/ops/`, e.g. "head_loss/native.cpp", or absolute). Raises NativeUnavailable, with the reason, when that cannot be done; the failure
     is remembered, so a process tries once."""
-    paths = tuple(str(p if Path(p).is_absolute() else csrc_dir() / p) for p in sources)
+    paths = tuple(str(p if Path(p).is_absolute() else ops_dir() / p) for p in sources)
     key = (name, paths, tuple(extra_cflags), tuple(extra_ldflags))
     hit = _cache.get(key)
     if isinstance(hit, ctypes.CDLL):
@@ -107,7 +107,7 @@ def extensions_dir() -> str:
 
 # Libraries of the package's ops, so that an install step or CI can build them ahead of first use:
 #     python -m iit_fast.ops._native
-LIBRARIES = {"iit_fast_interchange": ("interchange.cpp",), "iit_fast_head_loss": ("head_loss.cpp",)}
+LIBRARIES = {"iit_fast_interchange": ("interchange/native.cpp",), "iit_fast_head_loss": ("head_loss/native.cpp",)}
 
 
 def build_all() -> dict[str, str]:

@@ -37,8 +37,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .head_loss import (LOW_PRECISION, accumulate_grads, common_scale, linear_chunk, default_chunk_size,
-                        kl_rows_torch, matmul_dtype)
+from .chunked import (
+    LOW_PRECISION,
+    accumulate_grads,
+    common_scale,
+    default_chunk_size,
+    linear_chunk,
+    matmul_dtype,
+)
+from .inner import kl_rows_torch
 
 IMPLS = ("chunked", "reference")
 # live (C, V) fp32 buffers of one chunk: the logits (becoming exp), the MLM softmax, one temporary

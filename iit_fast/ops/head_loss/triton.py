@@ -2,8 +2,8 @@
 logits, and their gradient, written in place over the student logits.
 
 The matmuls (hidden -> vocab logits, and the gradient back to hidden and decoder weight) go through the
-BLAS (`torch.addmm` on cuBLAS); the chunk loop and the autograd Function live in
-`iit_fast/ops/head_loss.py`. This file holds only the kernel and its launcher, Liger-Kernel style.
+BLAS (`torch.addmm` on cuBLAS); the chunk loop is in `chunked.py`, the autograd
+Function in `__init__.py`. This file holds only the kernel and its launcher, Liger-Kernel style.
 
 Math of one row (a token), V logits, temperature T, z_s student logits, z_t teacher logits:
 

@@ -1,6 +1,6 @@
 """Triton kernels of `interchange`, `hidden_loss` and `interchange_hidden_loss`, and their launchers.
 
-The autograd Functions and the dispatcher live in `iit_fast/ops/interchange.py`; this file holds only the
+The autograd Functions and the dispatcher live in `__init__.py` beside it; this file holds only the
 kernels and plain launchers, Liger-Kernel style. States are contiguous (B, S, D); token t = b * S + s; one
 program per token, looping over the hidden dims in BLOCK_D tiles (BLOCK_D = next power of two of D, capped
 at MAX_BLOCK_D, so at BERT sizes the row is one tile). Loads upcast to fp32; stores cast to the output's
@@ -295,7 +295,7 @@ def interchange_hidden_loss_forward(x, t, w, pi, bs, ss, k, d0, d1, kind_cos: bo
 # ------------------------------------------------------------------------------------------------------
 # Ahead-of-time configurations: what the launchers can run at BERT sizes (D = 384 / 768 / 1024 -> BLOCK_D =
 # 512 / 1024, and the cap 2048), with every autotune candidate. tests/test_triton_aot.py compiles each of
-# them for sm_80 and sm_90 through kernels/aot.py and checks that none spills.
+# them for sm_80 and sm_90 through iit_fast/ops/aot.py and checks that none spills.
 # ------------------------------------------------------------------------------------------------------
 
 def _sig(ptrs: str, rest: dict, dtype: str) -> dict:

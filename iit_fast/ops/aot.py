@@ -1,6 +1,6 @@
 """Ahead-of-time compile of a Triton kernel for a CUDA architecture, on any machine (no GPU needed).
 
-    from iit_fast.kernels.aot import compile_kernel
+    from iit_fast.ops.aot import compile_kernel
     r = compile_kernel(fn, {"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 90,
                        num_warps=4)
     r["ptx"], r["cubin"], r["registers"], r["spills"], r["local_bytes"], r["stack"], r["shared"]
@@ -84,7 +84,7 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, *, num_warp
     return res
 
 
-def compile_configs(modules=("iit_fast.kernels.interchange",), archs=(80, 90)) -> list[dict]:
+def compile_configs(modules=("iit_fast.ops.interchange.triton",), archs=(80, 90)) -> list[dict]:
     """Compile every configuration `module.aot_configs()` lists (dicts with fn, signature, constexprs,
     num_warps, and any other JSON-able keys) for each arch; JSON-able rows with the resource usage."""
     import importlib

@@ -4,12 +4,13 @@
     loss = hidden_loss(student, teacher, mask, kind="cos", impl="auto")
     out, loss = interchange_hidden_loss(states, teacher, mask, pi, bs, ss, k, dims=None, kind="mse", impl="auto")
 
-Semantics are those of `reference.py` (the ground truth). impl:
+Semantics are those of `reference.py` (the ground truth). This folder holds the op: `reference.py`,
+this dispatcher and its autograd Functions, `triton.py` (CUDA kernels), `native.cpp` (CPU kernels). impl:
   "auto"      CUDA tensors -> "triton"; CPU tensors -> "native" (built on first use) or, when the native
               library cannot be built, "reference"; the path is logged once per op (a warning for a fallback).
   "reference" the plain PyTorch reference (autograd does the backward).
-  "triton"    Triton kernels (kernels/interchange.py); on CPU only under TRITON_INTERPRET=1 (tests).
-  "native"    C++/OpenMP kernels (csrc/interchange.cpp) on CPU; fp32 and fp64 natively, bf16/fp16 computed
+  "triton"    Triton kernels (triton.py); on CPU only under TRITON_INTERPRET=1 (tests).
+  "native"    C++/OpenMP kernels (native.cpp) on CPU; fp32 and fp64 natively, bf16/fp16 computed
               in fp32 and cast back.
 `available_paths()` says which paths this process can run and why not.
 
@@ -29,15 +30,18 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from .reference import (hidden_loss_reference, interchange_hidden_loss_reference,
-                        interchange_reference)
+from .reference import (
+    hidden_loss_reference,
+    interchange_hidden_loss_reference,
+    interchange_reference,
+)
 
 log = logging.getLogger("iit_fast.ops")
 _logged: set[str] = set()
 
 IMPLS = ("auto", "reference", "triton", "native")
 _NATIVE_NAME = "iit_fast_interchange"
-_NATIVE_SOURCES = ("interchange.cpp",)
+_NATIVE_SOURCES = ("interchange/native.cpp",)
 
 
 def _log_once(key: str, msg: str, warning: bool = False) -> None:
@@ -54,12 +58,12 @@ _native_error: str | None = None
 
 
 def _native():
-    """The ctypes library of csrc/interchange.cpp, or None (reason in _native_error)."""
+    """The ctypes library of native.cpp, or None (reason in _native_error)."""
     global _native_lib, _native_error
     if _native_lib is None and _native_error is None:
         import ctypes
 
-        from ._native import NativeUnavailable, load_native
+        from .._native import NativeUnavailable, load_native
         try:
             lib = load_native(_NATIVE_NAME, _NATIVE_SOURCES)
         except NativeUnavailable as e:
@@ -181,24 +185,24 @@ class _TritonBackend:
 
     @staticmethod
     def interchange_fwd(x, pi, bs, ss, k, d0, d1):
-        from iit_fast.kernels.interchange import interchange_forward
+        from .triton import interchange_forward
         return interchange_forward(x.contiguous(), pi, bs, ss, k, d0, d1)
 
     @staticmethod
     def interchange_bwd(g, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype):
-        from iit_fast.kernels.interchange import interchange_backward
+        from .triton import interchange_backward
         return interchange_backward(None if g is None else g.contiguous(),
                                     None if gh is None else gh.contiguous(),
                                     scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype)
 
     @staticmethod
     def hidden_loss_fwd(s, t, w, kind_cos):
-        from iit_fast.kernels.interchange import hidden_loss_forward
+        from .triton import hidden_loss_forward
         return hidden_loss_forward(s.contiguous(), t.contiguous(), w.float().contiguous(), kind_cos)
 
     @staticmethod
     def interchange_hidden_loss_fwd(x, t, w, pi, bs, ss, k, d0, d1, kind_cos):
-        from iit_fast.kernels.interchange import interchange_hidden_loss_forward
+        from .triton import interchange_hidden_loss_forward
         return interchange_hidden_loss_forward(x.contiguous(), t.contiguous(), w.float().contiguous(),
                                                pi, bs, ss, k, d0, d1, kind_cos)
 

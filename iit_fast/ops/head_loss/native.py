@@ -1,0 +1,56 @@
+"""The native C++/OpenMP inner step of `distill_head_loss` (`native.cpp`, called through ctypes): 3 passes per
+row kept in L2, in place over the student logits, no scratch buffer. Same interface as `inner.inner_torch`;
+fp32 CPU logit chunks. Built on first use by `iit_fast.ops._native.load_native` (a few seconds, cached)."""
+from __future__ import annotations
+
+import torch
+
+_NATIVE_NAME = "iit_fast_head_loss"
+_NATIVE_SOURCES = ("head_loss/native.cpp",)
+_fn = None      # ctypes function once built
+error = None   # why it could not be built
+
+
+def native_step():
+    """Build (first call, a few seconds; cached in TORCH_EXTENSIONS_DIR) and load the C++ inner step;
+    None (reason in error) when that cannot be done."""
+    global _fn, error
+    if _fn is None and error is None:
+        import ctypes
+
+        from .._native import NativeUnavailable, load_native
+        try:
+            fn = load_native(_NATIVE_NAME, _NATIVE_SOURCES).iit_distill_head_loss_chunk_f32
+        except NativeUnavailable as e:
+            error = str(e)
+            return None
+        P, I64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [P, I64, P, I64, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int]
+        fn.restype = None
+        _fn = fn
+    return _fn
+
+
+def inner_native(zs, zt, labels, g_kd, g_lab, temperature):
+    fn = native_step()
+    if fn is None:
+        raise RuntimeError(f"distill_head_loss impl='native': native CPU step unavailable: {error}")
+    if zs.dtype != torch.float32 or zt.dtype != torch.float32 or zs.device.type != "cpu":
+        raise ValueError(f"distill_head_loss impl='native': the C++ step takes fp32 CPU logit chunks, got "
+                         f"{zs.dtype} / {zt.dtype} on {zs.device}")
+    C, V = zs.shape
+    if zs.stride(1) != 1 or zt.stride(1) != 1:
+        raise ValueError("distill_head_loss impl='native': logit chunks need unit column stride")
+    g_kd = g_kd.to(torch.float32).contiguous()
+    kl = torch.empty(C, dtype=torch.float32)
+    ce = torch.empty(C, dtype=torch.float32) if labels is not None else None
+    if labels is not None:
+        labels = labels.contiguous()
+        g_lab = g_lab.to(torch.float32).contiguous()
+    if C:
+        fn(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
+           labels.data_ptr() if labels is not None else None, g_kd.data_ptr(),
+           g_lab.data_ptr() if labels is not None else None, kl.data_ptr(),
+           ce.data_ptr() if ce is not None else None, C, V, float(temperature),
+           min(torch.get_num_threads(), max(1, (C * V) >> 18)))  # small chunks: one thread, no barrier
+    return zs, kl, ce
