@@ -122,7 +122,7 @@ def test_head_split_equals_hf_head(bert):
 
 def test_student_init_copies_layer_subset():
     assert student_layer_map(12, 6) == [0, 2, 4, 7, 9, 11]
-    assert student_layer_map(6, 3) == [0, 2, 5] or student_layer_map(6, 3) == [0, 3, 5]
+    assert student_layer_map(6, 3) == [0, 2, 5]  # round(2.5) == 2: Python rounds halves to even
     assert student_layer_map(4, 1) == [3]
     teacher = tiny_bert(layers=4)
     student = init_student_from_teacher(teacher, 2)
