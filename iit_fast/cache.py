@@ -5,6 +5,8 @@ temporary folder and then published with ``publish_folder``, so a folder that ex
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -26,3 +28,18 @@ def publish_folder(tmp: Path, final: Path, replace: bool) -> None:
         if not final.is_dir():
             raise
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir=None):
+    """One process at a time builds the embedded defaults and tokenizes (the others wait, then find them
+    built). A file lock, not a collective: it holds across a build of many minutes, and the kernel releases
+    it if its holder dies."""
+    root = Path(cache_dir or DEFAULT_CACHE)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

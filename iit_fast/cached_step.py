@@ -23,19 +23,18 @@ With K = V and fp32 values the terms and gradients equal the online step's (test
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .config import DistillConfig
+from .precision import student_autocast
 from .ops import hidden_loss
 from .sampling import InterventionPlan
 from .step import StepOutput, counterfactual_last_hidden, weighted_total
-from .teacher_cache import TeacherCache, _seed
+from .teacher_cache import TeacherCache, derived_seed
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -108,7 +107,7 @@ class CacheBatches:
 
     def epoch_batches(self, epoch: int) -> torch.Tensor:
         """(n, pairs_per_batch) pair ids of this rank's batches of `epoch`."""
-        g = torch.Generator().manual_seed(_seed("epoch", self.seed, epoch))
+        g = torch.Generator().manual_seed(derived_seed("epoch", self.seed, epoch))
         order = torch.randperm(self.cache.num_pairs, generator=g)
         P = self.pairs_per_batch
         batches = order[: len(order) // P * P].view(-1, P)
@@ -116,7 +115,7 @@ class CacheBatches:
         return batches[self.rank::self.world_size][:per_rank]
 
     def plan_of(self, epoch: int, pair: int) -> int:
-        g = torch.Generator().manual_seed(_seed("plan draw", self.seed, epoch, pair))
+        g = torch.Generator().manual_seed(derived_seed("plan draw", self.seed, epoch, pair))
         return int(torch.randint(self.cache.plans, (1,), generator=g))
 
     def batch(self, epoch: int, j: int) -> CachedBatch:
@@ -209,17 +208,12 @@ def _logit_tokens(cfg: DistillConfig) -> str:
     return cfg.logit_tokens_for("masked") if hasattr(cfg, "logit_tokens_for") else cfg.logit_tokens
 
 
-def _autocast(cfg: DistillConfig, device: torch.device):
-    if cfg.student_autocast == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[cfg.student_autocast])
-
 
 def sparse_head_losses(student, h_s: torch.Tensor, targets: tuple, labels: torch.Tensor | None,
                        cfg: DistillConfig, kd_weight: float, lm_weight: float):
     """(ce, mlm) of N loss tokens from the student's last states h_s (N, D) against cached sparse targets."""
     logp, ids, rest = targets
-    with _autocast(cfg, h_s.device):
+    with student_autocast(cfg, h_s.device):
         hs = student.head_transform(h_s)                                          # (N, D)
         # through the student's loss module: under ZeRO-3 that call gathers its decoder
         return student.lm_loss(hs, None, None, None, labels, None, cfg.temperature,
@@ -236,7 +230,7 @@ def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch
     impl = "auto" if cfg.ops == "fused" else "reference"
     iit = cfg.uses_iit and cfg.w_iit > 0
     groups = cb.groups() if iit else []
-    with _autocast(cfg, ids.device):
+    with student_autocast(cfg, ids.device):
         s = student(ids, am, tt, keep={plan.student_layer for _, plan in groups})
 
     terms = {}
@@ -252,7 +246,7 @@ def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch
     h_cf, order = [], []
     token_index = torch.full(kd.shape, -1, dtype=torch.long, device=kd.device)    # (B, S) -> row of the targets
     token_index[kd] = torch.arange(int(kd.sum()), device=kd.device)
-    with _autocast(cfg, ids.device):
+    with student_autocast(cfg, ids.device):
         for rows, plan in groups:
             l = plan.student_layer
             site = s.sites[l] if rows is None else s.sites[l][rows]

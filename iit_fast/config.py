@@ -1,4 +1,5 @@
-"""One config dataclass for a causal-distillation step (DESIGN.md sections 1 and 2).
+"""The configs: `DistillConfig` (one causal-distillation step; docs/method.md) and `TrainConfig` (the main
+job: every flag of train.py is one of its fields or a DistillConfig field), and the flag parser.
 
 Every field is checked in `__post_init__`, so a bad value fails when the config is made, naming the field;
 what depends on the models (the family's kind) is checked by `logit_tokens_for` (and `step.check_pair`).
@@ -22,7 +23,14 @@ pass at the positions `logit_tokens` names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .optim import SCHEDULES
 
 MODES = ("fast", "naive", "standard")
 LOGIT_TOKENS = ("auto", "all", "masked", "affected")
@@ -108,3 +116,150 @@ class DistillConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the main job's config and its flags
+# ---------------------------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    # what is distilled into what
+    teacher: str | None = None        # HF folder of a supported LM (masked or causal); None = the embedded default
+    student: str | None = None        # HF folder to start the student from; None = init from the teacher
+    student_layers: int = 3           # blocks of a student initialised from the teacher
+    corpus: str | None = None         # load_corpus spec; None = the embedded default corpus
+    teacher_cache: str | None = None  # a cache of the teacher's outputs (iit-fast cache-teacher): no teacher pass
+    max_length: int = 128             # tokens per sequence
+    mlm_probability: float = 0.15
+    # how long, how fast
+    max_steps: int = 60               # optimizer steps (sized for ~10 minutes on 2 CPU cores)
+    epochs: int = 0                   # > 0: train this many epochs instead of max_steps
+    lr: float = 2e-4
+    lr_schedule: str = "linear"       # one of optim.SCHEDULES, after a linear warmup
+    warmup_steps: int = 5
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    dropout: float | None = None      # override the student's dropout (0 makes runs exactly repeatable)
+    max_nonfinite: int = 10           # stop after this many skipped steps (non-finite loss, or overflow)
+    # bookkeeping
+    eval_interval: int = 20           # steps between validations (and one at the start and the end)
+    eval_sequences: int = 160         # validation sequences (fixed rows and masks: any batch shape, same figure)
+    save_interval: int = 0            # steps between checkpoints; 0 = only at the end (and on SIGINT/TERM)
+    log_interval: int = 1             # steps between metrics lines
+    out_dir: str | None = None        # default runs/<UTC timestamp>
+    resume: bool = False              # continue the run in out_dir from its latest checkpoint
+    seed: int = 0
+    deepspeed_config: str = "ds_configs/zero2.json"
+    cache_dir: str | None = None      # where the default teacher is built / found
+    num_proc: int = 1                 # tokenisation processes
+    num_workers: int = 0              # DataLoader workers (batches and masks do not depend on it)
+    group_by_length: bool = True      # batches of similar lengths (less padding)
+    plots: bool = True
+    precision: str = "auto"           # auto (bf16 where a probe finds bf16 GEMMs >= 1.3x fp32) | bf16 | fp32
+    keep_checkpoints: int = 0         # keep the newest N intact checkpoints; 0 = keep all
+    shard_teacher: str = "auto"       # auto | yes | no: partition the teacher under ZeRO-3 (auto: if > 1 GiB)
+    rank_timeout: float = 300.0       # seconds a collective waits for a rank that stopped responding
+    # the step's own fields: every DistillConfig field is a flag too (not a TrainConfig field: init=False)
+    distill: DistillConfig = field(default_factory=DistillConfig, init=False)
+
+    def __post_init__(self):
+        positive = ("student_layers", "max_length", "log_interval", "eval_sequences", "max_nonfinite")
+        for f in positive:
+            if getattr(self, f) < 1:
+                raise ValueError(f"TrainConfig.{f} must be >= 1, got {getattr(self, f)}")
+        for f in ("max_steps", "epochs", "warmup_steps", "eval_interval", "save_interval", "num_proc",
+                  "keep_checkpoints"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"TrainConfig.{f} must be >= 0, got {getattr(self, f)}")
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ValueError("TrainConfig: set max_steps > 0 or epochs > 0")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"TrainConfig.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig: need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, "
+                             f"min_lr={self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        for name, allowed in (("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
+                              ("shard_teacher", ("auto", "yes", "no"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.rank_timeout > 0:
+            raise ValueError(f"TrainConfig.rank_timeout must be > 0 seconds, got {self.rank_timeout}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"TrainConfig.dropout must be in [0, 1) or None, got {self.dropout}")
+
+    def to_json(self) -> dict:
+        """Flat field values (TrainConfig and DistillConfig names): what train_config.json holds."""
+        d = asdict(self)
+        d.update(d.pop("distill"))
+        return d
+
+
+def make_config(values: dict) -> TrainConfig:
+    """A TrainConfig from flat field values (TrainConfig and DistillConfig names); unknown names are an error."""
+    tnames = {f.name for f in fields(TrainConfig) if f.init}
+    dnames = set(DistillConfig.field_names())
+    unknown = sorted(set(values) - tnames - dnames)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(tnames | dnames)}")
+    d = {k: v for k, v in values.items() if k in dnames}
+    if isinstance(d.get("dims"), list):
+        d["dims"] = tuple(d["dims"])
+    distill = DistillConfig(**d)  # checked first: its errors name its fields
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in tnames})
+    cfg.distill = distill
+    return cfg
+
+
+def _dims(s: str):
+    """--dims START,END (or none)."""
+    return None if s.lower() == "none" else tuple(int(x) for x in s.split(","))
+
+
+def flag_parser() -> HfArgumentParser:
+    """transformers' HfArgumentParser over TrainConfig and DistillConfig: one flag per field, with its type,
+    default and choices; `--config run.json` (below) fills any of them."""
+    p = HfArgumentParser((TrainConfig, DistillConfig), description="Causal distillation (DIITO) under "
+                         "DeepSpeed: every flag is a TrainConfig or DistillConfig field (iit_fast/config.py).")
+    p.add_argument("--config", help="JSON file of field values (flags given on the command line win)")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    for action in p._actions:  # the one field argparse cannot type from its annotation
+        if action.dest == "dims":
+            action.type, action.metavar = _dims, "START,END"
+    return p
+
+
+def read_config_file(path: str) -> dict:
+    """The field values of a --config JSON file; a file that is missing or not a JSON object is refused,
+    naming the file."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {path}: not JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of field values, got {type(values).__name__}")
+    return values
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Flags map 1:1 to TrainConfig and DistillConfig fields; unknown flags and config keys are errors.
+    The values of --config are the parser's defaults, so a flag given on the command line wins."""
+    p = flag_parser()
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        values = read_config_file(pre.config)
+        try:
+            make_config(values)  # an unknown or bad field fails here, naming the file
+        except ValueError as e:
+            raise ValueError(f"--config {pre.config}: {e}") from None
+        p.set_defaults(**values)
+    args = vars(p.parse_args(argv))
+    names = {f.name for f in fields(TrainConfig) if f.init} | set(DistillConfig.field_names())
+    return make_config({k: v for k, v in args.items() if k in names})

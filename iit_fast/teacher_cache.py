@@ -201,13 +201,15 @@ def _shard_name(i: int) -> str:
 # Building
 # ---------------------------------------------------------------------------------------------------------
 
-def _seed(*parts) -> int:
+def derived_seed(*parts) -> int:
+    """A 63-bit seed that is a pure function of `parts` (the cache's pairs, masks and plans, and the cached
+    batches' epoch order: resuming or rebuilding draws the same)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def pairing(n: int, seed: int) -> torch.Tensor:
     """(n // 2, 2) corpus rows of each pair: a random permutation cut in twos (an odd last row is left out)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed("pairs", seed)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed("pairs", seed)))
     return order[: n - n % 2].view(-1, 2)
 
 
@@ -251,7 +253,7 @@ def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: in
     seqs = tokenized_rows[rows.tolist()]["input_ids"]
     masked, labels = [], []
     for r, seq in zip(rows.tolist(), seqs):
-        b = collate([seq], torch.Generator().manual_seed(_seed("mask", opts.seed, r)))
+        b = collate([seq], torch.Generator().manual_seed(derived_seed("mask", opts.seed, r)))
         masked.append(b["input_ids"][0, :len(seq)])
         labels.append(b["labels"][0, :len(seq)])
     lengths = torch.tensor([len(s) for s in seqs])                                # (R,)
@@ -261,7 +263,7 @@ def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: in
     swap = torch.tensor([1, 0])
     for j in range(P):
         for m in range(M):
-            g = torch.Generator().manual_seed(_seed("plan", opts.seed, pair0 + j, m))
+            g = torch.Generator().manual_seed(derived_seed("plan", opts.seed, pair0 + j, m))
             align[j, m] = int(torch.randint(len(alignment), (1,), generator=g))
             k, bs, ss = sample_spans(lengths[2 * j:2 * j + 2], swap, opts.span_fraction, g)
             for name, v in (("base_start", bs), ("source_start", ss), ("span_len", k)):

@@ -180,7 +180,7 @@ def ds_shm_files() -> set[str]:
 
 def test_bad_config_fields(tmp_path):
     from iit_fast.engine import read_ds_config as load_ds_config
-    from iit_fast.train import make_config, parse_args
+    from iit_fast.config import make_config, parse_args
     with pytest.raises(ValueError, match="unknown config field.*'no_such_field'"):
         make_config({"no_such_field": 1})
     run = tmp_path / "run.json"

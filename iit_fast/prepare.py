@@ -1,0 +1,122 @@
+"""Everything before the first step, in the order the main job does it: the arguments checked
+(`check_inputs`), the embedded defaults built once, the models loaded and checked as a pair, the corpus
+tokenized, the teacher cache opened (`prepare`), and, once the process group exists, the batches
+(`build_batches`). A bad teacher, student, alignment, max_length, corpus or cache stops here with one
+`error:` line, and nothing is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import corpus, data
+from . import teacher as teacher_lib
+from .cache import cache_lock
+from .config import TrainConfig, parse_args
+from .engine import read_ds_config
+from .eval import EVAL_SEED
+from .models import IntervenableLM, check_same_tokenizer, init_student_from_teacher, load_model
+from .precision import DTYPES, choose_precision
+from .run_dir import check_out_dir
+from .sampling import make_alignment
+from .step import check_pair
+from .teacher_cache import CacheOptions, TeacherCache, run_fingerprint
+
+
+def check_inputs(argv) -> tuple[TrainConfig, dict, str]:
+    """Everything checkable from the arguments alone: config fields, DeepSpeed config, precision, paths,
+    out_dir. Returns (config, DeepSpeed config with the precision applied, a line saying which precision
+    runs and why)."""
+    cfg = parse_args(argv)
+    for name in ("teacher", "student"):
+        path = getattr(cfg, name)
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"--{name} {path}: not a Hugging Face model folder (no config.json there)")
+    ds = read_ds_config(cfg.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)))
+    why = choose_precision(cfg, ds)
+    if cfg.distill.teacher_dtype == "float16" or cfg.distill.student_autocast == "float16":
+        if not torch.cuda.is_available():
+            raise ValueError("float16 (teacher_dtype / student_autocast) needs a GPU: this CPU has no fp16 "
+                             "training path; use bfloat16 or float32")
+    err = check_out_dir(cfg)
+    if err:
+        raise FileExistsError(err)
+    return cfg, ds, why
+
+
+def prepare(cfg: TrainConfig):
+    """(teacher, student, tokenizer, tokenized corpus, alignment, teacher cache or None), before any process
+    group forms. The embedded defaults are built once, under a file lock, by the first process to get here."""
+    with cache_lock(cfg.cache_dir):
+        path = cfg.teacher or teacher_lib.default_teacher_path(cfg.cache_dir, build_if_missing=True)
+        teacher, student, tokenizer = build_models(cfg, path)
+        tokenized = tokenize(cfg, tokenizer, teacher.kind)
+    alignment = make_alignment(cfg.distill.alignment, teacher.num_layers, student.num_layers)
+    cache = open_teacher_cache(cfg, path, teacher, tokenizer, tokenized, alignment) if cfg.teacher_cache else None
+    return teacher, student, tokenizer, tokenized, alignment, cache
+
+
+def build_models(cfg: TrainConfig, teacher_path):
+    """(teacher: frozen, eval; student; tokenizer): IntervenableLMs of one supported family, checked as a pair."""
+    teacher, tokenizer = load_model(teacher_path, arg="--teacher")  # the family decides the objective
+    max_pos = getattr(teacher.config, "max_position_embeddings", None)
+    max_pos = max_pos or getattr(teacher.config, "n_positions", None)
+    if max_pos is not None and cfg.max_length > max_pos - (2 if teacher.family == "roberta" else 0):
+        raise ValueError(f"--max_length {cfg.max_length} is more than the teacher's positions ({max_pos}"
+                         f"{', two of them reserved by RoBERTa' if teacher.family == 'roberta' else ''})")
+    if cfg.student is None:
+        torch.manual_seed(cfg.seed)
+        student = IntervenableLM(init_student_from_teacher(teacher.model, cfg.student_layers))
+    else:
+        student, s_tok = load_model(cfg.student, kind=teacher.kind, arg="--student")
+        check_same_tokenizer(tokenizer, s_tok, "--teacher", "--student")
+        if student.vocab_size != teacher.vocab_size and cfg.distill.shared_vocab is None:
+            # the same tokenizer, embeddings padded to different sizes: compare over the tokenizer's ids
+            cfg.distill.shared_vocab = len(tokenizer)
+    if cfg.dropout is not None:
+        student.set_dropout(cfg.dropout)
+    teacher = teacher.to(dtype=DTYPES[cfg.distill.teacher_dtype]).eval().requires_grad_(False)
+    student.train()
+    if cfg.distill.w_mse and student.hidden_size != teacher.hidden_size:
+        student.attach_site_projection(teacher.hidden_size)
+    check_pair(teacher, student, cfg.distill)
+    return teacher, student, tokenizer
+
+
+def tokenize(cfg: TrainConfig, tokenizer, kind: str):
+    """Masked LMs: paragraphs packed into [CLS] p1 [SEP] p2 [SEP]...; causal LMs: documents packed into
+    sequences of exactly max_length tokens, EOS between documents."""
+    return data.tokenize_corpus(corpus.load_corpus(cfg.corpus, cfg.cache_dir), tokenizer, cfg.max_length,
+                                cfg.num_proc, cfg.cache_dir, kind=kind)
+
+
+def open_teacher_cache(cfg: TrainConfig, teacher_path, teacher, tokenizer, tokenized, alignment):
+    """The teacher cache, checked against this run (teacher, tokenizer, corpus, max_length, masking, plans:
+    a difference is refused naming the field) and for missing or truncated shards, before any work."""
+    d = cfg.distill
+    # a cache may hold the first N rows of the corpus only (--max_examples): the run checks those rows
+    built = json.loads((Path(cfg.teacher_cache) / "cache.json").read_text()).get("fingerprint", {}) \
+        if (Path(cfg.teacher_cache) / "cache.json").is_file() else {}
+    opts = CacheOptions(max_length=cfg.max_length, logit_tokens=d.logit_tokens_for(teacher.kind),
+                        alignment=d.alignment, student_layers=cfg.student_layers, span_fraction=d.span_fraction,
+                        dims=d.dims, mlm_probability=cfg.mlm_probability, temperature=d.temperature,
+                        max_examples=built.get("examples") if isinstance(built.get("examples"), int) else None)
+    expect = run_fingerprint(teacher_path=teacher_path, tokenizer=tokenizer, tokenized_split=tokenized["train"],
+                             opts=opts, alignment=alignment)
+    return TeacherCache.open(cfg.teacher_cache, expect=expect)
+
+
+def build_batches(cfg: TrainConfig, tokenized, tokenizer, kind: str, micro_batch: int, rank: int, world: int):
+    """Rank-sharded training batches (a resumable DataLoader) and the validation batches: the first
+    eval_sequences rows, each masked by its own seeded generator, the same on every rank and for any
+    micro-batch, accumulation or world size."""
+    train = data.build_train_loader(tokenized["train"], tokenizer, micro_batch, kind=kind, seed=cfg.seed,
+                                    rank=rank, world_size=world, group_by_length=cfg.group_by_length,
+                                    mlm_probability=cfg.mlm_probability, num_workers=cfg.num_workers)
+    n_val = min(cfg.eval_sequences, len(tokenized["validation"]))
+    val = data.validation_batches(tokenized["validation"], tokenizer, micro_batch, n_sequences=n_val,
+                                  seed=EVAL_SEED, kind=kind, mlm_probability=cfg.mlm_probability)
+    return train, val
