@@ -59,12 +59,12 @@ from transformers import DynamicCache
 
 from . import ops
 from .config import DistillConfig
+from .precision import student_autocast
 from .models import IntervenableMLM
 from .ops.head_loss.reference import kd_loss_reference, mlm_loss_reference
 from .ops.interchange.reference import hidden_loss_reference, interchange_reference
 from .sampling import InterventionPlan, check_plan
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -98,7 +98,7 @@ class DistillStep(nn.Module):
 
     The student is the only submodule (what DeepSpeed trains and shards); the teacher is held outside
     the module tree, frozen: DeepSpeed never sees its parameters (a ZeRO-3 sharded teacher is its own
-    engine, see train.prepare_teacher).
+    engine, see engine.prepare_teacher).
     """
 
     def __init__(self, teacher: IntervenableMLM, student: IntervenableMLM, cfg: DistillConfig):
@@ -173,11 +173,6 @@ def _vocab_rows(t: torch.Tensor | None, vocab: int, dim: int = 0) -> torch.Tenso
 # padding: plans in columns, for right- or left-padded batches
 # ---------------------------------------------------------------------------------------------------
 
-def _autocast(cfg: DistillConfig, device: torch.device):
-    if cfg.student_autocast == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[cfg.student_autocast])
-
 
 def _impl(cfg: DistillConfig) -> str:
     return "auto" if cfg.ops == "fused" else "reference"
@@ -217,7 +212,7 @@ def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.T
     vocab = shared_vocab(teacher, cfg)
     with torch.no_grad():
         ht = teacher.head_transform(h_t)                                          # (N, Dt)
-    with _autocast(cfg, h_s.device), _gathered(teacher.decoder_weight, teacher.decoder_bias):
+    with student_autocast(cfg, h_s.device), _gathered(teacher.decoder_weight, teacher.decoder_bias):
         hs = student.head_transform(h_s)                                          # (N, Ds)
         tw, tb = _vocab_rows(teacher.decoder_weight, vocab), _vocab_rows(teacher.decoder_bias, vocab)
         kw = dict(impl=_impl(cfg), chunk_size=cfg.head_chunk, kd_weight=kd_weight, lm_weight=lm_weight)
@@ -285,7 +280,7 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
     with torch.no_grad():
         t = teacher(ids, am, tt, keep=t_keep)
     # 2. one student pass, with grad
-    with _autocast(cfg, ids.device):
+    with student_autocast(cfg, ids.device):
         s = student(ids, am, tt, keep=s_keep)
 
     terms = {}
@@ -304,7 +299,7 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
     # 3. counterfactual: swap at the site, resume from the block after it
     with torch.no_grad():
         h_cf_t = counterfactual_last_hidden(teacher, t.sites, am, group, plan, impl)       # (B, S, Dt)
-    with _autocast(cfg, ids.device):
+    with student_autocast(cfg, ids.device):
         cf_s = _student_site_swap(student, s.sites[s_l], t.sites[group[-1]], tokens, plan, cfg, impl, terms)
         h_cf_s = counterfactual_last_hidden(student, s.sites, am, (s_l,), plan, impl, swapped=cf_s)
 
@@ -471,7 +466,7 @@ def fast_causal_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[
     t_cache, s_cache = (DynamicCache(), DynamicCache()) if iit else (None, None)
     with torch.no_grad():
         t = teacher(ids, am, tt, keep=t_keep, cache=t_cache)
-    with _autocast(cfg, ids.device):
+    with student_autocast(cfg, ids.device):
         s = student(ids, am, tt, keep=s_keep, cache=s_cache)
 
     terms = {}
@@ -490,7 +485,7 @@ def fast_causal_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[
     with torch.no_grad():
         h_cf_t = counterfactual_suffix_hidden(teacher, t.sites, am, group, plan, t_cache, t.last_hidden, groups,
                                               impl)                                          # (B, S, Dt)
-    with _autocast(cfg, ids.device):
+    with student_autocast(cfg, ids.device):
         cf_s = _student_site_swap(student, s.sites[s_l], t.sites[group[-1]], tokens, plan, cfg, impl, terms)
         h_cf_s = counterfactual_suffix_hidden(student, s.sites, am, (s_l,), plan, s_cache, s.last_hidden,
                                               groups, impl, swapped=cf_s)                    # (B, S, Ds)
@@ -550,7 +545,7 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
             t_cf = teacher(ids, am, tt, interventions={l: swap(t_src.sites[l]) for l in group})
             z_cf_t = logits(teacher, at_kd(t_cf.last_hidden))
 
-    with _autocast(cfg, ids.device):
+    with student_autocast(cfg, ids.device):
         s_base = student(ids, am, tt, keep=keep_s)
         z_s = logits(student, at_kd(s_base.last_hidden))                                  # (B, S, V)
         if iit:
