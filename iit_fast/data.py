@@ -22,11 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
+import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from datasets.arrow_writer import ArrowWriter
 from torch import Tensor
 from transformers import DataCollatorForLanguageModeling
 
@@ -41,8 +46,22 @@ def _check_kind(kind: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tokenization: paragraphs -> sequences of at most max_length tokens
+# Tokenization: paragraphs -> sequences of at most max_length tokens, in bounded memory
 # ---------------------------------------------------------------------------------------------------------
+#
+# A fast tokenizer holds ~200 bytes per character of one call (normalised-string alignments, offsets,
+# token strings): one 50 MB line tokenised in one call took 11 GB. So rows longer than PIECE_CHARS are
+# first cut into pieces (a `map` over the split, kept in order, with a `part` column so that a causal
+# document still gets one EOS at its end), every tokenizer call takes at most TOKENIZE_CHARS characters,
+# and the causal packing streams the encoded documents PACK_ROWS rows at a time. What tokenising holds at
+# once is then bounded by a map batch (1000 rows of at most PIECE_CHARS characters), whatever the corpus's
+# size or its longest line.
+
+PIECE_CHARS = 8192        # longest row tokenised as one text (~2k tokens)
+TOKENIZE_CHARS = 1 << 20  # characters per tokenizer call (~200 MB of tokenizer memory at most)
+PACK_ROWS = 1024          # encoded pieces read at a time by the causal packing (<= 1024 x ~2k tokens)
+_WHOLE, _PIECE, _LAST = 0, 1, 2  # `part`: a whole row; a piece of a longer row; the last piece of one
+
 
 def tokenizer_key(tokenizer) -> str:
     vocab = tokenizer.get_vocab()
@@ -64,13 +83,62 @@ def _frame_ids(tokenizer) -> tuple[int, int]:
     return first, close
 
 
+def cut_text(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters that join back to it. Each cut is made
+    just before a space (or newline) in the second half of the window, so that a byte-level BPE (GPT-2,
+    Llama 3, Qwen) tokenises the word after the cut (" word") as it would in place; a window without
+    whitespace there (e.g. base64) is cut hard."""
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = max(text.rfind(" ", start + limit // 2, end + 1), text.rfind("\n", start + limit // 2, end + 1))
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _cut_rows(batch, limit: int):
+    texts, parts = [], []
+    for t in batch["text"]:
+        pieces = cut_text(t or "", limit)
+        texts += pieces
+        parts += [_WHOLE] if len(pieces) == 1 else [_PIECE] * (len(pieces) - 1) + [_LAST]
+    return {"text": texts, "part": parts}
+
+
+def _longest_row(ds) -> int:
+    """The longest text of a split in characters, read a few thousand rows at a time (arrow compute)."""
+    longest = 0
+    for table in ds.select_columns(["text"]).with_format("arrow").iter(batch_size=8192):
+        m = pc.max(pc.utf8_length(table.column("text"))).as_py()
+        longest = max(longest, m or 0)
+    return longest
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text (no special tokens), in tokenizer calls of at most TOKENIZE_CHARS characters."""
+    out: list[list[int]] = []
+    i = 0
+    while i < len(texts):
+        j, chars = i + 1, len(texts[i])
+        while j < len(texts) and chars + len(texts[j]) <= TOKENIZE_CHARS:
+            chars += len(texts[j])
+            j += 1
+        out += tokenizer(texts[i:j], add_special_tokens=False, truncation=False, return_attention_mask=False,
+                         return_token_type_ids=False)["input_ids"]
+        i = j
+    return out
+
+
 def _pack(batch, tokenizer, max_length: int):
     """Consecutive paragraphs packed greedily into ``cls p1 sep p2 sep ...`` of <= max_length tokens; a
     paragraph longer than a whole sequence is cut into max_length - 2 token pieces (a last piece shorter
-    than 8 tokens is dropped)."""
+    than 8 tokens is dropped). A row cut by `cut_text` counts as that many paragraphs."""
     cls, sep = _frame_ids(tokenizer)
     room = max_length - 2
-    enc = tokenizer(batch["text"], add_special_tokens=False, truncation=False)["input_ids"]
+    enc = _encode(tokenizer, batch["text"])
     out: list[list[int]] = []
     cur: list[int] = []
     for ids in enc:
@@ -90,41 +158,76 @@ def _pack(batch, tokenizer, max_length: int):
 
 
 def _encode_documents(batch, tokenizer):
-    """Each document's ids followed by EOS: the stream that ``_pack_causal`` cuts into sequences."""
+    """Each document's ids followed by EOS: the stream that ``_pack_causal`` cuts into sequences. A
+    document cut into pieces (column ``part``) gets its EOS after its last piece only."""
     eos = tokenizer.eos_token_id
-    enc = tokenizer(batch["text"], add_special_tokens=False, truncation=False)["input_ids"]
-    return {"input_ids": [ids + [eos] for ids in enc if ids]}
+    parts = batch["part"] if "part" in batch else [_WHOLE] * len(batch["text"])
+    out = []
+    for ids, part in zip(_encode(tokenizer, batch["text"]), parts):
+        if part == _LAST or (part == _WHOLE and ids):
+            ids = ids + [eos]
+        if ids:
+            out.append(ids)
+    return {"input_ids": out}
 
 
-def _pack_causal(documents, max_length: int):
+def _write_sequences(writer, stream: np.ndarray, max_length: int) -> None:
+    """``stream`` (N,) int64 cut every ``max_length`` tokens into rows (input_ids, length)."""
+    offsets = np.append(np.arange(0, len(stream), max_length), len(stream)).astype(np.int32)  # (rows + 1,)
+    writer.write_table(pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(stream)),
+                                 "length": pa.array(np.diff(offsets).astype(np.int64))}))
+
+
+def _pack_causal(documents, max_length: int, path: Path):
     """The documents' ids (with their EOS) concatenated in order and cut every ``max_length`` tokens: every
-    sequence is full except the last. Done in one pass over the whole split (not per ``map`` batch), so
-    no batch boundary leaves a short sequence behind."""
-    import datasets
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    flat = pc.list_flatten(documents.data.table.column("input_ids"))
-    stream = np.concatenate([c.to_numpy(zero_copy_only=False) for c in flat.chunks]) if flat.num_chunks else \
-        np.zeros(0, dtype=np.int64)  # (N,)
-    n = len(stream)
-    if n >= 2 ** 31:
-        raise ValueError(f"corpus: {n:,d} tokens in one split; expected fewer than 2**31 (int32 offsets)")
-    offsets = np.append(np.arange(0, n, max_length), n).astype(np.int32)  # (sequences + 1,)
-    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(stream.astype(np.int64)))
-    table = pa.table({"input_ids": ids, "length": pa.array(np.diff(offsets).astype(np.int64))})
-    return datasets.Dataset(datasets.table.InMemoryTable(table))
+    sequence is full except the last. Streamed: PACK_ROWS documents are read at a time and what does not
+    fill a sequence is carried to the next read, so no read boundary leaves a short sequence behind and
+    memory does not grow with the split. Written to the arrow file ``path``."""
+    carry = np.zeros(0, dtype=np.int64)
+    tokens = 0
+    writer = ArrowWriter(path=str(path))
+    for table in documents.with_format("arrow").iter(batch_size=PACK_ROWS):
+        flat = pc.list_flatten(table.column("input_ids"))
+        stream = np.concatenate([carry] + [c.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+                                           for c in flat.chunks])  # (carried + new,)
+        tokens += len(stream) - len(carry)
+        full = len(stream) // max_length * max_length
+        if full:
+            _write_sequences(writer, stream[:full], max_length)
+        carry = stream[full:]
+    if len(carry) or tokens == 0:
+        _write_sequences(writer, carry, max_length)
+    writer.finalize()
+    return datasets.Dataset.from_file(str(path))
+
+
+def _content_key(ds, split: str) -> bytes:
+    """What identifies a split's texts for the cache key. An arrow-backed dataset (load_dataset, map,
+    select...) has a deterministic fingerprint that follows its files and every transform: that, without
+    reading the text. An in-memory dataset's fingerprint is random, so its text buffers are hashed."""
+    if "text" not in ds.column_names:
+        raise ValueError(f"corpus: the {split} split has columns {ds.column_names}; expected 'text'")
+    if ds.cache_files:
+        return f"{split}|{ds._fingerprint}".encode()  # no public accessor; datasets' own cache uses it
+    h = hashlib.sha1(split.encode())
+    col = ds.with_format("arrow")["text"]
+    for chunk in col.chunks if hasattr(col, "chunks") else [col]:
+        for buf in chunk.buffers():
+            if buf is not None:
+                h.update(memoryview(buf))
+    return h.digest()
 
 
 def tokenize_corpus(dataset_dict, tokenizer, max_length: int = 128, num_proc: int = 2, cache_dir=None, *,
                     kind: str = "masked"):
     """Token sequences (columns ``input_ids``, ``length``) for every split, made with ``datasets.map`` over
-    ``num_proc`` processes and saved under ``cache_dir/tokenized/<key>`` (the key hashes the texts, the
+    ``num_proc`` processes and saved under ``cache_dir/tokenized/<key>`` (the key covers the texts, the
     tokenizer's vocabulary and special ids, max_length and kind), so a second call loads the arrow files.
+    Memory is bounded whatever the corpus or its longest line (see PIECE_CHARS above).
 
     kind "masked": paragraphs packed into ``cls p1 sep p2 sep ...`` of at most ``max_length`` tokens.
     kind "causal": documents followed by EOS, streamed into sequences of exactly ``max_length`` tokens
     (the last one of a split shorter)."""
-    import datasets
     _check_kind(kind)
     if max_length < 8:
         raise ValueError(f"max_length: {max_length}; expected at least 8")
@@ -133,42 +236,47 @@ def tokenize_corpus(dataset_dict, tokenizer, max_length: int = 128, num_proc: in
         if tokenizer.mask_token_id is None:
             raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no mask token; expected a masked-LM "
                              f"tokenizer for kind='masked' (or kind='causal' for a decoder)")
-        key = f"{tokenizer_key(tokenizer)}|{max_length}|v1"  # unchanged since v1: old caches stay valid
+        key = f"{tokenizer_key(tokenizer)}|{max_length}|v2"  # v2: rows cut at PIECE_CHARS
     else:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no eos token; expected one for "
                              f"kind='causal' (it separates the packed documents)")
-        key = f"{tokenizer_key(tokenizer)}|{max_length}|causal|eos={tokenizer.eos_token_id}|v1"
-    h = hashlib.sha1(key.encode())
-    for split in sorted(dataset_dict):  # the texts themselves: in-memory datasets have random fingerprints
-        h.update(split.encode())
-        col = dataset_dict[split].with_format("arrow")["text"] if "text" in dataset_dict[split].column_names \
-            else None
-        if col is None:
-            raise ValueError(f"corpus: the {split} split has columns {dataset_dict[split].column_names}; "
-                             f"expected 'text'")
-        for chunk in col.chunks if hasattr(col, "chunks") else [col]:
-            for buf in chunk.buffers():
-                if buf is not None:
-                    h.update(memoryview(buf))
+        key = f"{tokenizer_key(tokenizer)}|{max_length}|causal|eos={tokenizer.eos_token_id}|v2"
+    h = hashlib.sha1(f"{key}|{PIECE_CHARS}".encode())
+    for split in sorted(dataset_dict):
+        h.update(_content_key(dataset_dict[split], split))
     folder = Path(cache_dir or DEFAULT_CACHE) / "tokenized" / h.hexdigest()[:20]
     if (folder / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(folder))
-    out = {}
-    for split, ds in dataset_dict.items():
-        procs = max(1, min(num_proc, len(ds) // 2000))
-        fn, kwargs = (_pack, {"tokenizer": tokenizer, "max_length": max_length}) if kind == "masked" else \
-            (_encode_documents, {"tokenizer": tokenizer})
-        mapped = ds.map(fn, batched=True, batch_size=1000, num_proc=procs if procs > 1 else None,
-                        remove_columns=ds.column_names, fn_kwargs=kwargs, desc=f"tokenize {split}",
-                        load_from_cache_file=False)
-        out[split] = mapped if kind == "masked" else _pack_causal(mapped, max_length)
-        if len(out[split]) == 0:
-            raise ValueError(f"corpus: the {split} split tokenizes to no sequence; expected some text")
-    dd = datasets.DatasetDict(out)
+    work = folder.with_name(folder.name + f".work{os.getpid()}")  # intermediate arrow files, removed below
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    dd.save_to_disk(str(tmp))
-    publish_folder(tmp, folder, replace=not (folder / "dataset_dict.json").is_file())
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        out = {}
+        for split, ds in dataset_dict.items():
+            ds = ds.select_columns(["text"])
+            procs = max(1, min(num_proc, len(ds) // 2000))
+            common = {"batched": True, "num_proc": procs if procs > 1 else None, "load_from_cache_file": False}
+            if _longest_row(ds) > PIECE_CHARS:
+                ds = ds.map(_cut_rows, batch_size=64, writer_batch_size=64, fn_kwargs={"limit": PIECE_CHARS},
+                            cache_file_name=str(work / f"{split}-pieces.arrow"), desc=f"cut long rows {split}",
+                            **common)
+            fn, kwargs = (_pack, {"tokenizer": tokenizer, "max_length": max_length}) if kind == "masked" else \
+                (_encode_documents, {"tokenizer": tokenizer})
+            mapped = ds.map(fn, batch_size=1000, remove_columns=ds.column_names, fn_kwargs=kwargs,
+                            cache_file_name=str(work / f"{split}-tokens.arrow"), desc=f"tokenize {split}",
+                            **common)
+            out[split] = mapped if kind == "masked" else \
+                _pack_causal(mapped, max_length, work / f"{split}-packed.arrow")
+            if len(out[split]) == 0 or out[split][0]["length"] == 0:
+                raise ValueError(f"corpus: the {split} split tokenizes to no sequence; expected some text")
+        shutil.rmtree(tmp, ignore_errors=True)
+        datasets.DatasetDict(out).save_to_disk(str(tmp))
+        publish_folder(tmp, folder, replace=not (folder / "dataset_dict.json").is_file())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(folder))
 
 
@@ -481,7 +589,3 @@ def validation_batches(tokenized_split, tokenizer, batch_size: int, *, n_sequenc
                                   for r in part]) for k in part[0]})  # (B, S) each
     return out
 
-
-if __name__ == "__main__":  # the former `python -m iit_fast.data build`; the command lives in iit_fast.corpus
-    from .corpus import main
-    main()

@@ -9,6 +9,12 @@ import pytest
 
 from iit_fast import corpus as D
 
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """load_corpus without cache_dir writes arrow files into DEFAULT_CACHE: a test's own, not the user's."""
+    monkeypatch.setattr(D, "DEFAULT_CACHE", tmp_path / "default-cache")
+
 RST = """\
 .. _tut-intro:
 
@@ -246,3 +252,83 @@ def test_load_corpus_rejects_binary_and_empty_files(tmp_path):
     (tmp_path / "ok" / "c.txt").write_text("\n \n")
     with pytest.raises(ValueError, match=r"corpus: .*c\.txt holds no text"):
         D.load_corpus(str(tmp_path / "ok"))
+
+
+def _pars(n, tag="paragraph"):
+    return [f"This is {tag} number {i} of a streamed corpus, written for the test." for i in range(n)]
+
+
+def test_corpus_stream_jsonl_parquet_glob_dedup_and_split(tmp_path):
+    """.jsonl + .parquet + .txt through load_dataset: arrow-backed (memory-mapped, never a Python list), the
+    duplicates dropped by hash, and each paragraph in the split its normalised text's hash names (the rule of
+    the default corpus's build), whatever file it came from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pars = _pars(300)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text("".join(json.dumps({"text": p, "id": i}) + "\n"
+                                                    for i, p in enumerate(pars[:150])))
+    pq.write_table(pa.table({"text": pars[150:250] + pars[:10]}), tmp_path / "d" / "b.parquet")  # 10 duplicates
+    (tmp_path / "d" / "c.txt").write_text("\n".join(pars[250:]) + "\n" + pars[0].upper() + "\n")  # same key
+    dd = D.load_corpus(str(tmp_path / "d" / "*"), cache_dir=tmp_path / "cache")
+    for split in ("train", "validation"):
+        assert dd[split].cache_files, "expected arrow files on disk, not an in-memory dataset"
+        assert dd[split].column_names == ["text"]
+    got = list(dd["train"]["text"]) + list(dd["validation"]["text"])
+    assert sorted(got) == sorted(pars)
+    assert list(dd["validation"]["text"]) == [p for p in pars if D._split_of(D.normalise(p)) == "validation"]
+    assert 0 < len(dd["validation"]) < 20
+    # the same through a folder, a list, and a comma-separated string
+    folder = D.load_corpus(tmp_path / "d", cache_dir=tmp_path / "cache")
+    listed = D.load_corpus(",".join(str(tmp_path / "d" / f) for f in ("a.jsonl", "b.parquet", "c.txt")),
+                           cache_dir=tmp_path / "cache")
+    assert list(folder["train"]["text"]) == list(listed["train"]["text"]) == list(dd["train"]["text"])
+    with pytest.raises(FileNotFoundError, match="corpus: the pattern .*matches no"):
+        D.load_corpus(str(tmp_path / "d" / "*.nothing"), cache_dir=tmp_path / "cache")
+
+
+def test_corpus_stream_cache_follows_file_changes(tmp_path):
+    """The arrow cache and the tokenized cache are keyed by the files' state: an edited file is read again."""
+    from transformers import BertTokenizerFast
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"text": p}) + "\n" for p in _pars(60)))
+    first = D.load_corpus(str(f), cache_dir=tmp_path / "cache")
+    import time
+    time.sleep(0.01)
+    f.write_text("".join(json.dumps({"text": p}) + "\n" for p in _pars(60, "changed paragraph")))
+    second = D.load_corpus(str(f), cache_dir=tmp_path / "cache")
+    assert all("changed paragraph" in t for t in second["train"]["text"])
+    assert first["train"]._fingerprint != second["train"]._fingerprint
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,")
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    from iit_fast.data import tokenize_corpus
+    a = tokenize_corpus(first, tok, max_length=32, num_proc=1, cache_dir=tmp_path / "cache")
+    b = tokenize_corpus(second, tok, max_length=32, num_proc=1, cache_dir=tmp_path / "cache")
+    assert list(a["train"]["input_ids"]) != list(b["train"]["input_ids"])
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
+
+
+def test_text_column_picks_the_named_column(tmp_path):
+    pars = _pars(80)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": p, "text": "not this one at all, no"}) + "\n"
+                                              for p in pars))
+    dd = D.load_corpus(str(tmp_path / "c.jsonl"), cache_dir=tmp_path / "cache", text_column="body")
+    assert dd["train"].column_names == ["text"]
+    assert sorted(list(dd["train"]["text"]) + list(dd["validation"]["text"])) == sorted(pars)
+
+
+def test_text_column_missing_names_the_columns_found(tmp_path):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": p, "id": 1}) + "\n" for p in _pars(10)))
+    with pytest.raises(ValueError, match=r"corpus: .*c\.jsonl has columns \['body', 'id'\]; expected a column "
+                                         r"named 'content' \(choose another with --text_column\)"):
+        D.load_corpus(str(tmp_path / "c.jsonl"), cache_dir=tmp_path / "cache", text_column="content")
+    with pytest.raises(ValueError, match=r"corpus: the column 'id' of .*holds .*int64.*expected text"):
+        D.load_corpus(str(tmp_path / "c.jsonl"), cache_dir=tmp_path / "cache", text_column="id")
+
+
+def test_corpus_stream_import_has_no_cycle():
+    """issue 21: corpus -> data only (data.py's old __main__ shim imported corpus back)."""
+    import subprocess
+    import sys
+    code = "import iit_fast.data, sys; assert 'iit_fast.corpus' not in sys.modules, 'data imports corpus'"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -11,6 +11,13 @@ from transformers import BertTokenizerFast
 from iit_fast import data as D
 from iit_fast.corpus import load_corpus
 
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """load_corpus without cache_dir writes arrow files into DEFAULT_CACHE: a test's own, not the user's."""
+    import iit_fast.corpus
+    monkeypatch.setattr(iit_fast.corpus, "DEFAULT_CACHE", tmp_path / "default-cache")
+
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + \
     "this is paragraph number of a small corpus written for the test and some more words".split() + \
     [str(i) for i in range(10)] + list("bcdefghjklmnopqrsuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
@@ -309,3 +316,90 @@ def test_masked_tokenization_reads_special_tokens_from_the_tokenizer(tmp_path):
         assert len(targets) and not set(targets.tolist()) & {rob.cls_token_id, rob.sep_token_id, rob.pad_token_id}
         assert (batch["input_ids"][am == 0] == rob.pad_token_id).all()
         assert (batch["input_ids"] == rob.mask_token_id).any()
+
+
+def _gpt2(docs):
+    from transformers import GPT2TokenizerFast
+    return GPT2TokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<|endoftext|>"]), bos_token="<|endoftext|>",
+                             eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def test_long_line_cut_text_joins_back_and_cuts_before_spaces():
+    text = "word " * 5000 + "x" * 30000 + " tail end"
+    pieces = D.cut_text(text, limit=1000)
+    assert "".join(pieces) == text and all(1 <= len(p) <= 1000 for p in pieces)
+    spaced = [p for p in pieces[1:] if p.startswith(" ")]
+    assert len(spaced) >= 20  # the worded part is cut before a space; the 30k run of 'x' is cut hard
+    assert any(set(p) == {"x"} and len(p) == 1000 for p in pieces)
+    assert D.cut_text("short", 1000) == ["short"]
+
+
+def test_long_line_tokenised_in_bounded_calls_with_one_eos(tmp_path, monkeypatch):
+    """A document far longer than PIECE_CHARS: every tokenizer call gets at most TOKENIZE_CHARS characters and
+    no text longer than PIECE_CHARS (a 50 MB line in one call took 11 GB), yet the causal stream is the
+    whole document's tokens followed by one EOS, as if it had been tokenised whole."""
+    import datasets
+    monkeypatch.setattr(D, "PIECE_CHARS", 500)
+    monkeypatch.setattr(D, "TOKENIZE_CHARS", 2000)
+    docs = _docs()
+    long_doc = " ".join(docs) * 3  # ~ 20k characters, one line
+    gpt2 = _gpt2(docs)
+    calls = []
+    real_call = type(gpt2).__call__
+
+    def spy(self, text, *a, **k):
+        texts = [text] if isinstance(text, str) else list(text)
+        calls.append((sum(map(len, texts)), max(map(len, texts))))
+        return real_call(self, text, *a, **k)
+
+    monkeypatch.setattr(type(gpt2), "__call__", spy)
+    train = docs[:3] + [long_doc] + docs[3:20]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    td = D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "cache", kind="causal")
+    assert calls and max(c[0] for c in calls) <= 2000 and max(c[1] for c in calls) <= 500
+    assert [p.name for p in (tmp_path / "cache" / "tokenized").iterdir()] == [td.cache_files["train"][0]
+                                                                              ["filename"].split("/")[-3]]
+    monkeypatch.setattr(type(gpt2), "__call__", real_call)
+    eos = gpt2.eos_token_id
+    stream = [t for text in train for t in gpt2(text, add_special_tokens=False)["input_ids"] + [eos]]
+    got = sum(list(td["train"]["input_ids"]), [])
+    assert got == stream  # one EOS per document, none between the pieces of the long one
+    seqs = list(td["train"]["input_ids"])
+    assert all(len(s) == 16 for s in seqs[:-1])
+
+
+def test_long_line_masked_packing_unchanged_for_short_rows_and_bounded_for_long(tmp_path, monkeypatch):
+    """Masked packing: short paragraphs pack as before the cut existed; a long one is cut into sequences of
+    its tokens (no sequence over max_length, every token of the long paragraph but the dropped short tails)."""
+    import datasets
+    docs = _docs()
+    from transformers import RobertaTokenizerFast
+    rob = RobertaTokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]),
+                               bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
+                               unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:100]}),
+                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    before = D.tokenize_corpus(dd, rob, max_length=24, num_proc=1, cache_dir=tmp_path / "a")
+    monkeypatch.setattr(D, "PIECE_CHARS", 40)  # every doc longer than 40 characters is now cut
+    cut = D.tokenize_corpus(dd, rob, max_length=24, num_proc=1, cache_dir=tmp_path / "b")
+    monkeypatch.setattr(D, "PIECE_CHARS", 10 ** 6)
+    same = D.tokenize_corpus(dd, rob, max_length=24, num_proc=1, cache_dir=tmp_path / "c")
+    assert list(same["train"]["input_ids"]) == list(before["train"]["input_ids"])
+    assert list(cut["train"]["input_ids"]) != list(before["train"]["input_ids"])  # the cut does act
+    assert max(cut["train"]["length"]) <= 24
+
+
+def test_long_line_causal_pack_streams_across_reads(tmp_path, monkeypatch):
+    """The streamed causal packing carries the tokens of a read that do not fill a sequence into the next
+    read: with 3 documents per read the sequences are those of one pass over the whole split."""
+    import datasets
+    docs = _docs()
+    gpt2 = _gpt2(docs)
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:100]}),
+                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    whole = D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "a", kind="causal")
+    monkeypatch.setattr(D, "PACK_ROWS", 3)
+    small = D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "b", kind="causal")
+    assert list(small["train"]["input_ids"]) == list(whole["train"]["input_ids"])
+    assert [len(s) for s in small["train"]["input_ids"][:-1]] == [16] * (len(small["train"]) - 1)
