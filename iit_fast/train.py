@@ -51,6 +51,7 @@ Choices worth knowing:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -60,8 +61,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from iit_fast.allocator import tune_malloc
+from iit_fast.cached_step import CacheBatches, CachedDistillStep
 from iit_fast.checkpoint import export_student, load_checkpoint, save_checkpoint
 from iit_fast.engine import all_reduce_sum, init_distributed, init_engine, param_count, prepare_teacher, zero_stage
 from iit_fast.optim import make_scheduler, param_groups
@@ -89,7 +93,6 @@ class StopSignal:
 
 def plan_generator(seed: int, step: int, draw: int, rank: int) -> torch.Generator:
     """The intervention plan's randomness: a pure function of the position in the run (see docstring)."""
-    import hashlib
     key = hashlib.sha256(f"plan|{seed}|{step}|{draw}|{rank}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2 ** 63 - 1))
 
@@ -109,7 +112,6 @@ def main(argv=None):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not torch.cuda.is_available():
-        from iit_fast.allocator import tune_malloc
         tune_malloc()  # glibc: keep freed blocks (a CPU step re-faults its memory otherwise)
     quiet_deepspeed()
     try:
@@ -129,7 +131,6 @@ def main(argv=None):
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     train_batches, val_batches = build_batches(cfg, tokenized, tokenizer, teacher.kind, micro, rank, world)
     if cache is not None:  # whole (row, fixed partner) pairs with the cached masks and plans
-        from iit_fast.cached_step import CacheBatches
         try:
             train_batches = CacheBatches(cache, micro, seed=cfg.seed, rank=rank, world_size=world)
         except ValueError as e:
@@ -149,7 +150,6 @@ def main(argv=None):
         teacher = prepare_teacher(teacher.to(device), ds, shard)
         step_module = DistillStep(teacher, student, dcfg)
     else:  # the cache holds every teacher output the step needs: the teacher stays on the CPU, unused
-        from iit_fast.cached_step import CachedDistillStep
         step_module = CachedDistillStep(student, dcfg)
     schedule = lambda opt: make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, max_steps,  # noqa: E731
                                           cfg.min_lr / cfg.lr)
@@ -316,7 +316,6 @@ def main(argv=None):
         if cfg.plots:
             write_plots(records, out)
         print_summary(records, state, last_val, out, ckpt)
-    import torch.distributed as dist
     dist.barrier()
     dist.destroy_process_group()
 
