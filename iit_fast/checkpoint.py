@@ -23,8 +23,17 @@ none intact it raises, naming the folder and each tag's fault. A checkpoint is r
 different number of ranks only when it is intact and its manifest says so. Then every pickle is opened
 with torch.load(weights_only=True) (`check_checkpoint_safe`) before DeepSpeed's weights_only=False load.
 
-For tests, `IIT_FAST_CKPT_CRASH_AT=<point>[@<rank>]` makes the save kill its process (os._exit(137)) at
-that point of the write sequence; the points are CRASH_POINTS, in order.
+A full disk (iit_fast/diskfull.py): before writing, rank 0 compares the space free with what the save
+needs (the last checkpoint's size, or a floor from the parameter count) and every rank refuses with one line
+naming the folder and both figures; a write that fails for want of space all the same removes the hidden
+folder it was writing. Either way `latest` and the checkpoint it names are untouched, and the error is a
+DiskFullError (an OSError).
+
+A save that was killed between the rename of its folder and `latest` leaves a complete but uncommitted tag;
+the next save (which takes the name `step{N}.1`) removes it once its own tag is committed.
+
+`_reached(point, rank)` is called at each point of the write sequence (SAVE_POINTS, in order) and does
+nothing: tests/test_checkpoint.py replaces it to kill the process there.
 
 `export_student`: consolidated fp32 weights from any ZeRO stage (and bf16) into a standard Hugging Face
 folder (safetensors + tokenizer) that AutoModelForMaskedLM.from_pretrained loads.
@@ -41,11 +50,12 @@ from pathlib import Path
 
 import torch
 
+from iit_fast.diskfull import DiskFullError, disk_full_message, free_bytes, guarded_write
+
 MANIFEST = "manifest.json"
 INCOMPLETE = ".incomplete-"  # prefix of a folder being written
 DELETING = ".deleting-"      # prefix of a folder being removed by rotation
-CRASH_ENV = "IIT_FAST_CKPT_CRASH_AT"
-CRASH_POINTS = ("after_deepspeed", "mid_rank_file", "after_rank_files", "after_manifest", "after_rename",
+SAVE_POINTS = ("after_deepspeed", "mid_rank_file", "after_rank_files", "after_manifest", "after_rename",
                 "mid_latest", "mid_rotation")
 _TAG = re.compile(r"step(\d+)(?:\.(\d+))?")
 
@@ -191,46 +201,98 @@ def save_checkpoint(engine, out: Path, step: int, client_state: dict, data_state
         raise TypeError(f"data_state: expected a plain dict (loader.state_dict()), got {type(data_state).__name__}")
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"keep: expected None or an int >= 1, got {keep!r}")
-    crash_point = _crash_point_from_env()
-    crash = lambda name: _crash(crash_point, name, rank)  # noqa: E731
     ckpt = Path(out) / "checkpoints"
+    choice = None
     if rank == 0:
         if not ckpt.is_dir():
             ckpt.mkdir(parents=True)
             _fsync(ckpt.parent)
         _remove_leftovers(ckpt)
-    tag = _broadcast(_new_tag(ckpt, step) if rank == 0 else None)
+        need, free = _checkpoint_bytes(engine, ckpt), free_bytes(ckpt)
+        committed = latest_tag(ckpt)
+        refuse = None if free is None or free >= need else disk_full_message(
+            "checkpoint", ckpt / f"step{step}", need, free, _kept(ckpt, committed))
+        choice = (_new_tag(ckpt, step), need, committed, refuse)
+    tag, need, committed, refuse = _broadcast(choice)  # every rank refuses alike, before anything is written
+    if refuse:
+        raise DiskFullError(refuse, ckpt)
     tmp = ckpt / f"{INCOMPLETE}{tag}"
-    engine.save_checkpoint(str(ckpt), tag=tmp.name, client_state=dict(client_state), save_latest=False)
-    crash("after_deepspeed")
-
-    own = {"torch": torch.get_rng_state(), "python": random.getstate(), "data": data_state}
-    if torch.cuda.is_available():
-        own["cuda"] = torch.cuda.get_rng_state()
-    part = tmp / f"rank{rank}_state.pt.part"
-    torch.save(own, part)
-    _fsync(part)
-    crash("mid_rank_file")
-    os.replace(part, tmp / f"rank{rank}_state.pt")
+    after = _kept(ckpt, committed) + f"; the partial {tmp.name} was removed"
+    with guarded_write("checkpoint", ckpt / tag, need=need, partial=[tmp], after=after):
+        engine.save_checkpoint(str(ckpt), tag=tmp.name, client_state=dict(client_state), save_latest=False)
+        _reached("after_deepspeed", rank)
+        own = {"torch": torch.get_rng_state(), "python": random.getstate(), "data": data_state}
+        if torch.cuda.is_available():
+            own["cuda"] = torch.cuda.get_rng_state()
+        part = tmp / f"rank{rank}_state.pt.part"
+        torch.save(own, part)
+        _fsync(part)
+        _reached("mid_rank_file", rank)
+        os.replace(part, tmp / f"rank{rank}_state.pt")
     _barrier()
-    crash("after_rank_files")
+    _reached("after_rank_files", rank)
 
     if rank == 0:
-        _write_manifest(tmp, tag, step, _world_size())
-        crash("after_manifest")
-        os.rename(tmp, ckpt / tag)
+        with guarded_write("checkpoint", ckpt / tag, need=need, partial=[tmp, ckpt / tag, ckpt / "latest.part"],
+                           after=_kept(ckpt, committed) + "; the partial checkpoint was removed"):
+            _write_manifest(tmp, tag, step, _world_size())
+            _reached("after_manifest", rank)
+            os.rename(tmp, ckpt / tag)
+            _fsync(ckpt)
+            _reached("after_rename", rank)
+            part = ckpt / "latest.part"
+            part.write_text(tag)
+            _fsync(part)
+            _reached("mid_latest", rank)
+            os.replace(part, ckpt / "latest")  # the commit: nothing after it is partial
         _fsync(ckpt)
-        crash("after_rename")
-        part = ckpt / "latest.part"
-        part.write_text(tag)
-        _fsync(part)
-        crash("mid_latest")
-        os.replace(part, ckpt / "latest")
-        _fsync(ckpt)
+        _remove_uncommitted(ckpt, committed, tag)
         if keep is not None:
-            _rotate(ckpt, keep, crash)
+            _rotate(ckpt, keep, lambda point: _reached(point, rank))
     _barrier()  # on return, the checkpoint is committed for every rank
     return ckpt / tag
+
+
+def _reached(point: str, rank: int) -> None:
+    """The save has reached `point` (one of SAVE_POINTS). Does nothing; tests replace it to kill the
+    process there (tests/test_checkpoint.py)."""
+
+
+def _checkpoint_bytes(engine, ckpt: Path) -> int:
+    """About how many bytes a save writes: the size of the committed checkpoint (a run writes the same
+    files each time), else a floor from the parameters: their bytes plus fp32 Adam moments (8 bytes) for
+    each trainable one. ZeRO-3: the whole parameter (ds_numel), not this rank's partition."""
+    tag = latest_tag(ckpt)
+    if tag:
+        try:
+            files = json.loads((ckpt / tag / MANIFEST).read_text())["files"]
+            return sum(int(f["size"]) for f in files.values())
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    n = 0
+    for p in engine.module.parameters():
+        numel = getattr(p, "ds_numel", p.numel())
+        n += numel * (p.element_size() + (8 if p.requires_grad else 0))
+    return n
+
+
+def _kept(ckpt: Path, committed: str | None) -> str:
+    return (f"; the last good checkpoint {ckpt / committed} is kept" if committed
+            else "; no checkpoint was saved before")
+
+
+def _remove_uncommitted(ckpt: Path, committed: str | None, tag: str):
+    """Tags newer than the one `latest` named before this save, other than this save's own: folders of a
+    save killed between its rename and `latest` (complete, never committed: resume never used them). Only
+    when that committed tag is still there, so a resume that fell back past a damaged `latest` keeps all."""
+    if committed is None or tag_damage(ckpt / committed, checksums=False)[0] is not None:
+        return
+    for t in checkpoint_tags(ckpt):
+        if t != tag and _tag_key(t) > _tag_key(committed):
+            trash = ckpt / f"{DELETING}{t}"
+            os.rename(ckpt / t, trash)
+            _fsync(ckpt)
+            shutil.rmtree(trash)
 
 
 def _write_manifest(tag_dir: Path, tag: str, step: int, world: int):
@@ -250,7 +312,7 @@ def _write_manifest(tag_dir: Path, tag: str, step: int, world: int):
     _fsync(tag_dir)
 
 
-def _rotate(ckpt: Path, keep: int, crash):
+def _rotate(ckpt: Path, keep: int, reached):
     """Remove every tag (damaged ones too) but the newest `keep` intact ones and the one `latest` names;
     called only once the new tag is committed. Each is first renamed to a hidden folder (atomic), so a
     kill mid-removal never leaves a half tag that looks real. Intact here: manifest and sizes (checksums
@@ -264,7 +326,7 @@ def _rotate(ckpt: Path, keep: int, crash):
         trash = ckpt / f"{DELETING}{tag}"
         os.rename(ckpt / tag, trash)
         _fsync(ckpt)
-        crash("mid_rotation")
+        reached("mid_rotation")
         shutil.rmtree(trash)
 
 
@@ -329,22 +391,6 @@ def _fsync(path: Path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _crash_point_from_env() -> tuple[str, int | None] | None:
-    value = os.environ.get(CRASH_ENV)
-    if not value:
-        return None
-    name, _, r = value.partition("@")
-    if name not in CRASH_POINTS or (r and not r.isdigit()):
-        raise ValueError(f"{CRASH_ENV}={value!r}: expected one of {', '.join(CRASH_POINTS)}, optionally "
-                         f"followed by @<rank>")
-    return name, int(r) if r else None
-
-
-def _crash(point, name: str, rank: int):
-    if point is not None and point[0] == name and point[1] in (None, rank):
-        os._exit(137)  # as SIGKILL would: no cleanup, no flush
 
 
 def _world_size() -> int:

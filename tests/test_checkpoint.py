@@ -21,8 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from iit_fast.checkpoint import (CRASH_ENV, CRASH_POINTS, MANIFEST, _new_tag, _rotate, _write_manifest,
-                                 check_checkpoint_safe, checkpoint_tags, latest_tag, resume_tag, tag_damage)
+import iit_fast.checkpoint as checkpoint
+from iit_fast.checkpoint import (MANIFEST, SAVE_POINTS, _new_tag, _rotate, _write_manifest, check_checkpoint_safe,
+                                 checkpoint_tags, latest_tag, resume_tag, tag_damage)
+from iit_fast.diskfull import DiskFullError
+
+CRASH_POINTS = SAVE_POINTS  # a test run can be killed at each point of the save's write sequence
 
 HERE = Path(__file__).resolve()
 SAVES = (2, 4)   # the run saves at these steps; the crash runs die while saving step 4
@@ -116,9 +120,21 @@ def train(job: dict, rank: int, world: int):
             if not job.get("resume"):
                 torch.save(snapshot(engine, loader), dump / f"truth_step{step}_rank{rank}.pt")
             if step == 4 and job.get("crash_at"):
-                os.environ[CRASH_ENV] = job["crash_at"]
+                crash_at(job["crash_at"])
             save_checkpoint(engine, out, step, {"step": step}, loader.state_dict(), rank, keep=job.get("keep"))
     torch.save(snapshot(engine, loader), dump / f"final_rank{rank}.pt")
+
+
+def crash_at(spec: str):
+    """`point[@rank]`: from now on, the save kills this process (as SIGKILL would: no cleanup, no flush) when it
+    reaches `point` (on every rank, or on `rank` only): checkpoint._reached, a no-op seam, is replaced."""
+    point, _, only = spec.partition("@")
+    assert point in SAVE_POINTS, point
+
+    def reached(name, rank):
+        if name == point and (not only or int(only) == rank):
+            os._exit(137)
+    checkpoint._reached = reached
 
 
 # ---- launching ------------------------------------------------------------------------------------------
@@ -137,7 +153,6 @@ def start(jobs: list[dict], log: Path, ranks: int = 1) -> list[subprocess.Popen]
     for r in range(ranks):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_SIZE=str(ranks),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        env.pop(CRASH_ENV, None)
         procs.append(subprocess.Popen([sys.executable, str(HERE), json.dumps(jobs)], env=env,
                                       stdout=open(f"{log}.rank{r}", "w"), stderr=subprocess.STDOUT))
     return procs
@@ -415,9 +430,6 @@ def test_bad_arguments_are_named(tmp_path, monkeypatch):
     from iit_fast.checkpoint import load_checkpoint
     with pytest.raises(ValueError, match="world_size: expected this run's number of ranks, 1; got 2"):
         load_checkpoint(None, tmp_path, 0, world_size=2)  # no process group: a world of one
-    monkeypatch.setenv(CRASH_ENV, "after_lunch")
-    with pytest.raises(ValueError, match=f"{CRASH_ENV}='after_lunch': expected one of after_deepspeed"):
-        save_checkpoint(None, tmp_path, 1, {}, {}, 0)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -451,6 +463,135 @@ def test_two_ranks_kill_one_rank_mid_file_then_resume(tmp_path):
         assert_state(load(Path(res["dump"]) / f"final_rank{r}.pt"), load(Path(ref["dump"]) / f"final_rank{r}.pt"),
                      f"rank {r} step {STEPS}")
     assert checkpoint_tags(ckpt) == ["step4", "step2"] and latest_tag(ckpt) == "step4"
+
+
+# ---- a full disk, and a save killed before `latest` (in-process, a stand-in engine) ----------------------
+
+class FakeEngine:
+    """What save_checkpoint asks of a DeepSpeed engine: `module.parameters()` (the space estimate) and
+    `save_checkpoint`, which here writes `nbytes` of model state, or raises `fail` after a partial write."""
+
+    def __init__(self, nbytes: int, params: int = 1000, fail: Exception | None = None):
+        self.nbytes, self.fail = nbytes, fail
+        self.module = torch.nn.Linear(params, 1, bias=False)
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "mp_rank_00_model_states.pt", "wb") as f:
+            f.write(os.urandom(self.nbytes // 2))
+            if self.fail:
+                raise self.fail
+            f.write(os.urandom(self.nbytes - self.nbytes // 2))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only: skipped otherwise)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'mount failed'}); "
+                    "test_disk_full_is_faked_without_a_tmpfs covers the same with a fake ENOSPC")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A file that leaves about `leave` bytes free on `disk`."""
+    free = shutil.disk_usage(disk).free
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def visible(ckpt: Path) -> list[str]:
+    return sorted(p.name for p in ckpt.iterdir())
+
+
+def test_disk_full_at_a_checkpoint_is_refused_before_writing(small_disk):
+    """The space check: the committed checkpoint's size against the space free; refused on a full disk with
+    one line naming the folder and both figures; `latest` and its checkpoint untouched; nothing written.
+    After making room the same save commits."""
+    out, eng = small_disk / "run", FakeEngine(300_000)
+    checkpoint.save_checkpoint(eng, out, 2, {}, {}, 0)
+    ckpt = out / "checkpoints"
+    before = tag_damage(ckpt / "step2")
+    filler = fill(small_disk, 200_000)
+    with pytest.raises(DiskFullError) as e:
+        checkpoint.save_checkpoint(eng, out, 4, {}, {}, 0)
+    assert re.fullmatch(rf"checkpoint {re.escape(str(ckpt / 'step4'))}: the disk is full \(needs about 30\d\.\d KiB, "
+                        rf"1\d\d\.\d KiB free\); the last good checkpoint {re.escape(str(ckpt / 'step2'))} is kept",
+                        str(e.value)), str(e.value)
+    assert visible(ckpt) == ["latest", "step2"] and latest_tag(ckpt) == "step2" and tag_damage(ckpt / "step2") == before
+    filler.unlink()
+    assert checkpoint.save_checkpoint(eng, out, 4, {}, {}, 0) == ckpt / "step4" and latest_tag(ckpt) == "step4"
+
+
+def test_disk_full_mid_checkpoint_write_removes_the_partial_folder(small_disk):
+    """No committed checkpoint yet (the estimate is a floor from the parameters, which fits), but the write
+    runs out of room half way: a real ENOSPC from the filesystem; the hidden folder is removed, the error
+    names the path, and the filesystem is as before the save (but the empty checkpoints/ folder)."""
+    out = small_disk / "run"
+    fill(small_disk, 600_000)
+    with pytest.raises(DiskFullError) as e:
+        checkpoint.save_checkpoint(FakeEngine(1_000_000, params=1000), out, 3, {}, {}, 0)
+    ckpt = out / "checkpoints"
+    assert re.fullmatch(rf"checkpoint {re.escape(str(ckpt / 'step3'))}: the disk is full \(needs about 11.7 KiB, "
+                        r"\d+ bytes free\); no checkpoint was saved before; the partial \.incomplete-step3 was "
+                        r"removed", str(e.value)), str(e.value)
+    assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == 28
+    assert visible(ckpt) == []
+
+
+def test_disk_full_is_faked_without_a_tmpfs(tmp_path):
+    """The same handling on any machine: a write that fails with ENOSPC (faked) removes its partial folder and
+    raises DiskFullError; another error (not a full disk) propagates unchanged, its partial folder left for
+    the next save to clear."""
+    import errno
+    out = tmp_path / "run"
+    checkpoint.save_checkpoint(FakeEngine(1000), out, 2, {}, {}, 0)
+    ckpt = out / "checkpoints"
+    with pytest.raises(DiskFullError, match=r"the disk is full.*the last good checkpoint .*step2 is kept; the "
+                                            r"partial \.incomplete-step4 was removed"):
+        checkpoint.save_checkpoint(FakeEngine(1000, fail=OSError(errno.ENOSPC, "No space left on device")), out, 4,
+                                   {}, {}, 0)
+    assert visible(ckpt) == ["latest", "step2"]
+    with pytest.raises(ZeroDivisionError):  # a bug is not a full disk (lots of room here)
+        checkpoint.save_checkpoint(FakeEngine(1000, fail=ZeroDivisionError()), out, 4, {}, {}, 0)
+    assert visible(ckpt) == [".incomplete-step4", "latest", "step2"]
+    checkpoint.save_checkpoint(FakeEngine(1000), out, 4, {}, {}, 0)
+    assert visible(ckpt) == ["latest", "step2", "step4"]
+
+
+def test_restart_after_kill_between_rename_and_latest_removes_the_uncommitted_tag(tmp_path, monkeypatch):
+    """A save killed after renaming its folder but before `latest` leaves a complete, uncommitted step4; the
+    resumed run (from step2) saves step 4 again as step4.1 and, once that is committed, removes step4 (with
+    keep_checkpoints 0: rotation would not). A `latest` that names a damaged tag removes nothing."""
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    checkpoint.save_checkpoint(FakeEngine(1000), out, 2, {}, {}, 0)
+
+    class Killed(BaseException):
+        pass
+
+    def reached(point, rank):
+        if point == "after_rename":
+            raise Killed
+    monkeypatch.setattr(checkpoint, "_reached", reached)
+    with pytest.raises(Killed):
+        checkpoint.save_checkpoint(FakeEngine(1000), out, 4, {}, {}, 0)
+    monkeypatch.undo()
+    assert visible(ckpt) == ["latest", "step2", "step4"] and latest_tag(ckpt) == "step2"
+    assert checkpoint.save_checkpoint(FakeEngine(1000), out, 4, {}, {}, 0) == ckpt / "step4.1"
+    assert visible(ckpt) == ["latest", "step2", "step4.1"] and latest_tag(ckpt) == "step4.1"
+    # `latest` names a damaged tag (the run fell back past it): newer tags are not judged uncommitted
+    fake_tag(ckpt, "step6")
+    (ckpt / "step4.1" / MANIFEST).unlink()
+    checkpoint.save_checkpoint(FakeEngine(1000), out, 5, {}, {}, 0)
+    assert checkpoint_tags(ckpt) == ["step6", "step5", "step4.1", "step2"]
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
