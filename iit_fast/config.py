@@ -4,7 +4,7 @@ job: every flag of train.py is one of its fields or a DistillConfig field), and 
 Every field is checked in `__post_init__`, so a bad value fails when the config is made, naming the field;
 what depends on the models (the family's kind) is checked by `logit_tokens_for` (and `step.check_pair`).
 
-Masked and causal LMs share every field. For a causal LM (GPT-2, Llama-family; DESIGN.md section 7) the
+Masked and causal LMs share every field. For a causal LM (GPT-2, Llama-family; docs/method.md section 4) the
 terms read: `ce` is T^2 KL between next-token distributions (the logits at position t predict token t + 1)
 at every real position with a real next token; `w_mlm` weighs the decoder counterpart of the MLM loss,
 the student's next-token cross-entropy on the shifted labels (the name is kept, so that one config and one
@@ -30,6 +30,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from .ops.head_loss.divergence import KINDS as DIVERGENCES
+from .ops.head_loss.divergence import Divergence, check_alpha, check_beta
 from .optim import SCHEDULES
 
 MODES = ("fast", "naive", "standard")
@@ -50,6 +52,14 @@ class DistillConfig:
     w_iit_cos: float = 0.0   # 1 - cos on the counterfactual last hidden states
     w_mse: float = 0.0       # hidden-state MSE at the aligned sites (plain pass)
     temperature: float = 2.0
+    # the divergence of each logit term (ops/head_loss/divergence.py), set separately for ce and iit:
+    # forward_kl (KL(teacher || student), the default) | reverse_kl | jsd (jsd_beta; TRL's generalized JSD) |
+    # skew_kl | skew_reverse_kl (skew_alpha; DistiLLM's) | tvd. Every one enters as T^2 * mean over tokens.
+    ce_divergence: str = "forward_kl"
+    iit_divergence: str = "forward_kl"
+    jsd_beta: float = 0.5     # jsd, in [0, 1]: 0 = forward KL, 1 = reverse KL (TRL's GKDTrainer convention)
+    skew_alpha: float = 0.1   # skew_kl / skew_reverse_kl, in [0, 1): the mixture's share of the divergence's
+                              # first argument (DistiLLM's default 0.1; 0 = the plain KL)
 
     alignment: str = "middle"          # preset (middle | late | full) or path to a JSON file
     span_fraction: float = 0.3         # p: span length k = max(1, floor(p * min(len_base, len_source)))
@@ -95,6 +105,18 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.shared_vocab must be >= 1 or None, got {self.shared_vocab}")
         if self.suffix_groups < 1:
             raise ValueError(f"DistillConfig.suffix_groups must be >= 1, got {self.suffix_groups}")
+        for name in ("ce_divergence", "iit_divergence"):
+            if getattr(self, name) not in DIVERGENCES:
+                raise ValueError(f"DistillConfig.{name} must be one of {DIVERGENCES}, got {getattr(self, name)!r}")
+        self.jsd_beta = check_beta(self.jsd_beta, "DistillConfig.jsd_beta")
+        self.skew_alpha = check_alpha(self.skew_alpha, "DistillConfig.skew_alpha")
+
+    def divergence(self, term: str) -> Divergence:
+        """The divergence of the `ce` or `iit` term, with its parameter (jsd at beta 0 / 1 is forward /
+        reverse KL; skew at alpha 0 the plain KL)."""
+        if term not in ("ce", "iit"):
+            raise ValueError(f"term must be 'ce' or 'iit', got {term!r}")
+        return Divergence.of(getattr(self, f"{term}_divergence"), beta=self.jsd_beta, alpha=self.skew_alpha)
 
     def logit_tokens_for(self, kind: str) -> str:
         """`logit_tokens` for a model of `kind` ("masked" or "causal"): "auto" resolved, a combination that
