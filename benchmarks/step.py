@@ -12,7 +12,7 @@ under bf16 autocast (`student_autocast="bfloat16"`) with fp32 weights, as train.
 student's weights themselves in bf16 (DeepSpeed's bf16 mode: its fp32 master copies live in the optimizer,
 which this step does not time), so no per-call weight casts.
 Reported: median step time over `--repeats` after a warm-up step, tokens/s, GFLOP/s of the FLOP model of
-DESIGN.md section 2 and its fraction of this machine's matmul peak in the step's compute dtype (MFU: fp32
+docs/method.md section 2 and its fraction of this machine's matmul peak in the step's compute dtype (MFU: fp32
 peak for fp32, bf16 peak for bf16 / bf16w), measured by benchmarks/peak.py in the same run (before and after
 the steps; the larger is the peak); the ratios fast/naive and fast/standard beside the model's, and each
 bf16 mode's speedup over the same fp32 mode.
@@ -80,7 +80,7 @@ PRECISIONS = {
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
-# ---- the FLOP model (DESIGN.md section 2) ----------------------------------------------------------
+# ---- the FLOP model (docs/method.md section 2) ----------------------------------------------------------
 
 def flops_per_step(shape: Shape, mode: str, kd_fraction: float, site_t: int, site_s: int) -> float:
     """Multiply-adds x 2 of one step. Per token: a block 8D^2 + 4DI + 4SD (I = 4D), the head
@@ -379,7 +379,7 @@ def main():
                 res = {m: run_isolated(shape_name, m, lt, args.ops, prec, args.repeats, device, args.attn)
                        for m in MODES}
                 allocator = res["fast"]["allocator"]
-                # masked LMs: DESIGN.md's model (comparable with earlier results); causal LMs: the step's exact
+                # masked LMs: docs/method.md's model (comparable with earlier results); causal LMs: the step's exact
                 # count (flops.counted_flops: the counterfactual's reuse of the prefix included)
                 fl = {m: res[m]["counted_flops"] if shape.causal else
                       flops_per_step(shape, m, res[m]["kd_fraction"], res[m]["site_t"], res[m]["site_s"])
@@ -437,7 +437,7 @@ def main():
                            f"layers, {s.heads} heads{f' ({s.kv_heads} kv)' if s.kv_heads else ''}, vocab {s.vocab}, "
                            f"batch {s.batch} x {s.seq}"
                            for n, s in ((n, SHAPES[n]) for n in shapes))
-    notes = ("## Ratios (measured vs the FLOP model of DESIGN.md section 2)\n\n" +
+    notes = ("## Ratios (measured vs the FLOP model of docs/method.md section 2)\n\n" +
              markdown_table(sum_rows, ["shape", "logit_tokens", "precision", "fast/naive speedup", "model speedup",
                                        "speedup / model", "fast/standard time", "model fast/standard",
                                        "fast/standard / model", "fast/naive peak mem", "prefix reuse saves"]) +

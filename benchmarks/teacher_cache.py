@@ -11,7 +11,7 @@ then, on one batch of whole pairs from the k = 64 + hidden cache, with the same 
 - the online fast step (step.distill_step: teacher forward + student, fused head loss) and the cached step
   (cached_step.cached_distill_step: student only, sparse head loss), forward + backward, median of
   `--repeats` after a warm-up;
-- the FLOP model (DESIGN.md section 2): online = teacher full pass + resumed part with heads + student
+- the FLOP model (docs/method.md section 2): online = teacher full pass + resumed part with heads + student
   (3x: forward + backward) full + resumed with heads; cached = the student's part alone. The cached step's
   predicted time is the online time x FLOPs(cached) / FLOPs(online); goal: measured within 1.05x of it;
 - the sparse KL's relative error in ce and iit against the online step's exact terms, for k = 16, 64,

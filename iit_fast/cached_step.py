@@ -1,4 +1,4 @@
-"""The distillation step from an offline teacher cache: no teacher forward at all (DESIGN.md section 7).
+"""The distillation step from an offline teacher cache: no teacher forward at all (docs/method.md section 5).
 
     cache = TeacherCache.open(dir, expect=fingerprint_fields(...))     # iit_fast.teacher_cache
     batches = CacheBatches(cache, batch_size, seed=seed, rank=rank, world_size=world)

@@ -1,4 +1,4 @@
-"""Where and what to intervene on: alignments, in-batch pairing, spans (DESIGN.md section 1).
+"""Where and what to intervene on: alignments, in-batch pairing, spans (docs/method.md section 1).
 
 An alignment is a list of `(teacher blocks, student block)` pairs; each step draws one pair uniformly, a
 derangement `pi` of the batch rows (row i takes its source from row pi[i]) and, per row, a span of

@@ -1,4 +1,4 @@
-"""One causal-distillation step, computed naively or fast (DESIGN.md section 2).
+"""One causal-distillation step, computed naively or fast (docs/method.md section 2).
 
     plan = sample_plan(batch["attention_mask"], alignment, generator, cfg.span_fraction, cfg.dims)
     out = distill_step(teacher, student, batch, plan, cfg)   # cfg.mode: fast | naive | standard
@@ -21,7 +21,7 @@ with grad; the source batch is the base batch permuted by `pi`.
 
 **standard** is the fast step without the IIT terms: the distillation baseline.
 
-**Causal LMs** (GPT-2, Llama, Qwen2, Mistral; the family's `kind` decides, DESIGN.md section 7). The
+**Causal LMs** (GPT-2, Llama, Qwen2, Mistral; the family's `kind` decides, docs/method.md section 4). The
 logits at position t predict token t + 1: `ce` is taken at every real position with a real next token,
 the LM term (weight `w_mlm`) is the student's next-token cross-entropy on the labels shifted by one, `cos`
 on the last states of the real positions, `iit` / `iit_cos` at the positions `cfg.logit_tokens` names
@@ -33,7 +33,7 @@ attending to the plain keys/values before q0; the logits before b are never take
 counterfactual KL is the plain one). `flops.counted_flops` counts what that saves. Batches may be right- or
 left-padded (`sampling.sample_plan`); the spans of a plan are in columns of the batch.
 
-The loss terms (DESIGN.md section 1). "tokens" are the real tokens of the base; every mean is over the
+The loss terms (docs/method.md section 1). "tokens" are the real tokens of the base; every mean is over the
 tokens that count, in fp32 or wider, and 0 (not NaN) when none counts. Their formulas live once, in
 `ops/reference.py` (what the naive step calls); the fast step computes the same terms with the fused ops,
 and `tests/test_step.py` holds the two equal.

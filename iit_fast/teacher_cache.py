@@ -1,5 +1,5 @@
 """Offline teacher: run the teacher once over a tokenized corpus, distil from the stored outputs many times
-(DESIGN.md section 7, "Offline teacher").
+(docs/method.md section 5, "Offline teacher").
 
     iit-fast cache-teacher --teacher T --corpus C --max_length 128 --top_k 64 --plans 4 [--hidden] --out DIR
     python -m iit_fast.teacher_cache build --teacher T ... --out DIR     # the same command

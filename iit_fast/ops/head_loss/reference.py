@@ -1,4 +1,4 @@
-"""Plain PyTorch references of the head loss (DESIGN.md section 3): full logits, autograd, no cleverness.
+"""Plain PyTorch references of the head loss (docs/method.md section 3): full logits, autograd, no cleverness.
 
 The ground truth `distill_head_loss` is tested against; they promote, never cast down (`compute_dtype`:
 bf16/fp16 computed in fp32, fp64 stays fp64). Shapes: N tokens, D hidden dims, V vocabulary.

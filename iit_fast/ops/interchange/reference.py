@@ -1,4 +1,4 @@
-"""Plain PyTorch references of `interchange`, `hidden_loss` and `interchange_hidden_loss` (DESIGN.md section 3).
+"""Plain PyTorch references of `interchange`, `hidden_loss` and `interchange_hidden_loss` (docs/method.md section 3).
 
 These are the ground truth every fast path is tested against: readable, autograd does the backward,
 no cleverness. They promote, never cast down: arithmetic runs in `compute_dtype(x) =
