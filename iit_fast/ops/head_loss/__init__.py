@@ -55,6 +55,7 @@ import torch
 from .._common import log_once as _log_once
 from . import native
 from .chunked import _head_loss, common_scale, default_chunk_size, matmul_dtype  # noqa: F401
+from .divergence import FORWARD_KL, as_divergence
 from .reference import distill_head_loss_reference
 from .sparse import sparse_distill_head_loss
 
@@ -68,7 +69,7 @@ class DistillHeadLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ht, ws, bs, wt, bt, labels, kd_mask, temperature, chunk_size, impl,
-                kd_weight=1.0, lm_weight=1.0):
+                kd_weight=1.0, lm_weight=1.0, divergence=FORWARD_KL):
         ctx.set_materialize_grads(False)
         mm_s, mm_t = matmul_dtype(hs, ws), matmul_dtype(ht, wt)   # read before autocast is switched off
         hs2 = hs.detach().reshape(-1, hs.shape[-1])
@@ -76,7 +77,7 @@ class DistillHeadLossFunction(torch.autograd.Function):
         y = labels.reshape(-1).to(hs.device) if (labels is not None and lm_weight != 0.0) else None
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         args = (hs2, ht2, ws.detach(), bs.detach() if bs is not None else None, wt.detach(),
-                bt.detach() if bt is not None else None, y, kd_mask, temperature, chunk_size, impl)
+                bt.detach() if bt is not None else None, y, kd_mask, temperature, chunk_size, impl, divergence)
         with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
             ce, mlm, dhs2, dws, dbs = _head_loss(*args, kd_weight, lm_weight, want, mm_s, mm_t)
         if want:
@@ -105,7 +106,7 @@ class DistillHeadLossFunction(torch.autograd.Function):
         gh = dhs.reshape(ctx.shape) if ctx.needs_input_grad[0] else None
         gw = dws.to(ctx.w_dtype) if ctx.needs_input_grad[2] else None
         gb = dbs.to(ctx.b_dtype) if (dbs is not None and ctx.needs_input_grad[3]) else None
-        return gh, None, gw, gb, None, None, None, None, None, None, None, None, None
+        return gh, None, gw, gb, None, None, None, None, None, None, None, None, None, None
 
 
 def _interpret() -> bool:
@@ -156,7 +157,7 @@ def _loss_weight(name: str, value) -> float:
 
 def distill_head_loss(student_hidden, teacher_hidden, student_weight, student_bias, teacher_weight,
                       teacher_bias, labels, kd_mask, temperature=2.0, *, chunk_size=None, impl="auto",
-                      kd_weight=1.0, lm_weight=1.0):
+                      kd_weight=1.0, lm_weight=1.0, divergence=None):
     """LM head + temperature KL + MLM cross-entropy, chunked so no [tokens, vocab] tensor is whole.
 
     Args:
@@ -174,6 +175,8 @@ def distill_head_loss(student_hidden, teacher_hidden, student_weight, student_bi
             gradient of kd_weight * ce + lm_weight * mlm directly; backward only scales it when the
             grad_outputs are proportional to them, else recomputes. lm_weight == 0 skips the MLM loss
             entirely (mlm is returned as 0, without a gradient).
+        divergence: of the ce term: a `divergence.Divergence` (e.g. `Divergence.of("jsd", beta=0.5)`), a
+            name, or None = forward KL (today's op, bit for bit). ce = T^2 * weighted mean of D.
     Returns:
         (ce, mlm): 0-dim fp32 tensors (fp64 for fp64 inputs), unweighted; see
         `reference.distill_head_loss_reference`. Gradients flow to student_hidden, student_weight and
@@ -181,11 +184,12 @@ def distill_head_loss(student_hidden, teacher_hidden, student_weight, student_bi
     """
     kd_weight = _loss_weight("kd_weight", kd_weight)
     lm_weight = _loss_weight("lm_weight", lm_weight)
+    div = as_divergence(divergence)
     which = _pick_impl(impl, student_hidden.device, student_hidden.dtype)
     if which == "reference":
         return distill_head_loss_reference(student_hidden, teacher_hidden, student_weight, student_bias,
                                            teacher_weight, teacher_bias, labels if lm_weight != 0.0 else None,
-                                           kd_mask, temperature)
+                                           kd_mask, temperature, divergence=div)
     return DistillHeadLossFunction.apply(student_hidden, teacher_hidden, student_weight, student_bias,
                                          teacher_weight, teacher_bias, labels, kd_mask, float(temperature),
-                                         chunk_size, which, kd_weight, lm_weight)
+                                         chunk_size, which, kd_weight, lm_weight, div)

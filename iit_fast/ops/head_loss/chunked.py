@@ -3,6 +3,8 @@ per-token weights, the sums and the gradients' accumulation. The per-chunk softm
 step's (`inner.py`, `native.py`, `triton.py`), picked by impl through INNER."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._common import log_once as _log_once
@@ -35,6 +37,13 @@ def inner_triton(zs, zt, labels, g_kd, g_lab, temperature):
 
 
 INNER = {"chunked": inner_torch, "native": inner_native, "triton": inner_triton}
+
+
+def _inner_for(impl, divergence):
+    """The inner step of impl; a divergence other than forward KL goes in as its keyword (divergence.py)."""
+    if divergence is None or divergence.is_forward_kl:
+        return INNER[impl]
+    return functools.partial(INNER[impl], divergence=divergence)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,8 +145,8 @@ def _chunk_loop(hs, ht, ws, bs, wt, bt, labels, w_kd, w_lab, g_kd, g_lab, temper
     return T * T * kl_sum, ce_sum
 
 
-def _head_loss(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_size, impl, kd_weight, lm_weight,
-               want_grads, mm_s, mm_t):
+def _head_loss(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_size, impl, divergence, kd_weight,
+               lm_weight, want_grads, mm_s, mm_t):
     """The fused loss on flattened inputs: (ce, mlm, dhs2, dws, dbs), the gradients those of
     kd_weight * ce + lm_weight * mlm (None unless want_grads). y None: no MLM work, mlm = 0."""
     n = hs2.shape[0]
@@ -175,7 +184,7 @@ def _head_loss(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_size, im
         h_a.to(mm_s), t_a.to(mm_t), ws_mm, bs.to(acc) if bs is not None else None,
         wt.to(mm_t), bt.to(acc) if bt is not None else None, y_a, wk_a, wl_a,
         wk_a * kd_weight, wl_a * lm_weight if wl_a is not None else None,
-        temperature, chunk, INNER[impl], dh_a, dws, dbs)
+        temperature, chunk, _inner_for(impl, divergence), dh_a, dws, dbs)
     dhs2 = None
     if want_grads:
         if idx is None:

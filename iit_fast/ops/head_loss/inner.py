@@ -33,7 +33,9 @@ def kl_rows_torch(p_s: torch.Tensor, p_t: torch.Tensor, u: torch.Tensor) -> torc
     return h.sum(1) + u.sum(1)
 
 
-def inner_torch(zs, zt, labels, g_kd, g_lab, temperature):
+def inner_torch(zs, zt, labels, g_kd, g_lab, temperature, divergence=None):
+    if divergence is not None and not divergence.is_forward_kl:
+        return inner_torch_divergence(zs, zt, labels, g_kd, g_lab, temperature, divergence)
     T = float(temperature)
     inv_T = 1.0 / T
     u = torch.sub(zs, zt).mul_(inv_T)                     # (C, V) a_s - a_t (exact when the logits are close)
@@ -73,3 +75,40 @@ def inner_torch(zs, zt, labels, g_kd, g_lab, temperature):
     ce = torch.where(has, (lse_1 - zs.gather(1, y)).squeeze(1), 0.0)  # CE = lse_1 - z_s[y]
     dz.scatter_add_(1, y, -g_l)                           # - g_lab onehot(y)
     return dz, kl, ce
+
+
+def inner_torch_divergence(zs, zt, labels, g_kd, g_lab, temperature, divergence):
+    """The torch step of a divergence other than forward KL (divergence.py has the math):
+
+        D_i from non-negative terms,   dz = g_kd T p (g - S) + g_lab (p_1 - onehot(y))
+
+    with p = softmax(z_s / T), q = softmax(z_t / T), u = log(p / q) from the logits as in `inner_torch`, and
+    g, S the divergence's gradient factor and its p-weighted row sum. Holds ~8 (C, V) temporaries (the
+    chunk size is budgeted for the forward KL's 5): this is the portable path, not the fast one."""
+    from .divergence import divergence_rows
+    T = float(temperature)
+    inv_T = 1.0 / T
+    u = torch.sub(zs, zt).mul_(inv_T)                     # (C, V) a_s - a_t
+    m_t = zt.amax(1, keepdim=True) * inv_T
+    q = zt.mul(inv_T).sub_(m_t).exp_()                    # (C, V) teacher's exps at T
+    d_t = q.sum(1, keepdim=True)
+    q.div_(d_t)
+    m_s = zs.amax(1, keepdim=True) * inv_T
+    p = zs.mul(inv_T).sub_(m_s).exp_()                    # (C, V) student's exps at T
+    d_s = p.sum(1, keepdim=True)
+    p.div_(d_s)
+    u.sub_((m_s - m_t) + (d_s / d_t).log())               # log(p / q), the lse difference unrounded
+    D, dd = divergence_rows(divergence, p, q, u)          # (C,), (C, V) = dD/da
+    del u, q
+    dz = dd.mul_((g_kd * T).unsqueeze(1))                 # g_kd T^2 (1/T) dD/da
+    if labels is None:
+        return dz, D, None
+    has = labels != -100
+    y = torch.where(has, labels, 0).unsqueeze(1)
+    g_l = torch.where(has, g_lab, 0.0).unsqueeze(1)
+    m_1 = zs.amax(1, keepdim=True)
+    e_1 = torch.sub(zs, m_1, out=p).exp_()                # exp(z_s - m_1), in p's buffer
+    d_1 = e_1.sum(1, keepdim=True)
+    ce = torch.where(has, (m_1 + d_1.log() - zs.gather(1, y)).squeeze(1), 0.0)   # CE = lse_1 - z_s[y]
+    dz.add_(e_1.mul_(g_l / d_1)).scatter_add_(1, y, -g_l)  # + g_lab (p_1 - onehot(y))
+    return dz, D, ce

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .._common import compute_dtype
+from .divergence import as_divergence, divergence_loss_reference
 
 
 def distill_head_loss_reference(
@@ -21,10 +22,11 @@ def distill_head_loss_reference(
     labels: torch.Tensor | None,    # (N,) long, -100 = no MLM target
     kd_mask: torch.Tensor | None,   # (N,) bool: tokens in the KL mean; None = all N
     temperature: float = 2.0,
+    divergence=None,                # divergence.Divergence of ce (or a name); None = forward KL
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unfused: full logits, then (ce, mlm).
 
-    ce  = T^2 * mean over kd tokens of KL(softmax(z_t / T) || softmax(z_s / T))
+    ce  = T^2 * mean over kd tokens of KL(softmax(z_t / T) || softmax(z_s / T)) (or of `divergence`)
     mlm = mean over labelled tokens of cross-entropy(z_s, label)
     Both are 0 (not NaN) when no token counts. The matmuls run in the inputs' dtype (as nn.Linear); the
     softmaxes, KL and CE in compute_dtype of the logits (fp32, or fp64 for fp64 inputs).
@@ -36,14 +38,18 @@ def distill_head_loss_reference(
         z_t = teacher_hidden @ teacher_weight.t()
         z_t = z_t + teacher_bias if teacher_bias is not None else z_t
         z_t = z_t.to(compute_dtype(z_t))
-    ce = kd_loss_reference(z_s, z_t, kd_mask, temperature)
+    ce = kd_loss_reference(z_s, z_t, kd_mask, temperature, divergence)
     mlm = mlm_loss_reference(z_s, labels) if labels is not None else z_s.new_zeros(())
     return ce, mlm
 
 
 def kd_loss_reference(z_s: torch.Tensor, z_t: torch.Tensor, mask: torch.Tensor | None,
-                      temperature: float) -> torch.Tensor:
-    """T^2 * masked mean over tokens of KL(softmax(z_t/T) || softmax(z_s/T)); z_*: (..., V)."""
+                      temperature: float, divergence=None) -> torch.Tensor:
+    """T^2 * masked mean over tokens of KL(softmax(z_t/T) || softmax(z_s/T)); z_*: (..., V). Another
+    `divergence` (a divergence.Divergence or name; None = forward KL) by its textbook formula."""
+    div = as_divergence(divergence)
+    if not div.is_forward_kl:
+        return divergence_loss_reference(div, z_s, z_t, mask, temperature)
     T = temperature
     dtype = torch.promote_types(compute_dtype(z_s), compute_dtype(z_t))
     log_p_s = F.log_softmax(z_s.to(dtype) / T, dim=-1)
