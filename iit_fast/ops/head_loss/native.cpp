@@ -2,6 +2,9 @@
 // per-row temperature softmax / KL / CE of one chunk of logits and their gradient, written in place over the
 // student logits. The matmuls stay in the BLAS (torch.addmm); this is only the part between.
 //
+// The other divergences (reverse KL, jsd, skew KL, skew reverse KL, TVD) are row_step_div below, a 4th
+// pass per row; forward KL's row_step is unchanged by them.
+//
 // Plain C ABI, no torch headers: built by iit_fast/ops/_native.py (torch.utils.cpp_extension.load with
 // `-O3 -fopenmp`, no -march=native, no -ffast-math) and called through ctypes. OpenMP over rows; each row
 // (V fp32 of z_s and of z_t, ~240 KB at V=30522) stays in L2 across the passes.
@@ -155,6 +158,156 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
   *kl_out = (float)kl;
 }
 
+// ---- Divergences other than forward KL (iit_fast/ops/head_loss/divergence.py has the math and its
+// derivation). kind: 1 reverse_kl, 2 jsd (c = beta), 3 skew_kl (c = alpha), 4 skew_reverse_kl (c = alpha),
+// 5 tvd. Per element, from p (student), q (teacher), u = log(p / q) (from the logits, finite):
+//   term >= 0 (D = sum term),  g (dD/dp up to a constant),  s (S = sum s = sum_v p_v g_v);
+// dD/da_v = p_v (g_v - S). S is known only after the whole row, so pass 3 stores A = gk p g + gl p_1 over
+// the teacher logits and B = gk p over the student logits, and pass 4 writes dz = A - S B.
+
+// e^x - 1 for x <= 0: its series for x > -1/2 (to x^9 / 9!: truncation < 3e-10 relative), else
+// exp_f32(x) - 1 (>= 0.39 in size there: no cancellation)
+inline float expm1_neg(float x) {
+  float p = 1.0f / 362880.0f;
+  p = p * x + 1.0f / 40320.0f;
+  p = p * x + 1.0f / 5040.0f;
+  p = p * x + 1.0f / 720.0f;
+  p = p * x + 1.0f / 120.0f;
+  p = p * x + 1.0f / 24.0f;
+  p = p * x + 1.0f / 6.0f;
+  p = p * x + 0.5f;
+  p = p * x + 1.0f;
+  return x > -0.5f ? p * x : exp_f32(x) - 1.0f;
+}
+
+// log(x) for a normal x > 0: x = 2^e m, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
+// |s| < 0.172, its series to s^11 (truncation < 1e-10 relative); ln 2 in two parts. Plain arithmetic that
+// `omp simd` vectorises (no libm call).
+inline float log_f32(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  const int32_t mbits = (bits & 0x7fffff) | 0x3f800000;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  float t = 1.0f / 11.0f;
+  t = t * s2 + 1.0f / 9.0f;
+  t = t * s2 + 1.0f / 7.0f;
+  t = t * s2 + 1.0f / 5.0f;
+  t = t * s2 + 1.0f / 3.0f;
+  t = t * s2 + 1.0f;
+  const float fe = (float)e;
+  return fe * 0.693359375f + (fe * -2.12194440e-4f + 2.0f * s * t);
+}
+
+// log(1 + y) for y in (-1, 0]: log(w) y / (w - 1), w = 1 + y (Goldberg: the rounding of w cancels)
+inline float log1p_f32(float y) {
+  const float w = 1.0f + y;
+  return w == 1.0f ? y : log_f32(w) * (y / (w - 1.0f));
+}
+
+// log((1 - lam) + lam e^x), lam in (0, 1): log1p(lam expm1(x)) for x <= 0, x + log1p((1 - lam) expm1(-x))
+// for x > 0 (no overflow; accurate near x = 0, where the divergences are small)
+inline float mixlog(float lam, float x) {
+  const bool neg = x <= 0.0f;
+  const float l = neg ? lam : 1.0f - lam;
+  return log1p_f32(l * expm1_neg(neg ? x : -x)) + (neg ? 0.0f : x);
+}
+
+template <int KIND>
+inline void div_elem(float p, float q, float u, float c, float& term, float& g, float& s) {
+  if (KIND == 1) {                        // reverse_kl: KL(p || q), g = u, S = D
+    term = kl_term(q, p, -u);
+    g = u;
+    s = term;
+  } else if (KIND == 2) {                 // jsd: M = c q + (1 - c) p, lm = log(M / p)
+    const float lm = mixlog(c, -u), m = c * q + (1.0f - c) * p;
+    const float kp = kl_term(m, p, lm);   // KL(p || M) term
+    term = c * kl_term(m, q, lm + u) + (1.0f - c) * kp;
+    g = -(1.0f - c) * lm;
+    s = (1.0f - c) * kp;
+  } else if (KIND == 3) {                 // skew_kl: KL(q || M), M = c q + (1 - c) p, lq = log(M / q)
+    const float lq = mixlog(1.0f - c, u);
+    term = kl_term(c * q + (1.0f - c) * p, q, lq);
+    g = -(1.0f - c) * exp_f32(-lq);       // -(1 - c) q / M
+    s = p * g;
+  } else if (KIND == 4) {                 // skew_reverse_kl: KL(p || M), M = c p + (1 - c) q, lm = log(M / p)
+    const float lm = mixlog(1.0f - c, -u), r = exp_f32(-lm);   // r = p / M
+    term = kl_term(c * p + (1.0f - c) * q, p, lm);
+    g = -lm - c * r;
+    s = term - c * p * r;
+  } else {                                // tvd: |p - q| / 2, g = sign(u) / 2
+    term = 0.5f * std::fabs(p - q);
+    g = u > 0.0f ? 0.5f : (u < 0.0f ? -0.5f : 0.0f);
+    s = p * g;
+  }
+}
+
+template <int KIND>
+IIT_CLONES
+void row_step_div(float* s, float* t, int64_t V, float T, float c, float g_kd, bool has_labels, int64_t y,
+                  float g_lab, float* d_out, float* ce_out) {
+  const float inv_T = 1.0f / T;
+  // passes 1 and 2: as row_step
+  float ms = s[0], mt = t[0];
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t v = 0; v < V; ++v) {
+    ms = s[v] > ms ? s[v] : ms;
+    mt = t[v] > mt ? t[v] : mt;
+  }
+  const float m_s = ms * inv_T, m_t = mt * inv_T, m_1 = ms;
+  double d_s = 0.0, d_t = 0.0, d_1 = 0.0;
+  for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
+    const int64_t v1 = v0 + BLOCK < V ? v0 + BLOCK : V;
+    float bs = 0.f, bt = 0.f, b1 = 0.f;
+#pragma omp simd reduction(+ : bs, bt, b1)
+    for (int64_t v = v0; v < v1; ++v) {
+      bs += exp_f32(s[v] * inv_T - m_s);
+      bt += exp_f32(t[v] * inv_T - m_t);
+      b1 += has_labels ? exp_f32(s[v] - m_1) : 0.0f;
+    }
+    d_s += bs;
+    d_t += bt;
+    d_1 += b1;
+  }
+  const float r_s = (float)(1.0 / d_s), r_t = (float)(1.0 / d_t);
+  const float cst = (float)(((double)m_s - (double)m_t) + std::log(d_s / d_t));
+  const float gk = g_kd * T;
+  const bool has = has_labels && y >= 0 && y < V;
+  const float gl = has ? g_lab : 0.f;
+  const float r_1 = has_labels ? (float)(1.0 / d_1) : 0.f;
+  if (has_labels) *ce_out = has ? (float)((double)m_1 + std::log(d_1)) - s[y] : 0.f;
+  // pass 3: the terms, S, and A (over t), B (over s)
+  double D = 0.0, S = 0.0;
+  for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
+    const int64_t v1 = v0 + BLOCK < V ? v0 + BLOCK : V;
+    float d_block = 0.f, s_block = 0.f;
+#pragma omp simd reduction(+ : d_block, s_block)
+    for (int64_t v = v0; v < v1; ++v) {
+      const float z = s[v], zt = t[v];
+      const float p = exp_f32(z * inv_T - m_s) * r_s, q = exp_f32(zt * inv_T - m_t) * r_t;
+      float term, g, st;
+      div_elem<KIND>(p, q, (z - zt) * inv_T - cst, c, term, g, st);
+      d_block += term;
+      s_block += st;
+      t[v] = gk * (p * g) + gl * (exp_f32(z - m_1) * r_1);
+      s[v] = gk * p;
+    }
+    D += d_block;
+    S += s_block;
+  }
+  // pass 4: dz = A - S B
+  const float Sf = (float)S;
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) s[v] = t[v] - Sf * s[v];
+  if (has) s[y] -= gl;  // - g_lab onehot(y)
+  *d_out = (float)D;
+}
+
 }  // namespace
 
 extern "C" {
@@ -173,6 +326,26 @@ void iit_distill_head_loss_chunk_f32(float* zs, int64_t zs_stride, const float* 
   for (int64_t r = 0; r < C; ++r) {
     row_step(zs + r * zs_stride, zt + r * zt_stride, V, T, g_kd[r], has_labels, has_labels ? labels[r] : -1,
              has_labels ? g_lab[r] : 0.f, kl + r, has_labels ? ce + r : nullptr);
+  }
+}
+
+
+// The divergences other than forward KL (kind 1..5, param = beta or alpha; see div_elem): 4 passes per row,
+// the teacher logits overwritten too (pass 3 stores A there). d: (C,) fp32 out, the per-row divergence.
+void iit_distill_head_loss_div_chunk_f32(float* zs, int64_t zs_stride, float* zt, int64_t zt_stride,
+                                         const int64_t* labels, const float* g_kd, const float* g_lab, float* d,
+                                         float* ce, int64_t C, int64_t V, float T, int kind, float param,
+                                         int nthreads) {
+  const bool has_labels = labels != nullptr;
+  using Step = void (*)(float*, float*, int64_t, float, float, float, bool, int64_t, float, float*, float*);
+  const Step steps[] = {nullptr, row_step_div<1>, row_step_div<2>, row_step_div<3>, row_step_div<4>,
+                        row_step_div<5>};
+  if (kind < 1 || kind > 5) return;  // the Python side passes only these
+  const Step step = steps[kind];
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t r = 0; r < C; ++r) {
+    step(zs + r * zs_stride, zt + r * zt_stride, V, T, param, g_kd[r], has_labels, has_labels ? labels[r] : -1,
+         has_labels ? g_lab[r] : 0.f, d + r, has_labels ? ce + r : nullptr);
   }
 }
 

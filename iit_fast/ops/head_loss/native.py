@@ -8,30 +8,39 @@ import torch
 _NATIVE_NAME = "iit_fast_head_loss"
 _NATIVE_SOURCES = ("head_loss/native.cpp",)
 _fn = None      # ctypes function once built
+_fn_div = None  # the other divergences' entry point (same library)
 error = None   # why it could not be built
 
 
 def native_step():
     """Build (first call, a few seconds; cached in TORCH_EXTENSIONS_DIR) and load the C++ inner step;
     None (reason in error) when that cannot be done."""
-    global _fn, error
+    global _fn, _fn_div, error
     if _fn is None and error is None:
         import ctypes
 
         from .._native import NativeUnavailable, load_native
         try:
-            fn = load_native(_NATIVE_NAME, _NATIVE_SOURCES).iit_distill_head_loss_chunk_f32
+            lib = load_native(_NATIVE_NAME, _NATIVE_SOURCES)
+            fn = lib.iit_distill_head_loss_chunk_f32
         except NativeUnavailable as e:
             error = str(e)
             return None
         P, I64 = ctypes.c_void_p, ctypes.c_int64
         fn.argtypes = [P, I64, P, I64, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int]
         fn.restype = None
+        div = lib.iit_distill_head_loss_div_chunk_f32
+        div.argtypes = [P, I64, P, I64, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                        ctypes.c_int]
+        div.restype = None
         _fn = fn
+        _fn_div = div
     return _fn
 
 
-def inner_native(zs, zt, labels, g_kd, g_lab, temperature):
+def inner_native(zs, zt, labels, g_kd, g_lab, temperature, divergence=None):
+    """divergence: None / forward KL -> the 3-pass row step; another one -> its 4-pass row step
+    (native.cpp's row_step_div), which overwrites zt too."""
     fn = native_step()
     if fn is None:
         raise RuntimeError(f"distill_head_loss impl='native': native CPU step unavailable: {error}")
@@ -47,7 +56,14 @@ def inner_native(zs, zt, labels, g_kd, g_lab, temperature):
     if labels is not None:
         labels = labels.contiguous()
         g_lab = g_lab.to(torch.float32).contiguous()
-    if C:
+    threads = min(torch.get_num_threads(), max(1, (C * V) >> 18))  # small chunks: one thread, no barrier
+    if C and divergence is not None and not divergence.is_forward_kl:
+        _fn_div(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
+                labels.data_ptr() if labels is not None else None, g_kd.data_ptr(),
+                g_lab.data_ptr() if labels is not None else None, kl.data_ptr(),
+                ce.data_ptr() if ce is not None else None, C, V, float(temperature), divergence.code,
+                float(divergence.param), threads)
+    elif C:
         fn(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
            labels.data_ptr() if labels is not None else None, g_kd.data_ptr(),
            g_lab.data_ptr() if labels is not None else None, kl.data_ptr(),
