@@ -29,10 +29,13 @@ def default_chunk_size(n_tokens: int, vocab: int, budget_bytes: int = DEFAULT_ME
     return int(max(1, min(c, n_tokens))) if n_tokens else 1
 
 
-def inner_triton(zs, zt, labels, g_kd, g_lab, temperature):
-    from .triton import (
-        distill_head_loss_chunk_triton,  # lazy: triton is heavy and needs CUDA or the interpreter
+def inner_triton(zs, zt, labels, g_kd, g_lab, temperature, divergence=None):
+    from .triton import (  # lazy: triton is heavy and needs CUDA or the interpreter
+        distill_head_loss_chunk_triton,
+        divergence_head_loss_chunk_triton,
     )
+    if divergence is not None and not divergence.is_forward_kl:
+        return divergence_head_loss_chunk_triton(zs, zt, labels, g_kd, g_lab, temperature, divergence)
     return distill_head_loss_chunk_triton(zs, zt, labels, g_kd, g_lab, temperature)
 
 

@@ -176,3 +176,192 @@ def distill_head_loss_chunk_triton(zs: torch.Tensor, zt: torch.Tensor, labels: t
         HAS_LABELS=has_labels, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
     )
     return zs, kl, (ce if has_labels else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The other divergences (divergence.py has the math): reverse KL, jsd, skew KL, skew reverse KL, TVD.
+# Per element from p (student), q (teacher), u = log(p / q): a non-negative term (D = sum), the gradient
+# factor g and s (S = sum s = sum p g); dD/da = p (g - S). S needs the whole row first: pass 2 stores
+# A = g_kd T p g + g_lab p_1 over the teacher logits and B = g_kd T p over the student's, pass 3 writes
+# dz = A - S B - g_lab onehot(y). fp32 logit chunks only (A and B are kept in them).
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _expm1_neg(x):
+    """e^x - 1 for x <= 0: its series for x > -1/2 (to x^9 / 9!), else exp(x) - 1 (no cancellation there)."""
+    h = 1.0 / 362880.0
+    h = h * x + 1.0 / 40320.0
+    h = h * x + 1.0 / 5040.0
+    h = h * x + 1.0 / 720.0
+    h = h * x + 1.0 / 120.0
+    h = h * x + 1.0 / 24.0
+    h = h * x + 1.0 / 6.0
+    h = h * x + 0.5
+    h = h * x + 1.0
+    return tl.where(x > -0.5, h * x, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1p(y):
+    """log(1 + y) for y in (-1, 0]: log(w) y / (w - 1), w = 1 + y (the rounding of w cancels)."""
+    w = 1.0 + y
+    return tl.where(w == 1.0, y, tl.log(w) * (y / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _mixlog(lam, x):
+    """log((1 - lam) + lam e^x), lam in (0, 1), without overflow and accurate near x = 0."""
+    neg = x <= 0.0
+    lx = tl.where(neg, lam, 1.0 - lam)
+    return _log1p(lx * _expm1_neg(tl.where(neg, x, -x))) + tl.where(neg, 0.0, x)
+
+
+@triton.jit
+def _div_elem(p, q, u, prm, KIND: tl.constexpr):
+    """(term, g, s) of one element; KIND 1 reverse_kl, 2 jsd (prm = beta), 3 skew_kl, 4 skew_reverse_kl
+    (prm = alpha), 5 tvd."""
+    if KIND == 1:       # KL(p || q)
+        term = _kl_term(q, p, -u)
+        g = u
+        s = term
+    elif KIND == 2:     # beta KL(q || M) + (1 - beta) KL(p || M), M = beta q + (1 - beta) p, lm = log(M / p)
+        lm = _mixlog(prm, -u)
+        m = prm * q + (1.0 - prm) * p
+        kp = _kl_term(m, p, lm)
+        term = prm * _kl_term(m, q, lm + u) + (1.0 - prm) * kp
+        g = -(1.0 - prm) * lm
+        s = (1.0 - prm) * kp
+    elif KIND == 3:     # KL(q || M), M = alpha q + (1 - alpha) p, lq = log(M / q)
+        lq = _mixlog(1.0 - prm, u)
+        term = _kl_term(prm * q + (1.0 - prm) * p, q, lq)
+        g = -(1.0 - prm) * tl.exp(-lq)
+        s = p * g
+    elif KIND == 4:     # KL(p || M), M = alpha p + (1 - alpha) q, lm = log(M / p)
+        lm = _mixlog(1.0 - prm, -u)
+        r = tl.exp(-lm)
+        term = _kl_term(prm * p + (1.0 - prm) * q, p, lm)
+        g = -lm - prm * r
+        s = term - prm * p * r
+    else:               # |p - q| / 2
+        term = 0.5 * tl.abs(p - q)
+        g = tl.where(u > 0.0, 0.5, tl.where(u < 0.0, -0.5, 0.0))
+        s = p * g
+    return term, g, s
+
+
+@triton.jit
+def _divergence_head_loss_kernel(
+    zs_ptr, zs_stride,     # (C, V) fp32 student logits; overwritten with B, then dL/dz_s
+    zt_ptr, zt_stride,     # (C, V) fp32 teacher logits; overwritten with A
+    labels_ptr, w_kd_ptr, w_lab_ptr, d_ptr, ce_ptr,   # as _distill_head_loss_kernel; d: the row's divergence
+    V, inv_T, T, prm,
+    KIND: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    zs_row = zs_ptr + row * zs_stride
+    zt_row = zt_ptr + row * zt_stride
+    offs = tl.arange(0, BLOCK_V)
+
+    # ---- pass 1: online max / sum-exp, as the forward KL kernel
+    m_s = tl.zeros([], tl.float32) - float("inf")
+    d_s = tl.zeros([], tl.float32)
+    m_t = tl.zeros([], tl.float32) - float("inf")
+    d_t = tl.zeros([], tl.float32)
+    m_1 = tl.zeros([], tl.float32) - float("inf")
+    d_1 = tl.zeros([], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        zs = tl.load(zs_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        zt = tl.load(zt_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        a_s = zs * inv_T
+        a_t = zt * inv_T
+        m_s_new = tl.maximum(m_s, tl.max(a_s, 0))
+        d_s = d_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(a_s - m_s_new), 0)
+        m_s = m_s_new
+        m_t_new = tl.maximum(m_t, tl.max(a_t, 0))
+        d_t = d_t * tl.exp(m_t - m_t_new) + tl.sum(tl.exp(a_t - m_t_new), 0)
+        m_t = m_t_new
+        if HAS_LABELS:
+            m_1_new = tl.maximum(m_1, tl.max(zs, 0))
+            d_1 = d_1 * tl.exp(m_1 - m_1_new) + tl.sum(tl.exp(zs - m_1_new), 0)
+            m_1 = m_1_new
+
+    r_s = 1.0 / d_s
+    r_t = 1.0 / d_t
+    c = (m_s - m_t) + tl.log(d_s / d_t)                      # lse_s - lse_t, unrounded
+    g_kd = tl.load(w_kd_ptr + row).to(tl.float32) * T        # w_kd * T^2 * (1/T)
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row)
+        has_label = (y >= 0) & (y < V)
+        r_1 = 1.0 / d_1
+        z_y = tl.load(zs_row + tl.where(has_label, y, 0)).to(tl.float32)
+        tl.store(ce_ptr + row, tl.where(has_label, m_1 + tl.log(d_1) - z_y, 0.0))
+        g_lab = tl.where(has_label, tl.load(w_lab_ptr + row).to(tl.float32), 0.0)
+    else:
+        y = -1
+        r_1 = 0.0
+        g_lab = 0.0
+
+    # ---- pass 2: the terms, S; A over z_t, B over z_s
+    dsum = tl.zeros([BLOCK_V], tl.float32)
+    ssum = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
+        zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(zs * inv_T - m_s) * r_s
+        q = tl.exp(zt * inv_T - m_t) * r_t
+        term, g, s = _div_elem(p, q, (zs - zt) * inv_T - c, prm, KIND)
+        dsum += tl.where(mask, term, 0.0)
+        ssum += tl.where(mask, s, 0.0)
+        a = g_kd * (p * g)
+        if HAS_LABELS:
+            a += g_lab * (tl.exp(zs - m_1) * r_1)
+        tl.store(zt_row + cols, a, mask=mask)
+        tl.store(zs_row + cols, g_kd * p, mask=mask)
+    S = tl.sum(ssum, 0)
+    tl.debug_barrier()   # pass 3 reads what pass 2 stored
+
+    # ---- pass 3: dz = A - S B - g_lab onehot(y), over z_s
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        a = tl.load(zt_row + cols, mask=mask, other=0.0)
+        b = tl.load(zs_row + cols, mask=mask, other=0.0)
+        dz = a - S * b
+        if HAS_LABELS:
+            dz -= g_lab * tl.where(cols == y, 1.0, 0.0)
+        tl.store(zs_row + cols, dz, mask=mask)
+    tl.store(d_ptr + row, tl.sum(dsum, 0))
+
+
+def divergence_head_loss_chunk_triton(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
+                                      w_kd: torch.Tensor, w_lab: torch.Tensor | None, temperature: float,
+                                      divergence):
+    """One chunk of a divergence other than forward KL (a divergence.Divergence): overwrites `zs` (C, V) with
+    dL/dz_s and `zt` with scratch; returns (zs, d_rows, ce_rows or None), rows fp32. zs, zt: (C, V) fp32,
+    unit column stride."""
+    C, V = zs.shape
+    for name, z in (("zs", zs), ("zt", zt)):
+        if z.dtype != torch.float32:
+            raise ValueError(f"distill_head_loss triton kernel ({divergence}): {name} has dtype {z.dtype}; the "
+                             "divergences other than forward KL take fp32 logit chunks (the chunk loop's)")
+        if z.stride(1) != 1:
+            raise ValueError(f"distill_head_loss triton kernel: {name} needs unit column stride")
+    w_kd = w_kd.to(torch.float32).contiguous()
+    w_lab = w_lab.to(torch.float32).contiguous() if w_lab is not None else None
+    d = torch.empty(C, dtype=torch.float32, device=zs.device)
+    has_labels = labels is not None
+    ce = torch.empty(C, dtype=torch.float32, device=zs.device) if has_labels else d
+    if C:
+        _divergence_head_loss_kernel[(C,)](
+            zs, zs.stride(0), zt, zt.stride(0),
+            labels if has_labels else w_kd, w_kd, w_lab if has_labels else w_kd, d, ce,
+            V, 1.0 / float(temperature), float(temperature), float(divergence.param),
+            KIND=divergence.code, HAS_LABELS=has_labels, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+        )
+    return zs, d, (ce if has_labels else None)
