@@ -51,12 +51,33 @@ def prepare(cfg: TrainConfig):
     """(teacher, student, tokenizer, tokenized corpus, alignment, teacher cache or None), before any process
     group forms. The embedded defaults are built once, under a file lock, by the first process to get here."""
     with cache_lock(cfg.cache_dir):
-        path = cfg.teacher or teacher_lib.default_teacher_path(cfg.cache_dir, build_if_missing=True)
+        path = cfg.teacher or default_teacher_apart(cfg.cache_dir)
         teacher, student, tokenizer = build_models(cfg, path)
         tokenized = tokenize(cfg, tokenizer, teacher.kind)
     alignment = make_alignment(cfg.distill.alignment, teacher.num_layers, student.num_layers)
     cache = open_teacher_cache(cfg, path, teacher, tokenizer, tokenized, alignment) if cfg.teacher_cache else None
     return teacher, student, tokenizer, tokenized, alignment, cache
+
+
+def default_teacher_apart(cache_dir) -> Path:
+    """The embedded default teacher's folder, built on first use in a child process (`python -m
+    iit_fast.teacher build`): the build's memory (its own training run) goes back to the system when the child
+    exits, instead of staying in this process's heap for the whole run (allocator.tune_malloc keeps freed
+    memory). The caller holds the cache lock; the child takes none."""
+    import subprocess
+    import sys
+    try:
+        return teacher_lib.default_teacher_path(cache_dir, build_if_missing=False)
+    except FileNotFoundError:
+        pass
+    cmd = [sys.executable, "-m", "iit_fast.teacher", "build"] + (["--cache-dir", str(cache_dir)] if cache_dir else [])
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    r = subprocess.run(cmd, env=env, stdout=sys.stderr)  # its progress on stderr, as in-process
+    if r.returncode:
+        raise ValueError(f"building the default teacher failed (`{' '.join(cmd[1:])}` exited {r.returncode}; "
+                         f"its error is above)")
+    return teacher_lib.default_teacher_path(cache_dir, build_if_missing=False)
 
 
 def build_models(cfg: TrainConfig, teacher_path):
@@ -96,6 +117,8 @@ def tokenize(cfg: TrainConfig, tokenizer, kind: str):
 def open_teacher_cache(cfg: TrainConfig, teacher_path, teacher, tokenizer, tokenized, alignment):
     """The teacher cache, checked against this run (teacher, tokenizer, corpus, max_length, masking, plans:
     a difference is refused naming the field) and for missing or truncated shards, before any work."""
+    from .teacher_cache import check_run, refuse_teacher_kind
+    refuse_teacher_kind(teacher.kind, cfg.teacher_cache)  # before the options: they differ by kind
     d = cfg.distill
     # a cache may hold the first N rows of the corpus only (--max_examples): the run checks those rows
     built = json.loads((Path(cfg.teacher_cache) / "cache.json").read_text()).get("fingerprint", {}) \
@@ -106,7 +129,12 @@ def open_teacher_cache(cfg: TrainConfig, teacher_path, teacher, tokenizer, token
                         max_examples=built.get("examples") if isinstance(built.get("examples"), int) else None)
     expect = run_fingerprint(teacher_path=teacher_path, tokenizer=tokenizer, tokenized_split=tokenized["train"],
                              opts=opts, alignment=alignment)
-    return TeacherCache.open(cfg.teacher_cache, expect=expect)
+    cache = TeacherCache.open(cfg.teacher_cache, expect=expect)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    ds = read_ds_config(cfg.deepspeed_config, world)
+    check_run(cache, d, micro_batch=ds["train_micro_batch_size_per_gpu"], accumulation=ds["gradient_accumulation_steps"],
+              world_size=world, max_steps=cfg.max_steps, epochs=cfg.epochs)
+    return cache
 
 
 def build_batches(cfg: TrainConfig, tokenized, tokenizer, kind: str, micro_batch: int, rank: int, world: int):

@@ -20,9 +20,17 @@ What an example holds (everything the student's step needs, so training runs no 
 
 Layout of DIR: `cache.json` (the fingerprint and sizes, written before any shard) and, per shard of
 `shard_pairs` pairs, `shard-NNNNN.safetensors` (memory-mapped on read; a batch reads only its slices) and
-`shard-NNNNN.json`, its manifest (size, SHA-256, fingerprint hash), written after the shard file is
+`shard-NNNNN.json`, its manifest (size, SHA-256, CRC-32, fingerprint hash), written after the shard file is
 complete: a shard without a manifest does not exist. A build skips complete shards, so an interrupted
-build (killed, disk full) resumes where it stopped; nothing complete is ever rewritten.
+build (killed, disk full) resumes where it stopped; nothing complete is ever rewritten; the temporary files
+of a killed build (`.shard-NNNNN.*.tmpPID`) are removed by the next build of those shards.
+
+Checks: opening a cache checks every shard's presence, size and header (no read of its data); each shard's
+CRC-32 is verified when the process first reads it (one pass over its bytes, which the reads then find in
+the page cache; `benchmarks/results/cache-checksum.md` measures it), so same-size corruption is an error
+naming the shard, never garbage in training. `verify --full` checks SHA-256 of every shard up front.
+`check_run(cache, ...)`: everything a training run asks of the cache that its metadata can refuse (the
+step's weights and mode, the batch shape, the number of epochs against the plans per pair), before any work.
 
 Shard tensors (R rows = 2 x pairs, T real tokens, N loss tokens, M plans, K = top_k, D hidden):
     example (R,) int64 corpus row;  offsets (R+1,) int64 into the T tokens;  kd_offsets (R+1,) into the N
@@ -45,10 +53,13 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .diskfull import free_bytes, is_disk_full
 
 FORMAT = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -195,6 +206,20 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
+
+
+def _remove_stale_temporaries(out: Path, shards) -> list[str]:
+    """The temporary files (`.shard-NNNNN.*.tmpPID`) a killed build left for `shards`: each shard is built
+    by one rank only (i % world_size), so those of this rank's shards are never another live build's."""
+    import re
+    mine = {_shard_name(i) for i in shards}
+    gone = []
+    for f in out.glob(".shard-*.tmp*"):
+        m = re.fullmatch(r"\.(shard-\d{5})\.(?:safetensors|json)\.tmp\d+", f.name)
+        if m and m.group(1) in mine:
+            f.unlink(missing_ok=True)
+            gone.append(f.name)
+    return gone
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,6 +412,7 @@ def build_cache(teacher_path, tokenized_split, out, opts: CacheOptions, *, loade
     rows = tokenized_split.select_columns(["input_ids"]).with_format(None)
     mine = list(range(rank, num_shards, world_size))
     todo = [i for i in mine if not _shard_complete(out, i, fp_hash)]
+    _remove_stale_temporaries(out, todo)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, unit="shard",
                desc=f"teacher cache (rank {rank}/{world_size})")
     for i in todo:
@@ -397,14 +423,16 @@ def build_cache(teacher_path, tokenized_split, out, opts: CacheOptions, *, loade
         # are a function of its contents (a rebuilt shard is byte-identical)
         data = safetensors.torch.save(tensors, metadata={"fingerprint_hash": fp_hash})
         manifest = {"shard": i, "fingerprint_hash": fp_hash, "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(), "rows": int(tensors["example"].numel()),
+                    "sha256": hashlib.sha256(data).hexdigest(), "crc32": zlib.crc32(data),
+                    "rows": int(tensors["example"].numel()),
                     "tokens": int(tensors["input_ids"].numel()), "loss_tokens": int(tensors["rest"].numel())}
         try:
             _write_bytes(out / f"{_shard_name(i)}.safetensors", data)
             _write_bytes(out / f"{_shard_name(i)}.json", (json.dumps(manifest) + "\n").encode())  # last
         except OSError as e:
             done = sum(_shard_complete(out, j, fp_hash) for j in range(num_shards))
-            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            why = (f"the disk is full: the shard needs {len(data):,} bytes, {free_bytes(out) or 0:,} are free"
+                   if is_disk_full(e, out) else (e.strerror or str(e)))
             raise CacheWriteError(e.errno, f"teacher cache {out}: writing shard {i} failed ({why}); {done} of "
                                            f"{num_shards} shards are complete and kept: make room and run the "
                                            f"same command again to resume") from e
@@ -501,9 +529,28 @@ class TeacherCache:
                 raise ValueError(f"{where} lacks {missing or 'its fingerprint'}; delete {name}.json and rebuild")
         return cls(folder, meta)
 
+    def verify_shard(self, i: int) -> None:
+        """Shard i's bytes against the checksum its manifest recorded at build (CRC-32; SHA-256 for a
+        cache built before CRCs): a ValueError naming the shard if they differ. One pass over the file."""
+        name = _shard_name(i)
+        man = json.loads((self.folder / f"{name}.json").read_text())
+        path = self.folder / f"{name}.safetensors"
+        crc, h = 0, (None if "crc32" in man else hashlib.sha256())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                if h is None:
+                    crc = zlib.crc32(block, crc)
+                else:
+                    h.update(block)
+        if (crc != man["crc32"]) if h is None else (h.hexdigest() != man["sha256"]):
+            raise ValueError(f"teacher cache {self.folder}: shard {i} ({name}.safetensors) is corrupt: its "
+                             f"{'CRC-32' if h is None else 'SHA-256'} differs from the one recorded when it was "
+                             f"built; delete {name}.json and run the build command again to rebuild it")
+
     def _shard(self, i: int):
         if i not in self._handles:
             from safetensors import safe_open
+            self.verify_shard(i)  # first read of this shard in this process: never train on corrupt bytes
             f = safe_open(str(self.folder / f"{_shard_name(i)}.safetensors"), framework="pt")
             self._handles[i] = f
             self._small[i] = {k: f.get_tensor(k) for k in _SMALL}
@@ -533,6 +580,49 @@ class TeacherCache:
         for k in ("base_start", "source_start", "span_len"):
             out[k] = small[f"plan_{k}"][2 * j:2 * j + 2, m].long()
         return out
+
+
+def refuse_teacher_kind(kind: str, folder) -> None:
+    """A cache holds a masked-LM teacher's outputs; a run with another kind of teacher is refused first
+    (before its options are checked against the cache's, which would name a field instead)."""
+    if kind != "masked":
+        raise ValueError(f"--teacher_cache {folder}: teacher caches do not support causal teachers yet (they "
+                         f"hold masked-LM teachers only; this teacher is a {kind} LM): drop --teacher_cache")
+
+
+def check_run(cache: TeacherCache, cfg, *, micro_batch: int, accumulation: int, world_size: int, max_steps: int,
+              epochs: int) -> None:
+    """Everything a training run asks of `cache` that its metadata can refuse, before any work: the step's
+    config (`cfg`, a DistillConfig), the batch shape, and the number of epochs against the plans per pair.
+    A ValueError naming the flag and what the cache holds."""
+    where = f"--teacher_cache {cache.folder}"
+    if cfg.mode not in ("fast", "standard"):
+        raise ValueError(f"--mode {cfg.mode}: a cached teacher runs the fast or the standard step ({where})")
+    if cfg.w_cos and not cache.has_hidden:
+        raise ValueError(f"--w_cos {cfg.w_cos} needs the teacher's hidden states, and {where} was built without "
+                         f"them: rebuild it with --hidden, or pass --w_cos 0")
+    if cfg.w_iit_cos or cfg.w_mse:
+        raise ValueError(f"--w_iit_cos / --w_mse must be 0 with a cached teacher ({where}): the cache holds no "
+                         f"teacher counterfactual or site states")
+    if getattr(cfg, "shared_vocab", None) is not None:
+        raise ValueError(f"--shared_vocab must be unset with a cached teacher ({where}): the cached ids index the "
+                         f"teacher's whole vocabulary (the student's vocabulary must be the teacher's)")
+    if micro_batch < 2 or micro_batch % 2:
+        raise ValueError(f"train_micro_batch_size_per_gpu {micro_batch}: a cached batch is whole (row, partner) "
+                         f"pairs ({where}); expected an even number >= 2")
+    per_rank = cache.num_pairs // (micro_batch // 2) // world_size                  # batches per epoch per rank
+    steps_per_epoch = per_rank // accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(f"{where} holds {cache.num_pairs} pairs: not one optimizer step of {micro_batch // 2} "
+                         f"pairs x {accumulation} accumulation x {world_size} ranks; expected a bigger cache or a "
+                         f"smaller batch")
+    need = epochs or math.ceil(max_steps / steps_per_epoch)
+    if cfg.uses_iit and need > cache.plans:
+        what = f"--epochs {epochs}" if epochs else f"--max_steps {max_steps} at {steps_per_epoch} steps per epoch"
+        raise ValueError(f"{where} holds {cache.plans} intervention plans per pair, and this run goes over its pairs "
+                         f"{need} times ({what}): every epoch draws a plan per pair, so plans would repeat; "
+                         f"rebuild the cache with --plans {need} (or more rows), or train for at most "
+                         f"{cache.plans * steps_per_epoch} steps")
 
 
 # ---------------------------------------------------------------------------------------------------------

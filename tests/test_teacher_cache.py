@@ -495,3 +495,77 @@ def test_cli_cache_teacher(tmp_path, teacher_dir, capsys):
     assert "another top_k" in capsys.readouterr().err
     assert tc.main(["verify", str(tmp_path / "c"), "--full"]) == 0
     assert tc.main(["build"] + args[1:]) == 0                                 # python -m iit_fast.teacher_cache build
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults (issue 27): corruption of the same size, a killed build's temporaries, a run the cache cannot serve
+# ---------------------------------------------------------------------------------------------------------
+
+def test_cache_checksum_same_size_corruption_found_on_first_read(tmp_path, teacher_dir):
+    """One flipped bit in a shard, same size: the open (sizes, headers) passes, the first read of that shard
+    checks its CRC-32 and refuses naming the shard; the other shards read fine; an intact cache reads alike.
+    A cache whose manifests predate CRCs is checked by their SHA-256 instead."""
+    build(teacher_dir, tmp_path / "c")
+    intact = TeacherCache.open(tmp_path / "c")
+    want = intact.read_pair(3, 0)                                              # pair 3 is in shard 1
+    assert all(json.loads((tmp_path / "c" / f"shard-0000{i}.json").read_text())["crc32"] >= 0 for i in range(4))
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1                                                   # in the tensor bytes
+    shard.write_bytes(bytes(data))
+    cache = TeacherCache.open(tmp_path / "c")
+    cache.read_pair(0, 0)                                                       # shard 0: intact
+    with pytest.raises(ValueError, match=r"shard 1 \(shard-00001.safetensors\) is corrupt: its CRC-32 differs"):
+        cache.read_pair(3, 0)
+    man = json.loads((tmp_path / "c" / "shard-00001.json").read_text())
+    del man["crc32"]                                                            # an older cache: SHA-256
+    (tmp_path / "c" / "shard-00001.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="shard 1 .*is corrupt: its SHA-256 differs"):
+        TeacherCache.open(tmp_path / "c").read_pair(3, 0)
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    got = TeacherCache.open(tmp_path / "c").read_pair(3, 0)
+    assert all(torch.equal(a, b) for a, b in zip(got["input_ids"], want["input_ids"]))
+
+
+def test_cache_build_killed_leaves_no_tmp_file(tmp_path, teacher_dir):
+    """A build killed while writing a shard leaves `.shard-NNNNN.safetensors.tmpPID`; the next build of that
+    shard removes it (and only the temporaries of the shards it builds: another rank's are not its own)."""
+    build(teacher_dir, tmp_path / "c")
+    (tmp_path / "c" / "shard-00002.json").unlink()                              # shard 2 was being written...
+    (tmp_path / "c" / ".shard-00002.safetensors.tmp999999").write_bytes(b"half a shard")
+    (tmp_path / "c" / ".shard-00003.json.tmp999998").write_bytes(b"{")       # ...and shard 3's of rank 1 of 2
+    build_cache(teacher_dir, corpus(), tmp_path / "c", options(), rank=0, world_size=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if ".tmp" in p.name) == [".shard-00003.json.tmp999998"]
+    TeacherCache.open(tmp_path / "c", verify="full")
+    build_cache(teacher_dir, corpus(), tmp_path / "c", options(), rank=1, world_size=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if ".tmp" in p.name) == [".shard-00003.json.tmp999998"]
+
+
+def test_cache_mismatch_refused_before_work(tmp_path, teacher_dir):
+    """What a run asks of a cache that the cache's metadata can refuse, each in one line naming the flag,
+    before any process group or step (iit_fast/prepare.py calls these while opening the cache)."""
+    build(teacher_dir, tmp_path / "c", hidden=False, plans=2)                  # 10 pairs, 2 plans per pair
+    cache = TeacherCache.open(tmp_path / "c")
+    assert cache.num_pairs == 10
+    ok = dict(micro_batch=4, accumulation=1, world_size=1, max_steps=10, epochs=0)   # 5 steps per epoch: 2 epochs
+    tc.check_run(cache, DistillConfig(w_cos=0), **ok)
+    tc.check_run(cache, DistillConfig(w_cos=0, mode="standard"), **{**ok, "max_steps": 600})  # no plans used
+    cases = [(DistillConfig(), ok, r"--w_cos 0.25 needs the teacher's hidden states, and --teacher_cache .* was "
+                                   r"built without them: rebuild it with --hidden, or pass --w_cos 0"),
+             (DistillConfig(w_cos=0, mode="naive"), ok, "--mode naive: a cached teacher runs the fast or the standard"),
+             (DistillConfig(w_cos=0, w_mse=0.1), ok, "--w_iit_cos / --w_mse must be 0 with a cached teacher"),
+             (DistillConfig(w_cos=0, shared_vocab=50), ok, "--shared_vocab must be unset"),
+             (DistillConfig(w_cos=0), {**ok, "micro_batch": 3}, "train_micro_batch_size_per_gpu 3: .*even number"),
+             (DistillConfig(w_cos=0), {**ok, "micro_batch": 8, "world_size": 4}, "not one optimizer step"),
+             (DistillConfig(w_cos=0), {**ok, "max_steps": 11}, r"holds 2 intervention plans per pair, and this run "
+                                      r"goes over its pairs 3 times \(--max_steps 11 at 5 steps per epoch\).* --plans 3 "
+                                      r".*at most 10 steps"),
+             (DistillConfig(w_cos=0), {**ok, "epochs": 3}, r"3 times \(--epochs 3\)")]
+    for cfg, kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            tc.check_run(cache, cfg, **kw)
+    with pytest.raises(ValueError, match="teacher caches do not support causal teachers yet .* this teacher is a "
+                                         "causal LM\\): drop --teacher_cache"):
+        tc.refuse_teacher_kind("causal", tmp_path / "c")
+    tc.refuse_teacher_kind("masked", tmp_path / "c")
