@@ -27,6 +27,13 @@ Gradient, produced in the forward (the loss is the last op; backward scales it):
 so dce/dz_s[i] = w_i T (p - q~) with w_i = 1/N, q~ the teacher's bucket mass spread over the bucket in the
 student's proportions; the MLM part is the dense op's g_lab (softmax(z_s) - onehot(y)).
 
+Other divergences (`divergence=`: reverse KL, jsd, skew KL, skew reverse KL, TVD; divergence.py): the same
+K + 1 buckets, the rest bucket one outcome on each side (the student's p_rest summed directly, the teacher's
+q_rest stored), D between the bucket distributions by the divergence's own non-negative terms, and
+dD/da_v = p_v (g_b(v) - S) spread over a bucket in the student's proportions as above. It is a lower bound of
+the full-vocabulary divergence (data processing), equal to it when K = V; a bucket empty on one side takes the
+limit of its term (reverse KL is infinite where the teacher's rest is empty and the student's is not).
+
 impl: "chunked" (the chunk loop, torch inner step; any device) or "reference" (unfused, full logits,
 autograd: the ground truth of the tests).
 """
@@ -45,6 +52,7 @@ from .chunked import (
     linear_chunk,
     matmul_dtype,
 )
+from .divergence import as_divergence, bucket_divergence_rows, divergence_reference
 from .inner import kl_rows_torch
 
 IMPLS = ("chunked", "reference")
@@ -90,9 +98,22 @@ def _bucket_kl(log_p_top, e_top, d, d_rest, logq_top, logq_rest):
     return kl, q_top, q_rest, r
 
 
-def _inner(zs, logq_top, ids, logq_rest, labels, g_kd, g_lab, temperature):
+def _bucket_divergence(div, log_p_top, e_top, d, d_rest, logq_top, logq_rest):
+    """(D (C,), G (C, K + 1)) of a divergence other than forward KL over the buckets (the K ids, the rest):
+    dD/da_v = p_v G_b(v). The student's buckets from its exp sums as `_bucket_kl` (log p_top from the
+    logits, p_rest summed directly), the teacher's renormalised; an empty bucket takes its limit."""
+    log_q = torch.cat([logq_top, logq_rest.unsqueeze(1)], 1)                     # (C, K + 1)
+    log_q = log_q - torch.logsumexp(log_q, 1, keepdim=True)
+    log_p_rest = torch.where(d_rest > 0, (d_rest / d).log(), float("-inf"))
+    log_p = torch.cat([log_p_top, log_p_rest.unsqueeze(1)], 1)                   # (C, K + 1)
+    p = torch.cat([e_top / d.unsqueeze(1), (d_rest / d).unsqueeze(1)], 1)        # (C, K + 1)
+    return bucket_divergence_rows(div, p, log_q.exp(), log_p, log_q)
+
+
+def _inner(zs, logq_top, ids, logq_rest, labels, g_kd, g_lab, temperature, divergence=None):
     """One chunk: (dz (C, V), kl_rows (C,), ce_rows (C,) or None); zs (C, V) in the accumulation dtype is
-    overwritten (dz is its buffer). g_kd, g_lab: per-row gradient weights (None: no MLM)."""
+    overwritten (dz is its buffer). g_kd, g_lab: per-row gradient weights (None: no MLM). A divergence other
+    than forward KL: D between the (K + 1)-bucket distributions and dD/da_v = p_v G_b(v) (divergence.py)."""
     T = float(temperature)
     ids = ids.long()
     m_z = zs.amax(1, keepdim=True)                                                # (C, 1) max logit
@@ -115,11 +136,18 @@ def _inner(zs, logq_top, ids, logq_rest, labels, g_kd, g_lab, temperature):
     log_p_top = (z_top - m_z) / T - d.log().unsqueeze(1)  # from the logits: exact where e_top underflows
     e.scatter_(1, ids, 0.0)
     d_rest = e.sum(1)                                                             # the rest, summed directly
-    kl, q_top, q_rest, r = _bucket_kl(log_p_top, e_top, d, d_rest, logq_top.to(e.dtype), logq_rest.to(e.dtype))
-    # dKL/da: rest ids p_v (1 - r), top ids p_v - q_j; then * g_kd * T^2 / T
     g_k = (g_kd * T).to(e.dtype)
-    dz = e.mul_(((1.0 - r) * g_k / d).unsqueeze(1))
-    dz.scatter_(1, ids, (e_top / d.unsqueeze(1) - q_top) * g_k.unsqueeze(1))
+    if divergence is not None and not divergence.is_forward_kl:
+        kl, G = _bucket_divergence(divergence, log_p_top, e_top, d, d_rest, logq_top.to(e.dtype),
+                                   logq_rest.to(e.dtype))                          # (C,), (C, K + 1)
+        dz = e.mul_((G[:, -1] * g_k / d).unsqueeze(1))                            # rest ids: p_v G_rest
+        dz.scatter_(1, ids, (e_top / d.unsqueeze(1)) * G[:, :-1] * g_k.unsqueeze(1))  # top ids: p_v G_j
+    else:
+        kl, q_top, q_rest, r = _bucket_kl(log_p_top, e_top, d, d_rest, logq_top.to(e.dtype),
+                                          logq_rest.to(e.dtype))
+        # dKL/da: rest ids p_v (1 - r), top ids p_v - q_j; then * g_kd * T^2 / T
+        dz = e.mul_(((1.0 - r) * g_k / d).unsqueeze(1))
+        dz.scatter_(1, ids, (e_top / d.unsqueeze(1) - q_top) * g_k.unsqueeze(1))
     if mlm is None:
         return dz, kl, None
     rows, y, e_1, d_1, ce_l = mlm
@@ -130,8 +158,8 @@ def _inner(zs, logq_top, ids, logq_rest, labels, g_kd, g_lab, temperature):
     return dz, kl, ce
 
 
-def _sparse_loss(hs2, ws, bs, logq, ids, logq_rest, y, temperature, chunk_size, kd_weight, lm_weight,
-                 want_grads, mm):
+def _sparse_loss(hs2, ws, bs, logq, ids, logq_rest, y, temperature, chunk_size, divergence, kd_weight,
+                 lm_weight, want_grads, mm):
     """(ce, mlm, dh, dW, db) over all N rows (every row counts for the KL), the gradients those of
     kd_weight * ce + lm_weight * mlm (None unless want_grads). y None: no MLM work, mlm = 0."""
     n, V = hs2.shape[0], ws.shape[0]
@@ -156,7 +184,7 @@ def _sparse_loss(hs2, ws, bs, logq, ids, logq_rest, y, temperature, chunk_size, 
         zs = linear_chunk(h[s:e], w, b, acc)                                     # (C, V)
         lab = y[s:e] if y is not None else None
         dz, kl, ce = _inner(zs, logq[s:e], ids[s:e], logq_rest[s:e], lab, w_kd[s:e] * kd_weight,
-                            w_lab[s:e] * lm_weight if lab is not None else None, temperature)
+                            w_lab[s:e] * lm_weight if lab is not None else None, temperature, divergence)
         kl_sum += (kl.to(acc) * w_kd[s:e]).sum()
         if ce is not None:
             ce_sum += (ce.to(acc) * w_lab[s:e]).sum()
@@ -172,13 +200,14 @@ class SparseDistillHeadLossFunction(torch.autograd.Function):
     w.r.t. student hidden, decoder weight and bias computed in the forward."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, logq, ids, logq_rest, labels, temperature, chunk_size, kd_weight, lm_weight):
+    def forward(ctx, hs, ws, bs, logq, ids, logq_rest, labels, temperature, chunk_size, kd_weight, lm_weight,
+                divergence=None):
         ctx.set_materialize_grads(False)
         mm = matmul_dtype(hs, ws)                  # read before autocast is switched off
         y = labels.to(hs.device) if (labels is not None and lm_weight != 0.0) else None
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         args = (hs.detach(), ws.detach(), bs.detach() if bs is not None else None, logq, ids, logq_rest, y,
-                temperature, chunk_size)
+                temperature, chunk_size, divergence)
         with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
             ce, mlm, dh, dw, db = _sparse_loss(*args, kd_weight, lm_weight, want, mm)
         if want:
@@ -206,12 +235,13 @@ class SparseDistillHeadLossFunction(torch.autograd.Function):
         gh = dh if ctx.needs_input_grad[0] else None
         gw = dw.to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         gb = db.to(ctx.b_dtype) if (db is not None and ctx.needs_input_grad[2]) else None
-        return gh, gw, gb, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 def sparse_distill_head_loss_reference(student_hidden, student_weight, student_bias, teacher_logp, teacher_ids,
-                                       teacher_rest, labels, temperature=2.0):
-    """Unfused: full logits (N, V), the bucket log-probs by gather / logsumexp, autograd. The ground truth."""
+                                       teacher_rest, labels, temperature=2.0, divergence=None):
+    """Unfused: full logits (N, V), the bucket log-probs by gather / logsumexp, autograd. The ground truth.
+    `divergence` (None = forward KL): the textbook formula on the bucket distributions."""
     z = student_hidden @ student_weight.t()
     z = z + student_bias if student_bias is not None else z
     dtype = torch.promote_types(z.dtype, torch.float32)
@@ -228,7 +258,11 @@ def sparse_distill_head_loss_reference(student_hidden, student_weight, student_b
         log_q_b = torch.cat([log_q_b, teacher_rest.to(dtype).unsqueeze(1)], 1)
     log_q_b = log_q_b - torch.logsumexp(log_q_b, 1, keepdim=True)
     q = log_q_b.exp()
-    kl = torch.where(q > 0, q * (log_q_b - torch.where(q > 0, log_p_b, 0.0)), 0.0).sum(1)   # (N,)
+    div = as_divergence(divergence)
+    if div.is_forward_kl:
+        kl = torch.where(q > 0, q * (log_q_b - torch.where(q > 0, log_p_b, 0.0)), 0.0).sum(1)   # (N,)
+    else:
+        kl = divergence_reference(div, log_p_b, log_q_b)                          # (N,)
     ce = T * T * kl.mean() if kl.numel() else kl.sum()
     if labels is None:
         return ce, z.new_zeros(())
@@ -239,7 +273,7 @@ def sparse_distill_head_loss_reference(student_hidden, student_weight, student_b
 
 def sparse_distill_head_loss(student_hidden, student_weight, student_bias, teacher_logp, teacher_ids, teacher_rest,
                              labels, temperature=2.0, *, chunk_size=None, impl="chunked", kd_weight=1.0,
-                             lm_weight=1.0):
+                             lm_weight=1.0, divergence=None):
     """LM head + temperature KL against a sparse teacher (top-k + rest) + MLM cross-entropy, chunked.
 
     Args:
@@ -255,6 +289,9 @@ def sparse_distill_head_loss(student_hidden, student_weight, student_bias, teach
         impl: "chunked" | "reference".
         kd_weight, lm_weight: the caller's weights of ce and mlm (the forward forms the weighted gradient);
             lm_weight == 0 skips the MLM work.
+        divergence: of ce (a divergence.Divergence, a name, or None = forward KL), taken between the
+            (K + 1)-bucket distributions (the K ids and the rest): a lower bound of the full-vocabulary one
+            (data processing), equal to it when K = V.
     Returns:
         (ce, mlm): 0-dim fp32 tensors (fp64 for fp64 inputs), unweighted, both means over the N rows
         (mlm over the labelled ones); 0 when no row counts. Gradients reach the student's tensors only.
@@ -265,10 +302,11 @@ def sparse_distill_head_loss(student_hidden, student_weight, student_bias, teach
         if not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"sparse_distill_head_loss {name} must be a finite real number, got {w!r}")
     check_sparse_targets(student_hidden, student_weight, teacher_logp, teacher_ids, teacher_rest, labels)
+    div = as_divergence(divergence)
     if impl == "reference":
         return sparse_distill_head_loss_reference(student_hidden, student_weight, student_bias, teacher_logp,
                                                   teacher_ids, teacher_rest, labels if lm_weight else None,
-                                                  temperature)
+                                                  temperature, divergence=div)
     return SparseDistillHeadLossFunction.apply(student_hidden, student_weight, student_bias, teacher_logp,
                                                teacher_ids, teacher_rest, labels, float(temperature), chunk_size,
-                                               float(kd_weight), float(lm_weight))
+                                               float(kd_weight), float(lm_weight), div)
