@@ -3,6 +3,8 @@
     iit-fast eval --model runs/X/student                                 # perplexity, top-1 (default corpus)
     iit-fast eval --model runs/X/student --teacher T --alignment middle  # + IIA and counterfactual KL
     iit-fast eval --model S --teacher T --max-batches 20 --output eval.json
+    iit-fast eval --model runs/X/student --lm-eval hellaswag,arc_easy      # + lm-evaluation-harness tasks
+    iit-fast eval --model S --lm-eval my_task --lm-eval-include tasks/ --lm-eval-limit 100  # a local task
 
 Every model goes through the intervenable wrapper (`models.IntervenableLM`; a plain Hugging Face model
 is wrapped): one pass to the last hidden states, then the wrapper's head on the *scored* rows only, never
@@ -22,6 +24,12 @@ each later block of a teacher group). On the scored positions of the base, IIA =
 argmax z~_t] (masked tokens; next-token argmax for causal LMs), and `cf_kl` = mean KL(softmax(z~_t) ||
 softmax(z~_s)) at T = 1 (nats). A student that is a copy of its teacher under the identity alignment
 (block l <-> block l) has IIA 1 and KL 0.
+
+**Standard evaluation of causal students** (`--lm-eval TASKS`): EleutherAI's lm-evaluation-harness through
+its own Hugging Face model class (`lm_eval.simple_evaluate(model="hf", ...)`), so the figures are the ones
+its leaderboards report for the same task names (hellaswag, arc_easy, piqa, lambada_openai, ...; those need
+the hub for their data). `--lm-eval-include DIR` adds the YAML tasks of a folder (a task over a local file
+needs no hub; `tests/test_eval.py` runs one). Masked LMs are refused: the harness scores causal LMs.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from iit_fast.models import IntervenableLM, check_same_tokenizer, load_model
+from iit_fast.models.load import inspect_model
 from iit_fast.sampling import InterventionPlan, make_alignment, sample_plan, validate_alignment
 from iit_fast.step import counterfactual_last_hidden
 
@@ -222,12 +231,19 @@ def load_validation(tokenizer, corpus=None, batch_size: int = 32, max_length: in
 
 def evaluate(model, teacher=None, corpus=None, alignment: str = "middle", max_batches: int | None = 20,
              batch_size: int = 32, max_length: int = 128, seed: int = IIA_SEED, plans_per_batch: int = 1,
-             span_fraction: float = 0.3, cache_dir=None, progress: bool = True, threads: int | None = None) -> dict:
+             span_fraction: float = 0.3, cache_dir=None, progress: bool = True, threads: int | None = None,
+             lm_eval_tasks: list[str] | None = None, lm_eval_include: str | None = None,
+             lm_eval_limit: int | None = None) -> dict:
     """Perplexity / top-1 of the model folder `model` (and of `teacher`), and IIA of model against teacher:
     one JSON dict. The model's kind (masked or causal, `load_model`) picks the batches and positions."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
+    if lm_eval_tasks:  # before any work: the harness scores causal LMs only
+        spec, _ = inspect_model(model, arg="--model", weights=False)
+        if spec.kind != "causal":
+            raise ValueError(f"--lm-eval: {model} holds a {spec.kind} LM; lm-evaluation-harness scores causal "
+                             "LMs (use the perplexity, IIA and fine-tuning evaluations for masked LMs)")
     m, tok = load_model(model, arg="model")
     kind = m.kind
     batches = load_validation(tok, corpus, batch_size, max_length, cache_dir, kind=kind, max_batches=max_batches)
@@ -243,7 +259,32 @@ def evaluate(model, teacher=None, corpus=None, alignment: str = "middle", max_ba
         out["alignment"] = [[list(a), b] for a, b in pairs]
         out["iia"] = interchange_accuracy(t, m, batches, pairs, seed=seed, span_fraction=span_fraction,
                                           plans_per_batch=plans_per_batch, progress=progress)
+    if lm_eval_tasks:
+        out["lm_eval"] = lm_eval_harness(model, lm_eval_tasks, lm_eval_include, lm_eval_limit, batch_size)
     out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def lm_eval_harness(model, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+                    batch_size: int = 32) -> dict:
+    """{task: {metric: value}} of lm-evaluation-harness's `tasks` on the causal LM folder `model`, through
+    the harness's own HF model class (on the GPU where there is one, in the checkpoint's dtype).
+    `include_path`: a folder of extra YAML tasks; `limit`: at most this many documents per task."""
+    import lm_eval  # (optional, heavy: `pip install lm_eval`, in the [eval] extra)
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"--lm-eval: unknown task(s) {unknown}; lm-evaluation-harness knows "
+                         f"{len(manager.all_tasks)} (`lm-eval ls tasks`); a local YAML task needs --lm-eval-include")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=auto,device={device}",
+                                  tasks=list(tasks), task_manager=manager, batch_size=batch_size, limit=limit,
+                                  log_samples=False)
+    out = {"harness_version": lm_eval.__version__, "limit": limit}
+    for task, metrics in res["results"].items():
+        out[task] = {k.split(",")[0]: v for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and k not in ("name", "alias")}
     return out
 
 
@@ -284,11 +325,17 @@ def add_arguments(p):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", default=None, help="write the JSON result here (it is printed too)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="comma-separated lm-evaluation-harness tasks (causal LMs), e.g. hellaswag,arc_easy")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of extra YAML tasks")
+    p.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many documents per task")
 
 
 def run(a) -> dict:
     res = evaluate(a.model, a.teacher, a.corpus, a.alignment, a.max_batches or None, a.batch_size, a.max_length,
-                   a.seed, a.plans_per_batch, a.span_fraction, a.cache_dir, not a.no_progress, a.threads)
+                   a.seed, a.plans_per_batch, a.span_fraction, a.cache_dir, not a.no_progress, a.threads,
+                   lm_eval_tasks=[t for t in (a.lm_eval or "").split(",") if t], lm_eval_include=a.lm_eval_include,
+                   lm_eval_limit=a.lm_eval_limit)
     from .cli import print_json
     print_json(res, a.output)
     return res
