@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -134,9 +134,50 @@ class InterventionPlan:
     dims: tuple[int, int] | None = None
 
     def to(self, device) -> "InterventionPlan":
-        mv = lambda t: t.to(device)  # noqa: E731
-        return InterventionPlan(self.teacher_layers, self.student_layer, mv(self.pi), mv(self.base_start),
-                                mv(self.source_start), mv(self.span_len), self.dims)
+        """The plan on `device`: its four (B,) tensors in one copy."""
+        pi, bs, ss, k = _move([self.pi, self.base_start, self.source_start, self.span_len], device)
+        return InterventionPlan(self.teacher_layers, self.student_layer, pi, bs, ss, k, self.dims)
+
+
+def _move(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """Integer/bool tensors to `device` as one host-to-device copy (pinned for CUDA: it does not wait), each
+    back in its own shape and dtype. Tensors already there are returned as they are."""
+    device = torch.device(device)
+    if not tensors or all(t.device == device for t in tensors):
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors])                # (sum numel,)
+    if device.type == "cuda" and flat.device.type == "cpu":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    parts = flat.split([t.numel() for t in tensors])
+    return [p.view(t.shape).to(t.dtype) for p, t in zip(parts, tensors)]
+
+
+@dataclass
+class StepIndex:
+    """Where a fast step reads its states for the logit losses, made on the CPU from the CPU batch and plan
+    (`step.step_index`) and moved to the device with one copy: with it the step gathers rows by known indices
+    and never indexes by a boolean mask or reads a device value (no host sync).
+
+    heads: name -> (rows, kd_mask, labels) of one head-loss call: rows (N,) long, the flat positions b * S + t
+        of the states it reads; kd_mask (N,) bool, the rows in its KL mean (None: all); labels (N,) long or None.
+    scales: name -> a token-count fraction weighting a term (a Python number: nothing to read on the device).
+    groups: the causal counterfactual suffix passes, [(rows (G,) long, or None for every row in order, q0)].
+    padded: whether any position of the batch is padding (the attention-mask builders need not read it).
+    """
+    padded: bool
+    heads: dict[str, tuple] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+    groups: list[tuple[torch.Tensor | None, int]] = field(default_factory=list)
+
+    def to(self, device) -> "StepIndex":
+        slots = [(n, i) for n, h in self.heads.items() for i, t in enumerate(h) if t is not None]
+        slots += [("group", g) for g, (rows, _) in enumerate(self.groups) if rows is not None]
+        tensors = [self.heads[n][i] if n != "group" else self.groups[i][0] for n, i in slots]
+        moved = dict(zip(slots, _move(tensors, device)))
+        heads = {n: tuple(moved.get((n, i)) for i in range(len(h))) for n, h in self.heads.items()}
+        groups = [(moved.get(("group", g)), q0) for g, (_, q0) in enumerate(self.groups)]
+        return StepIndex(self.padded, heads, dict(self.scales), groups)
 
 
 def sample_spans(lengths: torch.Tensor, pi: torch.Tensor, p: float, generator: torch.Generator):

@@ -22,11 +22,24 @@ distillation head losses from transformed states.
 `hidden_states[-1]`; for a decoder HF's `hidden_states[-1]` is after the final norm, which we count as
 the head's transform instead, so that `cos` compares what the last block wrote (the residual stream), as
 it does for an encoder, and every site is a block output of the same kind.
+
+**Activation checkpointing** (`enable_activation_checkpointing`): each block of a pass with grad runs as
+one checkpointed function (its inputs kept, everything inside recomputed in backward), so a pass keeps one
+(B, S, D) tensor per block instead of all of the block's activations. A block that reads or fills a
+key/value cache does so through explicit inputs and outputs: the function takes the cached keys/values of
+the earlier positions (B, H_kv, q0, d) and returns the block's own new ones, which the pass then appends to
+the cache. So the recomputation in backward neither appends a second time (HF's layers drop the cache under
+their own checkpointing for that reason) nor cuts the gradient that the counterfactual suffix passes send
+through the plain pass's cached keys/values (step.counterfactual_suffix_hidden). What stays resident per
+checkpointed block: its input states, plus, while a cache is in use, the keys/values the cache holds
+(2 * H_kv * d per position, which the later suffix passes read anyway).
 """
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -40,6 +53,8 @@ from .llama import LlamaAdapter
 from .roberta import RobertaAdapter
 
 Intervention = Callable[[torch.Tensor], torch.Tensor]
+CHECKPOINTING = ("torch", "deepspeed")  # torch.utils.checkpoint (non-reentrant) | deepspeed.checkpointing
+log = logging.getLogger("iit_fast.models")
 
 # config.model_type -> adapter class. Adding a family: its file, one entry here, its tests.
 FAMILIES: tuple[type[FamilyAdapter], ...] = (BertAdapter, RobertaAdapter, DistilBertAdapter, GPT2Adapter, LlamaAdapter)
@@ -80,7 +95,8 @@ class DistillHeadLoss(nn.Module):
 
     def forward(self, hidden, teacher_hidden, teacher_weight, teacher_bias, labels, kd_mask,
                 temperature: float, impl: str = "auto", chunk_size: int | None = None, kd_weight: float = 1.0,
-                lm_weight: float = 1.0, vocab: int | None = None, sparse_targets: tuple | None = None):
+                lm_weight: float = 1.0, vocab: int | None = None, sparse_targets: tuple | None = None,
+                divergence=None):
         """`vocab`: compare over the decoder's first `vocab` rows only (a student whose embedding has
         padding rows past the tokenizer's ids); they get no gradient. `sparse_targets` = (log-probs (N, k),
         ids (N, k), rest (N,)): a cached teacher's top-k instead of its states and decoder
@@ -96,12 +112,13 @@ class DistillHeadLoss(nn.Module):
             logp, ids, rest = sparse_targets
             return sparse_distill_head_loss(hidden, weight, bias, logp, ids, rest, labels, temperature,
                                             chunk_size=chunk_size, impl="reference" if impl == "reference"
-                                            else "chunked", kd_weight=kd_weight, lm_weight=lm_weight)
+                                            else "chunked", kd_weight=kd_weight, lm_weight=lm_weight,
+                                            divergence=divergence)
         if teacher_weight is not None and teacher_bias is None:
             teacher_bias = teacher_weight.new_zeros(teacher_weight.shape[0])               # (V,)
         return distill_head_loss(hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
                                  kd_mask, temperature, chunk_size=chunk_size, impl=impl, kd_weight=kd_weight,
-                                 lm_weight=lm_weight)
+                                 lm_weight=lm_weight, divergence=divergence)
 
 
 class IntervenableLM(nn.Module):
@@ -119,6 +136,25 @@ class IntervenableLM(nn.Module):
         self.model = model
         self.lm_loss = DistillHeadLoss(self)
         self.site_projection: nn.Linear | None = None  # student -> teacher width, for the `mse` loss
+        self.activation_checkpointing: str | None = None  # None, or one of CHECKPOINTING
+
+    def enable_activation_checkpointing(self, impl: str = "torch") -> None:
+        """Checkpoint every block of the passes that run with grad (see the module docstring). impl "torch":
+        torch.utils.checkpoint, non-reentrant; "deepspeed": deepspeed.checkpointing.checkpoint, as configured by
+        `deepspeed.checkpointing.configure` (the DeepSpeed config's `activation_checkpointing` section)."""
+        if impl not in CHECKPOINTING:
+            raise ValueError(f"activation checkpointing impl must be one of {CHECKPOINTING}, got {impl!r}")
+        self.activation_checkpointing = impl
+
+    def _adopt_hf_checkpointing(self) -> None:
+        """transformers' own gradient checkpointing (`model.gradient_checkpointing_enable()`) recomputes a layer
+        with its key/value cache turned off: replace it by this wrapper's, which keeps the cache working."""
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.blocks):
+            self.model.gradient_checkpointing_disable()
+            self.activation_checkpointing = self.activation_checkpointing or "torch"
+            log.warning("%s: transformers' gradient checkpointing is replaced by the wrapper's activation "
+                        "checkpointing (%s): transformers' turns off the key/value cache the counterfactual passes "
+                        "read", self.family, self.activation_checkpointing)
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -187,9 +223,10 @@ class IntervenableLM(nn.Module):
         """(B, S, D) states entering block 0 (a causal LM takes its position ids from `attention_mask`)."""
         return self.adapter.embed(input_ids, token_type_ids, attention_mask)
 
-    def block_context(self, attention_mask: torch.Tensor, states: torch.Tensor, cache=None) -> dict:
+    def block_context(self, attention_mask: torch.Tensor, states: torch.Tensor, cache=None,
+                      padded: bool | None = None) -> dict:
         """What every block of a pass needs (mask, position ids, rotary cos/sin, cache), built once."""
-        return self.adapter.block_context(attention_mask, states, cache)
+        return self.adapter.block_context(attention_mask, states, cache, padded)
 
     def forward(
         self,
@@ -203,6 +240,7 @@ class IntervenableLM(nn.Module):
         states: torch.Tensor | None = None,
         stop: int | None = None,
         cache=None,
+        padded: bool | None = None,
     ) -> PassOutput:
         """Run blocks [start, stop) and return the last states and the kept sites.
 
@@ -213,6 +251,9 @@ class IntervenableLM(nn.Module):
         `cache` (causal LMs only; a transformers `DynamicCache` holding the keys/values of the first q0
         positions in every block run): `input_ids` / `states` then cover positions [q0, S) only, while
         `attention_mask` covers [0, S); the blocks append their keys/values to the cache (HF's convention).
+
+        `padded`: whether any position of `attention_mask` is 0, when the caller knows it from the CPU batch;
+        None: transformers' mask builders read the mask to decide (a host sync on a GPU).
         """
         n = self.num_layers
         stop = n if stop is None else stop
@@ -238,15 +279,72 @@ class IntervenableLM(nn.Module):
                                  f"{expected} (the states' batch and sequence"
                                  + (f", after the {past} cached positions)" if past else ")"))
             h, start = states, resume_from
-        ctx = self.block_context(attention_mask, h, cache)
+        ctx = self.block_context(attention_mask, h, cache, padded)
+        self._adopt_hf_checkpointing()
+        ckpt = _checkpoint_fn(self.activation_checkpointing) if torch.is_grad_enabled() else None
+        bctx = dict(ctx, cache=None)  # each block gets its own view of the cache: a checkpoint holds no ref to it
         sites = {}
         for l in range(start, stop):
-            h = self.adapter.run_block(l, h, ctx)
+            if cache is None:
+                fn = partial(self.adapter.run_block, l, ctx=bctx)
+                h = fn(h) if ckpt is None else ckpt(fn, h)
+            else:
+                past = _cached_kv(cache, l)
+                fn = partial(self._block_with_kv, l, bctx)
+                h, k, v = fn(h, *past) if ckpt is None else ckpt(fn, h, *past)
+                cache.update(k, v, l)  # (B, H_kv, q, d) appended after the cached positions
             if l in interventions:
                 h = interventions[l](h)
             if l in keep:
                 sites[l] = h
         return PassOutput(last_hidden=h, sites=sites)
+
+    def _block_with_kv(self, l: int, ctx: dict, h: torch.Tensor, past_k=None, past_v=None):
+        """Block l over cached keys/values (past_k, past_v: (B, H_kv, q0, d) or None): (h, new keys, new
+        values), the keys/values of h's positions (B, H_kv, q, d) as outputs, not a side effect."""
+        bc = _BlockCache(past_k, past_v)
+        h = self.adapter.run_block(l, h, dict(ctx, cache=bc))
+        return h, bc.new_keys, bc.new_values
+
+
+class _BlockCache:
+    """The cache one block call sees: the given earlier keys/values, read only. `update` (called by the
+    block's attention) returns them with the new ones appended, as a DynamicCache layer does, and records the
+    new ones. A fresh one per call: a recomputation in backward sees exactly what the forward saw."""
+
+    def __init__(self, past_k: torch.Tensor | None, past_v: torch.Tensor | None):
+        self.past = (past_k, past_v)
+        self.new_keys = self.new_values = None
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        if self.new_keys is not None:
+            raise RuntimeError("a block updated its key/value cache twice in one call")
+        self.new_keys, self.new_values = key_states, value_states                  # (B, H_kv, q, d)
+        past_k, past_v = self.past
+        if past_k is None:
+            return key_states, value_states
+        return torch.cat([past_k, key_states], -2), torch.cat([past_v, value_states], -2)
+
+
+def _cached_kv(cache, l: int) -> tuple:
+    """(keys, values) the cache holds for block l, or () when it holds none yet."""
+    if l >= len(cache.layers):
+        return ()
+    layer = cache.layers[l]
+    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+        return ()
+    return layer.keys, layer.values
+
+
+def _checkpoint_fn(impl: str | None):
+    """fn(block_fn, *tensors) -> block_fn(*tensors), checkpointed; None without checkpointing."""
+    if impl is None:
+        return None
+    if impl == "torch":
+        from torch.utils.checkpoint import checkpoint
+        return partial(checkpoint, use_reentrant=False)
+    import deepspeed
+    return deepspeed.checkpointing.checkpoint
 
 
 IntervenableMLM = IntervenableLM  # the name from when only masked LMs were supported

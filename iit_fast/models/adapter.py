@@ -17,6 +17,19 @@ import torch
 from torch import nn
 
 
+def mask_args(attention_mask: torch.Tensor, padded: bool | None, skip: str) -> dict:
+    """The padding arguments of transformers' mask builders, without a host sync when `padded` is known.
+
+    Given a 2D mask, the builders read it (`mask.all()`, a device sync) to decide whether sdpa can skip the
+    mask (is_causal / no bias). The caller knows from the CPU batch: padded False -> no mask is given (the
+    builders then skip it, as they would after reading an all-ones mask); True -> the mask is given and the
+    skip test is turned off (it would fail); None -> the builders read the mask, as before. `skip` names
+    the builder's skip flag (`allow_is_causal_skip` or `allow_is_bidirectional_skip`)."""
+    if padded is None:
+        return {"attention_mask": attention_mask}
+    return {"attention_mask": attention_mask, skip: False} if padded else {"attention_mask": None}
+
+
 def causal_position_ids(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Position ids of the last `q_len` columns of a (B, S) padding mask, counting real tokens only.
 
@@ -88,8 +101,10 @@ class FamilyAdapter(ABC):
         """(B, S, D) states entering block 0."""
 
     @abstractmethod
-    def block_context(self, attention_mask: torch.Tensor, states: torch.Tensor, cache=None) -> dict:
-        """What every block of one pass needs, built once from the (B, S) mask and the (B, q, D) states."""
+    def block_context(self, attention_mask: torch.Tensor, states: torch.Tensor, cache=None,
+                      padded: bool | None = None) -> dict:
+        """What every block of one pass needs, built once from the (B, S) mask and the (B, q, D) states.
+        `padded` (known on the CPU, or None): see `mask_args`."""
 
     @abstractmethod
     def run_block(self, l: int, h: torch.Tensor, ctx: dict) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter import FamilyAdapter
+from .adapter import FamilyAdapter, mask_args
 
 
 class BertAdapter(FamilyAdapter):
@@ -28,14 +28,14 @@ class BertAdapter(FamilyAdapter):
     def embed(self, input_ids, token_type_ids, attention_mask):
         return self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, S, D)
 
-    def block_context(self, attention_mask, states, cache=None) -> dict:
+    def block_context(self, attention_mask, states, cache=None, padded=None) -> dict:
         if cache is not None:
             raise ValueError(f"cache: a {self.family} model is a bidirectional encoder, every position sees every "
                              f"other, so there are no reusable keys/values; expected None")
         from transformers.masking_utils import create_bidirectional_mask
         # (B, 1, S, S) additive/bool mask, or None when nothing is padded (as the HF encoder builds it)
         mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=states,
-                                         attention_mask=attention_mask)
+                                         **mask_args(attention_mask, padded, "allow_is_bidirectional_skip"))
         return {"mask": mask}
 
     def run_block(self, l, h, ctx):

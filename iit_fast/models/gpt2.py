@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import FamilyAdapter, causal_position_ids
+from .adapter import FamilyAdapter, causal_position_ids, mask_args
 
 
 class GPT2Adapter(FamilyAdapter):
@@ -36,12 +36,14 @@ class GPT2Adapter(FamilyAdapter):
             h = h + base.wte(token_type_ids)
         return base.drop(h)
 
-    def block_context(self, attention_mask, states, cache=None) -> dict:
+    def block_context(self, attention_mask, states, cache=None, padded=None) -> dict:
         from transformers.masking_utils import create_causal_mask
         pos = causal_position_ids(attention_mask, states.shape[1])  # (B, q)
         # (B, 1, q, past + q) causal + padding mask, or None where HF would rely on sdpa's is_causal
-        mask = create_causal_mask(config=self.model.config, inputs_embeds=states, attention_mask=attention_mask,
-                                  cache=cache, position_ids=pos)
+        # (position ids only serve the builder's packed-sequence test, which reads them: not given when known)
+        mask = create_causal_mask(config=self.model.config, inputs_embeds=states, cache=cache,
+                                  position_ids=pos if padded is None else None,
+                                  **mask_args(attention_mask, padded, "allow_is_causal_skip"))
         return {"mask": mask, "position_ids": pos, "cache": cache}
 
     def run_block(self, l, h, ctx):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import FamilyAdapter, causal_position_ids
+from .adapter import FamilyAdapter, causal_position_ids, mask_args
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -54,13 +54,15 @@ class LlamaAdapter(FamilyAdapter):
         self.check_token_types(token_type_ids)
         return self.base.embed_tokens(input_ids)  # (B, S, D)
 
-    def block_context(self, attention_mask, states, cache=None) -> dict:
+    def block_context(self, attention_mask, states, cache=None, padded=None) -> dict:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
         make = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
         pos = causal_position_ids(attention_mask, states.shape[1])  # (B, q)
         # per attention type: (B, 1, q, past + q) causal + padding (+ window) mask, or None (sdpa's is_causal)
-        masks = {t: make[t](config=self.model.config, inputs_embeds=states, attention_mask=attention_mask,
-                            cache=cache, position_ids=pos)
+        # (position ids only serve the builders' packed-sequence test, which reads them: not given when known)
+        masks = {t: make[t](config=self.model.config, inputs_embeds=states, cache=cache,
+                            position_ids=pos if padded is None else None,
+                            **mask_args(attention_mask, padded, "allow_is_causal_skip"))
                  for t in {self.layer_type(l) for l in range(len(self.blocks))}}
         cos_sin = self.base.rotary_emb(states, pos)  # 2 x (B, q, head_dim)
         return {"masks": masks, "position_ids": pos, "position_embeddings": cos_sin, "cache": cache}
