@@ -37,3 +37,17 @@ def tune_malloc() -> str:
             _state = "system malloc, defaults (not glibc: mallopt unavailable)"
     log.info("CPU allocator: %s", _state)
     return _state
+
+
+def release_free_memory() -> bool:
+    """Hand the memory this process has freed back to the OS (glibc malloc_trim(0), after a garbage
+    collection): called once preparing is over and before `tune_malloc` makes the allocator keep what it
+    frees, so that the run's steady state does not carry what loading and tokenizing used. True if glibc
+    released something. (The default teacher is built in a child process: iit_fast/prepare.py.)"""
+    import gc
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -118,3 +118,22 @@ def write_text_atomic(path, text: str, what: str = "file") -> None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+
+
+def append_line(f, path, line: str, what: str = "file") -> None:
+    """Append `line` to `f` (opened "ab", unbuffered) whole or not at all: a write that fails part way is cut
+    back off, so the file never ends in half a line; a full disk is a DiskFullError naming `path`."""
+    data = line.encode()
+    pos = f.seek(0, os.SEEK_END)
+    with guarded_write(what, path, need=len(data)):
+        try:
+            done = 0
+            while done < len(data):
+                n = f.write(data[done:])
+                if not n:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+                done += n
+        except BaseException:
+            with contextlib.suppress(OSError):
+                f.truncate(pos)
+            raise

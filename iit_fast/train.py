@@ -64,13 +64,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from iit_fast.allocator import tune_malloc
+from iit_fast import lifeline
+from iit_fast.allocator import release_free_memory, tune_malloc
 from iit_fast.cached_step import CacheBatches, CachedDistillStep
 from iit_fast.checkpoint import export_student, load_checkpoint, save_checkpoint
 from iit_fast.engine import all_reduce_sum, init_distributed, init_engine, param_count, prepare_teacher, zero_stage
 from iit_fast.optim import make_scheduler, param_groups
 from iit_fast.prepare import build_batches, check_inputs, prepare
 from iit_fast.report import TERMS, batch_to, memory_mb, print_summary, validate, write_plots
+from iit_fast.diskfull import DiskFullError, append_line, guarded_write, write_text_atomic
 from iit_fast.run_dir import make_out_dir
 from iit_fast.sampling import sample_plan
 from iit_fast.step import DistillStep
@@ -104,6 +106,25 @@ def fail(message: str, code: int = 2):
 
 
 def main(argv=None):
+    """The run (`_main`), with its two process-level exits: a full disk at any write is one `error:` line,
+    exit 1 (iit_fast/diskfull.py); a collective that gave up on a frozen rank (--rank_timeout) kills this
+    node's other ranks at once (the launcher would wait 30 s more for one that ignores SIGTERM). A rank also
+    watches its launcher and stops as on SIGTERM when it is gone (iit_fast/lifeline.py)."""
+    lifeline.watch_launcher()
+    try:
+        _main(argv)
+    except DiskFullError as e:
+        fail(str(e), code=1)
+    except RuntimeError as e:
+        if not lifeline.is_collective_timeout(e):
+            raise
+        killed = lifeline.stop_siblings()
+        fail(f"a collective gave up waiting for a rank that stopped responding (--rank_timeout): "
+             f"{str(e).splitlines()[0][:300]}" + (f"; stopped this node's other ranks ({', '.join(map(str, killed))})"
+                                                  if killed else ""), code=1)
+
+
+def _main(argv=None):
     # ---- before any work: the arguments, the embedded defaults, models and data (no process group yet)
     try:
         cfg, ds, precision_note = check_inputs(argv)
@@ -111,13 +132,14 @@ def main(argv=None):
         fail(str(e))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not torch.cuda.is_available():
-        tune_malloc()  # glibc: keep freed blocks (a CPU step re-faults its memory otherwise)
     quiet_deepspeed()
     try:
         teacher, student, tokenizer, tokenized, alignment, cache = prepare(cfg)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
+    if not torch.cuda.is_available():
+        release_free_memory()  # what preparing freed (tokenizing, loading) goes back before the heap is kept
+        tune_malloc()  # glibc: keep freed blocks from here on (a CPU step re-faults its memory otherwise)
 
     # ---- the process group, the out_dir, batches, the engine; resume
     rank, world, device = init_distributed(cfg.rank_timeout)
@@ -166,19 +188,21 @@ def main(argv=None):
         say(f"resumed {out} at step {state['step']} (checkpoint {tag})")
     step = state["step"]
     if step >= max_steps:
+        if not (out / "student" / "config.json").is_file():  # its export failed (e.g. a full disk): export now
+            export(engine, tokenizer, out, rank, out / "checkpoints" / tag)
+            say(f"exported the student of {out} (checkpoint {tag}) to {out / 'student'}")
         say(f"the run in {out} is complete (step {step} of {max_steps}); nothing to do")
         return
     metrics_path = out / "metrics.jsonl"
-    if is_main:  # a resumed run drops what was logged after its checkpoint
-        old = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        keep = [l for l in old if json.loads(l).get("step", 0) <= step]
-        metrics_path.write_text("".join(l + "\n" for l in keep))
-    metrics = open(metrics_path, "a") if is_main else None
+    if is_main:  # a resumed run drops what was logged after its checkpoint (and a line a kill cut short)
+        old = metrics_path.read_text().splitlines() if metrics_path.exists() and step else []
+        keep = [l for l in old if (r := json_or_none(l)) is not None and r.get("step", 0) <= step]
+        write_text_atomic(metrics_path, "".join(l + "\n" for l in keep), "metrics")
+    metrics = open(metrics_path, "ab", buffering=0) if is_main else None
 
     def log(rec):
         if metrics:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
+            append_line(metrics, metrics_path, json.dumps(rec) + "\n", "metrics")
         if engine.monitor.enabled:  # DeepSpeed's monitor: TensorBoard / CSV / W&B, as its config enables
             engine.monitor.write_events([(f"iit_fast/{k}", float(v), rec["step"]) for k, v in rec.items()
                                          if k != "step" and isinstance(v, (int, float))])
@@ -219,7 +243,7 @@ def main(argv=None):
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # loss, terms: over the interval
     n_sums, tok_log = 0, 0
     t_log = t_start = time.perf_counter()
-    last_val, draw, stopped_by = first_val, 0, 0
+    last_val, draw, stopped_by, own_norm = first_val, 0, 0, None
     lr_used = engine.get_lr()[0]
     engine.train()
     while step < max_steps:
@@ -247,13 +271,15 @@ def main(argv=None):
             bar.write(f"step {step}: non-finite loss on {int(flags[0])} rank(s), skipped "
                       f"({state['nonfinite']}/{cfg.max_nonfinite})") if is_main else None
             if state["nonfinite"] >= cfg.max_nonfinite:
-                stop_on_error(cfg, state, save, bar, metrics)
+                stop_on_error(cfg, state, save, bar, metrics, engine)
             continue
         if flags[1] > 0 and not stopped_by:  # a signal reached some rank: all stop at this step's end
             stopped_by = stop.signum or signal.SIGTERM
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             lr_used = engine.get_lr()[0]  # the lr this optimizer step uses (the scheduler moves after it)
+            if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+                own_norm = grad_norm(engine)  # DeepSpeed reports none here (see grad_norm)
         skipped_before = engine.skipped_steps
         engine.step()
         sums += torch.stack([loss.detach().double()] + [terms[k].double() for k in names])
@@ -269,7 +295,7 @@ def main(argv=None):
             bar.write(f"step {step}: DeepSpeed skipped the optimizer step (gradient overflow) "
                       f"({state['nonfinite']}/{cfg.max_nonfinite})") if is_main else None
             if state["nonfinite"] >= cfg.max_nonfinite:
-                stop_on_error(cfg, state, save, bar, metrics)
+                stop_on_error(cfg, state, save, bar, metrics, engine)
         bar.update(1)
         if step % cfg.log_interval == 0 or step == max_steps:
             # one all-reduce per log interval: the terms' sums and the tokens of every rank
@@ -281,6 +307,7 @@ def main(argv=None):
             tps = interval_tokens / (now - t_log)
             mean = [v / (n_sums * world) for v in red[:-1]]
             gn = engine.get_global_grad_norm()
+            gn = own_norm if gn is None else gn
             rec = {"step": step, "loss": mean[0], **dict(zip(names, mean[1:])), "lr": lr_used,
                    "grad_norm": None if gn is None else float(gn), "tokens_per_s": tps,
                    "tokens": state["tokens"], "memory_mb": memory_mb(device), "nonfinite": state["nonfinite"]}
@@ -308,16 +335,43 @@ def main(argv=None):
     state["step"] = step
     last_val = run_validation(step)
     ckpt = save(step)
-    export_student(engine, tokenizer, out / "student", rank)
+    export(engine, tokenizer, out, rank, ckpt)
     if metrics:
         metrics.close()
     if is_main:
-        records = [json.loads(l) for l in metrics_path.read_text().splitlines()]
+        records = [r for r in map(json_or_none, metrics_path.read_text().splitlines()) if r is not None]
         if cfg.plots:
-            write_plots(records, out)
+            with guarded_write("plots", out / "loss.png", partial=[out / "loss.png", out / "val.png"]):
+                write_plots(records, out)
         print_summary(records, state, last_val, out, ckpt)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def export(engine, tokenizer, out: Path, rank: int, ckpt: Path):
+    """The student as a Hugging Face folder; a full disk removes the partial folder and says how to retry."""
+    need = 4 * param_count(engine.module.student)  # fp32 weights (the tokenizer is small)
+    with guarded_write("export", out / "student", need=need, partial=[out / "student"] if rank == 0 else [],
+                       after=f"; the checkpoint {ckpt} is complete: make room and run the same command with "
+                             f"--resume to export it"):
+        export_student(engine, tokenizer, out / "student", rank)
+
+
+def grad_norm(engine) -> float:
+    """The L2 norm of the gradients this optimizer step applies (before clipping). ZeRO-0 in fp32 reduces the
+    gradients into the parameters' .grad in backward at the accumulation boundary, and DeepSpeed drops the
+    norm its own clipping computes (clip_fp32_gradients), so get_global_grad_norm() is None there."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
+
+
+def json_or_none(line: str):
+    """A metrics line as a dict, or None for a line a kill cut short."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def quiet_deepspeed():
@@ -329,7 +383,7 @@ def quiet_deepspeed():
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
 
 
-def stop_on_error(cfg, state, save, bar, metrics):
+def stop_on_error(cfg, state, save, bar, metrics, engine):
     """Too many skipped steps: the weights are the last good ones (a skipped step applies nothing), so save
     them and stop with an error that says where they are."""
     bar.close()
@@ -337,7 +391,8 @@ def stop_on_error(cfg, state, save, bar, metrics):
     if metrics:
         metrics.close()
     fail(f"stopping: {state['nonfinite']} skipped steps (non-finite loss or gradient overflow; max_nonfinite="
-         f"{cfg.max_nonfinite}); the last good state is saved in {path}. Lower --lr, check the data, or use fp32",
+         f"{cfg.max_nonfinite}); the last good state is saved in {path}. Lower --lr or check the data"
+         + (", or train in fp32 (--precision fp32)" if engine.bfloat16_enabled() or engine.fp16_enabled() else ""),
          code=1)
 
 

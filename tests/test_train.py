@@ -226,9 +226,9 @@ def test_missing_teacher_and_used_out_dir(tmp_path, assets, capsys):
     used.mkdir()
     (used / "metrics.jsonl").write_text("precious\n")
     code, err = run_main(flags(assets, used), capsys)
-    assert code == 2 and re.search("already holds another run.*nothing was overwritten", err)
+    assert code == 2 and re.search("holds files that are not a run.*nothing was overwritten: choose another", err)
     code, err = run_main(flags(assets, used) + ["--resume"], capsys)
-    assert code == 2 and re.search("--resume: .* holds no run with a checkpoint", err)
+    assert code == 2 and re.search("holds files that are not a run.*nothing was overwritten: choose another", err)
     assert (used / "metrics.jsonl").read_text() == "precious\n" and len(list(used.iterdir())) == 1
     assert not (tmp_path / "o").exists()
 
