@@ -210,15 +210,17 @@ def _logit_tokens(cfg: DistillConfig) -> str:
 
 
 def sparse_head_losses(student, h_s: torch.Tensor, targets: tuple, labels: torch.Tensor | None,
-                       cfg: DistillConfig, kd_weight: float, lm_weight: float):
-    """(ce, mlm) of N loss tokens from the student's last states h_s (N, D) against cached sparse targets."""
+                       cfg: DistillConfig, kd_weight: float, lm_weight: float, divergence=None):
+    """(ce, mlm) of N loss tokens from the student's last states h_s (N, D) against cached sparse targets;
+    ce by `divergence` (None = forward KL) between the top-k + rest bucket distributions."""
     logp, ids, rest = targets
     with student_autocast(cfg, h_s.device):
         hs = student.head_transform(h_s)                                          # (N, D)
         # through the student's loss module: under ZeRO-3 that call gathers its decoder
         return student.lm_loss(hs, None, None, None, labels, None, cfg.temperature,
                                impl="auto" if cfg.ops == "fused" else "reference", chunk_size=cfg.head_chunk,
-                               kd_weight=kd_weight, lm_weight=lm_weight, sparse_targets=(logp, ids, rest))
+                               kd_weight=kd_weight, lm_weight=lm_weight, sparse_targets=(logp, ids, rest),
+                               divergence=divergence)
 
 
 def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch.Tensor]:
@@ -235,7 +237,8 @@ def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch
 
     terms = {}
     if cfg.w_ce or cfg.w_mlm:
-        ce, mlm = sparse_head_losses(student, s.last_hidden[kd], cb.base, labels[kd], cfg, cfg.w_ce, cfg.w_mlm)
+        ce, mlm = sparse_head_losses(student, s.last_hidden[kd], cb.base, labels[kd], cfg, cfg.w_ce, cfg.w_mlm,
+                                     cfg.divergence("ce"))
         terms.update({k: v for k, v in (("ce", ce), ("mlm", mlm)) if getattr(cfg, f"w_{k}")})
     if cfg.w_cos:
         terms["cos"] = hidden_loss(s.last_hidden, cb.hidden.to(s.last_hidden.dtype), tokens, "cos", impl=impl)
@@ -257,7 +260,7 @@ def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch
                 order.append(token_index[rows][kd_g])
     h_cf = torch.cat(h_cf) if len(h_cf) > 1 else h_cf[0]                          # (N, D)
     cf = cb.cf if not order else tuple(t.index_select(0, torch.cat(order)) for t in cb.cf)
-    terms["iit"], _ = sparse_head_losses(student, h_cf, cf, None, cfg, cfg.w_iit, 0.0)
+    terms["iit"], _ = sparse_head_losses(student, h_cf, cf, None, cfg, cfg.w_iit, 0.0, cfg.divergence("iit"))
     return terms
 
 
