@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/gpu.sh            # from the repository root, on a machine with one CUDA GPU
 #
-# Stages, each under its own time limit (the limits add up to 7 min 20 s, ~30 s more for setup; a stage that
+# Stages, each under its own time limit (the limits add up to 8 min, ~30 s more for setup; a stage that
 # fails or runs out of time is reported and the next one runs):
 #   1. pytest -m gpu: the CUDA tests, i.e. the Triton kernels against their PyTorch references on CUDA, fp32
 #      and bf16 (interchange / hidden_loss / head loss)                               -> gpu-tests-cuda.log
@@ -12,6 +12,8 @@
 #   3. benchmarks/head_loss.py at 16k tokens x BERT-base vocab, against liger-kernel's fused linear JSD where
 #      installed                                                                          -> head_loss-cuda.*
 #   4. benchmarks/step.py at BERT-base, fp32 and bf16, MFU against the matmul peak of the same run -> step-cuda.*
+#   4b. benchmarks/sync_debug.py: one fast step (masked and causal, padded and not) under
+#      torch.cuda.set_sync_debug_mode("warn" then "error"): no host sync in the step          -> sync-cuda.*
 #   5. a 2-minute main job: python iit_fast/train.py, one process, ds_configs/zero2_bf16.json, a BERT-base-shaped
 #      random teacher and a synthetic corpus made here (no network); stopped by SIGTERM at the time limit
 #      (train.py saves and exits 143) unless --max_steps comes first                 -> train-cuda.{json,md}
@@ -69,6 +71,7 @@ stage kernels16 40 "0" "$PY" benchmarks/kernels.py --device cuda --dtype bfloat1
 stage head_loss 60 "0" "$PY" benchmarks/head_loss.py --only "bert-base 16k" --name head_loss-cuda
 stage step 80 "0" "$PY" benchmarks/step.py --shapes bert-base --logit-tokens all --precisions fp32,bf16 \
     --repeats 5 --name step-cuda
+stage sync 40 "0" "$PY" benchmarks/sync_debug.py
 
 # 5. the main job: a BERT-base-shaped random teacher (the embedded default would be built first: too long here)
 WORK=$(mktemp -d /tmp/gpu_kit_run.XXXXXX)

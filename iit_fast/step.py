@@ -50,6 +50,7 @@ and `tests/test_step.py` holds the two equal.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from functools import partial
 
@@ -63,7 +64,9 @@ from .precision import student_autocast
 from .models import IntervenableMLM
 from .ops.head_loss.reference import kd_loss_reference, mlm_loss_reference
 from .ops.interchange.reference import hidden_loss_reference, interchange_reference
-from .sampling import InterventionPlan, check_plan
+from .sampling import InterventionPlan, StepIndex, check_plan
+
+log = logging.getLogger("iit_fast.step")
 
 
 
@@ -75,9 +78,12 @@ class StepOutput:
 
 
 def distill_step(teacher: IntervenableMLM, student: IntervenableMLM, batch: dict,
-                 plan: InterventionPlan | None, cfg: DistillConfig, *, check: bool = True) -> StepOutput:
+                 plan: InterventionPlan | None, cfg: DistillConfig, *, check: bool = True,
+                 index: StepIndex | None = None) -> StepOutput:
     """The step's losses (`loss` carries the student's graph). `check=False` skips the plan check, for a
-    caller that checked it already (`sample_plan` checks on the CPU: no device sync in the loop)."""
+    caller that checked it already (`sample_plan` checks on the CPU: no device sync in the loop).
+    `index`: the fast step's `step_index(batch, plan, cfg, kind)`, made on the CPU and moved with the batch
+    (None: made here from the batch, which costs host syncs when the batch is on a GPU)."""
     needs_plan = cfg.uses_iit or cfg.w_mse > 0
     if check:
         check_pair(teacher, student, cfg)
@@ -85,8 +91,10 @@ def distill_step(teacher: IntervenableMLM, student: IntervenableMLM, batch: dict
             if plan is None:
                 raise ValueError(f"mode {cfg.mode!r} with these weights needs an InterventionPlan (sample_plan)")
             check_plan(plan, batch["attention_mask"], (teacher.hidden_size, student.hidden_size))
-    step = naive_step if cfg.mode == "naive" else fast_step
-    terms = step(teacher, student, batch, plan, cfg)
+    if cfg.mode == "naive":
+        terms = naive_step(teacher, student, batch, plan, cfg)
+    else:
+        terms = fast_step(teacher, student, batch, plan, cfg, index)
     loss = weighted_total(terms, cfg)
     return StepOutput(loss, {k: v.detach().float() for k, v in terms.items()},
                       batch["attention_mask"].sum())
@@ -111,9 +119,9 @@ class DistillStep(nn.Module):
     def teacher(self) -> IntervenableMLM:
         return self._teacher[0]
 
-    def forward(self, batch: dict, plan: InterventionPlan | None):
+    def forward(self, batch: dict, plan: InterventionPlan | None, index: StepIndex | None = None):
         """(loss, terms): `loss` a scalar with the student's graph; `terms` {name: detached fp32 scalar}."""
-        out = distill_step(self.teacher, self.student, batch, plan, self.cfg, check=False)
+        out = distill_step(self.teacher, self.student, batch, plan, self.cfg, check=False, index=index)
         return out.loss, out.terms
 
 
@@ -199,8 +207,9 @@ def _site_mse(student: IntervenableMLM, s_site: torch.Tensor, t_site: torch.Tens
 
 def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.Tensor, h_t: torch.Tensor,
                 labels: torch.Tensor | None, cfg: DistillConfig, kd_weight: float, lm_weight: float,
-                kd_mask: torch.Tensor | None = None):
-    """(ce, mlm) of N selected tokens from last hidden states h_s (N, Ds), h_t (N, Dt).
+                kd_mask: torch.Tensor | None = None, divergence=None):
+    """(ce, mlm) of N selected tokens from last hidden states h_s (N, Ds), h_t (N, Dt); ce by `divergence`
+    (cfg.divergence("ce") or ("iit"); None = forward KL).
 
     The head transforms are ordinary modules; decoder + softmax + KL/CE go through the chunked op, so
     with ops="fused" no (N, V) tensor is ever whole. The op gets the loss weights (the same ones
@@ -215,7 +224,8 @@ def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.T
     with student_autocast(cfg, h_s.device), _gathered(teacher.decoder_weight, teacher.decoder_bias):
         hs = student.head_transform(h_s)                                          # (N, Ds)
         tw, tb = _vocab_rows(teacher.decoder_weight, vocab), _vocab_rows(teacher.decoder_bias, vocab)
-        kw = dict(impl=_impl(cfg), chunk_size=cfg.head_chunk, kd_weight=kd_weight, lm_weight=lm_weight)
+        kw = dict(impl=_impl(cfg), chunk_size=cfg.head_chunk, kd_weight=kd_weight, lm_weight=lm_weight,
+                  divergence=divergence)
         return student.lm_loss(hs, ht, tw, tb, labels, kd_mask, cfg.temperature, **kw,
                                vocab=None if student.vocab_size == vocab else vocab)
 
@@ -245,7 +255,7 @@ def _student_site_swap(student, site, t_site, tokens, plan: InterventionPlan, cf
 
 def counterfactual_last_hidden(model: IntervenableMLM, sites: dict[int, torch.Tensor], attention_mask: torch.Tensor,
                                layers: tuple[int, ...], plan: InterventionPlan, impl: str = "auto",
-                               swapped: torch.Tensor | None = None) -> torch.Tensor:
+                               swapped: torch.Tensor | None = None, padded: bool | None = None) -> torch.Tensor:
     """Last hidden states (B, S, D) of the counterfactual pass, resumed from the site.
 
     `sites` are the plain pass's states at every block of `layers` (a teacher group, or one student
@@ -259,17 +269,21 @@ def counterfactual_last_hidden(model: IntervenableMLM, sites: dict[int, torch.Te
         swapped = ops.interchange(sites[a0], plan.pi, plan.base_start, plan.source_start, plan.span_len,
                                   plan.dims, impl=impl)                                      # (B, S, D)
     later = {l: partial(_swap_from, source=sites[l], pairing=plan.pi, plan=plan) for l in layers[1:]}
-    return model(None, attention_mask, resume_from=a0 + 1, states=swapped, interventions=later).last_hidden
+    return model(None, attention_mask, resume_from=a0 + 1, states=swapped, interventions=later,
+                 padded=padded).last_hidden
 
 
-def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+def fast_step(teacher, student, batch, plan, cfg: DistillConfig, index: StepIndex | None = None
+              ) -> dict[str, torch.Tensor]:
+    if index is None:
+        index = step_index(batch, plan, cfg, teacher.kind)
     if teacher.kind == "causal":
-        return fast_causal_step(teacher, student, batch, plan, cfg)
-    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        return fast_causal_step(teacher, student, batch, plan, cfg, index)
+    ids, am = batch["input_ids"], batch["attention_mask"]
     tt = batch.get("token_type_ids")
     tokens = am.bool()                                                # (B, S) real tokens of the base
-    all_tokens = cfg.logit_tokens_for(teacher.kind) == "all"
-    kd = tokens if all_tokens else labels != -100                     # (B, S) where ce / iit are taken
+    kd_rows, _, kd_labels = index.heads["kd"]                         # (N,) where ce / iit are taken
+    padded = index.padded
     impl = _impl(cfg)
     iit = cfg.uses_iit
     group, s_l = (plan.teacher_layers, plan.student_layer) if plan is not None else ((), None)
@@ -278,15 +292,16 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
 
     # 1. one teacher pass: soft targets, last states, and (through pi) every row's source sites
     with torch.no_grad():
-        t = teacher(ids, am, tt, keep=t_keep)
+        t = teacher(ids, am, tt, keep=t_keep, padded=padded)
     # 2. one student pass, with grad
     with student_autocast(cfg, ids.device):
-        s = student(ids, am, tt, keep=s_keep)
+        s = student(ids, am, tt, keep=s_keep, padded=padded)
 
     terms = {}
     if cfg.w_ce or cfg.w_mlm:
-        ce, mlm = head_losses(teacher, student, s.last_hidden[kd], t.last_hidden[kd], labels[kd], cfg,
-                              kd_weight=cfg.w_ce, lm_weight=cfg.w_mlm)
+        ce, mlm = head_losses(teacher, student, _rows(s.last_hidden, kd_rows), _rows(t.last_hidden, kd_rows),
+                              kd_labels, cfg, kd_weight=cfg.w_ce, lm_weight=cfg.w_mlm,
+                              divergence=cfg.divergence("ce"))
         terms.update(_weighted_only({"ce": ce, "mlm": mlm}, cfg))
     if cfg.w_cos:
         terms["cos"] = ops.hidden_loss(s.last_hidden, t.last_hidden.to(s.last_hidden.dtype), tokens, "cos",
@@ -298,14 +313,16 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, to
 
     # 3. counterfactual: swap at the site, resume from the block after it
     with torch.no_grad():
-        h_cf_t = counterfactual_last_hidden(teacher, t.sites, am, group, plan, impl)       # (B, S, Dt)
+        h_cf_t = counterfactual_last_hidden(teacher, t.sites, am, group, plan, impl,
+                                            padded=padded)                                  # (B, S, Dt)
     with student_autocast(cfg, ids.device):
         cf_s = _student_site_swap(student, s.sites[s_l], t.sites[group[-1]], tokens, plan, cfg, impl, terms)
-        h_cf_s = counterfactual_last_hidden(student, s.sites, am, (s_l,), plan, impl, swapped=cf_s)
+        h_cf_s = counterfactual_last_hidden(student, s.sites, am, (s_l,), plan, impl, swapped=cf_s,
+                                            padded=padded)
 
     if cfg.w_iit:
-        terms["iit"], _ = head_losses(teacher, student, h_cf_s[kd], h_cf_t[kd], None, cfg,
-                                      kd_weight=cfg.w_iit, lm_weight=0.0)
+        terms["iit"], _ = head_losses(teacher, student, _rows(h_cf_s, kd_rows), _rows(h_cf_t, kd_rows), None, cfg,
+                                      kd_weight=cfg.w_iit, lm_weight=0.0, divergence=cfg.divergence("iit"))
     if cfg.w_iit_cos:
         terms["iit_cos"] = ops.hidden_loss(h_cf_s, h_cf_t.to(h_cf_s.dtype), tokens, "cos", impl=impl)
     return terms
@@ -330,7 +347,8 @@ def next_token_targets(attention_mask: torch.Tensor, labels: torch.Tensor) -> tu
 def suffix_groups(base_start: torch.Tensor, n_groups: int) -> list[tuple[torch.Tensor | None, int]]:
     """The counterfactual suffix passes: [(rows, q0)]. The rows, sorted by base-span start, are cut into
     at most `n_groups` groups of near-equal size, each with q0 = its earliest start; adjacent groups with one
-    q0 are merged; rows None = every row in order (one group). One host sync: the suffix widths are shapes."""
+    q0 are merged; rows None = every row in order (one group). The suffix widths are shapes: `step_index`
+    calls it on the CPU plan (on a device tensor it would cost a host sync)."""
     starts = base_start.tolist()
     order = sorted(range(len(starts)), key=starts.__getitem__)
     n = min(n_groups, len(starts))
@@ -373,7 +391,8 @@ def _swap_suffix(states: torch.Tensor, source: torch.Tensor, plan: InterventionP
 
 def counterfactual_suffix_hidden(model: IntervenableMLM, sites: dict[int, torch.Tensor], attention_mask, layers,
                                  plan: InterventionPlan, cache, plain_last: torch.Tensor, groups,
-                                 impl: str = "auto", swapped: torch.Tensor | None = None) -> torch.Tensor:
+                                 impl: str = "auto", swapped: torch.Tensor | None = None,
+                                 padded: bool | None = None) -> torch.Tensor:
     """Causal LMs: the counterfactual last hidden states (B, S, D), as `counterfactual_last_hidden` gives
     them, computing only what the swap can change.
 
@@ -388,7 +407,8 @@ def counterfactual_suffix_hidden(model: IntervenableMLM, sites: dict[int, torch.
     S, a0 = attention_mask.shape[1], layers[0]
     if cache.get_seq_length() != S:
         raise RuntimeError(f"the plain pass left {cache.get_seq_length()} of {S} positions in its key/value "
-                           "cache (gradient checkpointing turns the cache off): the counterfactual suffix "
+                           "cache (a block that wrote none, e.g. under transformers' own gradient checkpointing "
+                           "outside IntervenableLM): the counterfactual suffix "
                            "passes need them all")
     if swapped is None:
         swapped = ops.interchange(sites[a0], plan.pi, plan.base_start, plan.source_start, plan.span_len,
@@ -399,7 +419,7 @@ def counterfactual_suffix_hidden(model: IntervenableMLM, sites: dict[int, torch.
         later = {l: partial(_swap_suffix, source=sites[l], plan=plan, rows=rows, q0=q0) for l in layers[1:]}
         past = _prefix_cache(cache, rows, q0, a0 + 1) if q0 else None
         out = model(None, pick(attention_mask), resume_from=a0 + 1, states=pick(swapped)[:, q0:],
-                    interventions=later, cache=past).last_hidden                            # (G, S - q0, D)
+                    interventions=later, cache=past, padded=padded).last_hidden             # (G, S - q0, D)
         parts.append(torch.cat([pick(plain_last)[:, :q0], out], 1))                         # (G, S, D)
         if rows is not None:
             order.append(rows)
@@ -408,54 +428,59 @@ def counterfactual_suffix_hidden(model: IntervenableMLM, sites: dict[int, torch.
     return torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))               # (B, S, D)
 
 
-def _causal_logit_terms(teacher, student, s_last, t_last, s_cf, t_cf, nxt, y, aff, cfg: DistillConfig):
+def _causal_logit_terms(teacher, student, s_last, t_last, s_cf, t_cf, index: StepIndex, cfg: DistillConfig):
     """ce, mlm (the next-token CE) and iit of a causal step, from last states (B, S, D); s_cf None: no iit.
 
-    `aff` (B, S) bool marks the positions >= b. "affected": iit at the positions in `nxt & aff`. "all": a
-    position t < b has the same counterfactual logits as plain ones, so its iit KL is its ce KL; the base
-    head loss is split at b, the KL before b computed once serves both terms (weighted w_ce + w_iit), and
-    only the positions >= b take counterfactual logits.
+    The rows each head-loss call reads come from `index` (`step_index`, made on the CPU). "affected": iit at
+    the real positions >= b with a next token. "all": a position t < b has the same counterfactual logits as
+    plain ones, so its iit KL is its ce KL; the base head loss is split at b, the KL before b computed once
+    serves both terms (weighted w_ce + w_iit), and only the positions >= b take counterfactual logits. With
+    different divergences for ce and iit the positions before b take the plain logits' head loss twice, once
+    with each divergence.
     """
     w_ce, w_lm, w_iit = cfg.w_ce, cfg.w_mlm, (cfg.w_iit if s_cf is not None else 0.0)
-    lab = y != -100                                                                  # (B, S)
+    div_ce, div_iit = cfg.divergence("ce"), cfg.divergence("iit")
     terms = {}
 
-    def head(h_s, h_t, kd, labels, kd_w, lm_w):
-        rows = kd | (labels != -100) if labels is not None else kd                   # (B, S) rows it reads
-        return head_losses(teacher, student, h_s[rows], h_t[rows], labels[rows] if labels is not None else None,
-                           cfg, kd_weight=kd_w, lm_weight=lm_w, kd_mask=kd[rows])
+    def head(h_s, h_t, name, kd_w, lm_w, div):
+        rows, kd, labels = index.heads[name]                                         # (N,) each
+        return head_losses(teacher, student, _rows(h_s, rows), _rows(h_t, rows), labels, cfg, kd_weight=kd_w,
+                           lm_weight=lm_w if labels is not None else 0.0, kd_mask=kd, divergence=div)
 
     if not w_iit or cfg.logit_tokens_for("causal") == "affected":
         if w_ce or w_lm:
-            ce, mlm = head(s_last, t_last, nxt, y, w_ce, w_lm)
+            ce, mlm = head(s_last, t_last, "base", w_ce, w_lm, div_ce)
             terms.update(_weighted_only({"ce": ce, "mlm": mlm}, cfg))
         if w_iit:
-            terms["iit"], _ = head(s_cf, t_cf, nxt & aff, None, w_iit, 0.0)
+            terms["iit"], _ = head(s_cf, t_cf, "cf", w_iit, 0.0, div_iit)
         return terms
 
     # "all": before b the KL of one base head loss serves ce and iit; from b on, ce and iit each take theirs
-    pre, post = nxt & ~aff, nxt & aff
-    n_pre, n_post, l_pre, l_post = (int(m.sum()) for m in (pre, post, lab & ~aff, lab & aff))
-    n, l = max(n_pre + n_post, 1), max(l_pre + l_post, 1)
-    f_pre, f_post, g_pre, g_post = n_pre / n, n_post / n, l_pre / l, l_post / l
-    y_pre, y_post = y.masked_fill(aff, -100), y.masked_fill(~aff, -100)
-    ce_pre, mlm_pre = head(s_last, t_last, pre, y_pre, (w_ce + w_iit) * f_pre, w_lm * g_pre)
+    f_pre, f_post, g_pre, g_post = (index.scales[k] for k in ("f_pre", "f_post", "g_pre", "g_post"))
+    if div_ce == div_iit:
+        ce_pre, mlm_pre = head(s_last, t_last, "pre", (w_ce + w_iit) * f_pre, w_lm * g_pre, div_ce)
+        iit_pre = ce_pre
+    else:
+        iit_pre, _ = head(s_last, t_last, "pre", w_iit * f_pre, 0.0, div_iit)
+        ce_pre, mlm_pre = (head(s_last, t_last, "pre", w_ce * f_pre, w_lm * g_pre, div_ce) if (w_ce or w_lm)
+                           else (iit_pre.new_zeros(()), iit_pre.new_zeros(())))
     zero = ce_pre.new_zeros(())
-    ce_post, mlm_post = (head(s_last, t_last, post, y_post, w_ce * f_post, w_lm * g_post) if (w_ce or w_lm)
+    ce_post, mlm_post = (head(s_last, t_last, "post", w_ce * f_post, w_lm * g_post, div_ce) if (w_ce or w_lm)
                          else (zero, zero))
-    iit_post, _ = head(s_cf, t_cf, post, None, w_iit * f_post, 0.0)
+    iit_post, _ = head(s_cf, t_cf, "cf", w_iit * f_post, 0.0, div_iit)
     terms.update(_weighted_only({"ce": ce_pre * f_pre + ce_post * f_post,
                                  "mlm": mlm_pre * g_pre + mlm_post * g_post}, cfg))
-    terms["iit"] = ce_pre * f_pre + iit_post * f_post
+    terms["iit"] = iit_pre * f_pre + iit_post * f_post
     return terms
 
 
-def fast_causal_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+def fast_causal_step(teacher, student, batch, plan, cfg: DistillConfig, index: StepIndex
+                     ) -> dict[str, torch.Tensor]:
     """The fast step for causal LMs (see the module docstring and `counterfactual_suffix_hidden`)."""
-    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ids, am = batch["input_ids"], batch["attention_mask"]
     tt = batch.get("token_type_ids")
     tokens = am.bool()                                                # (B, S) real positions of the base
-    nxt, y = next_token_targets(am, labels)                           # (B, S), (B, S)
+    padded = index.padded
     impl = _impl(cfg)
     iit = cfg.uses_iit
     group, s_l = (plan.teacher_layers, plan.student_layer) if plan is not None else ((), None)
@@ -465,39 +490,96 @@ def fast_causal_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[
     # 1-2. the plain passes; with a counterfactual to come they also keep every block's keys/values
     t_cache, s_cache = (DynamicCache(), DynamicCache()) if iit else (None, None)
     with torch.no_grad():
-        t = teacher(ids, am, tt, keep=t_keep, cache=t_cache)
+        t = teacher(ids, am, tt, keep=t_keep, cache=t_cache, padded=padded)
     with student_autocast(cfg, ids.device):
-        s = student(ids, am, tt, keep=s_keep, cache=s_cache)
+        s = student(ids, am, tt, keep=s_keep, cache=s_cache, padded=padded)
 
     terms = {}
     if cfg.w_cos:
         terms["cos"] = ops.hidden_loss(s.last_hidden, t.last_hidden.to(s.last_hidden.dtype), tokens, "cos",
                                        impl=impl)
     if not iit:
-        terms.update(_causal_logit_terms(teacher, student, s.last_hidden, t.last_hidden, None, None, nxt, y,
-                                         None, cfg))
+        terms.update(_causal_logit_terms(teacher, student, s.last_hidden, t.last_hidden, None, None, index, cfg))
         if cfg.w_mse:
             terms["mse"] = _site_mse(student, s.sites[s_l], t.sites[group[-1]], tokens, impl)
         return terms
 
     # 3. counterfactual: swap at the site, resume from the block after it, from each group's q0 on
-    groups = suffix_groups(plan.base_start, cfg.suffix_groups)
+    groups = index.groups
     with torch.no_grad():
         h_cf_t = counterfactual_suffix_hidden(teacher, t.sites, am, group, plan, t_cache, t.last_hidden, groups,
-                                              impl)                                          # (B, S, Dt)
+                                              impl, padded=padded)                           # (B, S, Dt)
     with student_autocast(cfg, ids.device):
         cf_s = _student_site_swap(student, s.sites[s_l], t.sites[group[-1]], tokens, plan, cfg, impl, terms)
         h_cf_s = counterfactual_suffix_hidden(student, s.sites, am, (s_l,), plan, s_cache, s.last_hidden,
-                                              groups, impl, swapped=cf_s)                    # (B, S, Ds)
+                                              groups, impl, swapped=cf_s, padded=padded)     # (B, S, Ds)
 
-    cols = torch.arange(am.shape[1], device=am.device)
-    aff = cols[None] >= plan.base_start[:, None]                      # (B, S) positions the swap can change
     terms.update(_causal_logit_terms(teacher, student, s.last_hidden, t.last_hidden,
-                                     h_cf_s if cfg.w_iit else None, h_cf_t, nxt, y, aff, cfg))
+                                     h_cf_s if cfg.w_iit else None, h_cf_t, index, cfg))
     if cfg.w_iit_cos:
+        cols = torch.arange(am.shape[1], device=am.device)
+        aff = cols[None] >= plan.base_start[:, None]                  # (B, S) positions the swap can change
         cf_tokens = tokens & aff if cfg.logit_tokens_for("causal") == "affected" else tokens
         terms["iit_cos"] = ops.hidden_loss(h_cf_s, h_cf_t.to(h_cf_s.dtype), cf_tokens, "cos", impl=impl)
     return terms
+
+
+# ---------------------------------------------------------------------------------------------------
+# the step's index: what the fast step reads, from the CPU batch and plan (no host sync in the step)
+# ---------------------------------------------------------------------------------------------------
+
+def _rows(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """States (B, S, D) at flat positions rows (N,): (N, D), a gather of known size (no host sync)."""
+    return h.reshape(-1, h.shape[-1]).index_select(0, rows)
+
+
+def step_index(batch: dict, plan: InterventionPlan | None, cfg: DistillConfig, kind: str) -> StepIndex:
+    """The fast step's `StepIndex` for this batch and plan. Made from CPU tensors (the train loop calls it next
+    to `sample_plan`, then moves it with `.to(device)`); given device tensors it copies the mask, labels and
+    plan to the CPU first (host syncs: logged once)."""
+    am, labels = batch["attention_mask"], batch["labels"]
+    if am.device.type != "cpu":
+        if "index" not in _logged:
+            _logged.add("index")
+            log.warning("step_index: the batch is on %s: its mask and labels are read on the CPU (host syncs); "
+                        "make the index on the CPU with the plan and pass it to the step", am.device)
+        am, labels = am.cpu(), labels.cpu()
+        plan = plan.to("cpu") if plan is not None else None
+    tokens = am.bool()                                                           # (B, S)
+    index = StepIndex(padded=not bool(tokens.all()))
+
+    def head(name, rows, kd=None, y=None):  # rows, kd, y: (B, S) masks / labels
+        r = rows.reshape(-1).nonzero().squeeze(1)                                # (N,) flat positions
+        index.heads[name] = (r, None if kd is None else kd.reshape(-1)[r], None if y is None else y.reshape(-1)[r])
+
+    if kind != "causal":
+        kd = tokens if cfg.logit_tokens_for(kind) == "all" else labels != -100  # where ce / iit are taken
+        head("kd", kd, None, labels)
+        return index
+    nxt, y = next_token_targets(am, labels)                                      # (B, S), (B, S)
+    lab = y != -100
+    w_iit = cfg.w_iit if cfg.uses_iit else 0.0
+    if cfg.uses_iit:
+        index.groups = suffix_groups(plan.base_start, cfg.suffix_groups)
+        aff = torch.arange(am.shape[1])[None] >= plan.base_start[:, None]       # (B, S) positions >= b
+    if not w_iit or cfg.logit_tokens_for("causal") == "affected":
+        if cfg.w_ce or cfg.w_mlm:
+            head("base", nxt | lab, nxt, y)
+        if w_iit:
+            head("cf", nxt & aff)
+        return index
+    pre, post = nxt & ~aff, nxt & aff
+    n_pre, n_post, l_pre, l_post = (int(m.sum()) for m in (pre, post, lab & ~aff, lab & aff))
+    n, l = max(n_pre + n_post, 1), max(l_pre + l_post, 1)
+    index.scales.update(f_pre=n_pre / n, f_post=n_post / n, g_pre=l_pre / l, g_post=l_post / l)
+    head("pre", pre | (lab & ~aff), pre, y.masked_fill(aff, -100))
+    if cfg.w_ce or cfg.w_mlm:
+        head("post", post | (lab & aff), post, y.masked_fill(~aff, -100))
+    head("cf", post)
+    return index
+
+
+_logged: set[str] = set()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -556,7 +638,7 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
 
     terms = {}
     if cfg.w_ce:
-        terms["ce"] = kd_loss_reference(z_s, z_t, kd_mask, cfg.temperature)
+        terms["ce"] = kd_loss_reference(z_s, z_t, kd_mask, cfg.temperature, cfg.divergence("ce"))
     if cfg.w_mlm:
         terms["mlm"] = mlm_loss_reference(z_s, kd_labels)
     if cfg.w_cos:
@@ -564,7 +646,7 @@ def naive_step(teacher, student, batch, plan, cfg: DistillConfig) -> dict[str, t
     if cfg.w_mse:
         terms["mse"] = _site_mse(student, s_base.sites[s_l], t_base.sites[group[-1]], tokens)
     if iit and cfg.w_iit:
-        terms["iit"] = kd_loss_reference(z_cf_s, z_cf_t, cf_mask, cfg.temperature)
+        terms["iit"] = kd_loss_reference(z_cf_s, z_cf_t, cf_mask, cfg.temperature, cfg.divergence("iit"))
     if iit and cfg.w_iit_cos:
         terms["iit_cos"] = hidden_loss_reference(s_cf.last_hidden, t_cf.last_hidden, cf_tokens, "cos")
     return terms

@@ -214,7 +214,7 @@ _BACKENDS = {"native": _NativeBackend, "triton": _TritonBackend}
 # Argument plumbing
 # ------------------------------------------------------------------------------------------------------
 
-def _index_args(states, pi, base_start, source_start, span_len, dims):
+def _index_args(states, pi, base_start, source_start, span_len, dims, path="native"):
     B, S, D = states.shape
     dev = states.device
     pi, bs, ss, k = (t.to(device=dev, dtype=torch.int64).contiguous()
@@ -222,7 +222,7 @@ def _index_args(states, pi, base_start, source_start, span_len, dims):
     d0, d1 = (0, D) if dims is None else (int(dims[0]), int(dims[1]))
     if not 0 <= d0 <= d1 <= D:
         raise ValueError(f"dims {dims} out of range for hidden size {D}")
-    if dev.type == "cpu" and B:  # cheap here (B values); on a GPU it would cost a sync per call
+    if path == "native" and B:  # the C++ kernels' bounds (B values, on the host: no sync); never on a GPU path
         if (pi.min() < 0 or pi.max() >= B or k.min() < 0 or bs.min() < 0 or ss.min() < 0
                 or (bs + k).max() > S or (ss + k).max() > S):
             raise IndexError("interchange: pi, span starts or span lengths out of range")
@@ -256,11 +256,12 @@ def _kind_cos(kind: str) -> bool:
     return kind == "cos"
 
 
-def _scale_grad(grad, g):
-    """grad * g, skipping the pass when g == 1 (the usual case: the loss is the output)."""
+def _scale_grad(grad, g, backend=None):
+    """grad * g, skipping the pass when g == 1 (the usual case: the loss is the output); the test reads g on
+    the host, so only for the native (CPU) backend: elsewhere it would be a device sync."""
     if g is None:
         return None
-    if g.numel() == 1 and g.device.type == "cpu" and float(g) == 1.0:
+    if backend is _NativeBackend and g.numel() == 1 and float(g) == 1.0:
         return grad
     return grad * g.to(grad.dtype)
 
@@ -295,14 +296,14 @@ class HiddenLossFunction(torch.autograd.Function):
         w = _token_weights(mask, s.shape[0], _acc_dtype(student))
         loss_tok, grad = backend.hidden_loss_fwd(s, t, w, kind_cos)
         ctx.save_for_backward(grad)
-        ctx.shape = student.shape
+        ctx.shape, ctx.backend = student.shape, backend
         return loss_tok.sum().to(_acc_dtype(student))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return _scale_grad(grad, g).reshape(ctx.shape), None, None, None, None
+        return _scale_grad(grad, g, ctx.backend).reshape(ctx.shape), None, None, None, None
 
 
 class InterchangeHiddenLossFunction(torch.autograd.Function):
@@ -322,11 +323,16 @@ class InterchangeHiddenLossFunction(torch.autograd.Function):
         grad, pi, bs, ss, k = ctx.saved_tensors
         d0, d1, backend, shape, dtype = ctx.meta
         if g_out is None:
-            gx = None if g_loss is None else _scale_grad(grad, g_loss)
+            gx = None if g_loss is None else _scale_grad(grad, g_loss, backend)
         else:
             # one pass: interchange backward of g_out + g_loss * grad, both into the states' gradient
             src_off, src_rows = _sources_csr(pi, shape[0])
-            gh, scale = (None, 0.0) if g_loss is None else (grad, float(g_loss))
+            if g_loss is None:
+                gh, scale = None, 0.0
+            elif backend is _NativeBackend:
+                gh, scale = grad, float(g_loss)            # a host scalar for the C++ kernel: free on the CPU
+            else:
+                gh, scale = _scale_grad(grad, g_loss), 1.0  # on the device: no host read of g_loss
             gx = backend.interchange_bwd(g_out, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype)
         return (gx,) + (None,) * 10
 
@@ -380,7 +386,7 @@ def interchange(states, pi, base_start, source_start, span_len, dims=None, *, im
     path = _pick("interchange", states, impl)
     if path == "reference":
         return interchange_reference(states, pi, base_start, source_start, span_len, dims)
-    pi, bs, ss, k, d0, d1 = _index_args(states, pi, base_start, source_start, span_len, dims)
+    pi, bs, ss, k, d0, d1 = _index_args(states, pi, base_start, source_start, span_len, dims, path)
     return InterchangeFunction.apply(states, pi, bs, ss, k, d0, d1, _BACKENDS[path])
 
 
@@ -417,6 +423,6 @@ def interchange_hidden_loss(states, teacher, mask, pi, base_start, source_start,
     if path == "reference":
         return interchange_hidden_loss_reference(states, teacher, mask, pi, base_start, source_start, span_len,
                                                  dims, kind)
-    pi, bs, ss, k, d0, d1 = _index_args(states, pi, base_start, source_start, span_len, dims)
+    pi, bs, ss, k, d0, d1 = _index_args(states, pi, base_start, source_start, span_len, dims, path)
     return InterchangeHiddenLossFunction.apply(states, teacher.detach(), mask, pi, bs, ss, k, d0, d1, kind_cos,
                                                _BACKENDS[path])
