@@ -6,10 +6,14 @@
 - `init_engine(...)`: the student's engine around `step.DistillStep`, so that every micro-batch goes
   through `engine(batch, plan)` -> `engine.backward(loss)` -> `engine.step()`: DeepSpeed's forward runs
   (ZeRO-3 counts its micro-steps there; skipping it makes each micro-batch's gradient overwrite the last).
-- `prepare_teacher(...)`: the frozen teacher, replicated, or under ZeRO-3 partitioned across ranks like
-  the student and gathered block by block as it runs (TRL's `prepare_deepspeed` recipe: an engine with
-  no optimizer). The step reads the teacher's tied decoder weight directly (not through a module call):
-  `step.head_losses` gathers it explicitly.
+- The teacher's plan (`read_teacher_ds_config`, `teacher_plan`, `build_teacher`): the frozen teacher is
+  either replicated (loaded once per rank, in the run's precision, straight onto the device) or a ZeRO-3
+  inference engine (no optimizer; TRL's `prepare_deepspeed` recipe) whose parameters are partitioned
+  across ranks *as it is built* (models.load.load_partitioned) and gathered block by block as it runs.
+  Its ZeRO-3 settings are the student's (--shard_teacher, when the student runs ZeRO-3) or its own
+  (--teacher_deepspeed_config: e.g. offload_param to CPU, with a student under ZeRO-0/1/2/3). The step
+  reads the teacher's tied decoder weight directly (not through a module call): `step.head_losses`
+  gathers it explicitly.
 """
 from __future__ import annotations
 
@@ -204,34 +208,173 @@ def init_engine(ds: dict, step_module, optimizer_groups, lr: float, scheduler_fn
     return engine
 
 
-def prepare_teacher(teacher, ds: dict, shard: bool):
-    """The frozen teacher for this run: eval, no grad; under ZeRO-3 with `shard`, its parameters are
-    partitioned across ranks (each holds ~1/world of them) and gathered block by block as it runs.
+# ---- the teacher's plan --------------------------------------------------------------------------
 
-    Returns the teacher module to call (the engine's module: its ZeRO-3 hooks gather on each call)."""
-    teacher.eval().requires_grad_(False)
-    if not shard:
-        return teacher
-    if zero_stage(ds) != 3:
-        raise ValueError("shard_teacher needs ZeRO stage 3 in --deepspeed_config (the teacher is partitioned "
-                         "like the student)")
-    import deepspeed
-    zero = dict(ds.get("zero_optimization", {}))
-    for k in ("offload_optimizer", "sub_group_size"):
-        zero.pop(k, None)
-    # as TRL's prepare_deepspeed: small buckets, no persistence threshold, so every block is gathered on use
-    hidden = teacher.hidden_size
-    zero.update(stage=3, stage3_param_persistence_threshold=10 * hidden, reduce_bucket_size=hidden * hidden,
-                stage3_prefetch_bucket_size=int(0.9 * hidden * hidden))
-    cfg = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+TEACHER_SHARD_AUTO_BYTES = 2 ** 30  # --shard_teacher auto partitions a teacher above this (student ZeRO-3)
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def has_native_bf16() -> tuple[bool, str]:
+    """(does this machine compute in bf16 at all, what it has): a GPU's bf16 support, a CPU's bf16
+    instructions (avx512_bf16 / amx_bf16). Whether bf16 *pays* is precision.py's question, not this one."""
+    if torch.cuda.is_available():
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"GPU {torch.cuda.get_device_name()} {'has' if ok else 'has no'} bf16"
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return bool(found), (f"the CPU has {found[0]}" if found else "the CPU has neither avx512_bf16 nor amx_bf16")
+
+
+def read_teacher_ds_config(path: str, student_ds: dict, teacher_dtype: str) -> dict:
+    """--teacher_deepspeed_config: the teacher's own plan, checked before any work. It must be a ZeRO-3
+    inference plan (zero_optimization.stage 3; offload_param to CPU or not) with no optimizer, scheduler or
+    optimizer offload; its precision must be the teacher's (`teacher_dtype`, DistillConfig's: bf16 needs a
+    machine with bf16); batch fields, if given, must be the student's (the teacher runs on its batches).
+    Errors name the file and the key."""
+    p = find_file(path)
+    where = f"--teacher_deepspeed_config {p}"
+    if not p.is_file():
+        raise FileNotFoundError(f"--teacher_deepspeed_config {path}: no such file")
+    try:
+        ds = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"{where}: expected a JSON object of DeepSpeed settings")
+    known = _known_ds_keys()
+    for key in ds:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            hint = f"; did you mean {near[0]!r}?" if near else " (not a DeepSpeed setting this version knows)"
+            raise ValueError(f"{where}: unknown key {key!r}{hint}")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ValueError(f"{where}: has an {key!r} section, but the teacher is frozen (an inference engine: no "
+                             f"optimizer, no scheduler); remove it")
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else None
+    if stage != 3:
+        if isinstance(zero, dict) and "offload_param" in zero:
+            raise ValueError(f"{where}: offload_param needs zero_optimization.stage 3 (only ZeRO-3 partitions "
+                             f"parameters, so only ZeRO-3 can offload them), got stage {stage}")
+        raise ValueError(f"{where}: the teacher's plan is a ZeRO-3 inference engine: expected zero_optimization."
+                         f"stage 3, got {stage}; for a replicated teacher leave --teacher_deepspeed_config out")
+    if "offload_optimizer" in zero:
+        raise ValueError(f"{where}: zero_optimization.offload_optimizer: the teacher has no optimizer; remove it")
+    device = zero.get("offload_param", {}).get("device", "none")
+    if device not in ("cpu", "none"):
+        raise ValueError(f"{where}: zero_optimization.offload_param.device {device!r}: the teacher's partitions are "
+                         f"read into memory (models.load.load_partitioned); expected 'cpu' or 'none'")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except Exception as e:  # pydantic's ValidationError: name the offending key
+        first = str(e).splitlines()
+        raise ValueError(f"{where}: zero_optimization: {' '.join(first[1:3]).strip()}") from None
+    for key in _BATCH_KEYS:
+        if key in ds and ds[key] != student_ds.get(key):
+            raise ValueError(f"{where}: {key} = {ds[key]}, but the teacher runs on the student's batches "
+                             f"({key} = {student_ds.get(key)} in --deepspeed_config); leave it out")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError(f"{where}: fp16 is enabled; the teacher runs in the run's teacher dtype ({teacher_dtype}): "
+                         f"use bf16 (or nothing: the teacher's dtype is filled in)")
+    if "bf16" in ds:
+        want = bool(ds["bf16"].get("enabled", False))
+        if want:
+            ok, hw = has_native_bf16()
+            if not ok:
+                raise ValueError(f"{where}: bf16 is enabled, but this machine has no bf16 ({hw}); remove the bf16 "
+                                 f"section (the teacher then runs in {teacher_dtype})")
+        if want != (teacher_dtype == "bfloat16"):
+            raise ValueError(f"{where}: bf16.enabled is {want}, but the teacher runs in {teacher_dtype} (--precision / "
+                             f"--teacher_dtype); make them agree, or leave bf16 out (it is filled in)")
+    return ds
+
+
+def teacher_plan(student_ds: dict, teacher_ds: dict | None, shard_teacher: str, teacher_bytes: int, hidden: int,
+                 teacher_dtype: torch.dtype) -> tuple[dict | None, str]:
+    """(the teacher's DeepSpeed config, or None for a replicated teacher; a line saying which and why).
+
+    - --teacher_deepspeed_config given (`teacher_ds`): its own ZeRO-3 plan, whatever the student's stage.
+    - else --shard_teacher yes, or auto with a teacher above TEACHER_SHARD_AUTO_BYTES: the student's ZeRO-3
+      settings (an error unless the student runs ZeRO-3), less its optimizer offload.
+    - else replicated (one copy per rank): today's default for a small teacher.
+    ZeRO-3 sizes (the plan's own, where it sets them): TRL's `prepare_deepspeed` persistence threshold
+    (10 x hidden) and reduce bucket (hidden^2), no prefetch and no reuse (see below)."""
+    if teacher_ds is not None:
+        if shard_teacher == "no":
+            raise ValueError("--shard_teacher no contradicts --teacher_deepspeed_config (a partitioned teacher's "
+                             "plan); drop one of them")
+        zero, why = dict(teacher_ds["zero_optimization"]), "its own plan (--teacher_deepspeed_config)"
+    else:
+        shard = shard_teacher == "yes" or (shard_teacher == "auto" and zero_stage(student_ds) == 3
+                                           and teacher_bytes > TEACHER_SHARD_AUTO_BYTES)
+        if not shard:
+            why = ("--shard_teacher no" if shard_teacher == "no" else
+                   f"{teacher_bytes / 2**30:.2f} GiB <= {TEACHER_SHARD_AUTO_BYTES / 2**30:.0f} GiB" if zero_stage(student_ds) == 3
+                   else f"the student runs ZeRO-{zero_stage(student_ds)} and no --teacher_deepspeed_config is given")
+            return None, f"teacher: replicated, one copy per rank ({why})"
+        if zero_stage(student_ds) != 3:
+            raise ValueError(f"--shard_teacher {shard_teacher}: the teacher is partitioned with the student's ZeRO "
+                             f"settings, but --deepspeed_config runs ZeRO-{zero_stage(student_ds)}; use a ZeRO-3 "
+                             f"config, or give the teacher a plan of its own: --teacher_deepspeed_config "
+                             f"ds_configs/teacher_zero3.json (or teacher_zero3_offload.json)")
+        zero = {k: v for k, v in student_ds.get("zero_optimization", {}).items()
+                if k not in ("offload_optimizer", "sub_group_size")}
+        why = "the student's ZeRO-3 settings (--shard_teacher " + shard_teacher + ")"
+    zero["stage"] = 3
+    # TRL's persistence threshold and bucket (biases and norms kept whole, every matrix gathered on use), and
+    # no prefetch, no reuse: the counterfactual pass resumes at a block the plan draws, so the module order
+    # changes every step, and DeepSpeed's prefetch then keeps blocks gathered that the pass never reaches
+    # (measured, benchmarks/teacher_shard.py: a 16-block teacher held 1/world + 2.5 blocks and stepped 2.5x
+    # slower). A plan of its own may set these; the student's are not the teacher's.
+    sizes = {"stage3_param_persistence_threshold": 10 * hidden, "reduce_bucket_size": hidden * hidden,
+             "stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}
+    for k, v in sizes.items():
+        if teacher_ds is None or k not in zero:
+            zero[k] = v
+    cfg = {**(teacher_ds or {}), "train_micro_batch_size_per_gpu": student_ds["train_micro_batch_size_per_gpu"],
            "gradient_accumulation_steps": 1, "zero_optimization": zero,
-           "bf16": {"enabled": next(teacher.parameters()).dtype == torch.bfloat16}}
-    engine, *_ = deepspeed.initialize(model=teacher, config=cfg)
+           "bf16": {"enabled": teacher_dtype == torch.bfloat16}, "fp16": {"enabled": teacher_dtype == torch.float16}}
+    cfg.pop("train_batch_size", None)  # the student's, with its accumulation: recomputed by DeepSpeed
+    offload = zero.get("offload_param", {}).get("device", "none")
+    return cfg, (f"teacher: ZeRO-3 partitioned across ranks{', parameters offloaded to CPU' if offload == 'cpu' else ''}"
+                 f", {why}")
+
+
+def init_teacher_engine(teacher, plan: dict):
+    """The frozen teacher's ZeRO-3 engine (no optimizer): partitions the parameters if they are not yet
+    (a teacher built whole), or takes over those partitioned as it was built (load_partitioned).
+    Returns the module to call (the engine's: its hooks gather each block's parameters on each call)."""
+    import deepspeed
+    teacher.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=teacher, config=plan)
     engine.eval()
     # the engine's __del__ would remove the gathering hooks: the teacher keeps it alive (in a list, so it is
     # not registered as a submodule)
     teacher._zero3_engine = [engine]
     return engine.module
+
+
+def build_teacher(spec, plan: dict | None, dtype: torch.dtype, device, on_tensor=None):
+    """The frozen teacher for this run, after the process group formed: replicated (`plan` None: loaded once
+    on this rank, in `dtype`, straight onto `device`) or partitioned as it is built (ZeRO-3 `plan`: no rank
+    ever holds it whole, see models.load.load_partitioned). `spec`: models.load.inspect_model's."""
+    from .models.load import load_partitioned, load_weights
+    if plan is None:
+        return load_weights(spec, dtype, device).requires_grad_(False)
+    return init_teacher_engine(load_partitioned(spec, plan, dtype, on_tensor=on_tensor), plan)
+
+
+def prepare_teacher(teacher, ds: dict, shard: bool):
+    """A frozen teacher already built whole (tests, benchmarks): eval, no grad; with `shard`, partitioned
+    across ranks by a ZeRO-3 engine with the student's settings (`ds` must be ZeRO-3). A run builds its
+    teacher with `build_teacher` instead, which never holds it whole."""
+    teacher.eval().requires_grad_(False)
+    if not shard:
+        return teacher
+    plan, _ = teacher_plan(ds, None, "yes", 0, teacher.hidden_size, next(teacher.parameters()).dtype)
+    return init_teacher_engine(teacher, plan)
 
 
 def local_param_bytes(module) -> int:

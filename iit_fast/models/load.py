@@ -343,8 +343,8 @@ def load_partitioned(spec: ModelSpec, ds_config: dict, dtype: torch.dtype, on_te
     partitions live: the accelerator, or CPU), with transformers' weight initialisation switched off (every
     value comes from the checkpoint); then each rank reads its own slice of every tensor from the files
     (bytes [rank * part, (rank + 1) * part) of the flattened tensor, converted to `dtype`) into its partition.
-    `on_tensor(name)` is called after each parameter is filled (tests sample the memory there).
-    The parameters then belong to ZeRO-3: an engine without optimizer (engine.prepare_teacher) gathers them
+    `on_tensor(model, name)` is called after each parameter is filled (tests sample the memory there).
+    The parameters then belong to ZeRO-3: an engine without optimizer (engine.init_teacher_engine) gathers them
     block by block as the model runs."""
     import deepspeed
     import torch.distributed as dist
@@ -375,7 +375,7 @@ def load_partitioned(spec: ModelSpec, ds_config: dict, dtype: torch.dtype, on_te
                     part[:got].copy_(reader.read(index[keys[name]], start, stop))   # converted to part's dtype
                 part[got:].zero_()  # the padding of the last partition
                 if on_tensor is not None:
-                    on_tensor(name)
+                    on_tensor(model, name)
             # buffers are not partitioned: each rank reads the (small) stored ones whole
             persistent = set(model.state_dict(keep_vars=True)) - {n for n, _ in model.named_parameters(
                 remove_duplicate=False)}
