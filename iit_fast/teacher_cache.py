@@ -219,7 +219,22 @@ def _remove_stale_temporaries(out: Path, shards) -> list[str]:
         if m and m.group(1) in mine:
             f.unlink(missing_ok=True)
             gone.append(f.name)
+    for f in out.glob(".cache.json.tmp*"):  # any rank writes cache.json: only a dead writer's is stale
+        pid = f.name.rsplit("tmp", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            f.unlink(missing_ok=True)
+            gone.append(f.name)
     return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------

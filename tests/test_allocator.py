@@ -33,3 +33,28 @@ def test_tuned_malloc_stops_refaulting_big_blocks():
     pages = 20 * (64 << 20) // 4096
     assert default > pages // 2     # glibc unmaps and re-faults every 64 MB block
     assert tuned < pages // 20      # kept in the heap: nearly no new faults
+
+
+TRIM = r"""
+import sys, torch
+from iit_fast.allocator import release_free_memory, tune_malloc
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+tune_malloc()  # what the build would have met before: nothing returned to the OS
+keep = [torch.ones(16 << 20) for _ in range(8)]  # 512 MB in the heap (no mmap once tuned)
+del keep
+before = rss()
+released = release_free_memory() if sys.argv[1] == "trim" else False
+print(before - rss(), released)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_release_free_memory_returns_what_a_tuned_heap_kept():
+    """Freed blocks a tuned glibc keeps (the teacher build's, say) go back to the OS with
+    release_free_memory (malloc_trim); without it they stay resident."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "IIT_FAST_MALLOC")}
+    got = {m: subprocess.run([sys.executable, "-c", TRIM, m], capture_output=True, text=True, env=env,
+                             check=True).stdout.split() for m in ("trim", "keep")}
+    assert got["trim"][1] == "True" and int(got["trim"][0]) > 400 << 20, got
+    assert int(got["keep"][0]) < 50 << 20, got

@@ -535,8 +535,12 @@ def test_cache_build_killed_leaves_no_tmp_file(tmp_path, teacher_dir):
     (tmp_path / "c" / "shard-00002.json").unlink()                              # shard 2 was being written...
     (tmp_path / "c" / ".shard-00002.safetensors.tmp999999").write_bytes(b"half a shard")
     (tmp_path / "c" / ".shard-00003.json.tmp999998").write_bytes(b"{")       # ...and shard 3's of rank 1 of 2
+    (tmp_path / "c" / ".cache.json.tmp4194304").write_bytes(b"{")             # a dead writer's (no such pid)
+    (tmp_path / "c" / f".cache.json.tmp{os.getpid()}").write_bytes(b"{")       # a live one's: kept
     build_cache(teacher_dir, corpus(), tmp_path / "c", options(), rank=0, world_size=2, progress=False)
-    assert sorted(p.name for p in (tmp_path / "c").iterdir() if ".tmp" in p.name) == [".shard-00003.json.tmp999998"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if ".tmp" in p.name) == [
+        f".cache.json.tmp{os.getpid()}", ".shard-00003.json.tmp999998"]
+    (tmp_path / "c" / f".cache.json.tmp{os.getpid()}").unlink()
     TeacherCache.open(tmp_path / "c", verify="full")
     build_cache(teacher_dir, corpus(), tmp_path / "c", options(), rank=1, world_size=2, progress=False)
     assert sorted(p.name for p in (tmp_path / "c").iterdir() if ".tmp" in p.name) == [".shard-00003.json.tmp999998"]
