@@ -1,4 +1,4 @@
-"""Checkpoints of a training run (iit_fast/train.py): crash-safe save, verified resume, Hugging Face export.
+"""Checkpoints of a training run (iit_fast/train.py): crash-safe save, verified resume.
 
 A checkpoint is a folder `checkpoints/<tag>` (tag `step{N}`, or `step{N}.{k}` when `step{N}` exists:
 no tag is ever rewritten in place) holding DeepSpeed's own files (model, optimizer, scheduler, ZeRO
@@ -35,8 +35,7 @@ the next save (which takes the name `step{N}.1`) removes it once its own tag is 
 `_reached(point, rank)` is called at each point of the write sequence (SAVE_POINTS, in order) and does
 nothing: tests/test_checkpoint.py replaces it to kill the process there.
 
-`export_student`: consolidated fp32 weights from any ZeRO stage (and bf16) into a standard Hugging Face
-folder (safetensors + tokenizer) that AutoModelForMaskedLM.from_pretrained loads.
+The Hugging Face export of the student is `iit_fast/export.py` (`export_student`).
 """
 from __future__ import annotations
 
@@ -412,32 +411,3 @@ def _broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-# ---- Hugging Face export -------------------------------------------------------------------------------
-
-def export_student(engine, tokenizer, path: Path, rank: int):
-    """The student as a Hugging Face folder: consolidated fp32 weights from any ZeRO stage + tokenizer.
-
-    safe_get_full_fp32_param gathers the fp32 master copy (ZeRO-1/2/3, bf16); with no optimizer-side
-    copy (ZeRO-0, fp32) the module's own parameter is it. A collective: every rank calls it.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-    hf = engine.module.student.model  # engine.module is the step (step.DistillStep); its student is trained
-    state = {}
-    for name, p in hf.named_parameters():
-        full = safe_get_full_fp32_param(p)
-        if rank == 0:
-            state[name] = (full if full is not None else p.detach()).float().cpu().clone()
-    if rank == 0:
-        fresh = type(hf)(hf.config)
-        missing, unexpected = fresh.load_state_dict(state, strict=False)
-        params = {n for n, _ in fresh.named_parameters()}
-        missing = [k for k in missing if k in params]
-        if missing or unexpected:
-            raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
-        fresh.tie_weights()
-        fresh.save_pretrained(path)  # safetensors
-        tokenizer.save_pretrained(path)
-    import torch.distributed as dist
-    dist.barrier()
