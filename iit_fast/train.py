@@ -67,7 +67,8 @@ from tqdm import tqdm
 from iit_fast import lifeline
 from iit_fast.allocator import release_free_memory, tune_malloc
 from iit_fast.cached_step import CacheBatches, CachedDistillStep
-from iit_fast.checkpoint import export_student, load_checkpoint, save_checkpoint
+from iit_fast.checkpoint import load_checkpoint, save_checkpoint
+from iit_fast.export import export_student
 from iit_fast.engine import all_reduce_sum, init_distributed, init_engine, param_count, prepare_teacher, zero_stage
 from iit_fast.optim import make_scheduler, param_groups
 from iit_fast.prepare import build_batches, check_inputs, prepare
