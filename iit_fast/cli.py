@@ -5,6 +5,7 @@
     iit-fast finetune --model runs/X/student --task seq --dataset glue:sst2
     iit-fast finetune --model runs/X/student --task token --train-file train.jsonl --validation-file dev.jsonl
     iit-fast cache-teacher --teacher T --max_length 128 --top_k 64 --plans 4 --hidden --out cache/T-k64
+    iit-fast plan --teacher T --student_layers 4 --seq 2048 --micro_batch 8 --device_memory_gb 80
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args)`; a new
 subcommand is one more line in SUBCOMMANDS (the module is imported only when its subcommand runs).
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
                               "against a teacher"),
     "finetune": ("iit_fast.finetune", "downstream fine-tuning (sequence or token classification) with Trainer"),
     "cache-teacher": ("iit_fast.teacher_cache", "run the teacher once over a corpus, store its outputs to distil from"),
+    "plan": ("iit_fast.plan", "bytes per rank of a step by part, and the largest micro-batch that fits a device"),
 }
 
 
