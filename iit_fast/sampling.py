@@ -163,21 +163,31 @@ class StepIndex:
         of the states it reads; kd_mask (N,) bool, the rows in its KL mean (None: all); labels (N,) long or None.
     scales: name -> a token-count fraction weighting a term (a Python number: nothing to read on the device).
     groups: the causal counterfactual suffix passes, [(rows (G,) long, or None for every row in order, q0)].
+    swaps: where a teacher group of several blocks re-swaps after its later blocks, without reading the plan
+        on the host: [(rows, positions, source rows, source positions)], each (K,) long, K = the swapped
+        tokens: one entry for the whole batch (masked LMs), or one per suffix group (causal LMs, rows local
+        to the group, positions from its q0). Empty when the group has one block.
     padded: whether any position of the batch is padding (the attention-mask builders need not read it).
     """
     padded: bool
     heads: dict[str, tuple] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
     groups: list[tuple[torch.Tensor | None, int]] = field(default_factory=list)
+    swaps: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
     def to(self, device) -> "StepIndex":
         slots = [(n, i) for n, h in self.heads.items() for i, t in enumerate(h) if t is not None]
         slots += [("group", g) for g, (rows, _) in enumerate(self.groups) if rows is not None]
-        tensors = [self.heads[n][i] if n != "group" else self.groups[i][0] for n, i in slots]
-        moved = dict(zip(slots, _move(tensors, device)))
+        slots += [("swap", (w, i)) for w, sw in enumerate(self.swaps) for i in range(len(sw))]
+
+        def get(n, i):
+            return self.groups[i][0] if n == "group" else self.swaps[i[0]][i[1]] if n == "swap" else self.heads[n][i]
+
+        moved = dict(zip(slots, _move([get(n, i) for n, i in slots], device)))
         heads = {n: tuple(moved.get((n, i)) for i in range(len(h))) for n, h in self.heads.items()}
         groups = [(moved.get(("group", g)), q0) for g, (_, q0) in enumerate(self.groups)]
-        return StepIndex(self.padded, heads, dict(self.scales), groups)
+        swaps = [tuple(moved[("swap", (w, i))] for i in range(len(sw))) for w, sw in enumerate(self.swaps)]
+        return StepIndex(self.padded, heads, dict(self.scales), groups, swaps)
 
 
 def sample_spans(lengths: torch.Tensor, pi: torch.Tensor, p: float, generator: torch.Generator):

@@ -63,7 +63,7 @@ from .config import DistillConfig
 from .precision import student_autocast
 from .models import IntervenableMLM
 from .ops.head_loss.reference import kd_loss_reference, mlm_loss_reference
-from .ops.interchange.reference import hidden_loss_reference, interchange_reference
+from .ops.interchange.reference import hidden_loss_reference, interchange_reference, span_positions
 from .sampling import InterventionPlan, StepIndex, check_plan
 
 log = logging.getLogger("iit_fast.step")
@@ -186,6 +186,16 @@ def _impl(cfg: DistillConfig) -> str:
     return "auto" if cfg.ops == "fused" else "reference"
 
 
+def _swap_at(states: torch.Tensor, source: torch.Tensor, swap: tuple, dims):
+    """Intervention fn: `states` (G, Q, D) with the tokens at (rows, positions) taken from `source` (B, S, D) at
+    (source rows, source positions): one StepIndex.swaps entry, (K,) long each (no host read of the plan)."""
+    rows, pos, src_rows, src_pos = swap
+    d0, d1 = (0, states.shape[-1]) if dims is None else dims
+    out = states.clone()
+    out[rows, pos, d0:d1] = source[src_rows, src_pos, d0:d1]
+    return out
+
+
 def _swap_from(states: torch.Tensor, source: torch.Tensor, pairing: torch.Tensor, plan: InterventionPlan):
     """Intervention fn: overwrite `states`' base spans with `source`'s spans (source row = pairing[i])."""
     return interchange_reference(states, pairing, plan.base_start, plan.source_start, plan.span_len,
@@ -255,7 +265,8 @@ def _student_site_swap(student, site, t_site, tokens, plan: InterventionPlan, cf
 
 def counterfactual_last_hidden(model: IntervenableMLM, sites: dict[int, torch.Tensor], attention_mask: torch.Tensor,
                                layers: tuple[int, ...], plan: InterventionPlan, impl: str = "auto",
-                               swapped: torch.Tensor | None = None, padded: bool | None = None) -> torch.Tensor:
+                               swapped: torch.Tensor | None = None, padded: bool | None = None,
+                               swap: tuple | None = None) -> torch.Tensor:
     """Last hidden states (B, S, D) of the counterfactual pass, resumed from the site.
 
     `sites` are the plain pass's states at every block of `layers` (a teacher group, or one student
@@ -268,7 +279,10 @@ def counterfactual_last_hidden(model: IntervenableMLM, sites: dict[int, torch.Te
     if swapped is None:
         swapped = ops.interchange(sites[a0], plan.pi, plan.base_start, plan.source_start, plan.span_len,
                                   plan.dims, impl=impl)                                      # (B, S, D)
-    later = {l: partial(_swap_from, source=sites[l], pairing=plan.pi, plan=plan) for l in layers[1:]}
+    if swap is not None:  # the positions made on the CPU (StepIndex.swaps)
+        later = {l: partial(_swap_at, source=sites[l], swap=swap, dims=plan.dims) for l in layers[1:]}
+    else:
+        later = {l: partial(_swap_from, source=sites[l], pairing=plan.pi, plan=plan) for l in layers[1:]}
     return model(None, attention_mask, resume_from=a0 + 1, states=swapped, interventions=later,
                  padded=padded).last_hidden
 
@@ -313,8 +327,8 @@ def fast_step(teacher, student, batch, plan, cfg: DistillConfig, index: StepInde
 
     # 3. counterfactual: swap at the site, resume from the block after it
     with torch.no_grad():
-        h_cf_t = counterfactual_last_hidden(teacher, t.sites, am, group, plan, impl,
-                                            padded=padded)                                  # (B, S, Dt)
+        h_cf_t = counterfactual_last_hidden(teacher, t.sites, am, group, plan, impl, padded=padded,
+                                            swap=index.swaps[0] if index.swaps else None)   # (B, S, Dt)
     with student_autocast(cfg, ids.device):
         cf_s = _student_site_swap(student, s.sites[s_l], t.sites[group[-1]], tokens, plan, cfg, impl, terms)
         h_cf_s = counterfactual_last_hidden(student, s.sites, am, (s_l,), plan, impl, swapped=cf_s,
@@ -392,7 +406,7 @@ def _swap_suffix(states: torch.Tensor, source: torch.Tensor, plan: InterventionP
 def counterfactual_suffix_hidden(model: IntervenableMLM, sites: dict[int, torch.Tensor], attention_mask, layers,
                                  plan: InterventionPlan, cache, plain_last: torch.Tensor, groups,
                                  impl: str = "auto", swapped: torch.Tensor | None = None,
-                                 padded: bool | None = None) -> torch.Tensor:
+                                 padded: bool | None = None, swaps: list | None = None) -> torch.Tensor:
     """Causal LMs: the counterfactual last hidden states (B, S, D), as `counterfactual_last_hidden` gives
     them, computing only what the swap can change.
 
@@ -414,9 +428,12 @@ def counterfactual_suffix_hidden(model: IntervenableMLM, sites: dict[int, torch.
         swapped = ops.interchange(sites[a0], plan.pi, plan.base_start, plan.source_start, plan.span_len,
                                   plan.dims, impl=impl)                                      # (B, S, D)
     parts, order = [], []
-    for rows, q0 in groups:
+    for g, (rows, q0) in enumerate(groups):
         pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))  # noqa: E731
-        later = {l: partial(_swap_suffix, source=sites[l], plan=plan, rows=rows, q0=q0) for l in layers[1:]}
+        if swaps:  # the positions made on the CPU (StepIndex.swaps)
+            later = {l: partial(_swap_at, source=sites[l], swap=swaps[g], dims=plan.dims) for l in layers[1:]}
+        else:
+            later = {l: partial(_swap_suffix, source=sites[l], plan=plan, rows=rows, q0=q0) for l in layers[1:]}
         past = _prefix_cache(cache, rows, q0, a0 + 1) if q0 else None
         out = model(None, pick(attention_mask), resume_from=a0 + 1, states=pick(swapped)[:, q0:],
                     interventions=later, cache=past, padded=padded).last_hidden             # (G, S - q0, D)
@@ -508,7 +525,7 @@ def fast_causal_step(teacher, student, batch, plan, cfg: DistillConfig, index: S
     groups = index.groups
     with torch.no_grad():
         h_cf_t = counterfactual_suffix_hidden(teacher, t.sites, am, group, plan, t_cache, t.last_hidden, groups,
-                                              impl, padded=padded)                           # (B, S, Dt)
+                                              impl, padded=padded, swaps=index.swaps)        # (B, S, Dt)
     with student_autocast(cfg, ids.device):
         cf_s = _student_site_swap(student, s.sites[s_l], t.sites[group[-1]], tokens, plan, cfg, impl, terms)
         h_cf_s = counterfactual_suffix_hidden(student, s.sites, am, (s_l,), plan, s_cache, s.last_hidden,
@@ -554,15 +571,21 @@ def step_index(batch: dict, plan: InterventionPlan | None, cfg: DistillConfig, k
 
     if kind != "causal":
         kd = tokens if cfg.logit_tokens_for(kind) == "all" else labels != -100  # where ce / iit are taken
+    multi = cfg.uses_iit and plan is not None and len(plan.teacher_layers) > 1  # swaps after later blocks
         head("kd", kd, None, labels)
         return index
     nxt, y = next_token_targets(am, labels)                                      # (B, S), (B, S)
+        if multi:
+            rows, pos, src_pos = span_positions(plan.base_start, plan.source_start, plan.span_len)   # (K,)
+            index.swaps = [(rows, pos, plan.pi[rows], src_pos)]
     lab = y != -100
     w_iit = cfg.w_iit if cfg.uses_iit else 0.0
     if cfg.uses_iit:
         index.groups = suffix_groups(plan.base_start, cfg.suffix_groups)
         aff = torch.arange(am.shape[1])[None] >= plan.base_start[:, None]       # (B, S) positions >= b
     if not w_iit or cfg.logit_tokens_for("causal") == "affected":
+        if multi:
+            index.swaps = [_group_swap(plan, rows, q0) for rows, q0 in index.groups]
         if cfg.w_ce or cfg.w_mlm:
             head("base", nxt | lab, nxt, y)
         if w_iit:
@@ -580,6 +603,13 @@ def step_index(batch: dict, plan: InterventionPlan | None, cfg: DistillConfig, k
 
 
 _logged: set[str] = set()
+
+def _group_swap(plan: InterventionPlan, rows: torch.Tensor | None, q0: int) -> tuple:
+    """A suffix group's swap positions (CPU): rows local to the group, base positions from q0."""
+    rows = torch.arange(plan.pi.numel()) if rows is None else rows                   # (G,) global rows
+    local, pos, src_pos = span_positions(plan.base_start[rows], plan.source_start[rows], plan.span_len[rows])
+    return local, pos - q0, plan.pi[rows][local], src_pos
+
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -97,10 +97,10 @@ def _sdpa(model: IntervenableLM) -> IntervenableLM:
     return model
 
 
-def masked_case(padded: bool, logit_tokens: str):
+def masked_case(padded: bool, logit_tokens: str, alignment: str = "middle"):
     teacher, student = tiny_pair(4, 2)
     batch = tiny_batch((9, 5, 7, 3) if padded else (9, 9, 9, 9))
-    plan = sample_plan(batch["attention_mask"], make_alignment("middle", 4, 2), torch.Generator().manual_seed(0))
+    plan = sample_plan(batch["attention_mask"], make_alignment(alignment, 4, 2), torch.Generator().manual_seed(0))
     cfg = DistillConfig(w_mse=0.2, w_iit_cos=0.3, logit_tokens=logit_tokens)
     return _sdpa(teacher), _sdpa(student), batch, plan, cfg
 
@@ -131,6 +131,9 @@ CASES = {
     "llama-affected-padded": lambda: causal_case("llama", True, "affected"),
     "llama-all-unpadded": lambda: causal_case("llama", False, "all"),
     "gpt2-all-leftpadded": lambda: causal_case("gpt2", True, "all"),
+    # teacher groups of 2 blocks: the span is swapped again after the second (StepIndex.swaps)
+    "bert-full-groups": lambda: masked_case(True, "masked", "full"),
+    "llama-full-groups": lambda: causal_case("llama", True, "affected", "full"),
 }
 
 

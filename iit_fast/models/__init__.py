@@ -150,7 +150,8 @@ class IntervenableLM(nn.Module):
         """transformers' own gradient checkpointing (`model.gradient_checkpointing_enable()`) recomputes a layer
         with its key/value cache turned off: replace it by this wrapper's, which keeps the cache working."""
         if any(getattr(m, "gradient_checkpointing", False) is True for m in self.blocks):
-            self.model.gradient_checkpointing_disable()
+            # (transformers >= 5 names it activation_checkpointing_disable, the old name is deprecated)
+            (getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable)()
             self.activation_checkpointing = self.activation_checkpointing or "torch"
             log.warning("%s: transformers' gradient checkpointing is replaced by the wrapper's activation "
                         "checkpointing (%s): transformers' turns off the key/value cache the counterfactual passes "
