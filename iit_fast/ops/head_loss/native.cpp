@@ -165,9 +165,12 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
 // dD/da_v = p_v (g_v - S). S is known only after the whole row, so pass 3 stores A = gk p g + gl p_1 over
 // the teacher logits and B = gk p over the student logits, and pass 4 writes dz = A - S B.
 
+// Always inlined: a call left in an `omp simd` loop keeps it scalar.
+#define IIT_INLINE inline __attribute__((always_inline))
+
 // e^x - 1 for x <= 0: its series for x > -1/2 (to x^9 / 9!: truncation < 3e-10 relative), else
 // exp_f32(x) - 1 (>= 0.39 in size there: no cancellation)
-inline float expm1_neg(float x) {
+IIT_INLINE float expm1_neg(float x) {
   float p = 1.0f / 362880.0f;
   p = p * x + 1.0f / 40320.0f;
   p = p * x + 1.0f / 5040.0f;
@@ -177,13 +180,14 @@ inline float expm1_neg(float x) {
   p = p * x + 1.0f / 6.0f;
   p = p * x + 0.5f;
   p = p * x + 1.0f;
-  return x > -0.5f ? p * x : exp_f32(x) - 1.0f;
+  const float series = p * x, direct = exp_f32(x) - 1.0f;   // both computed: a select, no branch
+  return x > -0.5f ? series : direct;
 }
 
 // log(x) for a normal x > 0: x = 2^e m, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
 // |s| < 0.172, its series to s^11 (truncation < 1e-10 relative); ln 2 in two parts. Plain arithmetic that
 // `omp simd` vectorises (no libm call).
-inline float log_f32(float x) {
+IIT_INLINE float log_f32(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   int32_t e = ((bits >> 23) & 0xff) - 127;
@@ -191,7 +195,8 @@ inline float log_f32(float x) {
   float m;
   std::memcpy(&m, &mbits, sizeof(m));
   const bool big = m > 1.41421356f;
-  m = big ? 0.5f * m : m;
+  const float half = 0.5f * m;
+  m = big ? half : m;
   e = big ? e + 1 : e;
   const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
   float t = 1.0f / 11.0f;
@@ -205,21 +210,25 @@ inline float log_f32(float x) {
 }
 
 // log(1 + y) for y in (-1, 0]: log(w) y / (w - 1), w = 1 + y (Goldberg: the rounding of w cancels)
-inline float log1p_f32(float y) {
+IIT_INLINE float log1p_f32(float y) {
   const float w = 1.0f + y;
-  return w == 1.0f ? y : log_f32(w) * (y / (w - 1.0f));
+  const bool one = w == 1.0f;
+  // the division outside the select: GCC does not if-convert a possibly trapping division (no -ffast-math),
+  // and a branch in the loop stops its vectorisation
+  const float r = log_f32(w) * (y / (one ? 1.0f : w - 1.0f));
+  return one ? y : r;
 }
 
 // log((1 - lam) + lam e^x), lam in (0, 1): log1p(lam expm1(x)) for x <= 0, x + log1p((1 - lam) expm1(-x))
 // for x > 0 (no overflow; accurate near x = 0, where the divergences are small)
-inline float mixlog(float lam, float x) {
+IIT_INLINE float mixlog(float lam, float x) {
   const bool neg = x <= 0.0f;
   const float l = neg ? lam : 1.0f - lam;
   return log1p_f32(l * expm1_neg(neg ? x : -x)) + (neg ? 0.0f : x);
 }
 
 template <int KIND>
-inline void div_elem(float p, float q, float u, float c, float& term, float& g, float& s) {
+IIT_INLINE void div_elem(float p, float q, float u, float c, float& term, float& g, float& s) {
   if (KIND == 1) {                        // reverse_kl: KL(p || q), g = u, S = D
     term = kl_term(q, p, -u);
     g = u;
@@ -264,11 +273,19 @@ void row_step_div(float* s, float* t, int64_t V, float T, float c, float g_kd, b
   for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
     const int64_t v1 = v0 + BLOCK < V ? v0 + BLOCK : V;
     float bs = 0.f, bt = 0.f, b1 = 0.f;
+    if (has_labels) {
 #pragma omp simd reduction(+ : bs, bt, b1)
-    for (int64_t v = v0; v < v1; ++v) {
-      bs += exp_f32(s[v] * inv_T - m_s);
-      bt += exp_f32(t[v] * inv_T - m_t);
-      b1 += has_labels ? exp_f32(s[v] - m_1) : 0.0f;
+      for (int64_t v = v0; v < v1; ++v) {
+        bs += exp_f32(s[v] * inv_T - m_s);
+        bt += exp_f32(t[v] * inv_T - m_t);
+        b1 += exp_f32(s[v] - m_1);
+      }
+    } else {
+#pragma omp simd reduction(+ : bs, bt)
+      for (int64_t v = v0; v < v1; ++v) {
+        bs += exp_f32(s[v] * inv_T - m_s);
+        bt += exp_f32(t[v] * inv_T - m_t);
+      }
     }
     d_s += bs;
     d_t += bt;

@@ -8,14 +8,14 @@ import torch
 _NATIVE_NAME = "iit_fast_head_loss"
 _NATIVE_SOURCES = ("head_loss/native.cpp",)
 _fn = None      # ctypes function once built
-_fn_div = None  # the other divergences' entry point (same library)
+_fn_div = None  # the other divergences' entry point: the same source built as a second library (_div_step)
 error = None   # why it could not be built
 
 
 def native_step():
     """Build (first call, a few seconds; cached in TORCH_EXTENSIONS_DIR) and load the C++ inner step;
     None (reason in error) when that cannot be done."""
-    global _fn, _fn_div, error
+    global _fn, error
     if _fn is None and error is None:
         import ctypes
 
@@ -29,13 +29,33 @@ def native_step():
         P, I64 = ctypes.c_void_p, ctypes.c_int64
         fn.argtypes = [P, I64, P, I64, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int]
         fn.restype = None
-        div = lib.iit_distill_head_loss_div_chunk_f32
-        div.argtypes = [P, I64, P, I64, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int, ctypes.c_float,
-                        ctypes.c_int]
-        div.restype = None
         _fn = fn
-        _fn_div = div
     return _fn
+
+
+def _div_step():
+    """The row step of the divergences other than forward KL: native.cpp built as a second library with
+    -fno-trapping-math, without which GCC leaves the selects around log1p / the mixtures' divisions as branches
+    and pass 3 runs ~10x slower (it evaluates both sides of a select; no arithmetic is reordered). Forward
+    KL's library keeps the plain flags. Built on first use (a few seconds, cached)."""
+    global _fn_div
+    if _fn_div is None:
+        import ctypes
+
+        from .._native import DEFAULT_CFLAGS, NativeUnavailable, load_native
+        try:
+            lib = load_native(_NATIVE_NAME + "_div", _NATIVE_SOURCES,
+                              extra_cflags=DEFAULT_CFLAGS + ("-fno-trapping-math",))
+        except NativeUnavailable as e:
+            raise RuntimeError(f"distill_head_loss impl='native': the divergences' native step is unavailable: "
+                               f"{e}") from None
+        fn = lib.iit_distill_head_loss_div_chunk_f32
+        P, I64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [P, I64, P, I64, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                       ctypes.c_int]
+        fn.restype = None
+        _fn_div = fn
+    return _fn_div
 
 
 def inner_native(zs, zt, labels, g_kd, g_lab, temperature, divergence=None):
@@ -58,11 +78,11 @@ def inner_native(zs, zt, labels, g_kd, g_lab, temperature, divergence=None):
         g_lab = g_lab.to(torch.float32).contiguous()
     threads = min(torch.get_num_threads(), max(1, (C * V) >> 18))  # small chunks: one thread, no barrier
     if C and divergence is not None and not divergence.is_forward_kl:
-        _fn_div(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
-                labels.data_ptr() if labels is not None else None, g_kd.data_ptr(),
-                g_lab.data_ptr() if labels is not None else None, kl.data_ptr(),
-                ce.data_ptr() if ce is not None else None, C, V, float(temperature), divergence.code,
-                float(divergence.param), threads)
+        _div_step()(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
+                    labels.data_ptr() if labels is not None else None, g_kd.data_ptr(),
+                    g_lab.data_ptr() if labels is not None else None, kl.data_ptr(),
+                    ce.data_ptr() if ce is not None else None, C, V, float(temperature), divergence.code,
+                    float(divergence.param), threads)
     elif C:
         fn(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
            labels.data_ptr() if labels is not None else None, g_kd.data_ptr(),
