@@ -92,6 +92,33 @@ def test_checkpointing_deepspeed_fast_equals_naive(family, deepspeed_checkpointi
     assert_same_step(plain[1], fast)
 
 
+@pytest.mark.parametrize("impl", ["torch", "deepspeed"])
+def test_checkpointing_recomputes_under_the_forward_autocast(impl, request, monkeypatch):
+    """A block recomputed in backward runs under the autocast of its forward (bf16 here): DeepSpeed's
+    reentrant checkpoint does not restore it by itself."""
+    if impl == "deepspeed":
+        request.getfixturevalue("deepspeed_checkpointing")
+    from iit_fast.step import distill_step
+    teacher, student, batch, plan = case("bert")
+    phase, recomputed = ["forward"], []
+    real = student.adapter.run_block
+
+    def recording(l, h, ctx):
+        if phase[0] == "backward":
+            recomputed.append(torch.is_autocast_enabled("cpu"))
+        return real(l, h, ctx)
+
+    monkeypatch.setattr(student.adapter, "run_block", recording)
+    student.enable_activation_checkpointing(impl)
+    try:
+        out = distill_step(teacher, student, batch, plan, DistillConfig(ops="reference", student_autocast="bfloat16"))
+        phase[0] = "backward"
+        out.loss.backward()
+    finally:
+        student.activation_checkpointing = None
+    assert len(recomputed) >= student.num_layers and all(recomputed), recomputed
+
+
 def test_checkpointing_fused_ops_fast_equals_naive():
     teacher, student, batch, plan = case("llama")
     naive, fast = both(teacher, student, batch, plan, "torch", ops="fused")

@@ -345,7 +345,21 @@ def _checkpoint_fn(impl: str | None):
         from torch.utils.checkpoint import checkpoint
         return partial(checkpoint, use_reentrant=False)
     import deepspeed
-    return deepspeed.checkpointing.checkpoint
+    return _keep_autocast(deepspeed.checkpointing.checkpoint)
+
+
+def _keep_autocast(checkpoint):
+    """DeepSpeed's (reentrant) checkpoint recomputes in backward, outside the forward's autocast region (torch's
+    records and restores it): the block function re-enters the autocast state of its forward call."""
+    def run(fn, h, *args):
+        kind = h.device.type
+        enabled, dtype = torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+
+        def in_autocast(*a):
+            with torch.autocast(kind, dtype=dtype, enabled=enabled):
+                return fn(*a)
+        return checkpoint(in_autocast, h, *args)
+    return run
 
 
 IntervenableMLM = IntervenableLM  # the name from when only masked LMs were supported
