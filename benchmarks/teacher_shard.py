@@ -1,11 +1,21 @@
-"""A frozen teacher replicated on every rank vs partitioned across ranks under ZeRO-3 (engine.prepare_teacher):
-teacher bytes held per rank and the step time, on 1 and 2 gloo ranks (CPU).
+"""A frozen teacher replicated on every rank vs partitioned across ranks as it is built (ZeRO-3) vs partitioned
+with its parameters offloaded to CPU: peak host RSS per rank while loading and during the first steps, the
+teacher bytes each rank holds, load and step time; 1 and 2 gloo ranks (CPU).
 
     python benchmarks/teacher_shard.py            # writes benchmarks/results/teacher-shard.{json,md}
 
-Shapes: a 12-layer x 256 BERT teacher (vocabulary 30522) -> a 3-layer student initialised from it, batch 8 x 64
-per rank, the default losses (ce, mlm, cos, iit; fast step), ZeRO-3 for the student in every run. Each world
-size is one launch (torch.distributed.run), which runs both teacher settings one after the other.
+Shapes: a Llama-shaped teacher, 16 blocks x 1024 (8 heads, MLP 4096, vocabulary 2048, untied head), stored as
+bf16 safetensors (0.55 GB), kept in bf16 (--teacher_dtype bfloat16: the checkpoint's dtype); a small student
+(2 blocks x 256, the teacher's vocabulary; cos / iit_cos off: the widths differ) under ZeRO-2; batch 2 x 16 per
+rank, 4 optimizer steps (fast step: ce, mlm, iit). The teacher's plan: none (replicated, loaded once per rank
+by transformers), ds_configs/teacher_zero3.json (sharded) or ds_configs/teacher_zero3_offload.json (sharded +
+offload_param cpu). Each (ranks, plan) is its own launch (torch.distributed.run), so each peak (VmHWM) is its
+own. The rank side is tests/test_teacher_shard.py's `rss_run` (the test asserts on the same figures).
+
+What is measured: RSS before anything is loaded (the runtime's own: torch, DeepSpeed, transformers, the process
+group, and one warm-up step of a tiny pair so that the step's code is loaded) = base; peak RSS (VmHWM) after
+the teacher is built = load peak; peak after the steps = step peak. The allocator is glibc with a fixed mmap
+threshold (MALLOC_MMAP_THRESHOLD_=131072), so that freed blocks go back to the OS and RSS follows live memory.
 """
 from __future__ import annotations
 
@@ -14,119 +24,93 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
-LAYERS, HIDDEN, HEADS, VOCAB, STUDENT_LAYERS = 12, 256, 4, 30522, 3
-BATCH, SEQ, WARMUP, STEPS = 8, 64, 2, 6
-
-
-def rank_main(out: Path):
-    import torch.distributed as dist
-    from transformers import BertConfig, BertForMaskedLM
-    from iit_fast.config import DistillConfig
-    from iit_fast.engine import init_distributed, init_engine, local_param_bytes, prepare_teacher, read_ds_config
-    from iit_fast.models import IntervenableMLM, init_student_from_teacher
-    from iit_fast.optim import make_scheduler, param_groups
-    from iit_fast.sampling import make_alignment, sample_plan
-    from iit_fast.step import DistillStep
-    rank, world, _ = init_distributed(600)
-    cfg_path = out.parent / "zero3.json"
-    if rank == 0:
-        cfg_path.write_text(json.dumps({"train_micro_batch_size_per_gpu": BATCH, "steps_per_print": 10 ** 9,
-                                        "zero_optimization": {"stage": 3}}))
-    dist.barrier()
-    ds = read_ds_config(str(cfg_path), world)
-    rows = []
-    for shard in (False, True):
-        torch.manual_seed(0)
-        hf = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                        num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
-                                        max_position_embeddings=128, hidden_dropout_prob=0.0,
-                                        attention_probs_dropout_prob=0.0)).eval()
-        student = IntervenableMLM(init_student_from_teacher(hf, STUDENT_LAYERS)).train()
-        teacher_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-        teacher = prepare_teacher(IntervenableMLM(hf), dict(ds), shard)
-        engine = init_engine(dict(ds), DistillStep(teacher, student, DistillConfig()), param_groups(student, 0.01),
-                             1e-4, lambda opt: make_scheduler(opt, "constant", 0, WARMUP + STEPS))
-        held = local_param_bytes(teacher)
-        alignment = make_alignment("middle", LAYERS, STUDENT_LAYERS)
-        g = torch.Generator().manual_seed(rank)
-        times = []
-        for i in range(WARMUP + STEPS):
-            ids = torch.randint(5, VOCAB, (BATCH, SEQ), generator=g)                      # (B, S)
-            labels = torch.where(torch.rand(BATCH, SEQ, generator=g) < 0.15, ids, -100)   # (B, S)
-            labels[:, 0] = ids[:, 0]  # at least one target per row
-            batch = {"input_ids": torch.where(labels != -100, 4, ids), "labels": labels,
-                     "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
-                     "token_type_ids": torch.zeros(BATCH, SEQ, dtype=torch.long)}
-            plan = sample_plan(batch["attention_mask"], alignment, g)
-            dist.barrier()
-            t0 = time.perf_counter()
-            loss, _ = engine(batch, plan)
-            engine.backward(loss)
-            engine.step()
-            if i >= WARMUP:
-                times.append(time.perf_counter() - t0)
-        rows.append({"ranks": world, "teacher": "sharded" if shard else "replicated", "rank": rank,
-                     "teacher_MB": teacher_bytes / 2 ** 20, "teacher_MB_per_rank": held / 2 ** 20,
-                     "step_s": statistics.median(times), "step_s_all": times, "loss": float(loss.detach())})
-        engine.destroy()
-        dist.barrier()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        out.write_text(json.dumps([r for per_rank in gathered for r in per_rank]))
+VARIANTS = ("replicated", "sharded", "offload")
+RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def main():
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))
     from benchmarks.common import machine, write_results
     from iit_fast.engine import free_port
+    from test_teacher_shard import BIG, save_big_bf16
     tmp = REPO / ".cache" / "teacher_shard"
     tmp.mkdir(parents=True, exist_ok=True)
+    folder = tmp / "llama-16x1024-bf16"
+    if not (folder / "model.safetensors").is_file():
+        save_big_bf16(folder)
     load_before = os.getloadavg()
     rows = []
     for ranks in (1, 2):
-        out = tmp / f"rows-{ranks}.json"
-        out.unlink(missing_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)),
-                   LOCAL_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), TOKENIZERS_PARALLELISM="false",
-                   TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-               str(free_port()), __file__, "--rank", str(out)]
-        subprocess.run(cmd, check=True, env=env, cwd=REPO)
-        per_rank = json.loads(out.read_text())
-        for setting in ("replicated", "sharded"):
-            rs = [r for r in per_rank if r["teacher"] == setting]
-            rows.append({"ranks": ranks, "teacher": setting, "teacher_MB": rs[0]["teacher_MB"],
-                         "teacher_MB_per_rank": max(r["teacher_MB_per_rank"] for r in rs),
-                         "step_s": max(r["step_s"] for r in rs), "loss": rs[0]["loss"]})
+        for variant in VARIANTS:
+            out = tmp / f"rows-{ranks}-{variant}.json"
+            out.unlink(missing_ok=True)
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)),
+                       LOCAL_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), TOKENIZERS_PARALLELISM="false",
+                       TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"), **RSS_ENV)
+            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+                env.pop(k, None)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+                   str(free_port()), __file__, "--rank", str(out), variant, str(folder)]
+            subprocess.run(cmd, check=True, env=env, cwd=REPO)
+            per_rank = json.loads(out.read_text())
+            worst = lambda k: max(r[k] - r["base_MB"] for r in per_rank)  # noqa: E731
+            rows.append({"ranks": ranks, "teacher": variant, "plan": per_rank[0]["plan"],
+                         "base_MB": round(max(r["base_MB"] for r in per_rank)),
+                         "load_peak_MB": round(worst("load_peak_MB")), "step_peak_MB": round(worst("step_peak_MB")),
+                         "teacher_MB": per_rank[0]["teacher_MB"],
+                         "teacher_MB_per_rank": max(r["sampled_teacher_MB"] for r in per_rank),
+                         "load_s": max(r["load_s"] for r in per_rank),
+                         "step_s": max(statistics.median(r["step_times"][1:]) for r in per_rank),
+                         "loss": per_rank[0]["losses"][-1]})
     load_after = os.getloadavg()
+    for r in rows:  # the ratio the issue's goal reads: sharded peak / replicated peak, same ranks, above base
+        rep = next(x for x in rows if x["ranks"] == r["ranks"] and x["teacher"] == "replicated")
+        r["peak_vs_replicated"] = round(r["step_peak_MB"] / rep["step_peak_MB"], 3)
     m = machine()
     m["load_before"], m["load_after"] = load_before, load_after
-    notes = (f"Teacher {LAYERS} x {HIDDEN} BERT (vocab {VOCAB}, {rows[0]['teacher_MB']:.1f} MB fp32) -> {STUDENT_LAYERS}-layer "
-             f"student; batch {BATCH} x {SEQ} per rank; ZeRO-3 student in every row; step time = median of {STEPS} "
-             f"steps after {WARMUP} (slowest rank; each rank runs cpu_count / ranks torch threads); teacher MB per rank = the largest rank's `local_param_bytes` "
-             "(partition + anything kept whole: tensors under the persistence threshold, 10 x hidden). "
-             f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
-             f"{tuple(round(x, 2) for x in load_after)}: "
-             + ("**the machine was shared with other work while this ran**, so the step times are indicative only; "
-                "re-run on a quiet machine for timing." if load_before[0] > (os.cpu_count() or 1) + 0.5 else
-                "a quiet machine (a load of about the core count is this benchmark's own ranks).")
-             + " The bytes do not depend on load.")
-    write_results("teacher-shard", {"machine": m, "shapes": {"teacher_layers": LAYERS, "hidden": HIDDEN,
-                                                             "vocab": VOCAB, "student_layers": STUDENT_LAYERS,
-                                                             "batch": BATCH, "seq": SEQ}},
-                  rows, ["ranks", "teacher", "teacher_MB", "teacher_MB_per_rank", "step_s", "loss"],
-                  title="Frozen teacher: replicated vs ZeRO-3 sharded (CPU, gloo)", notes=notes)
+    shared = load_before[0] > 0.5
+    notes = (
+        f"Teacher: Llama-shaped {BIG['layers']} x {BIG['hidden']} (MLP {BIG['intermediate']}, vocabulary {BIG['vocab']}), "
+        f"bf16 safetensors ({rows[0]['teacher_MB']:.0f} MiB), run in bf16; student 2 x 256 under ZeRO-2; batch 2 x 16 "
+        "per rank; 4 steps. *_peak_MB = the worst rank's peak RSS above its own base (base_MB: the runtime, "
+        "measured per rank after imports, the process group and a warm-up step of a tiny pair). load_peak = "
+        "while the teacher is built; step_peak = through the load and the steps (peak_vs_replicated reads this "
+        "one). teacher_MB_per_rank = the largest `engine.local_param_bytes` sampled after every tensor read and "
+        "as every module with parameters starts (partition + whatever ZeRO-3 holds gathered then). "
+        "step_s = the slowest rank's median over steps 2-4.\n\n"
+        "Read with care: the replicated teacher's load peak is small because transformers maps a bf16 "
+        "safetensors file read as bf16 without copying it (the pages are counted when the first step touches "
+        "them), so the fair figure is the peak through load and steps. A replicated fp32 run (the default on "
+        "this CPU) would materialise the teacher at load, at twice the bytes. On a GPU the partitions live in "
+        "device memory (host RSS then holds neither) unless offload_param puts them in host memory, as "
+        "'offload' does; on this CPU-only machine 'sharded' and 'offload' both keep their partitions in host "
+        "memory, so their figures coincide.\n\n"
+        f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
+        f"{tuple(round(x, 2) for x in load_after)}"
+        + (": **the machine was shared with other work while this ran**: the times (load_s, step_s) are "
+           "contended and indicative only; the memory figures do not depend on load." if shared else "."))
+    write_results("teacher-shard", {"machine": m, "shapes": {**BIG, "student": "2 x 256", "batch": "2 x 16",
+                                                             "steps": 4, "teacher_dtype": "bfloat16"}},
+                  rows, ["ranks", "teacher", "base_MB", "load_peak_MB", "step_peak_MB", "peak_vs_replicated",
+                         "teacher_MB", "teacher_MB_per_rank", "load_s", "step_s", "loss"],
+                  title="Frozen teacher: replicated vs partitioned as built vs partitioned + CPU offload (CPU, gloo)",
+                  notes=notes)
+
+
+def rank_main(out: Path, variant: str, folder: str):
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_teacher_shard import rss_run
+    rows = rss_run(out, variant, folder, steps=4)
+    if rows is not None:
+        out.write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--rank":
-        rank_main(Path(sys.argv[2]))
+        rank_main(Path(sys.argv[2]), sys.argv[3], sys.argv[4])
     else:
         main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,9 +17,11 @@ from . import corpus, data
 from . import teacher as teacher_lib
 from .cache import cache_lock
 from .config import TrainConfig, parse_args
-from .engine import read_ds_config
+from .engine import read_ds_config, read_teacher_ds_config, teacher_plan
 from .eval import EVAL_SEED
 from .models import IntervenableLM, check_same_tokenizer, init_student_from_teacher, load_model
+from .models.load import (checkpoint_keys, init_student_from_checkpoint, inspect_model, meta_model,
+                          safetensors_index)
 from .precision import DTYPES, choose_precision
 from .run_dir import check_out_dir
 from .sampling import make_alignment
@@ -41,22 +44,52 @@ def check_inputs(argv) -> tuple[TrainConfig, dict, str]:
         if not torch.cuda.is_available():
             raise ValueError("float16 (teacher_dtype / student_autocast) needs a GPU: this CPU has no fp16 "
                              "training path; use bfloat16 or float32")
+    if cfg.teacher_deepspeed_config is not None:  # the teacher's own plan: refused now if it cannot work
+        read_teacher_ds_config(cfg.teacher_deepspeed_config, ds, cfg.distill.teacher_dtype)
     err = check_out_dir(cfg)
     if err:
         raise FileExistsError(err)
     return cfg, ds, why
 
 
-def prepare(cfg: TrainConfig):
-    """(teacher, student, tokenizer, tokenized corpus, alignment, teacher cache or None), before any process
-    group forms. The embedded defaults are built once, under a file lock, by the first process to get here."""
+@dataclass
+class TeacherLoad:
+    """How the teacher is loaded once the process group exists (engine.build_teacher): its checked folder,
+    its DeepSpeed plan (None: replicated), its dtype, and a line saying which and why."""
+    spec: object
+    plan: dict | None
+    dtype: torch.dtype
+    why: str
+
+
+def prepare(cfg: TrainConfig, ds: dict):
+    """(teacher, student, tokenizer, tokenized corpus, alignment, teacher cache or None, TeacherLoad), before
+    any process group forms. The embedded defaults are built once, under a file lock, by the first process to
+    get here. `teacher` has no weights yet (the meta device: its sizes, for every check): they are loaded after
+    the process group forms, as TeacherLoad says (engine.build_teacher), and never with a teacher cache."""
     with cache_lock(cfg.cache_dir):
         path = cfg.teacher or default_teacher_apart(cfg.cache_dir)
-        teacher, student, tokenizer = build_models(cfg, path)
+        teacher, student, tokenizer, spec = build_models(cfg, path)
         tokenized = tokenize(cfg, tokenizer, teacher.kind)
     alignment = make_alignment(cfg.distill.alignment, teacher.num_layers, student.num_layers)
     cache = open_teacher_cache(cfg, path, teacher, tokenizer, tokenized, alignment) if cfg.teacher_cache else None
-    return teacher, student, tokenizer, tokenized, alignment, cache
+    return teacher, student, tokenizer, tokenized, alignment, cache, teacher_load(cfg, ds, spec, teacher)
+
+
+def teacher_load(cfg: TrainConfig, ds: dict, spec, teacher) -> TeacherLoad:
+    """The teacher's plan (engine.teacher_plan), and for a partitioned one every tensor checked in the
+    safetensors headers (present, of its shape) now, before work."""
+    dtype = DTYPES[cfg.distill.teacher_dtype]
+    if cfg.teacher_cache:
+        return TeacherLoad(spec, None, dtype, "teacher: not loaded (--teacher_cache holds every output the step "
+                                              "needs)")
+    own = (read_teacher_ds_config(cfg.teacher_deepspeed_config, ds, cfg.distill.teacher_dtype)
+           if cfg.teacher_deepspeed_config else None)
+    n_bytes = sum(p.numel() for p in teacher.parameters()) * dtype.itemsize
+    plan, why = teacher_plan(ds, own, cfg.shard_teacher, n_bytes, teacher.hidden_size, dtype)
+    if plan is not None:
+        checkpoint_keys(spec, teacher.model, safetensors_index(spec.folder, "--teacher"))
+    return TeacherLoad(spec, plan, dtype, why)
 
 
 def default_teacher_apart(cache_dir) -> Path:
@@ -81,8 +114,12 @@ def default_teacher_apart(cache_dir) -> Path:
 
 
 def build_models(cfg: TrainConfig, teacher_path):
-    """(teacher: frozen, eval; student; tokenizer): IntervenableLMs of one supported family, checked as a pair."""
-    teacher, tokenizer = load_model(teacher_path, arg="--teacher")  # the family decides the objective
+    """(teacher: frozen, eval, on the meta device; student; tokenizer; the teacher's checked folder):
+    IntervenableLMs of one supported family, checked as a pair. No teacher weight is read here: a student
+    initialised from the teacher reads its own tensors from the teacher's files; with a teacher cache, the
+    teacher's weight files are not opened at all (the cache's fingerprint pins them)."""
+    spec, tokenizer = inspect_model(teacher_path, arg="--teacher", weights=not cfg.teacher_cache)
+    teacher = meta_model(spec, DTYPES[cfg.distill.teacher_dtype])  # the family decides the objective
     max_pos = getattr(teacher.config, "max_position_embeddings", None)
     max_pos = max_pos or getattr(teacher.config, "n_positions", None)
     if max_pos is not None and cfg.max_length > max_pos - (2 if teacher.family == "roberta" else 0):
@@ -90,7 +127,12 @@ def build_models(cfg: TrainConfig, teacher_path):
                          f"{', two of them reserved by RoBERTa' if teacher.family == 'roberta' else ''})")
     if cfg.student is None:
         torch.manual_seed(cfg.seed)
-        student = IntervenableLM(init_student_from_teacher(teacher.model, cfg.student_layers))
+        if any(spec.folder.glob("*.safetensors")):  # only the tensors the student copies are read
+            student = IntervenableLM(init_student_from_checkpoint(spec, cfg.student_layers))
+        else:  # a legacy .bin is one pickle: loaded whole (fp32, on the CPU) for the copy, then dropped
+            whole, _ = load_model(teacher_path, arg="--teacher")
+            student = IntervenableLM(init_student_from_teacher(whole.model, cfg.student_layers))
+            del whole
     else:
         student, s_tok = load_model(cfg.student, kind=teacher.kind, arg="--student")
         check_same_tokenizer(tokenizer, s_tok, "--teacher", "--student")
@@ -99,12 +141,12 @@ def build_models(cfg: TrainConfig, teacher_path):
             cfg.distill.shared_vocab = len(tokenizer)
     if cfg.dropout is not None:
         student.set_dropout(cfg.dropout)
-    teacher = teacher.to(dtype=DTYPES[cfg.distill.teacher_dtype]).eval().requires_grad_(False)
+    teacher = teacher.eval().requires_grad_(False)
     student.train()
     if cfg.distill.w_mse and student.hidden_size != teacher.hidden_size:
         student.attach_site_projection(teacher.hidden_size)
     check_pair(teacher, student, cfg.distill)
-    return teacher, student, tokenizer
+    return teacher, student, tokenizer, spec
 
 
 def tokenize(cfg: TrainConfig, tokenizer, kind: str):

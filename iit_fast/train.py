@@ -34,8 +34,12 @@ good state.
 Choices worth knowing:
 - Batch size and gradient accumulation come from the DeepSpeed config (train_micro_batch_size_per_gpu,
   gradient_accumulation_steps, train_batch_size); a mismatch is an error that names the fields.
-- The teacher is frozen (eval, no grad). Under ZeRO-3 it is partitioned across ranks like the student when
-  --shard_teacher yes (auto: when it holds more than 1 GiB of parameters); otherwise one copy per rank.
+- The teacher is frozen (eval, no grad) and loaded after the process group forms, never whole on a rank that
+  does not keep it whole: one copy per rank (in the run's teacher dtype, straight onto the device), or a
+  ZeRO-3 inference engine partitioned as it is built, on the student's ZeRO-3 settings (--shard_teacher yes;
+  auto: when it holds more than 1 GiB) or on its own plan (--teacher_deepspeed_config, e.g.
+  ds_configs/teacher_zero3_offload.json: parameters offloaded to CPU, any student stage). See docs/scale.md.
+  With --teacher_cache its weights are not loaded at all.
 - A row's source is another row of its own micro-batch: the intervention plan (pairing, spans, aligned
   layers) of every micro-batch comes from a torch.Generator seeded by (seed, step, micro-batch draw, rank),
   and its MLM masks from (seed, epoch, batch index, rank). Both are pure functions of the position in the
@@ -69,7 +73,7 @@ from iit_fast.allocator import release_free_memory, tune_malloc
 from iit_fast.cached_step import CacheBatches, CachedDistillStep
 from iit_fast.checkpoint import load_checkpoint, save_checkpoint
 from iit_fast.export import export_student
-from iit_fast.engine import all_reduce_sum, init_distributed, init_engine, param_count, prepare_teacher, zero_stage
+from iit_fast.engine import all_reduce_sum, build_teacher, init_distributed, init_engine, param_count
 from iit_fast.optim import make_scheduler, param_groups
 from iit_fast.prepare import build_batches, check_inputs, prepare
 from iit_fast.report import TERMS, batch_to, memory_mb, print_summary, validate, write_plots
@@ -79,7 +83,6 @@ from iit_fast.sampling import sample_plan
 from iit_fast.step import DistillStep
 
 REPO = Path(__file__).resolve().parent.parent
-SHARD_TEACHER_AUTO_BYTES = 2 ** 30
 
 
 class StopSignal:
@@ -135,7 +138,7 @@ def _main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_deepspeed()
     try:
-        teacher, student, tokenizer, tokenized, alignment, cache = prepare(cfg)
+        teacher, student, tokenizer, tokenized, alignment, cache, teacher_load = prepare(cfg, ds)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
     if not torch.cuda.is_available():
@@ -166,11 +169,10 @@ def _main(argv=None):
     steps_per_epoch = len(train_batches) // accum
     max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
     dcfg = cfg.distill
-    t_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    shard = cfg.shard_teacher == "yes" or (cfg.shard_teacher == "auto" and zero_stage(ds) == 3
-                                           and t_bytes > SHARD_TEACHER_AUTO_BYTES)
-    if cache is None:
-        teacher = prepare_teacher(teacher.to(device), ds, shard)
+    say(teacher_load.why)
+    shard = teacher_load.plan is not None
+    if cache is None:  # loaded now, on its plan: replicated straight onto the device, or partitioned as built
+        teacher = build_teacher(teacher_load.spec, teacher_load.plan, teacher_load.dtype, device)
         step_module = DistillStep(teacher, student, dcfg)
     else:  # the cache holds every teacher output the step needs: the teacher stays on the CPU, unused
         step_module = CachedDistillStep(student, dcfg)

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,9 @@ def _steps(teacher, student, kind: str, ds: dict, cfg, rows: int, seq: int, step
     engine = init_engine(ds, DistillStep(teacher, student, cfg), param_groups(student, 0.01), LR,
                          lambda opt: make_scheduler(opt, "constant", 0, steps))
     alignment = make_alignment("middle", teacher.num_layers, student.num_layers)
-    out = {"losses": [], "terms": []}
+    out = {"losses": [], "terms": [], "step_times": []}
     for step in range(steps):
+        t0 = time.perf_counter()
         batch = _batch(kind, rows, seq, teacher.vocab_size, seed=1000 * rank + step)
         plan = sample_plan(batch["attention_mask"], alignment, torch.Generator().manual_seed(7 * rank + step))
         loss, terms = engine(batch, plan)
@@ -159,6 +161,7 @@ def _steps(teacher, student, kind: str, ds: dict, cfg, rows: int, seq: int, step
         engine.step()
         out["losses"].append(float(loss))
         out["terms"].append({k: float(v) for k, v in terms.items()})
+        out["step_times"].append(time.perf_counter() - t0)
     engine.destroy()
     return out
 
@@ -229,7 +232,6 @@ def rss_run(out: Path, variant: str, folder: str, steps: int = 2, rows: int = 2,
     `steps` steps of a small student (ZeRO-2); teacher bytes sampled at every tensor read and block run.
     variant: replicated | sharded (ds_configs/teacher_zero3.json) | offload (teacher_zero3_offload.json)."""
     import gc
-    import time
     import torch.distributed as dist
     from iit_fast.config import DistillConfig
     from iit_fast.engine import init_distributed, read_teacher_ds_config, teacher_plan
@@ -253,14 +255,12 @@ def rss_run(out: Path, variant: str, folder: str, steps: int = 2, rows: int = 2,
     sizes = _teacher_sizes(teacher)
     student = small_student(spec)
     cfg = DistillConfig(teacher_dtype="bfloat16", w_cos=0.0, w_iit_cos=0.0)
-    t0 = time.perf_counter()
-    res = _steps(teacher, student, "causal", ds, cfg, rows, 16, steps, rank)
-    step_s = (time.perf_counter() - t0) / steps
+    res = _steps(teacher, student, "causal", ds, cfg, rows, seq, steps, rank)
     _, step_peak = _rss_mb()
     r = {"variant": variant, "rank": rank, "ranks": world, "plan": why, "base_MB": base, "load_peak_MB": load_peak,
          "step_peak_MB": step_peak, "teacher_MB": sizes["total"] / 2 ** 20, "unit_MB": sizes["unit"] / 2 ** 20,
          "sampled_teacher_MB": (sampler.peak if plan is not None else sizes["total"]) / 2 ** 20,
-         "samples": sampler.n, "load_s": load_s, "step_s": step_s, "losses": res["losses"]}
+         "samples": sampler.n, "load_s": load_s, "step_times": res["step_times"], "losses": res["losses"]}
     gathered = [None] * world
     dist.all_gather_object(gathered, r)
     return gathered if rank == 0 else None
@@ -452,6 +452,7 @@ def test_shard_shipped_teacher_configs_pass_the_checks():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_shard_and_offload_teacher_equal_replicated_two_ranks(tmp_path):
     """Masked and causal teachers, 2 ranks: partitioned as built (student ZeRO-3) and offloaded to CPU on
     its own plan (student ZeRO-2) give the replicated teacher's losses and student gradients; no rank ever
@@ -477,6 +478,7 @@ def test_shard_and_offload_teacher_equal_replicated_two_ranks(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_shard_peak_rss_two_ranks(tmp_path):
     """0.55 GB bf16 Llama-shaped teacher, 2 ranks, a small student (2 x 256) under ZeRO-2:
     peak RSS above the runtime's own, while loading and during 2 steps, sharded <= 0.6x replicated on every
@@ -495,6 +497,137 @@ def test_shard_peak_rss_two_ranks(tmp_path):
         assert sh["samples"] > 2 * BIG["layers"]
         assert sh["sampled_teacher_MB"] <= sh["teacher_MB"] / 2 + sh["unit_MB"] + 0.9 * BIG["hidden"] ** 2 * 2 / 2 ** 20, sh
         assert rep["losses"] == pytest.approx(sh["losses"], rel=2e-2)  # bf16 teacher: the same run, another layout
+
+
+# ---- through train.py ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from test_train import tiny_assets
+    root = tmp_path_factory.mktemp("shard_train")
+    teacher, corpus = tiny_assets(root)
+    ds = {}
+    for stage in (2, 3):
+        ds[stage] = root / f"zero{stage}.json"
+        ds[stage].write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "steps_per_print": 10 ** 6,
+                                         "zero_optimization": {"stage": stage}}))
+    return {"root": root, "teacher": teacher, "corpus": corpus, "ds": ds}
+
+
+def test_shard_bad_teacher_plan_is_one_error_line_before_work(tmp_path, assets, capsys):
+    """A teacher plan that cannot work stops train.py with one `error:` line, exit 2, nothing written."""
+    from test_train import flags, run_main
+    plans = {"optimizer": ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "'optimizer' section"),
+             "offload": ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+                         "offload_param needs zero_optimization.stage 3"),
+             "bf16": ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}},
+                      "bf16.enabled is True, but the teacher runs in float32")}
+    for name, (plan, needle) in plans.items():
+        out = tmp_path / name
+        code, err = run_main(flags(assets, out, teacher_deepspeed_config=_write(tmp_path, plan, f"{name}.json")), capsys)
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert code == 2 and needle in err and "--teacher_deepspeed_config" in err, err
+        assert sum(l.startswith("error:") for l in lines) == 1 and not out.exists(), err
+    # a partitioned teacher on the student's settings needs a ZeRO-3 student: refused before work too
+    code, err = run_main(flags(assets, tmp_path / "z2", shard_teacher="yes"), capsys)
+    assert code == 2 and "--shard_teacher yes" in err and "ZeRO-2" in err and not (tmp_path / "z2").exists(), err
+
+
+def test_shard_teacher_cache_reads_no_teacher_tensor(tmp_path, assets, monkeypatch):
+    """With --teacher_cache (and a --student), preparing the run reads the teacher's config and tokenizer,
+    and its weight files only through the cache fingerprint's hash: every tensor reader (safetensors,
+    torch.load, transformers' loader, our own pread reader and header index) fails on the teacher's files,
+    and every Python-level open of them comes from teacher_fingerprint. Control: without the cache the
+    same guards are hit."""
+    import builtins
+    import inspect
+    import safetensors
+    import safetensors.torch
+    from iit_fast import prepare as prepare_lib
+    from iit_fast.cli import main as cli
+    from iit_fast.models import init_student_from_teacher, load_model
+    from iit_fast.models import load as load_lib
+    teacher_dir = Path(assets["teacher"])
+    student_dir = tmp_path / "student"
+    whole, tok = load_model(teacher_dir)
+    init_student_from_teacher(whole.model, 2).save_pretrained(student_dir)
+    tok.save_pretrained(student_dir)
+    cache = tmp_path / "cache16"
+    assert cli(["cache-teacher", "--teacher", str(teacher_dir), "--corpus", str(assets["corpus"]), "--top_k", "8",
+                "--plans", "2", "--hidden", "--student_layers", "2", "--cache_dir", str(assets["root"] / "cache"),
+                "--no_progress", "--max_length", "16", "--max_examples", "48", "--out", str(cache)]) == 0
+    weights = {str(p.resolve()) for p in teacher_dir.iterdir() if p.suffix in (".safetensors", ".bin")}
+    assert weights
+    touched = []
+
+    def is_teacher(path) -> bool:
+        return str(Path(str(path)).resolve()) in weights or str(Path(str(path)).resolve()) == str(teacher_dir.resolve())
+
+    def guard(real, what):
+        def wrapped(path, *a, **k):
+            if is_teacher(path):
+                touched.append(what)
+                raise AssertionError(f"{what} read the teacher's weights")
+            return real(path, *a, **k)
+        return wrapped
+    import transformers.modeling_utils as mu
+    monkeypatch.setattr(safetensors, "safe_open", guard(safetensors.safe_open, "safe_open"))
+    monkeypatch.setattr(mu, "safe_open", guard(mu.safe_open, "transformers safe_open"))
+    monkeypatch.setattr(safetensors.torch, "load_file", guard(safetensors.torch.load_file, "load_file"))
+    monkeypatch.setattr(torch, "load", guard(torch.load, "torch.load"))
+    monkeypatch.setattr(load_lib, "safetensors_index", guard(load_lib.safetensors_index, "safetensors_index"))
+    monkeypatch.setattr(load_lib, "weight_names", guard(load_lib.weight_names, "weight_names"))
+    cls = type(whole.model)
+    real_from_pretrained = cls.from_pretrained.__func__
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(
+        lambda c, path, *a, **k: guard(lambda p: real_from_pretrained(c, p, *a, **k), "from_pretrained")(path)))
+    opens = []
+    real_open = builtins.open
+
+    def audited_open(file, *a, **k):
+        if isinstance(file, (str, Path)) and is_teacher(file):
+            opens.append([f.function for f in inspect.stack()[1:4]])
+        return real_open(file, *a, **k)
+    monkeypatch.setattr(builtins, "open", audited_open)
+    from test_train import flags
+    from iit_fast import teacher_cache as tc
+    tc._teacher_hashes.clear()  # the build above hashed the teacher in this process: hash it again
+    argv = [str(a) for a in flags(assets, tmp_path / "run", student=student_dir, teacher_cache=cache)]
+    cfg, ds, _ = prepare_lib.check_inputs(argv)
+    teacher, student, tokenizer, tokenized, alignment, cache_obj, load = prepare_lib.prepare(cfg, ds)
+    assert cache_obj is not None and load.plan is None and "not loaded" in load.why
+    assert next(teacher.parameters()).device.type == "meta"  # sizes only
+    assert not touched, touched
+    assert opens and all("teacher_fingerprint" in stack for stack in opens), opens
+    # control: the same preparation without the cache reaches the guarded readers
+    argv = [str(a) for a in flags(assets, tmp_path / "run2", student=student_dir, shard_teacher="no")]
+    cfg, ds, _ = prepare_lib.check_inputs(argv)
+    with pytest.raises(AssertionError, match="read the teacher's weights"):
+        prepare_lib.prepare(cfg, ds)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_offload_teacher_train_two_ranks_equals_replicated(tmp_path, assets):
+    """train.py on 2 ranks, student ZeRO-2: the teacher on its own plan (ZeRO-3, parameters offloaded to CPU)
+    gives the replicated teacher's losses, step by step (fp32, dropout 0)."""
+    from test_train import finish, launch, steps_of
+    runs = {}
+    for name, extra in (("replicated", {}),
+                        ("offload", {"teacher_deepspeed_config": REPO / "ds_configs/teacher_zero3_offload.json"})):
+        out = tmp_path / name
+        text = finish(launch(assets, out, launcher="deepspeed", ranks=2, stage=2, steps=4, **extra), out, timeout=850)
+        runs[name] = steps_of(out)
+        if name == "offload":
+            assert "teacher: ZeRO-3 partitioned across ranks, parameters offloaded to CPU" in text, text[-3000:]
+        else:
+            assert "teacher: replicated" in text, text[-3000:]
+    rep, off = runs["replicated"], runs["offload"]
+    assert [r["step"] for r in rep] == [r["step"] for r in off] == [1, 2, 3, 4]
+    for a, b in zip(rep, off):
+        for k in ("loss", "ce", "mlm", "cos", "iit"):
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (a["step"], k, a[k], b[k])
+    assert rep[0]["loss"] != rep[-1]["loss"]
 
 
 if __name__ == "__main__":
