@@ -8,7 +8,8 @@
 `triton.compile(ASTSource(fn=..., signature=..., constexprs=...), target=GPUTarget("cuda", arch, 32))` runs
 the real compiler (ptxas ships inside triton's nvidia backend) and gives PTX and a cubin; the cubin's
 resource usage comes from `cuobjdump --dump-resource-usage` (also shipped there). Spill counts come from
-ptxas' own report when Triton keeps it in the metadata (`n_spills`), else from the cubin's local memory.
+ptxas' own report when Triton keeps it in the metadata (`n_spills`), else from the cubin's stack frame
+(where ptxas puts spilled registers) and local memory.
 
 It must run in a process where TRITON_INTERPRET is not set: the interpreter patches `triton.language`
 and the real compiler then fails. Tests call `run_in_subprocess` (below) from a pytest process, whose
@@ -75,7 +76,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, *, num_warp
     meta_spills = getattr(ck, "n_spills", None)
     if meta_spills is None:
         meta_spills = getattr(getattr(ck, "metadata", None), "n_spills", None) if hasattr(ck, "metadata") else None
-    res["spills"] = int(meta_spills) if meta_spills is not None else (1 if res["local_bytes"] else 0)
+    # without ptxas' count: spilled registers live in the stack frame (cuobjdump's STACK; LOCAL is 0 for them)
+    res["spills"] = int(meta_spills) if meta_spills is not None else int(bool(res["local_bytes"] or res["stack"]))
     meta_regs = getattr(ck, "n_regs", None)
     if meta_regs is not None and not res["registers"]:
         res["registers"] = int(meta_regs)
