@@ -9,11 +9,14 @@ A run never overwrites another one, and a folder is never a trap: every refusal 
   without --resume, saying so (its metrics.jsonl and plots are replaced; damaged tags are kept, new tags
   take other names);
 - a run of another config: refused, naming the fields that differ; with no checkpoint it can be removed;
-- files that are not a run: refused ("choose another --out_dir").
+- files that are not a run: refused ("choose another --out_dir");
+- a folder a live run holds (rank 0 keeps a lock on `.run.lock` from make_out_dir to its exit; the kernel
+  drops it when the process dies, so a dead run never holds its folder): refused, whatever it holds.
 Every rank checks before the process group forms, so no rank has written anything yet when another looks.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -28,6 +31,35 @@ from .engine import broadcast
 # fields that may differ between a run and its --resume (they do not change what is computed)
 RESUME_MAY_CHANGE = {"resume", "eval_interval", "eval_sequences", "save_interval", "log_interval", "plots",
                      "num_proc", "max_nonfinite", "out_dir", "cache_dir", "keep_checkpoints", "rank_timeout"}
+
+
+LOCK = ".run.lock"
+_held: list = []  # the open lock file of this process's run (kept open: closing it would drop the lock)
+
+
+def in_use(out: Path) -> bool:
+    """Does a live process hold this run folder's lock?"""
+    f = Path(out) / LOCK
+    if not f.is_file():
+        return False
+    with open(f, "rb") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def hold(out: Path) -> None:
+    """Take the run folder's lock for the life of this process (once: a second flock of this process on a
+    new descriptor would conflict with its own)."""
+    path = (Path(out) / LOCK).resolve()
+    if any(Path(fh.name).resolve() == path for fh in _held):
+        return
+    fh = open(path, "ab")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held.append(fh)
 
 
 def intact_checkpoint(out: Path) -> str | None:
@@ -69,7 +101,10 @@ def check_out_dir(cfg: TrainConfig) -> str | None:
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         return f"out_dir {out} is a file, not a folder: choose another --out_dir"
-    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if out.is_dir() and in_use(out):
+        return (f"out_dir {out} is in use by a run that is still running (it holds {out / LOCK}); nothing was "
+                f"overwritten: wait for it to end or stop it, or choose another --out_dir")
+    names = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     saved = out / "train_config.json"
     if not names:
         return "--resume: {} holds no run (it is {}): start the run without --resume".format(
@@ -104,6 +139,11 @@ def make_out_dir(cfg: TrainConfig, rank: int) -> Path:
     out = Path(cfg.out_dir or broadcast(time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()), rank))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            hold(out)
+        except BlockingIOError:  # another run took it since check_out_dir looked
+            raise FileExistsError(f"out_dir {out} is in use by a run that is still running; choose another "
+                                  f"--out_dir") from None
         if not cfg.resume:
             if (out / "train_config.json").is_file():  # check_out_dir: this run, no intact checkpoint
                 print(f"out_dir {out} holds this run with no intact checkpoint (it stopped before its first "

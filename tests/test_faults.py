@@ -286,6 +286,18 @@ def test_restart_rules_of_an_out_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     assert check_out_dir(cfg_for(tmp_path / "empty", resume=True)).endswith(
         "holds no run (it is empty): start the run without --resume")
+    # a live run holds its folder (its lock): refused whatever it holds; a dead run's lock holds nothing
+    from iit_fast import run_dir
+    run_dir.hold(tmp_path / "dead")
+    try:
+        assert check_out_dir(cfg_for(tmp_path / "dead")) == (
+            f"out_dir {tmp_path}/dead is in use by a run that is still running (it holds {tmp_path}/dead/.run.lock); "
+            "nothing was overwritten: wait for it to end or stop it, or choose another --out_dir")
+    finally:
+        for fh in run_dir._held:
+            fh.close()
+        run_dir._held.clear()
+    assert check_out_dir(cfg_for(tmp_path / "dead")) is None
 
 
 def test_restart_with_another_max_steps_advice_fits_the_direction(tmp_path):

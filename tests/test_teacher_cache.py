@@ -305,7 +305,7 @@ def test_masks_and_pairs_are_part_of_the_example(tmp_path, teacher_dir):
         got = cache.read_pair(p, 0)
         for r in range(2):
             row = int(pairs[p, r])
-            want = collate([ds[row]["input_ids"]], torch.Generator().manual_seed(tc._seed("mask", 0, row)))
+            want = collate([ds[row]["input_ids"]], torch.Generator().manual_seed(tc.derived_seed("mask", 0, row)))
             assert torch.equal(got["input_ids"][r], want["input_ids"][0])
             assert torch.equal(got["labels"][r], want["labels"][0])
     # another seed: other masks and other pairs
