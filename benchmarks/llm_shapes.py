@@ -109,7 +109,8 @@ def build(shape: str, seq: int, batch: int, precision: str, seed: int = 0):
     """(teacher, student, batch, shared_vocab): IntervenableLMs, the teacher frozen in its dtype, built directly
     in it (no fp32 copy first), the student from its layers in fp32."""
     from transformers import AutoModelForCausalLM
-    from iit_fast.models import IntervenableLM, init_student_from_teacher
+    from iit_fast.models import IntervenableLM
+    from iit_fast.models.student import init_student_from_teacher
     factory, student_layers, shared = SHAPES[shape]
     config = factory()
     if seq > config.max_position_embeddings:

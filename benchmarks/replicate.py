@@ -161,7 +161,8 @@ class Judge:
 
     def __init__(self, a):
         from iit_fast.eval import lm_metrics, load_validation
-        from iit_fast.models import IntervenableLM, init_student_from_teacher, load_model
+        from iit_fast.models import IntervenableLM, load_model
+        from iit_fast.models.student import init_student_from_teacher
         from iit_fast.teacher import default_teacher_path
         self.a = a
         self.teacher_dir = Path(a.teacher or default_teacher_path(a.cache_dir))

@@ -127,7 +127,8 @@ def _teacher_model(shape: Shape):
 
 
 def build(shape: Shape, seed: int = 0, attn: str | None = None):
-    from iit_fast.models import IntervenableLM, init_student_from_teacher
+    from iit_fast.models import IntervenableLM
+    from iit_fast.models.student import init_student_from_teacher
     torch.manual_seed(seed)
     teacher = _teacher_model(shape)
     if attn is not None:

@@ -25,7 +25,8 @@ def cases(device):
     from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
     from iit_fast.config import DistillConfig
-    from iit_fast.models import IntervenableLM, init_student_from_teacher
+    from iit_fast.models import IntervenableLM
+    from iit_fast.models.student import init_student_from_teacher
     from tiny import tiny_batch, tiny_causal_batch
 
     def pair(teacher):

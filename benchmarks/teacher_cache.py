@@ -96,7 +96,8 @@ def random_corpus(shape: Shape, rows: int, vocab: int):
 def bench_shape(shape: Shape, args, work: Path) -> tuple[list[dict], dict]:
     from iit_fast.cached_step import cached_distill_step, collate_pairs
     from iit_fast.config import DistillConfig
-    from iit_fast.models import IntervenableLM, init_student_from_teacher, load_model
+    from iit_fast.models import IntervenableLM, load_model
+    from iit_fast.models.student import init_student_from_teacher
     from iit_fast.step import distill_step
     from iit_fast.teacher_cache import CacheOptions, TeacherCache, build_cache
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from iit_fast.models import IntervenableMLM, init_student_from_teacher, student_layer_map
+from iit_fast.models import IntervenableMLM
+from iit_fast.models.student import init_student_from_teacher, student_layer_map
 from iit_fast.ops.interchange.reference import interchange_reference
 from tiny import TINY, tiny_batch, tiny_bert
 

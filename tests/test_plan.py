@@ -11,7 +11,8 @@ import torch
 from transformers import BertConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from iit_fast import cli
-from iit_fast.models import IntervenableLM, init_student_from_teacher
+from iit_fast.models import IntervenableLM
+from iit_fast.models.student import init_student_from_teacher
 from iit_fast.plan import BLOCK_CENSUS, PlanInput, dims_of, max_micro_batch, plan
 
 

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iit_fast import step as step_module
 from iit_fast.config import DistillConfig
-from iit_fast.models import IntervenableLM, init_student_from_teacher
+from iit_fast.models import IntervenableLM
+from iit_fast.models.student import init_student_from_teacher
 from iit_fast.ops.head_loss.reference import kd_loss_reference
 from iit_fast.sampling import InterventionPlan, make_alignment, pad_offsets, sample_plan
 from iit_fast.flops import counted_flops

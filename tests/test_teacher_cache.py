@@ -15,7 +15,8 @@ import torch
 from iit_fast import teacher_cache as tc
 from iit_fast.cached_step import CacheBatches, CachedDistillStep, cached_distill_step, collate_pairs
 from iit_fast.config import DistillConfig
-from iit_fast.models import IntervenableLM, init_student_from_teacher, load_model
+from iit_fast.models import IntervenableLM, load_model
+from iit_fast.models.student import init_student_from_teacher
 from iit_fast.ops.head_loss.reference import distill_head_loss_reference
 from iit_fast.ops.head_loss.sparse import sparse_distill_head_loss, sparse_distill_head_loss_reference
 from iit_fast.step import distill_step

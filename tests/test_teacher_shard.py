@@ -324,7 +324,8 @@ def _grad_error(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("kind", ["masked", "causal"])
 def test_shard_student_from_checkpoint_equals_from_teacher(tmp_path, kind):
     """The student read from the teacher's files (only its tensors) is the one copied from the teacher."""
-    from iit_fast.models import init_student_from_teacher, load_model
+    from iit_fast.models import load_model
+    from iit_fast.models.student import init_student_from_teacher
     from iit_fast.models.load import init_student_from_checkpoint, inspect_model
     folder = save_tiny(tmp_path / "t", kind)
     teacher, _ = load_model(folder)
@@ -545,7 +546,8 @@ def test_shard_teacher_cache_reads_no_teacher_tensor(tmp_path, assets, monkeypat
     import safetensors.torch
     from iit_fast import prepare as prepare_lib
     from iit_fast.cli import main as cli
-    from iit_fast.models import init_student_from_teacher, load_model
+    from iit_fast.models import load_model
+    from iit_fast.models.student import init_student_from_teacher
     from iit_fast.models import load as load_lib
     teacher_dir = Path(assets["teacher"])
     student_dir = tmp_path / "student"

@@ -5,7 +5,8 @@ import torch
 from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig,
                           RobertaForMaskedLM)
 
-from iit_fast.models import IntervenableMLM, init_student_from_teacher
+from iit_fast.models import IntervenableMLM
+from iit_fast.models.student import init_student_from_teacher
 
 
 def _jitter_(model):

@@ -36,7 +36,6 @@ checkpointed block: its input states, plus, while a cache is in use, the keys/va
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -375,46 +374,18 @@ def _check_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, past: int
         raise ValueError(f"attention_mask must have the shape of input_ids{where} {expected}, got {got}")
 
 
-# ---- student initialisation -------------------------------------------------------------------
+# ---- the student initialisation lives in models/student.py ----------------------------------------
 
-def student_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
-    """Teacher blocks copied into the student: spread evenly, always the last (12 -> 6: 0,2,4,7,9,11)."""
-    if not 1 <= student_layers <= teacher_layers:
-        raise ValueError(f"student_layers must be in 1..{teacher_layers} (the teacher's), got {student_layers}")
-    if student_layers == 1:
-        return [teacher_layers - 1]
-    return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
-
-
-def init_student_from_teacher(teacher: nn.Module, student_layers: int) -> nn.Module:
-    """A student of the same family and width: the teacher's embeddings, head, final norm and a layer subset
-    (DistilBERT / DistilGPT2 style). `teacher` is the HF model (e.g. `IntervenableLM.model`)."""
-    adapter = adapter_for(teacher)  # also: a clear error for an unsupported model, before its config is read
-    layers = student_layer_map(len(adapter.blocks), student_layers)
-    config = adapter.student_config(copy.deepcopy(teacher.config), layers)
-    student = type(teacher)(config)
-    prefix = adapter.layer_prefix()
-    new_state = {}
-    for k, v in teacher.state_dict().items():
-        if k.startswith(prefix):
-            idx, rest = k[len(prefix):].split(".", 1)
-            if int(idx) in layers:
-                new_state[f"{prefix}{layers.index(int(idx))}.{rest}"] = v.clone()
-        else:
-            new_state[k] = v.clone()
-    missing, unexpected = student.load_state_dict(new_state, strict=False)
-    student.tie_weights()
-    # a key may be missing only because it is tied to one that was loaded (the decoder to the embeddings)
-    state = student.state_dict()
-    loaded = {state[k].data_ptr() for k in new_state if k in state}
-    missing = [k for k in missing if state[k].data_ptr() not in loaded]
-    if missing or unexpected:
-        raise RuntimeError(f"student init from teacher: missing {missing}, unexpected {unexpected}")
-    return student
+def __getattr__(name):
+    """`from iit_fast.models import init_student_from_teacher` (the old home) still works: resolved lazily,
+    so models/student.py (which imports this package) forms no import cycle."""
+    if name in ("init_student_from_teacher", "student_layer_map"):
+        from . import student
+        return getattr(student, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 from .load import check_same_tokenizer, load_model  # noqa: E402  (load uses the registry above)
 
 __all__ = ["ADAPTERS", "FAMILIES", "FamilyAdapter", "IntervenableLM", "IntervenableMLM", "Intervention",
-           "PassOutput", "adapter_for", "check_same_tokenizer", "init_student_from_teacher", "load_model",
-           "student_layer_map"]
+           "PassOutput", "adapter_for", "check_same_tokenizer", "load_model"]

@@ -392,7 +392,8 @@ def init_student_from_checkpoint(spec: ModelSpec, student_layers: int, index: di
     """The HF student model `init_student_from_teacher(teacher, student_layers)` gives (same layers, same
     values, fp32), read from the teacher's files: only the tensors the student copies are read."""
     import copy
-    from . import adapter_for, student_layer_map
+    from . import adapter_for
+    from .student import student_layer_map
     index = index or safetensors_index(spec.folder, spec.arg)
     shape_of = meta_model(spec).model  # the teacher's structure, no storage
     adapter = adapter_for(shape_of)
