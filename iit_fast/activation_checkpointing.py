@@ -3,9 +3,11 @@ the DeepSpeed config (the mechanism itself is `IntervenableLM.enable_activation_
 
 - `--activation_checkpointing true` alone: torch.utils.checkpoint, non-reentrant ("torch").
 - A DeepSpeed config with an `activation_checkpointing` section (with or without the flag): DeepSpeed's own
-  `deepspeed.checkpointing.checkpoint` ("deepspeed"), configured from that section (`cpu_checkpointing` keeps
-  the checkpointed block inputs in host memory; `synchronize_checkpoint_boundary`, `profile` as DeepSpeed
-  documents them). The section is a request for checkpointing: DeepSpeed only reads it when the model calls
+  `deepspeed.checkpointing.non_reentrant_checkpoint` ("deepspeed"), configured from that section
+  (`cpu_checkpointing` keeps the checkpointed block inputs in host memory; `synchronize_checkpoint_boundary`,
+  `profile` as DeepSpeed documents them). Its reentrant `checkpoint` is not used: it runs one backward per
+  checkpointed call, and a block that several passes ran would have its gradients reduced once per pass.
+  The section is a request for checkpointing: DeepSpeed only reads it when the model calls
   its checkpoint function, which this one does for every student block.
 - `partition_activations` and `contiguous_memory_optimization` split the checkpoints across model-parallel
   ranks; this job has no model parallelism (each rank holds whole sequences): refused, one line, before

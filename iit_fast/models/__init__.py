@@ -139,8 +139,9 @@ class IntervenableLM(nn.Module):
 
     def enable_activation_checkpointing(self, impl: str = "torch") -> None:
         """Checkpoint every block of the passes that run with grad (see the module docstring). impl "torch":
-        torch.utils.checkpoint, non-reentrant; "deepspeed": deepspeed.checkpointing.checkpoint, as configured by
-        `deepspeed.checkpointing.configure` (the DeepSpeed config's `activation_checkpointing` section)."""
+        torch.utils.checkpoint, non-reentrant; "deepspeed": deepspeed.checkpointing.non_reentrant_checkpoint, as
+        configured by `deepspeed.checkpointing.configure` (the DeepSpeed config's `activation_checkpointing`
+        section)."""
         if impl not in CHECKPOINTING:
             raise ValueError(f"activation checkpointing impl must be one of {CHECKPOINTING}, got {impl!r}")
         self.activation_checkpointing = impl
@@ -150,7 +151,8 @@ class IntervenableLM(nn.Module):
         with its key/value cache turned off: replace it by this wrapper's, which keeps the cache working."""
         if any(getattr(m, "gradient_checkpointing", False) is True for m in self.blocks):
             # (transformers >= 5 names it activation_checkpointing_disable, the old name is deprecated)
-            (getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable)()
+            m = self.model
+            (getattr(m, "activation_checkpointing_disable", None) or m.gradient_checkpointing_disable)()
             self.activation_checkpointing = self.activation_checkpointing or "torch"
             log.warning("%s: transformers' gradient checkpointing is replaced by the wrapper's activation "
                         "checkpointing (%s): transformers' turns off the key/value cache the counterfactual passes "
@@ -344,7 +346,10 @@ def _checkpoint_fn(impl: str | None):
         from torch.utils.checkpoint import checkpoint
         return partial(checkpoint, use_reentrant=False)
     import deepspeed
-    return _keep_autocast(deepspeed.checkpointing.checkpoint)
+    # its non-reentrant variant: the reentrant one runs a backward per checkpointed call, so a block that several
+    # passes ran (plain, counterfactual) would have its parameters' gradients reduced once per pass (ZeRO-3
+    # asserts on that); the non-reentrant one recomputes inside the one backward, and applies the same section
+    return _keep_autocast(deepspeed.checkpointing.non_reentrant_checkpoint)
 
 
 def _keep_autocast(checkpoint):
