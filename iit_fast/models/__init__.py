@@ -353,8 +353,8 @@ def _checkpoint_fn(impl: str | None):
 
 
 def _keep_autocast(checkpoint):
-    """DeepSpeed's (reentrant) checkpoint recomputes in backward, outside the forward's autocast region (torch's
-    records and restores it): the block function re-enters the autocast state of its forward call."""
+    """DeepSpeed's checkpoint recomputes in backward outside the forward's autocast region (torch's records and
+    restores it): the block function re-enters the autocast state of its forward call."""
     def run(fn, h, *args):
         kind = h.device.type
         enabled, dtype = torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
