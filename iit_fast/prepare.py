@@ -17,6 +17,7 @@ from . import corpus, data
 from . import teacher as teacher_lib
 from .cache import cache_lock
 from .config import TrainConfig, parse_args
+from .activation_checkpointing import check_ds_section
 from .engine import read_ds_config, read_teacher_ds_config, teacher_plan
 from .eval import EVAL_SEED
 from .models import IntervenableLM, check_same_tokenizer, init_student_from_teacher, load_model
@@ -39,6 +40,7 @@ def check_inputs(argv) -> tuple[TrainConfig, dict, str]:
         if path is not None and not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"--{name} {path}: not a Hugging Face model folder (no config.json there)")
     ds = read_ds_config(cfg.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)))
+    check_ds_section(ds)  # activation checkpointing options this job cannot honour: refused before work
     why = choose_precision(cfg, ds)
     if cfg.distill.teacher_dtype == "float16" or cfg.distill.student_autocast == "float16":
         if not torch.cuda.is_available():

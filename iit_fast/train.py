@@ -68,7 +68,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from iit_fast import lifeline
+from iit_fast import activation_checkpointing, lifeline
 from iit_fast.allocator import release_free_memory, tune_malloc
 from iit_fast.cached_step import CacheBatches, CachedDistillStep
 from iit_fast.checkpoint import load_checkpoint, save_checkpoint
@@ -80,7 +80,7 @@ from iit_fast.report import TERMS, batch_to, memory_mb, print_summary, validate,
 from iit_fast.diskfull import DiskFullError, append_line, guarded_write, write_text_atomic
 from iit_fast.run_dir import make_out_dir
 from iit_fast.sampling import sample_plan
-from iit_fast.step import DistillStep
+from iit_fast.step import DistillStep, step_index
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -178,6 +178,9 @@ def _main(argv=None):
         step_module = CachedDistillStep(student, dcfg)
     schedule = lambda opt: make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, max_steps,  # noqa: E731
                                           cfg.min_lr / cfg.lr)
+    ckpt = activation_checkpointing.enable(student, cfg.activation_checkpointing, ds)
+    if ckpt:
+        say(f"activation checkpointing of the student's blocks: {ckpt}")
     engine = init_engine(ds, step_module, param_groups(student, cfg.weight_decay), cfg.lr, schedule)
     student = engine.module.student
 
@@ -260,7 +263,9 @@ def _main(argv=None):
             plan = sample_plan(batch["attention_mask"], alignment, plan_generator(cfg.seed, step, draw, rank),
                                dcfg.span_fraction, dcfg.dims)
             tokens = int(batch["attention_mask"].sum())
-            loss, terms = engine(batch_to(batch, device), plan.to(device))
+            # what the fast step reads, from the CPU batch and plan: moved once, no sync in the step
+            index = step_index(batch, plan, dcfg, teacher.kind).to(device) if dcfg.mode != "naive" else None
+            loss, terms = engine(batch_to(batch, device), plan.to(device), index)
         else:  # a cached batch carries its masks, pairs, plans and the teacher's top-k
             tokens = int(batch.batch["attention_mask"].sum())
             loss, terms = engine(batch.to(device))
