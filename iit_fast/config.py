@@ -153,7 +153,11 @@ class TrainConfig:
     teacher: str | None = None        # HF folder of a supported LM (masked or causal); None = the embedded default
     student: str | None = None        # HF folder to start the student from; None = init from the teacher
     student_layers: int = 3           # blocks of a student initialised from the teacher
+    # a narrower student initialised from the teacher: JSON (inline or a file) of num_layers, hidden_size,
+    # num_attention_heads, num_key_value_heads, intermediate_size (iit_fast/models/student.py)
+    student_config: str | None = None
     corpus: str | None = None         # load_corpus spec; None = the embedded default corpus
+    text_column: str = "text"         # the column of .jsonl/.json/.parquet corpus rows that holds the text
     teacher_cache: str | None = None  # a cache of the teacher's outputs (iit-fast cache-teacher): no teacher pass
     max_length: int = 128             # tokens per sequence
     mlm_probability: float = 0.15

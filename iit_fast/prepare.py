@@ -20,7 +20,8 @@ from .config import TrainConfig, parse_args
 from .activation_checkpointing import check_ds_section
 from .engine import read_ds_config, read_teacher_ds_config, teacher_plan
 from .eval import EVAL_SEED
-from .models import IntervenableLM, check_same_tokenizer, init_student_from_teacher, load_model
+from .models import IntervenableLM, check_same_tokenizer, load_model
+from .models.student import check_student_config, init_student_from_teacher, student_from_config
 from .models.load import (checkpoint_keys, init_student_from_checkpoint, inspect_model, meta_model,
                           safetensors_index)
 from .precision import DTYPES, choose_precision
@@ -127,7 +128,16 @@ def build_models(cfg: TrainConfig, teacher_path):
     if max_pos is not None and cfg.max_length > max_pos - (2 if teacher.family == "roberta" else 0):
         raise ValueError(f"--max_length {cfg.max_length} is more than the teacher's positions ({max_pos}"
                          f"{', two of them reserved by RoBERTa' if teacher.family == 'roberta' else ''})")
-    if cfg.student is None:
+    if cfg.student is not None and cfg.student_config is not None:
+        raise ValueError("--student_config: a student from a config is initialised from the teacher; expected "
+                         "either --student DIR or --student_config, not both")
+    if cfg.student is None and cfg.student_config is not None:
+        cfg.student_layers = check_student_config(teacher.model, cfg.student_config, cfg.student_layers)
+        torch.manual_seed(cfg.seed)
+        whole, _ = load_model(teacher_path, arg="--teacher")  # narrower widths: sliced from the whole teacher
+        student = IntervenableLM(student_from_config(whole.model, cfg.student_config, cfg.student_layers))
+        del whole
+    elif cfg.student is None:
         torch.manual_seed(cfg.seed)
         if any(spec.folder.glob("*.safetensors")):  # only the tensors the student copies are read
             student = IntervenableLM(init_student_from_checkpoint(spec, cfg.student_layers))
@@ -154,7 +164,9 @@ def build_models(cfg: TrainConfig, teacher_path):
 def tokenize(cfg: TrainConfig, tokenizer, kind: str):
     """Masked LMs: paragraphs packed into [CLS] p1 [SEP] p2 [SEP]...; causal LMs: documents packed into
     sequences of exactly max_length tokens, EOS between documents."""
-    return data.tokenize_corpus(corpus.load_corpus(cfg.corpus, cfg.cache_dir), tokenizer, cfg.max_length,
+    dd = corpus.load_corpus(cfg.corpus, cfg.cache_dir, text_column=cfg.text_column,
+                            num_proc=cfg.num_proc if cfg.num_proc > 1 else None)
+    return data.tokenize_corpus(dd, tokenizer, cfg.max_length,
                                 cfg.num_proc, cfg.cache_dir, kind=kind)
 
 

@@ -174,6 +174,19 @@ def init_student_from_teacher(teacher: nn.Module, student_layers: int, widths: d
     return student
 
 
+def check_student_config(teacher: nn.Module, student_config, student_layers: int) -> int:
+    """`student_config` read and checked against the teacher (its structure is enough: a model on the meta
+    device will do), before any weight is read. Returns the student's number of layers."""
+    values = read_student_config(student_config)
+    layers = values.pop("num_layers", student_layers)
+    adapter = adapter_for(teacher)
+    if not 1 <= layers <= len(adapter.blocks):
+        raise ValueError(f"--student_config: num_layers = {layers}; expected 1..{len(adapter.blocks)} (the "
+                         f"teacher's blocks)")
+    student_widths(teacher.config, type(adapter).family, values)
+    return layers
+
+
 def student_from_config(teacher: nn.Module, student_config, student_layers: int) -> nn.Module:
     """`init_student_from_teacher` from a `--student_config` (dict, inline JSON or a JSON file): its
     num_layers, when given, replaces `student_layers`. Errors (a key the family has not, a width wider than
