@@ -149,16 +149,50 @@ def test_iia_is_one_for_a_causal_copy_and_below_for_another_model():
     with pytest.raises(ValueError, match="student: a masked LM cannot be compared with a causal teacher"):
         interchange_accuracy(teacher, IntervenableMLM(tiny_bert(layers=4, vocab=101)), bs, identity_alignment(4))
 
+def hand_iia(teacher, student, bs, alignment, seed):
+    """IIA and mean counterfactual KL(teacher || student) by plain interventions: the plans drawn as
+    `interchange_accuracy` draws them (one generator, one plan per batch), each model's counterfactual from a
+    full pass that swaps the source rows' plain states in after each aligned block, argmax agreement and KL
+    over the labelled tokens, in fp64."""
+    teacher.eval(), student.eval()
+    g = torch.Generator().manual_seed(seed)
+    agree, kl, n = 0, 0.0, 0
+    with torch.no_grad():
+        for b in bs:
+            plan = sample_plan(b["attention_mask"], alignment, g)
+            z = []
+            for model, layers in ((teacher, plan.teacher_layers), (student, (plan.student_layer,))):
+                args = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
+                plain = model(*args, keep=set(layers))
+                swap = {l: partial(interchange_reference, pi=plan.pi, base_start=plan.base_start,
+                                   source_start=plan.source_start, span_len=plan.span_len, dims=None,
+                                   source=plain.sites[l]) for l in layers}
+                h = model(*args, interventions=swap).last_hidden                            # (B, S, D)
+                z.append(model.logits(h[b["labels"] != -100]).double())                     # (M, V)
+            z_t, z_s = z
+            agree += int((z_t.argmax(-1) == z_s.argmax(-1)).sum())
+            kl += float((z_t.softmax(-1) * (z_t.log_softmax(-1) - z_s.log_softmax(-1))).sum())
+            n += z_t.shape[0]
+    return agree / n, kl / n
+
+
 def test_iia_of_a_different_student_and_seeding():
+    # a perturbed student; one decoder-bias offset added to both models, so that the argmaxes are neither
+    # all equal nor all different (with a random tiny model's near-uniform logits they never agree)
     teacher, student = tiny_pair(4, 2)
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in student.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        offset = 0.3 * torch.randn(teacher.decoder_bias.shape, generator=g)
+        teacher.decoder_bias.add_(offset), student.decoder_bias.add_(offset)
     al = make_alignment("full", 4, 2)
     a = interchange_accuracy(teacher, student, batches(3), al, seed=1)
     b = interchange_accuracy(teacher, student, batches(3), al, seed=1)
     assert a == b
-    assert 0.0 <= a["iia"] < 1.0 and a["cf_kl"] > 0
+    iia, cf_kl = hand_iia(teacher, student, batches(3), al, seed=1)
+    assert 0 < iia < 1   # the case tells agreement from disagreement
+    assert a["iia"] == pytest.approx(iia, abs=1e-12) and a["cf_kl"] == pytest.approx(cf_kl, rel=1e-4)
 
 
 def test_counterfactual_equals_plain_interventions_on_a_full_pass():
@@ -250,7 +284,51 @@ def test_accuracy_macro_f1_by_hand():
     assert m["n"] == 5
 
 
-def test_finetune_sequence_and_token_classification(assets, tmp_path):
+@pytest.fixture
+def evaluated(monkeypatch):
+    """The models `finetune` evaluates, in order (transformers' Trainer.evaluate wrapped to keep them)."""
+    from transformers import Trainer
+    kept, evaluate = [], Trainer.evaluate
+
+    def keep(self, *args, **kwargs):
+        kept.append(self.model)
+        return evaluate(self, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "evaluate", keep)
+    return kept
+
+
+def hand_seq_metrics(model, model_dir, texts, labels, names):
+    """Accuracy and macro F1 of one plain forward pass per text; a label's id is its place in `names` (the
+    training labels, sorted)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model.eval()
+    with torch.no_grad():
+        pred = [int(model(**tok(t, truncation=True, max_length=32, return_tensors="pt")).logits.argmax(-1))
+                for t in texts]
+    return accuracy_macro_f1(np.array(pred), np.array([names.index(l) for l in labels]), len(names))
+
+
+def hand_token_metrics(model, model_dir, rows, names):
+    """Per word, the prediction at its first sub-token (one plain forward pass per sentence)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pred, gold = [], []
+    model.eval()
+    with torch.no_grad():
+        for r in rows:
+            enc = tok(r["tokens"], is_split_into_words=True, truncation=True, max_length=32, return_tensors="pt")
+            logits = model(**enc).logits[0]                                               # (S, labels)
+            first = {}
+            for pos, w in enumerate(enc.word_ids()):
+                if w is not None and w not in first:
+                    first[w] = pos
+            pred += [int(logits[first[w]].argmax()) for w in range(len(r["tokens"]))]
+            gold += [names.index(t) for t in r["tags"]]
+    return accuracy_macro_f1(np.array(pred), np.array(gold), len(names))
+
+
+def test_finetune_sequence_and_token_classification(assets, tmp_path, evaluated):
     rng, sent = assets["rng"], assets["sent"]
     rows = []
     for _ in range(48):
@@ -279,8 +357,11 @@ def test_finetune_sequence_and_token_classification(assets, tmp_path):
     assert cli.main(["finetune", "--task", "seq", "--train-file", str(tmp_path / "train.csv"), "--validation-file",
                      str(tmp_path / "dev.csv"), "--output", str(out)] + base) == 0
     seq = json.loads(out.read_text())
-    assert seq["num_labels"] == 2 and seq["validation_examples"] == 16 and 0 <= seq["accuracy"] <= 1
+    assert seq["num_labels"] == 2 and seq["validation_examples"] == 16
     assert seq["evaluated_labels"] == 16 and math.isfinite(seq["train_loss"])
+    want = hand_seq_metrics(evaluated[-1], assets["model"], [r["text"] for r in rows[32:]],
+                            [r["label"] for r in rows[32:]], sorted({r["label"] for r in rows[:32]}))
+    assert (seq["accuracy"], seq["macro_f1"]) == pytest.approx((want["accuracy"], want["macro_f1"]))
     assert cli.main(["finetune", "--task", "seq", "--train-file", str(tmp_path / "ptrain.jsonl"),
                      "--validation-file", str(tmp_path / "pdev.jsonl"), "--output", str(out)] + base) == 0
     assert json.loads(out.read_text())["num_labels"] == 3
@@ -289,12 +370,14 @@ def test_finetune_sequence_and_token_classification(assets, tmp_path):
     tok = json.loads(out.read_text())
     n_words = sum(len(r["tokens"]) for r in toks[30:])
     assert tok["num_labels"] == 3 and tok["evaluated_labels"] == n_words  # one label per word
-    assert 0 <= tok["accuracy"] <= 1 and 0 <= tok["macro_f1"] <= 1
+    want = hand_token_metrics(evaluated[-1], assets["model"], toks[30:], sorted({t for r in toks[:30] for t in r["tags"]}))
+    assert want["n"] == n_words
+    assert (tok["accuracy"], tok["macro_f1"]) == pytest.approx((want["accuracy"], want["macro_f1"]))
     assert cli.main(["finetune", "--task", "token", "--train-file", str(tmp_path / "train.csv"),
                      "--validation-file", str(tmp_path / "dev.csv")] + base) == 2  # no tokens/tags columns
 
 
-def test_source_task_is_balanced_labelled_disjoint_and_reused(assets, tmp_path):
+def test_source_task_is_balanced_labelled_disjoint_and_reused(assets, tmp_path, evaluated):
     from iit_fast.corpus import Source
     from iit_fast.finetune import build_source_task, finetune
     rng = random.Random(3)
@@ -322,4 +405,7 @@ def test_source_task_is_balanced_labelled_disjoint_and_reused(assets, tmp_path):
         build_source_task(tmp_path / "task2", per_class_train=11, per_class_validation=4, sources=sources,
                           progress=False)
     res = finetune(str(assets["model"]), "seq", tr, va, max_steps=2, batch_size=8, max_length=32, progress=False)
-    assert res["num_labels"] == 2 and res["validation_examples"] == 8 and 0 <= res["accuracy"] <= 1
+    assert res["num_labels"] == 2 and res["validation_examples"] == 8
+    want = hand_seq_metrics(evaluated[-1], assets["model"], [r["text"] for r in val], [r["label"] for r in val],
+                            ["homes", "pets"])
+    assert res["accuracy"] == pytest.approx(want["accuracy"]) and res["macro_f1"] == pytest.approx(want["macro_f1"])
