@@ -91,6 +91,9 @@ def distill_step(teacher: IntervenableMLM, student: IntervenableMLM, batch: dict
             if plan is None:
                 raise ValueError(f"mode {cfg.mode!r} with these weights needs an InterventionPlan (sample_plan)")
             check_plan(plan, batch["attention_mask"], (teacher.hidden_size, student.hidden_size))
+            if plan.dims != cfg.dims:  # cfg.dims is the run's; a plan drawn with other dims would win silently
+                raise ValueError(f"the plan swaps dims {plan.dims}, but DistillConfig.dims is {cfg.dims}; expected "
+                                 f"the plan drawn with the config's dims (sample_plan(..., cfg.dims))")
     if cfg.mode == "naive":
         terms = naive_step(teacher, student, batch, plan, cfg)
     else:
