@@ -1,17 +1,19 @@
-"""Activation checkpointing of the student's blocks for the main job: which implementation, from the flag and
-the DeepSpeed config (the mechanism itself is `IntervenableLM.enable_activation_checkpointing`).
+"""Activation checkpointing of the student's blocks for the main job, from the flag and the DeepSpeed config
+(the mechanism itself is `IntervenableLM.enable_activation_checkpointing`).
 
-- `--activation_checkpointing true` alone: torch.utils.checkpoint, non-reentrant ("torch").
-- A DeepSpeed config with an `activation_checkpointing` section (with or without the flag): DeepSpeed's own
-  `deepspeed.checkpointing.non_reentrant_checkpoint` ("deepspeed"), configured from that section
-  (`cpu_checkpointing` keeps the checkpointed block inputs in host memory; `synchronize_checkpoint_boundary`,
-  `profile` as DeepSpeed documents them). Its reentrant `checkpoint` is not used: it runs one backward per
-  checkpointed call, and a block that several passes ran would have its gradients reduced once per pass.
-  The section is a request for checkpointing: DeepSpeed only reads it when the model calls
-  its checkpoint function, which this one does for every student block.
-- `partition_activations` and `contiguous_memory_optimization` split the checkpoints across model-parallel
-  ranks; this job has no model parallelism (each rank holds whole sequences): refused, one line, before
-  any work (`check_ds_section`).
+- `--activation_checkpointing true`, or a DeepSpeed config with an `activation_checkpointing` section (the
+  section is a request for checkpointing: DeepSpeed only acts on it when the model calls a checkpoint
+  function): every student block of every pass with grad is checkpointed with torch.utils.checkpoint,
+  non-reentrant.
+- Not DeepSpeed's own checkpoint functions: its reentrant `checkpoint` runs one backward per checkpointed call,
+  so a block that several passes ran (plain, counterfactual) has its gradients reduced once per pass (ZeRO-3
+  asserts on it), and it recomputes outside the forward's autocast; its `non_reentrant_checkpoint` saves
+  the parameters themselves, which ZeRO-3 has released by backward (a 0-element weight in the gradient of a
+  Llama MLP, measured on 2 ranks). So the section's options that only those functions implement are refused,
+  one line, before any work (`check_ds_section`): `partition_activations` and
+  `contiguous_memory_optimization` (they split checkpoints across model-parallel ranks; this job has none),
+  `cpu_checkpointing`, `synchronize_checkpoint_boundary`, `profile`. `number_checkpoints` only sizes the
+  contiguous buffer: accepted, without effect.
 
 Every pass of the step with grad is checkpointed: the student's plain pass, its resumed counterfactual
 pass(es) and, for causal LMs, the suffix passes that read the plain pass's keys/values. The teacher runs
@@ -24,7 +26,14 @@ import logging
 log = logging.getLogger("iit_fast.activation_checkpointing")
 
 SECTION = "activation_checkpointing"
-_MODEL_PARALLEL_ONLY = ("partition_activations", "contiguous_memory_optimization")
+_REFUSED = {
+    "partition_activations": "splits checkpoints across model-parallel ranks, and this job has no model parallelism",
+    "contiguous_memory_optimization": "packs partitioned checkpoints (model parallelism), which this job has not",
+    "cpu_checkpointing": "belongs to DeepSpeed's checkpoint functions, which this job does not use (the module "
+                         "docstring of iit_fast/activation_checkpointing.py says why)",
+    "synchronize_checkpoint_boundary": "belongs to DeepSpeed's checkpoint functions, which this job does not use",
+    "profile": "belongs to DeepSpeed's checkpoint functions, which this job does not use",
+}
 
 
 def check_ds_section(ds: dict, where: str = "--deepspeed_config") -> None:
@@ -35,33 +44,24 @@ def check_ds_section(ds: dict, where: str = "--deepspeed_config") -> None:
     if not isinstance(section, dict):
         raise ValueError(f"{where}: {SECTION} must be an object of DeepSpeed's activation checkpointing "
                          f"settings, got {section!r}")
-    for key in _MODEL_PARALLEL_ONLY:
+    for key, why in _REFUSED.items():
         if section.get(key):
-            raise ValueError(f"{where}: {SECTION}.{key} splits checkpoints across model-parallel ranks, and this "
-                             f"job has no model parallelism; expected false (or leave it out)")
+            raise ValueError(f"{where}: {SECTION}.{key} {why}; expected false (or leave it out)")
 
 
-def implementation(flag: bool, ds: dict) -> str | None:
-    """"deepspeed" (the config has the section), "torch" (the flag alone) or None (off)."""
-    if ds.get(SECTION) is not None:
-        return "deepspeed"
-    return "torch" if flag else None
+def requested(flag: bool, ds: dict) -> bool:
+    """Checkpointing on: the flag, or the DeepSpeed config's section."""
+    return bool(flag) or ds.get(SECTION) is not None
 
 
 def enable(student, flag: bool, ds: dict) -> str | None:
-    """Turn checkpointing on for `student` (an IntervenableLM) as the flag and the config ask; returns the
-    implementation (None: off), after configuring DeepSpeed's from the section. Says which one runs."""
+    """Turn checkpointing on for `student` (an IntervenableLM) when asked; a line saying so, or None (off)."""
     check_ds_section(ds)
-    impl = implementation(flag, ds)
-    if impl is None:
+    if not requested(flag, ds):
         return None
-    if impl == "deepspeed":
-        import deepspeed
-        deepspeed.checkpointing.configure(None, deepspeed_config=ds)
-        why = f"the DeepSpeed config's {SECTION} section"
-    else:
-        why = "--activation_checkpointing"
-    student.enable_activation_checkpointing(impl)
-    log.info("activation checkpointing of the student's %d blocks: %s (%s)", student.num_layers,
-             "deepspeed.checkpointing" if impl == "deepspeed" else "torch.utils.checkpoint, non-reentrant", why)
-    return impl
+    student.enable_activation_checkpointing("torch")
+    why = "--activation_checkpointing" if flag else f"the DeepSpeed config's {SECTION} section"
+    line = (f"activation checkpointing of the student's {student.num_layers} blocks in every pass with grad: "
+            f"torch.utils.checkpoint, non-reentrant ({why})")
+    log.info(line)
+    return line

@@ -361,11 +361,14 @@ def next_token_targets(attention_mask: torch.Tensor, labels: torch.Tensor) -> tu
     return nxt, y
 
 
-def suffix_groups(base_start: torch.Tensor, n_groups: int) -> list[tuple[torch.Tensor | None, int]]:
+def suffix_groups(base_start: torch.Tensor, n_groups: int, merge: bool = True) -> list[tuple[torch.Tensor | None, int]]:
     """The counterfactual suffix passes: [(rows, q0)]. The rows, sorted by base-span start, are cut into
     at most `n_groups` groups of near-equal size, each with q0 = its earliest start; adjacent groups with one
-    q0 are merged; rows None = every row in order (one group). The suffix widths are shapes: `step_index`
-    calls it on the CPU plan (on a device tensor it would cost a host sync)."""
+    q0 are merged (`merge`; it saves a pass, no FLOP); rows None = every row in order (one group). The suffix
+    widths are shapes: `step_index` calls it on the CPU plan (on a device tensor it would cost a host sync).
+    The step does not merge: every rank then runs min(n_groups, B) passes whatever its spans, as ZeRO-3 needs
+    (it gathers a block's parameters at each call, all ranks together: a rank with a pass fewer would leave
+    the others waiting on a collective it never joins)."""
     starts = base_start.tolist()
     order = sorted(range(len(starts)), key=starts.__getitem__)
     n = min(n_groups, len(starts))
@@ -373,7 +376,7 @@ def suffix_groups(base_start: torch.Tensor, n_groups: int) -> list[tuple[torch.T
     groups: list[tuple[list[int], int]] = []
     for g in range(n):
         rows = order[cuts[g]:cuts[g + 1]]
-        if groups and groups[-1][1] == starts[rows[0]]:
+        if merge and groups and groups[-1][1] == starts[rows[0]]:
             groups[-1][0].extend(rows)
         else:
             groups.append((rows, starts[rows[0]]))
@@ -572,23 +575,23 @@ def step_index(batch: dict, plan: InterventionPlan | None, cfg: DistillConfig, k
         r = rows.reshape(-1).nonzero().squeeze(1)                                # (N,) flat positions
         index.heads[name] = (r, None if kd is None else kd.reshape(-1)[r], None if y is None else y.reshape(-1)[r])
 
+    multi = cfg.uses_iit and plan is not None and len(plan.teacher_layers) > 1  # swaps after later blocks
     if kind != "causal":
         kd = tokens if cfg.logit_tokens_for(kind) == "all" else labels != -100  # where ce / iit are taken
-    multi = cfg.uses_iit and plan is not None and len(plan.teacher_layers) > 1  # swaps after later blocks
         head("kd", kd, None, labels)
-        return index
-    nxt, y = next_token_targets(am, labels)                                      # (B, S), (B, S)
         if multi:
             rows, pos, src_pos = span_positions(plan.base_start, plan.source_start, plan.span_len)   # (K,)
             index.swaps = [(rows, pos, plan.pi[rows], src_pos)]
+        return index
+    nxt, y = next_token_targets(am, labels)                                      # (B, S), (B, S)
     lab = y != -100
     w_iit = cfg.w_iit if cfg.uses_iit else 0.0
     if cfg.uses_iit:
-        index.groups = suffix_groups(plan.base_start, cfg.suffix_groups)
-        aff = torch.arange(am.shape[1])[None] >= plan.base_start[:, None]       # (B, S) positions >= b
-    if not w_iit or cfg.logit_tokens_for("causal") == "affected":
+        index.groups = suffix_groups(plan.base_start, cfg.suffix_groups, merge=False)  # as many on every rank
         if multi:
             index.swaps = [_group_swap(plan, rows, q0) for rows, q0 in index.groups]
+        aff = torch.arange(am.shape[1])[None] >= plan.base_start[:, None]       # (B, S) positions >= b
+    if not w_iit or cfg.logit_tokens_for("causal") == "affected":
         if cfg.w_ce or cfg.w_mlm:
             head("base", nxt | lab, nxt, y)
         if w_iit:
@@ -605,14 +608,14 @@ def step_index(batch: dict, plan: InterventionPlan | None, cfg: DistillConfig, k
     return index
 
 
-_logged: set[str] = set()
-
 def _group_swap(plan: InterventionPlan, rows: torch.Tensor | None, q0: int) -> tuple:
     """A suffix group's swap positions (CPU): rows local to the group, base positions from q0."""
     rows = torch.arange(plan.pi.numel()) if rows is None else rows                   # (G,) global rows
     local, pos, src_pos = span_positions(plan.base_start[rows], plan.source_start[rows], plan.span_len[rows])
     return local, pos - q0, plan.pi[rows][local], src_pos
 
+
+_logged: set[str] = set()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def _main(argv=None):
                                           cfg.min_lr / cfg.lr)
     ckpt = activation_checkpointing.enable(student, cfg.activation_checkpointing, ds)
     if ckpt:
-        say(f"activation checkpointing of the student's blocks: {ckpt}")
+        say(ckpt)
     engine = init_engine(ds, step_module, param_groups(student, cfg.weight_decay), cfg.lr, schedule)
     student = engine.module.student
 

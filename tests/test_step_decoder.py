@@ -196,7 +196,7 @@ def test_reusing_keys_values_past_the_span_start_fails(monkeypatch):
     plan = plan_for(batch, "middle", 0)
     naive, fast = naive_and_fast(teacher, student, batch, plan)
     assert_same_step(naive, fast)
-    monkeypatch.setattr(step_module, "suffix_groups", lambda starts, n: [(None, int(starts.min()) + 1)])
+    monkeypatch.setattr(step_module, "suffix_groups", lambda starts, n, **kw: [(None, int(starts.min()) + 1)])
     wrong = run(teacher, student, batch, plan, DistillConfig(mode="fast", ops="reference", w_iit_cos=0.3, w_mse=0.2))
     with pytest.raises(AssertionError):
         assert_same_step(naive, wrong)

@@ -52,7 +52,7 @@ from .llama import LlamaAdapter
 from .roberta import RobertaAdapter
 
 Intervention = Callable[[torch.Tensor], torch.Tensor]
-CHECKPOINTING = ("torch", "deepspeed")  # torch.utils.checkpoint (non-reentrant) | deepspeed.checkpointing
+CHECKPOINTING = ("torch",)  # torch.utils.checkpoint, non-reentrant (why not DeepSpeed's: activation_checkpointing.py)
 log = logging.getLogger("iit_fast.models")
 
 # config.model_type -> adapter class. Adding a family: its file, one entry here, its tests.
@@ -139,9 +139,8 @@ class IntervenableLM(nn.Module):
 
     def enable_activation_checkpointing(self, impl: str = "torch") -> None:
         """Checkpoint every block of the passes that run with grad (see the module docstring). impl "torch":
-        torch.utils.checkpoint, non-reentrant; "deepspeed": deepspeed.checkpointing.non_reentrant_checkpoint, as
-        configured by `deepspeed.checkpointing.configure` (the DeepSpeed config's `activation_checkpointing`
-        section)."""
+        torch.utils.checkpoint, non-reentrant (it restores the forward's autocast and RNG state in the
+        recomputation, and recomputes inside the one backward: each parameter's gradient is accumulated once)."""
         if impl not in CHECKPOINTING:
             raise ValueError(f"activation checkpointing impl must be one of {CHECKPOINTING}, got {impl!r}")
         self.activation_checkpointing = impl
@@ -342,28 +341,8 @@ def _checkpoint_fn(impl: str | None):
     """fn(block_fn, *tensors) -> block_fn(*tensors), checkpointed; None without checkpointing."""
     if impl is None:
         return None
-    if impl == "torch":
-        from torch.utils.checkpoint import checkpoint
-        return partial(checkpoint, use_reentrant=False)
-    import deepspeed
-    # its non-reentrant variant: the reentrant one runs a backward per checkpointed call, so a block that several
-    # passes ran (plain, counterfactual) would have its parameters' gradients reduced once per pass (ZeRO-3
-    # asserts on that); the non-reentrant one recomputes inside the one backward, and applies the same section
-    return _keep_autocast(deepspeed.checkpointing.non_reentrant_checkpoint)
-
-
-def _keep_autocast(checkpoint):
-    """DeepSpeed's checkpoint recomputes in backward outside the forward's autocast region (torch's records and
-    restores it): the block function re-enters the autocast state of its forward call."""
-    def run(fn, h, *args):
-        kind = h.device.type
-        enabled, dtype = torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
-
-        def in_autocast(*a):
-            with torch.autocast(kind, dtype=dtype, enabled=enabled):
-                return fn(*a)
-        return checkpoint(in_autocast, h, *args)
-    return run
+    from torch.utils.checkpoint import checkpoint
+    return partial(checkpoint, use_reentrant=False)
 
 
 IntervenableMLM = IntervenableLM  # the name from when only masked LMs were supported
