@@ -3,6 +3,7 @@ with its parameters offloaded to CPU: peak host RSS per rank while loading and d
 teacher bytes each rank holds, load and step time; 1 and 2 gloo ranks (CPU).
 
     python benchmarks/teacher_shard.py            # writes benchmarks/results/teacher-shard.{json,md}
+    python benchmarks/teacher_shard.py --report   # rewrites the .md (and .json) from the committed JSON
 
 Shapes: a Llama-shaped teacher, 16 blocks x 1024 (8 heads, MLP 4096, vocabulary 2048, untied head), stored as
 bf16 safetensors (0.55 GB), kept in bf16 (--teacher_dtype bfloat16: the checkpoint's dtype); a small student
@@ -34,7 +35,7 @@ RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def main():
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "tests"))
-    from benchmarks.common import machine, write_results
+    from benchmarks.common import machine
     from iit_fast.engine import free_port
     from test_teacher_shard import BIG, save_big_bf16
     tmp = REPO / ".cache" / "teacher_shard"
@@ -67,13 +68,28 @@ def main():
                          "step_s": max(statistics.median(r["step_times"][1:]) for r in per_rank),
                          "loss": per_rank[0]["losses"][-1]})
     load_after = os.getloadavg()
+    m = machine()
+    m["load_before"], m["load_after"] = load_before, load_after
+    report(rows, m)
+
+
+def report(rows: list[dict], m: dict):
+    """teacher-shard.{json,md} from the rows and the machine (also: `--report` rewrites them from the JSON)."""
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))
+    from benchmarks.common import write_results
+    from test_teacher_shard import BIG
+    load_before, load_after = m["load_before"], m["load_after"]
+    # the ranks' allocator (the launching process does not allocate what is measured)
+    m["allocator"] = "glibc malloc, MALLOC_MMAP_THRESHOLD_=131072 in the ranks (freed blocks of 128 KiB or more go back to the OS)"
+    m["cpu_flags"] = "avx512_bf16, no AMX" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() and \
+        "amx_bf16" not in Path("/proc/cpuinfo").read_text() else m.get("cpu_flags", "")
     for r in rows:  # the ratio the issue's goal reads: sharded peak / replicated peak, same ranks, above base
         rep = next(x for x in rows if x["ranks"] == r["ranks"] and x["teacher"] == "replicated")
         r["peak_vs_replicated"] = round(r["step_peak_MB"] / rep["step_peak_MB"], 3)
-    m = machine()
-    m["load_before"], m["load_after"] = load_before, load_after
     shared = load_before[0] > 0.5
     notes = (
+        f"CPU: {m.get('cpu')} ({m.get('cpu_flags') or 'flags not recorded'}). "
         f"Teacher: Llama-shaped {BIG['layers']} x {BIG['hidden']} (MLP {BIG['intermediate']}, vocabulary {BIG['vocab']}), "
         f"bf16 safetensors ({rows[0]['teacher_MB']:.0f} MiB), run in bf16; student 2 x 256 under ZeRO-2; batch 2 x 16 "
         "per rank; 4 steps. *_peak_MB = the worst rank's peak RSS above its own base (base_MB: the runtime, "
@@ -112,5 +128,8 @@ def rank_main(out: Path, variant: str, folder: str):
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--rank":
         rank_main(Path(sys.argv[2]), sys.argv[3], sys.argv[4])
+    elif sys.argv[1:] == ["--report"]:  # rewrite the report from the committed JSON (no run)
+        saved = json.loads((REPO / "benchmarks/results/teacher-shard.json").read_text())
+        report(saved["rows"], saved["machine"])
     else:
         main()
