@@ -58,9 +58,9 @@ CE_GRAD_TOL = 3e-6
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pass_weights", [True, False])
 def test_lm_weight_zero_ce_grad_matches_fp64(impl, pass_weights):
-    # the step's w_mlm = 0 case: loss = 0.25 ce + 0 mlm. With the weights passed the forward's gradient is
-    # used (scaled); without them (default 1, 1) the grad_outputs (0.25, 0) are not proportional and the
-    # backward recomputes with them as weights. Either way no difference of two large gradients is formed.
+    # the step's w_mlm = 0 case: loss = 0.25 ce + 0 mlm. With the weights passed the MLM work is skipped;
+    # either way the backward forms the gradient with the grad_outputs (0.25, 0) as the per-row weights: no
+    # difference of two large gradients is formed.
     hs, ht, ws, bs, wt, bt, y = close_pair(v=3000 if impl != "triton" else 1000)
     truth = fp64_grads(hs, ht, ws, bs, wt, bt, y, 0.25, 0.0)
     kw = dict(kd_weight=0.25, lm_weight=0.0) if pass_weights else {}
@@ -89,23 +89,26 @@ def test_cancellation_is_what_the_tolerance_catches(impl):
 
 @pytest.mark.parametrize("impl", ["chunked", "native", "triton"])
 def test_weighted_grads_and_backward_paths(impl, monkeypatch):
+    # the forward runs one loss-only pass over the chunks, the backward one gradient pass with the
+    # grad_outputs as the weights, proportional to (kd_weight, lm_weight) or not
     hs, ht, ws, bs, wt, bt, y = close_pair(n=24, v=500, noise=1.0, seed=2)
     y[::3] = -100
-    calls = []
-    real = hl._head_loss
-    monkeypatch.setattr(hl, "_head_loss", lambda *a: calls.append(a[-5:-3]) or real(*a))
-    # proportional grad_outputs (a loss scale of 3): the forward's gradient, scaled; no second chunk loop
+    passes = []
+    real = chunked._chunk_loop
+    monkeypatch.setattr(chunked, "_chunk_loop", lambda *a, **k: passes.append(k.get("grads") is not None)
+                        or real(*a, **k))
     ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=5, impl=impl,
                                 kd_weight=0.3, lm_weight=0.7)
+    assert passes == [False]
     got = torch.autograd.grad(3 * (0.3 * ce + 0.7 * mlm), (hs, ws, bs))
-    assert calls == [(0.3, 0.7)]
+    assert passes == [False, True]
     for a, b in zip(got, fp64_grads(hs, ht, ws, bs, wt, bt, y, 0.9, 2.1)):
         assert rel(a, b) < 1e-5
-    # not proportional (ce alone): recomputed with the grad_outputs as weights
+    # not proportional (ce alone): the same single gradient pass
     ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=5, impl=impl,
                                 kd_weight=0.3, lm_weight=0.7)
     got = torch.autograd.grad(ce, (hs, ws, bs))
-    assert calls[1:] == [(0.3, 0.7), (1.0, 0.0)]
+    assert passes == [False, True, False, True]
     for a, b in zip(got, fp64_grads(hs, ht, ws, bs, wt, bt, y, 1.0, 0.0)):
         assert rel(a, b) < 1e-5
 
@@ -218,8 +221,13 @@ class _RecordMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("slice_rows", [None, 96])
 @pytest.mark.parametrize("case", ["bf16_inputs", "bf16_hidden_fp32_master", "fp32_under_autocast"])
-def test_bf16_gemms(case):
+def test_bf16_gemms(case, slice_rows, monkeypatch):
+    # slice_rows: the weight GEMMs a slice of 96 rows at a time (fp32 master weights cast per slice, the dW
+    # products per slice), as at a large vocabulary; None: one slice (the default at this size)
+    if slice_rows:
+        monkeypatch.setattr(chunked, "SLICE_BYTES", slice_rows * 32 * 2)
     hs, ht, ws, bs, wt, bt, y = close_pair(n=40, d=32, v=700, noise=1.0, seed=6)
     y[::2] = -100
     if case == "bf16_inputs":
@@ -232,9 +240,13 @@ def test_bf16_gemms(case):
         "cpu", enabled=False)
     with rec, ctx:
         ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=16, impl="native")
-    g = torch.autograd.grad(ce + mlm, (hs, ws, bs))
+    with rec:
+        g = torch.autograd.grad(ce + mlm, (hs, ws, bs))
     vocab_gemms = [s for s in rec.seen if 700 in s[3] + s[4]]
-    assert len(vocab_gemms) == 3 * 4       # 3 chunks x (z_s, z_t, dh, dW), all in the forward
+    if not slice_rows:   # 3 chunks x (z_s, z_t) in the forward, 3 x (z_s, z_t, dh, dW) in the backward
+        assert len(vocab_gemms) == 3 * 2 + 3 * 4, rec.seen
+    elif case != "bf16_inputs":   # the fp32 master weight: z_s and dh per slice of it (8 slices)
+        assert sum(96 in s[3] + s[4] for s in rec.seen) >= 3 * 8 * 3, rec.seen
     assert all(s[1] == torch.bfloat16 and s[2] == torch.bfloat16 for s in rec.seen), rec.seen
     assert ce.dtype == torch.float32 and mlm.dtype == torch.float32
     # gradients in the parameters' own dtypes: fp32 master weights get fp32 gradients

@@ -1,10 +1,16 @@
 """`distill_head_loss`: LM head fused with the temperature KL and the MLM cross-entropy, chunked over tokens.
 
-No `[tokens, vocab]` tensor is ever whole: tokens go through in chunks of `C` rows; per chunk
+No `[tokens, vocab]` tensor is ever whole: tokens go through in chunks of `C` rows. The forward computes,
+per chunk, the logits and the chunk's (KL, CE) rows (the loss only); the backward recomputes the logits and
+forms the gradient, per chunk
 
     z_s = h_s[c] @ W_s^T + b_s,   z_t = h_t[c] @ W_t^T + b_t          (C, V) fp32 logits, BLAS
-    dz  = kd_weight * dce/dz_s + lm_weight * dmlm/dz_s, with the chunk's (KL, CE) rows   inner step
+    dz  = g_ce * dce/dz_s + g_mlm * dmlm/dz_s                           inner step (g_*: the grad_outputs)
     dh_s[c] = dz @ W_s,   dW_s += dz^T @ h_s[c],   db_s += sum_rows dz     (fp32 accumulators)
+
+so nothing (V, D)-sized lives between forward and backward (the saved tensors are the inputs and (N,)
+weights; the (V, D) fp32 dW is the gradient the backward returns), at the price of the two logit GEMMs
+twice (6 GEMMs instead of 4).
 
 with  ce = T^2 * sum_i w_kd[i] KL_i,  mlm = sum_i w_lab[i] CE_i,
 w_kd = kd_mask / n_kd,  w_lab = [y != -100] / n_lab  (both 0 when nothing counts: a defined 0, no NaN),
@@ -12,13 +18,11 @@ w_kd = kd_mask / n_kd,  w_lab = [y != -100] / n_lab  (both 0 when nothing counts
     dce/dz_s[i]  = w_kd[i] * T * (softmax(z_s/T) - softmax(z_t/T))     (T^2 of the KL times the 1/T of z_s/T)
     dmlm/dz_s[i] = w_lab[i] * (softmax(z_s) - onehot(y_i))
 
-Loss weights: the caller's weights of the two losses (`kd_weight`, `lm_weight`; the returned values are the
-unweighted ce and mlm) go into the per-row gradient weights, so the forward computes the gradient of
-kd_weight * ce + lm_weight * mlm directly, with no difference of two large gradients. lm_weight == 0 (or
-labels None) skips all MLM work: mlm is then not computed and is returned as 0. Backward only scales the
-stored gradient when the grad_outputs are proportional to (kd_weight, lm_weight) (the normal case, including a
-loss scale or gradient-accumulation factor); otherwise (e.g. `torch.autograd.grad(ce, ...)` alone) it reruns
-the chunk loop with the grad_outputs as the weights.
+Loss weights: the grad_outputs (g_ce, g_mlm) (e.g. the step's kd_weight and lm_weight times a loss scale)
+go into the per-row gradient weights, so the backward forms the gradient of g_ce * ce + g_mlm * mlm
+directly, with no difference of two large gradients, for any grad_outputs. lm_weight == 0 (or labels None)
+skips all MLM work: mlm is then not computed and is returned as 0; an mlm that takes no gradient
+(g_mlm None) skips the MLM work of the backward. The grad_outputs stay tensors (no host sync).
 
 KL without an error floor: per row, with u_v = log(p_s,v / p_t,v),
     KL(p_t || p_s) = sum_v p_t,v * (e^u_v - 1 - u_v)      (sum_v p_s = sum_v p_t = 1 add the "- 1" terms)
@@ -27,8 +31,8 @@ taken from its series for |u| < 1. The usual sum_v p_t (a_t - a_s) - (lse_t - ls
 O(sqrt(KL)) terms and loses ~eps / sqrt(KL) relative when teacher ~= student.
 
 Precision: bf16/fp16 hidden states (or weights, or a bf16 autocast region) run the three matmuls as bf16/fp16
-GEMMs with fp32 accumulation (the weights are cast once per call: the master weights stay fp32 and get fp32
-gradients). Logits come out in fp32 where `torch.mm(..., out_dtype=torch.float32)` exists for the device
+GEMMs with fp32 accumulation (a weight in another dtype, e.g. fp32 master weights, is cast a slice of rows
+at a time into one reused buffer, never whole; it gets an fp32 gradient). Logits come out in fp32 where `torch.mm(..., out_dtype=torch.float32)` exists for the device
 (CUDA); elsewhere (CPU, torch 2.13) the GEMM returns bf16 logits, upcast to fp32. Softmax statistics,
 log-sum-exp, KL and CE are fp32 (their row sums fp64 in the native step), dW and db accumulate in fp32.
 fp64 inputs compute in fp64 (impl "chunked").
@@ -54,7 +58,7 @@ import torch
 
 from .._common import log_once as _log_once
 from . import native
-from .chunked import _head_loss, common_scale, default_chunk_size, matmul_dtype  # noqa: F401
+from .chunked import default_chunk_size, head_loss_backward, head_loss_forward, matmul_dtype  # noqa: F401
 from .divergence import FORWARD_KL, as_divergence
 from .reference import distill_head_loss_reference
 from .sparse import sparse_distill_head_loss
@@ -64,8 +68,9 @@ __all__ = ["distill_head_loss", "sparse_distill_head_loss", "DistillHeadLossFunc
 
 
 class DistillHeadLossFunction(torch.autograd.Function):
-    """(ce, mlm) with the gradient of kd_weight * ce + lm_weight * mlm w.r.t. student hidden, decoder weight
-    and bias computed in the forward."""
+    """(ce, mlm); the forward computes the losses only, the backward recomputes the chunks' logits and forms
+    the gradient of g_ce * ce + g_mlm * mlm (the grad_outputs) w.r.t. student hidden, decoder weight and
+    bias. Nothing (V, D)-sized is kept between the two: the saved tensors are the inputs and (n,) weights."""
 
     @staticmethod
     def forward(ctx, hs, ht, ws, bs, wt, bt, labels, kd_mask, temperature, chunk_size, impl,
@@ -75,37 +80,37 @@ class DistillHeadLossFunction(torch.autograd.Function):
         hs2 = hs.detach().reshape(-1, hs.shape[-1])
         ht2 = ht.detach().reshape(-1, ht.shape[-1])
         y = labels.reshape(-1).to(hs.device) if (labels is not None and lm_weight != 0.0) else None
-        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        args = (hs2, ht2, ws.detach(), bs.detach() if bs is not None else None, wt.detach(),
-                bt.detach() if bt is not None else None, y, kd_mask, temperature, chunk_size, impl, divergence)
         with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
-            ce, mlm, dhs2, dws, dbs = _head_loss(*args, kd_weight, lm_weight, want, mm_s, mm_t)
-        if want:
-            ctx.save_for_backward(dhs2, dws, dbs)
-            ctx.recompute = args + (mm_s, mm_t)
-        ctx.weights = (kd_weight, lm_weight if y is not None else 0.0)
+            ce, mlm, rows = head_loss_forward(hs2, ht2, ws.detach(), bs.detach() if bs is not None else None,
+                                              wt.detach(), bt.detach() if bt is not None else None, y, kd_mask,
+                                              temperature, chunk_size, impl, divergence, mm_s, mm_t)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            # the student's weight itself: under ZeRO-3 the backward reads what the engine gathers for it
+            # then, as for any nn.Linear; the teacher's (no gradient) as read now: a teacher gathered only
+            # for the forward (step._gathered) keeps that gathered copy alive until the backward
+            ctx.save_for_backward(hs, ht, ws, bs, wt.detach(), bt.detach() if bt is not None else None, y)
+            ctx.rows = rows
+            ctx.args = (temperature, chunk_size, impl, divergence, mm_s, mm_t)
         ctx.has_labels = y is not None
-        ctx.shape, ctx.w_dtype = hs.shape, ws.dtype
-        ctx.b_dtype = bs.dtype if bs is not None else None
         return ce, mlm
 
     @staticmethod
     def backward(ctx, g_ce, g_mlm):
-        dhs, dws, dbs = ctx.saved_tensors
-        g_ce = 0.0 if g_ce is None else float(g_ce)
-        g_mlm = 0.0 if (g_mlm is None or not ctx.has_labels) else float(g_mlm)   # mlm = 0 without MLM work
-        s = common_scale(g_ce, g_mlm, *ctx.weights, eps=torch.finfo(dws.dtype).eps)
-        if s is None:
-            # grad_outputs not proportional to the loss weights: the chunk loop again, with them as weights
-            *args, mm_s, mm_t = ctx.recompute
-            with torch.no_grad(), torch.autocast(dhs.device.type, enabled=False):
-                _, _, dhs, dws, dbs = _head_loss(*args, g_ce, g_mlm, True, mm_s, mm_t)
-        elif s != 1.0:
-            dhs, dws = dhs * s, dws * s
-            dbs = dbs * s if dbs is not None else None
-        gh = dhs.reshape(ctx.shape) if ctx.needs_input_grad[0] else None
-        gw = dws.to(ctx.w_dtype) if ctx.needs_input_grad[2] else None
-        gb = dbs.to(ctx.b_dtype) if (dbs is not None and ctx.needs_input_grad[3]) else None
+        if not ctx.has_labels:
+            g_mlm = None                                   # mlm = 0 without MLM work: no gradient
+        if g_ce is None and g_mlm is None:
+            return (None,) * 14
+        hs, ht, ws, bs, wt, bt, y = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        temperature, chunk_size, impl, divergence, mm_s, mm_t = ctx.args
+        with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
+            dhs, dws, dbs = head_loss_backward(
+                hs.detach().reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), ws.detach(),
+                bs.detach() if bs is not None else None, wt, bt, y, ctx.rows, temperature, chunk_size, impl,
+                divergence, mm_s, mm_t, g_ce, g_mlm, need)
+        gh = dhs.reshape(hs.shape) if need[0] else None
+        gw = dws.to(ws.dtype) if need[1] else None
+        gb = dbs.to(bs.dtype) if (dbs is not None and need[2]) else None
         return gh, None, gw, gb, None, None, None, None, None, None, None, None, None, None
 
 
@@ -171,10 +176,9 @@ def distill_head_loss(student_hidden, teacher_hidden, student_weight, student_bi
         temperature: T of the KL; ce carries the T^2 factor.
         chunk_size: rows per chunk; None = from a 256 MB budget for the chunk's logit buffers.
         impl: "auto" | "reference" | "chunked" | "native" | "triton".
-        kd_weight, lm_weight: the weights the caller gives ce and mlm in its loss. The forward computes the
-            gradient of kd_weight * ce + lm_weight * mlm directly; backward only scales it when the
-            grad_outputs are proportional to them, else recomputes. lm_weight == 0 skips the MLM loss
-            entirely (mlm is returned as 0, without a gradient).
+        kd_weight, lm_weight: the weights the caller gives ce and mlm in its loss. lm_weight == 0 skips the
+            MLM loss entirely (mlm is returned as 0, without a gradient). The gradient is that of the
+            grad_outputs' combination g_ce * ce + g_mlm * mlm, formed directly in the backward.
         divergence: of the ce term: a `divergence.Divergence` (e.g. `Divergence.of("jsd", beta=0.5)`), a
             name, or None = forward KL (today's op, bit for bit). ce = T^2 * weighted mean of D.
     Returns:

@@ -1,5 +1,7 @@
 """The chunk loop of `distill_head_loss`: the matmuls (BLAS, the inputs' precision, fp32 accumulation), the
-per-token weights, the sums and the gradients' accumulation. The per-chunk softmax / KL / CE work is the inner
+per-token weights, the sums and the gradients' accumulation. The forward pass computes the losses only; the
+backward pass recomputes each chunk's logits and forms the gradients there (into the (V, D) weight gradient
+it returns), so nothing (V, D)-sized lives between the two and no (V, D) copy of a weight is made. The per-chunk softmax / KL / CE work is the inner
 step's (`inner.py`, `native.py`, `triton.py`), picked by impl through INNER."""
 from __future__ import annotations
 
@@ -105,107 +107,179 @@ def linear_chunk(h, w, b, acc):
     return z.add_(b) if b is not None else z
 
 
-def accumulate_grads(dz, h, w, dh_out, dw, db):
-    """dh_out = dz @ W; dW += dz^T @ h; db += sum_rows dz. h, w in the GEMM dtype; dW, db in acc."""
-    dzc = dz if dz.dtype == h.dtype else dz.to(h.dtype)  # the GEMMs run in the inputs' precision
-    if dh_out.dtype == dzc.dtype:
-        torch.mm(dzc, w, out=dh_out)
-    else:
-        dh_out.copy_(_mm(dzc, w, dh_out.dtype))
-    if dw.dtype == dzc.dtype:
-        dw.addmm_(dzc.t(), h)
-    else:
-        dw.add_(_mm(dzc.t(), h, dw.dtype))
-    if db is not None:
-        db.add_(dz.sum(0, dtype=db.dtype))
+# ----------------------------------------------------------------------------------------------------
+# The decoder GEMMs, a slice of weight rows at a time where that saves a (V, D) temporary: a weight not in
+# the GEMM dtype (fp32 master weights under bf16 autocast) is cast one slice at a time into a reused buffer,
+# never whole; a weight gradient accumulated in another dtype than the GEMM's gets each slice's product in a
+# reused (rows, D) buffer. SLICE_BYTES bounds both buffers.
+# ----------------------------------------------------------------------------------------------------
+SLICE_BYTES = 16 * 2**20
 
 
-def _chunk_loop(hs, ht, ws, bs, wt, bt, labels, w_kd, w_lab, g_kd, g_lab, temperature, chunk, inner,
-                dhs, dws, dbs):
-    """Sum over chunks; rows already restricted to the tokens that count, tensors in their GEMM dtypes.
+class DecoderGemms:
+    """The three GEMMs against one decoder weight w (V, D), run in the GEMM dtype `mm`:
+    logits = h @ w^T + b, dh = dz @ w, dW += dz^T @ h, with fp32 (fp64) results."""
 
-    Writes dh into dhs (n, D) and accumulates dW, db into dws, dbs (when dhs is not None).
-    Returns (ce, mlm) as 0-dim tensors in the accumulation dtype.
+    def __init__(self, w: torch.Tensor, mm: torch.dtype):
+        self.w, self.mm = w, mm
+        V, D = w.shape
+        self.rows = max(64, SLICE_BYTES // max(1, D * torch.empty((), dtype=mm).element_size()))
+        self._cast = None   # (rows, D) in mm: the current weight slice when w is not in mm
+        self._prod = None   # (rows, D) in mm: a slice's dW product
+
+    def _slices(self):
+        """(v0, v1, w[v0:v1] in the GEMM dtype); one slice of all rows when w is already in it."""
+        V, D = self.w.shape
+        if self.w.dtype == self.mm:
+            yield 0, V, self.w
+            return
+        if self._cast is None:
+            self._cast = torch.empty(min(self.rows, V), D, dtype=self.mm, device=self.w.device)
+        for v0 in range(0, V, self.rows):
+            v1 = min(v0 + self.rows, V)
+            yield v0, v1, self._cast[: v1 - v0].copy_(self.w[v0:v1])
+
+    def logits(self, h: torch.Tensor, b: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+        """(C, V) logits in acc; h (C, D) in the GEMM dtype, b (V,) in acc or None."""
+        if self.w.dtype == self.mm:
+            return linear_chunk(h, self.w, b, acc)
+        z = torch.empty(h.shape[0], self.w.shape[0], dtype=acc, device=h.device)
+        for v0, v1, wb in self._slices():
+            z[:, v0:v1] = _mm(h, wb.t(), acc)                     # (C, rows)
+        return z.add_(b) if b is not None else z
+
+    def grads(self, dz, h, dh_out, dw, db) -> None:
+        """dh_out = dz @ W (or skip: None); dW += dz^T @ h (None: skip); db += sum_rows dz (None: skip).
+        dz (C, V) in acc, h (C, D) in the GEMM dtype; dW, db in acc."""
+        dzc = dz if dz.dtype == self.mm else dz.to(self.mm)       # (C, V) the GEMMs run in the inputs' precision
+        if dh_out is not None:
+            if self.w.dtype == self.mm:
+                if dh_out.dtype == self.mm:
+                    torch.mm(dzc, self.w, out=dh_out)
+                else:
+                    dh_out.copy_(_mm(dzc, self.w, dh_out.dtype))
+            else:
+                acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
+                dh = torch.zeros(dzc.shape[0], self.w.shape[1], dtype=acc, device=dz.device)  # (C, D)
+                for v0, v1, wb in self._slices():
+                    dh.add_(_mm(dzc[:, v0:v1], wb, acc))
+                dh_out.copy_(dh)
+        if dw is not None:
+            if dw.dtype == self.mm:
+                dw.addmm_(dzc.t(), h)
+            elif _mm_out_dtype_supported(dz.device, self.mm):
+                for v0 in range(0, dw.shape[0], self.rows):
+                    v1 = min(v0 + self.rows, dw.shape[0])
+                    dw[v0:v1].add_(torch.mm(dzc[:, v0:v1].t(), h, out_dtype=dw.dtype))
+            else:
+                if self._prod is None:
+                    self._prod = torch.empty(min(self.rows, dw.shape[0]), h.shape[1], dtype=self.mm,
+                                             device=h.device)
+                for v0 in range(0, dw.shape[0], self.rows):
+                    v1 = min(v0 + self.rows, dw.shape[0])
+                    dw[v0:v1].add_(torch.mm(dzc[:, v0:v1].t(), h, out=self._prod[: v1 - v0]))  # (rows, D)
+        if db is not None:
+            db.add_(dz.sum(0, dtype=db.dtype))
+
+
+def _chunk_loop(hs, ht, gs, gt, bs, bt, labels, g_kd, g_lab, temperature, chunk, inner, acc, grads=None):
+    """One pass over the chunks; rows already restricted to the tokens that count, hs/ht in their GEMM dtypes,
+    gs/gt the student's / teacher's DecoderGemms.
+
+    grads None (the forward): returns the per-row (kl, ce) (n,) in acc (ce None without labels); g_kd, g_lab
+    are then any weights (the gradient the inner step forms is dropped). grads = (dhs, dws, dbs) (the
+    backward): dh into dhs (n, D), dW, db accumulated into dws, dbs (each None: not wanted), with g_kd, g_lab
+    the gradient weights.
     """
     n = hs.shape[0]
-    acc = dws.dtype if dws is not None else (torch.float64 if hs.dtype == torch.float64 else torch.float32)
-    kl_sum = torch.zeros((), dtype=acc, device=hs.device)
-    ce_sum = torch.zeros((), dtype=acc, device=hs.device)
+    kl_rows = torch.empty(n, dtype=acc, device=hs.device) if grads is None else None
+    ce_rows = torch.empty(n, dtype=acc, device=hs.device) if (grads is None and labels is not None) else None
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        zs = linear_chunk(hs[s:e], ws, bs, acc)          # (C, V)
-        zt = linear_chunk(ht[s:e], wt, bt, acc)          # (C, V)
+        zs = gs.logits(hs[s:e], bs, acc)                  # (C, V)
+        zt = gt.logits(ht[s:e], bt, acc)                  # (C, V)
         lab_c = labels[s:e] if labels is not None else None
         dz, kl, ce = inner(zs, zt, lab_c, g_kd[s:e], g_lab[s:e] if lab_c is not None else None, temperature)
         del zt
-        kl_sum += (kl.to(acc) * w_kd[s:e]).sum()
-        if ce is not None:
-            ce_sum += (ce.to(acc) * w_lab[s:e]).sum()
-        if dhs is not None:
-            accumulate_grads(dz, hs[s:e], ws, dhs[s:e], dws, dbs)
+        if grads is None:
+            kl_rows[s:e] = kl
+            if ce_rows is not None:
+                ce_rows[s:e] = ce
+        else:
+            dhs, dws, dbs = grads
+            gs.grads(dz, hs[s:e], dhs[s:e] if dhs is not None else None, dws, dbs)
         del dz, zs
+    return kl_rows, ce_rows
+
+
+class HeadLossRows:
+    """The rows of one call that count (padding dropped: no logits, zero gradient) and their weights:
+    w_kd = m / max(sum m, 1), w_lab = [y != -100] / max(n_lab, 1); idx None when every row counts."""
+
+    def __init__(self, n: int, y: torch.Tensor | None, kd_mask: torch.Tensor | None, acc, device):
+        m = torch.ones(n, dtype=acc, device=device) if kd_mask is None else kd_mask.reshape(-1).to(device, acc)
+        self.w_kd = m / m.sum().clamp_min(1.0)                                     # (n,)
+        if y is not None:
+            has = y != -100
+            self.w_lab = has.to(acc) / has.sum().clamp_min(1).to(acc)             # (n,)
+            active = (m != 0) | has
+        else:
+            self.w_lab = None
+            active = m != 0
+        self.idx = None if bool(active.all()) else active.nonzero().squeeze(1)
+        self.wk_a, self.wl_a = self.rows(self.w_kd), self.rows(self.w_lab)
+
+    def rows(self, t):
+        return t if (self.idx is None or t is None) else t.index_select(0, self.idx)
+
+
+def _chunk_rows(chunk_size, n_active, V, mm_s, impl) -> int:
+    return int(chunk_size) if chunk_size else default_chunk_size(
+        n_active, V, low_precision=mm_s in LOW_PRECISION,
+        buffers=_LIVE_CHUNK_BUFFERS_TORCH if impl == "chunked" else _LIVE_CHUNK_BUFFERS)
+
+
+def head_loss_forward(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_size, impl, divergence, mm_s,
+                      mm_t):
+    """(ce, mlm, rows): the losses of the flattened inputs (no gradient formed or kept; y None: no MLM
+    work, mlm = 0) and the HeadLossRows the backward reuses."""
+    acc = torch.float64 if mm_s == torch.float64 else torch.float32
+    r = HeadLossRows(hs2.shape[0], y, kd_mask, acc, hs2.device)
+    h_a, t_a, y_a = r.rows(hs2), r.rows(ht2), r.rows(y)
+    chunk = _chunk_rows(chunk_size, h_a.shape[0], ws.shape[0], mm_s, impl)
+    kl, ce = _chunk_loop(h_a.to(mm_s), t_a.to(mm_t), DecoderGemms(ws, mm_s), DecoderGemms(wt, mm_t),
+                         bs.to(acc) if bs is not None else None, bt.to(acc) if bt is not None else None,
+                         y_a, r.wk_a, r.wl_a, temperature, chunk, _inner_for(impl, divergence), acc)
     T = float(temperature)
-    return T * T * kl_sum, ce_sum
+    ce_sum = (ce * r.wl_a).sum() if ce is not None else torch.zeros((), dtype=acc, device=hs2.device)
+    return T * T * (kl * r.wk_a).sum(), ce_sum, r
 
 
-def _head_loss(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_size, impl, divergence, kd_weight,
-               lm_weight, want_grads, mm_s, mm_t):
-    """The fused loss on flattened inputs: (ce, mlm, dhs2, dws, dbs), the gradients those of
-    kd_weight * ce + lm_weight * mlm (None unless want_grads). y None: no MLM work, mlm = 0."""
-    n = hs2.shape[0]
+def head_loss_backward(hs2, ht2, ws, bs, wt, bt, y, rows: HeadLossRows, temperature, chunk_size, impl,
+                       divergence, mm_s, mm_t, g_ce, g_mlm, need=(True, True, True)):
+    """(dhs2, dws, dbs): the gradients of g_ce * ce + g_mlm * mlm (g_*: 0-dim tensors or None) w.r.t. the
+    student's hidden (n, D), weight (V, D) and bias (V,), formed here chunk by chunk (the logits recomputed),
+    so nothing (V, D)-sized lives between forward and backward. need: which of the three to form (None
+    for the others). The per-row weights are g * w: no difference of two large gradients, no host sync."""
     acc = torch.float64 if mm_s == torch.float64 else torch.float32
     dev = hs2.device
-    # per-token weights: w_kd = m / max(sum m, 1); w_lab = [y != -100] / max(n_lab, 1)
-    m = torch.ones(n, dtype=acc, device=dev) if kd_mask is None else kd_mask.reshape(-1).to(dev, acc)
-    w_kd = m / m.sum().clamp_min(1.0)
-    if y is not None:
-        has = y != -100
-        w_lab = has.to(acc) / has.sum().clamp_min(1).to(acc)
-        active = (m != 0) | has
-    else:
-        w_lab = None
-        active = m != 0
-    # drop tokens that count for nothing (padding): no logits, zero gradient
-    idx = None if bool(active.all()) else active.nonzero().squeeze(1)
-
-    def rows(t):
-        return t if (idx is None or t is None) else t.index_select(0, idx)
-
-    h_a, t_a, y_a, wk_a, wl_a = rows(hs2), rows(ht2), rows(y), rows(w_kd), rows(w_lab)
-    V = ws.shape[0]
-    chunk = int(chunk_size) if chunk_size else default_chunk_size(
-        h_a.shape[0], V, low_precision=mm_s in LOW_PRECISION,
-        buffers=_LIVE_CHUNK_BUFFERS_TORCH if impl == "chunked" else _LIVE_CHUNK_BUFFERS)
-    ws_mm = ws.to(mm_s)
-    if want_grads:
-        dh_a = torch.empty(h_a.shape, dtype=hs2.dtype, device=dev)            # (n_active, D)
-        dws = torch.zeros(ws.shape, dtype=acc, device=dev)                     # (V, D)
-        dbs = torch.zeros(V, dtype=acc, device=dev) if bs is not None else None
-    else:
-        dh_a = dws = dbs = None
-    ce, mlm = _chunk_loop(
-        h_a.to(mm_s), t_a.to(mm_t), ws_mm, bs.to(acc) if bs is not None else None,
-        wt.to(mm_t), bt.to(acc) if bt is not None else None, y_a, wk_a, wl_a,
-        wk_a * kd_weight, wl_a * lm_weight if wl_a is not None else None,
-        temperature, chunk, _inner_for(impl, divergence), dh_a, dws, dbs)
-    dhs2 = None
-    if want_grads:
-        if idx is None:
-            dhs2 = dh_a
-        else:
-            dhs2 = torch.zeros(hs2.shape, dtype=hs2.dtype, device=dev)
-            dhs2.index_copy_(0, idx, dh_a)
-    return ce, mlm, dhs2, dws, dbs
-
-
-def common_scale(g_ce: float, g_mlm: float, kd_weight: float, lm_weight: float, eps: float):
-    """s with (g_ce, g_mlm) == s * (kd_weight, lm_weight) to a few ulps, else None."""
-    def close(a, b):
-        return abs(a - b) <= 4 * eps * max(abs(a), abs(b))
-
-    if kd_weight != 0.0:
-        s = g_ce / kd_weight
-        return s if close(g_mlm, s * lm_weight) else None
-    if lm_weight != 0.0:
-        return g_mlm / lm_weight if g_ce == 0.0 else None
-    return 0.0 if (g_ce == 0.0 and g_mlm == 0.0) else None
+    zero = torch.zeros((), dtype=acc, device=dev)
+    g_ce = zero if g_ce is None else g_ce.to(acc)
+    if g_mlm is None:
+        y = None                                           # the MLM term is not differentiated: no MLM work
+    g_kd = rows.wk_a * g_ce                                # (n_active,)
+    g_lab = rows.wl_a * g_mlm.to(acc) if y is not None else None
+    h_a, t_a, y_a = rows.rows(hs2), rows.rows(ht2), rows.rows(y)
+    chunk = _chunk_rows(chunk_size, h_a.shape[0], ws.shape[0], mm_s, impl)
+    need_dh, need_dw, need_db = need
+    dh_a = torch.empty(h_a.shape, dtype=hs2.dtype, device=dev) if need_dh else None     # (n_active, D)
+    dws = torch.zeros(ws.shape, dtype=acc, device=dev) if need_dw else None              # (V, D): the gradient
+    dbs = torch.zeros(ws.shape[0], dtype=acc, device=dev) if (need_db and bs is not None) else None
+    _chunk_loop(h_a.to(mm_s), t_a.to(mm_t), DecoderGemms(ws, mm_s), DecoderGemms(wt, mm_t),
+                bs.to(acc) if bs is not None else None, bt.to(acc) if bt is not None else None,
+                y_a, g_kd, g_lab, temperature, chunk, _inner_for(impl, divergence), acc, grads=(dh_a, dws, dbs))
+    dhs2 = dh_a
+    if need_dh and rows.idx is not None:
+        dhs2 = torch.zeros(hs2.shape, dtype=hs2.dtype, device=dev)
+        dhs2.index_copy_(0, rows.idx, dh_a)
+    return dhs2, dws, dbs

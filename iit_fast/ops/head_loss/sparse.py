@@ -19,7 +19,7 @@ rest bucket is empty (q_rest = p_rest = 0) and this is the dense KL exactly. The
 
     ce = T^2 * mean_i KL_i,      mlm = mean over labelled rows of CE(z_s, y)
 
-Gradient, produced in the forward (the loss is the last op; backward scales it):
+Gradient, formed in the backward from the recomputed chunk logits (nothing (V, D)-sized kept from the forward):
 
     dKL_i/dz_v = (1/T) * (p_v - q_b(v) * p_v / p_b(v))
        top-k id:  (1/T) (p_v - q_j)                 rest id:  (1/T) p_v (1 - q_rest / p_rest)
@@ -44,14 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .chunked import (
-    LOW_PRECISION,
-    accumulate_grads,
-    common_scale,
-    default_chunk_size,
-    linear_chunk,
-    matmul_dtype,
-)
+from .chunked import LOW_PRECISION, DecoderGemms, default_chunk_size, matmul_dtype
 from .divergence import as_divergence, bucket_divergence_rows, divergence_reference
 from .inner import kl_rows_torch
 
@@ -158,10 +151,12 @@ def _inner(zs, logq_top, ids, logq_rest, labels, g_kd, g_lab, temperature, diver
     return dz, kl, ce
 
 
-def _sparse_loss(hs2, ws, bs, logq, ids, logq_rest, y, temperature, chunk_size, divergence, kd_weight,
-                 lm_weight, want_grads, mm):
-    """(ce, mlm, dh, dW, db) over all N rows (every row counts for the KL), the gradients those of
-    kd_weight * ce + lm_weight * mlm (None unless want_grads). y None: no MLM work, mlm = 0."""
+def _sparse_loss(hs2, ws, bs, logq, ids, logq_rest, y, temperature, chunk_size, divergence, mm, grad=None):
+    """One pass over the chunks of all N rows (every row counts for the KL). grad None (the forward):
+    returns (ce, mlm), no gradient formed (y None: no MLM work, mlm = 0). grad = (g_ce, g_mlm, need) (the
+    backward): returns (dh, dW, db), the gradients of g_ce * ce + g_mlm * mlm (g_*: 0-dim tensors or None)
+    w.r.t. the student's hidden, weight, bias (need: which of the three; None for the others); the logits
+    are recomputed, so nothing (V, D)-sized lives between forward and backward."""
     n, V = hs2.shape[0], ws.shape[0]
     acc = torch.float64 if mm == torch.float64 else torch.float32
     dev = hs2.device
@@ -170,34 +165,45 @@ def _sparse_loss(hs2, ws, bs, logq, ids, logq_rest, y, temperature, chunk_size, 
     if y is not None:
         has = y != -100
         w_lab = has.to(acc) / has.sum().clamp_min(1).to(acc)                      # (N,)
+    g_kd, g_lab = w_kd, w_lab
+    if grad is not None:
+        g_ce, g_mlm, (need_dh, need_dw, need_db) = grad
+        g_kd = w_kd * (g_ce.to(acc) if g_ce is not None else 0.0)
+        if g_mlm is None:
+            y = None                                                              # no MLM gradient: no MLM work
+        g_lab = w_lab * g_mlm.to(acc) if y is not None else None
+        dh = torch.empty(hs2.shape, dtype=hs2.dtype, device=dev) if need_dh else None     # (N, D)
+        dw = torch.zeros(ws.shape, dtype=acc, device=dev) if need_dw else None            # (V, D): the gradient
+        db = torch.zeros(V, dtype=acc, device=dev) if (need_db and bs is not None) else None
     chunk = int(chunk_size) if chunk_size else default_chunk_size(
         n, V, low_precision=mm in LOW_PRECISION, buffers=_LIVE_CHUNK_BUFFERS)
-    h, w = hs2.to(mm), ws.to(mm)
+    h, gemms = hs2.to(mm), DecoderGemms(ws, mm)
     b = bs.to(acc) if bs is not None else None
-    dh = torch.empty(hs2.shape, dtype=hs2.dtype, device=dev) if want_grads else None   # (N, D)
-    dw = torch.zeros(ws.shape, dtype=acc, device=dev) if want_grads else None          # (V, D)
-    db = torch.zeros(V, dtype=acc, device=dev) if (want_grads and bs is not None) else None
     kl_sum = torch.zeros((), dtype=acc, device=dev)
     ce_sum = torch.zeros((), dtype=acc, device=dev)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        zs = linear_chunk(h[s:e], w, b, acc)                                     # (C, V)
+        zs = gemms.logits(h[s:e], b, acc)                                         # (C, V)
         lab = y[s:e] if y is not None else None
-        dz, kl, ce = _inner(zs, logq[s:e], ids[s:e], logq_rest[s:e], lab, w_kd[s:e] * kd_weight,
-                            w_lab[s:e] * lm_weight if lab is not None else None, temperature, divergence)
-        kl_sum += (kl.to(acc) * w_kd[s:e]).sum()
-        if ce is not None:
-            ce_sum += (ce.to(acc) * w_lab[s:e]).sum()
-        if want_grads:
-            accumulate_grads(dz, h[s:e], w, dh[s:e], dw, db)
+        dz, kl, ce = _inner(zs, logq[s:e], ids[s:e], logq_rest[s:e], lab, g_kd[s:e],
+                            g_lab[s:e] if lab is not None else None, temperature, divergence)
+        if grad is None:
+            kl_sum += (kl.to(acc) * w_kd[s:e]).sum()
+            if ce is not None:
+                ce_sum += (ce.to(acc) * w_lab[s:e]).sum()
+        else:
+            gemms.grads(dz, h[s:e], dh[s:e] if dh is not None else None, dw, db)
         del dz, zs
+    if grad is not None:
+        return dh, dw, db
     T = float(temperature)
-    return T * T * kl_sum, ce_sum, dh, dw, db
+    return T * T * kl_sum, ce_sum
 
 
 class SparseDistillHeadLossFunction(torch.autograd.Function):
-    """(ce, mlm) against sparse teacher targets, with the gradient of kd_weight * ce + lm_weight * mlm
-    w.r.t. student hidden, decoder weight and bias computed in the forward."""
+    """(ce, mlm) against sparse teacher targets; the forward computes the losses only, the backward
+    recomputes the chunks and forms the gradient of g_ce * ce + g_mlm * mlm (the grad_outputs) w.r.t.
+    student hidden, decoder weight and bias."""
 
     @staticmethod
     def forward(ctx, hs, ws, bs, logq, ids, logq_rest, labels, temperature, chunk_size, kd_weight, lm_weight,
@@ -205,37 +211,31 @@ class SparseDistillHeadLossFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         mm = matmul_dtype(hs, ws)                  # read before autocast is switched off
         y = labels.to(hs.device) if (labels is not None and lm_weight != 0.0) else None
-        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        args = (hs.detach(), ws.detach(), bs.detach() if bs is not None else None, logq, ids, logq_rest, y,
-                temperature, chunk_size, divergence)
         with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
-            ce, mlm, dh, dw, db = _sparse_loss(*args, kd_weight, lm_weight, want, mm)
-        if want:
-            ctx.save_for_backward(dh, dw, db)
-            ctx.recompute = args + (mm,)
-        ctx.weights = (kd_weight, lm_weight if y is not None else 0.0)
+            ce, mlm = _sparse_loss(hs.detach(), ws.detach(), bs.detach() if bs is not None else None, logq, ids,
+                                   logq_rest, y, temperature, chunk_size, divergence, mm)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ctx.save_for_backward(hs, ws, bs, logq, ids, logq_rest, y)   # the inputs only (see the dense op)
+            ctx.args = (temperature, chunk_size, divergence, mm)
         ctx.has_labels = y is not None
-        ctx.w_dtype, ctx.b_dtype = ws.dtype, (bs.dtype if bs is not None else None)
         return ce, mlm
 
     @staticmethod
     def backward(ctx, g_ce, g_mlm):
-        dh, dw, db = ctx.saved_tensors
-        g_ce = 0.0 if g_ce is None else float(g_ce)
-        g_mlm = 0.0 if (g_mlm is None or not ctx.has_labels) else float(g_mlm)
-        s = common_scale(g_ce, g_mlm, *ctx.weights, eps=torch.finfo(dw.dtype).eps)
-        if s is None:
-            # grad_outputs not proportional to the loss weights: the chunk loop again, with them as weights
-            *args, mm = ctx.recompute
-            with torch.no_grad(), torch.autocast(dh.device.type, enabled=False):
-                _, _, dh, dw, db = _sparse_loss(*args, g_ce, g_mlm, True, mm)
-        elif s != 1.0:
-            dh, dw = dh * s, dw * s
-            db = db * s if db is not None else None
-        gh = dh if ctx.needs_input_grad[0] else None
-        gw = dw.to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        gb = db.to(ctx.b_dtype) if (db is not None and ctx.needs_input_grad[2]) else None
-        return gh, gw, gb, None, None, None, None, None, None, None, None, None
+        if not ctx.has_labels:
+            g_mlm = None                                   # mlm = 0 without MLM work: no gradient
+        if g_ce is None and g_mlm is None:
+            return (None,) * 12
+        hs, ws, bs, logq, ids, logq_rest, y = ctx.saved_tensors
+        temperature, chunk_size, divergence, mm = ctx.args
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
+            dh, dw, db = _sparse_loss(hs.detach(), ws.detach(), bs.detach() if bs is not None else None, logq,
+                                      ids, logq_rest, y, temperature, chunk_size, divergence, mm,
+                                      grad=(g_ce, g_mlm, need))
+        gw = dw.to(ws.dtype) if dw is not None else None
+        gb = db.to(bs.dtype) if db is not None else None
+        return dh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 def sparse_distill_head_loss_reference(student_hidden, student_weight, student_bias, teacher_logp, teacher_ids,
