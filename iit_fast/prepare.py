@@ -109,7 +109,7 @@ def default_teacher_apart(cache_dir) -> Path:
     cmd = [sys.executable, "-m", "iit_fast.teacher", "build"] + (["--cache-dir", str(cache_dir)] if cache_dir else [])
     repo = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    r = subprocess.run(cmd, env=env, stdout=sys.stderr)  # its progress on stderr, as in-process
+    r = subprocess.run(cmd, env=env, stdout=2)  # its progress on stderr (fd 2), as in-process
     if r.returncode:
         raise ValueError(f"building the default teacher failed (`{' '.join(cmd[1:])}` exited {r.returncode}; "
                          f"its error is above)")

@@ -373,3 +373,22 @@ def test_cache_mismatch_fails_before_work(tmp_path, assets, capsys):
     assert code == 2 and re.search(r"error: --w_cos 0.25 needs the teacher's hidden states, and --teacher_cache "
                                    r".* was built without them", err), err
     assert not (tmp_path / "out").exists()
+
+
+# ---- memory: the default teacher is built apart --------------------------------------------------------
+
+def test_memory_default_teacher_built_in_a_child_process(tmp_path, capsys):
+    """The embedded teacher is built by `python -m iit_fast.teacher build` in a child process (its memory goes
+    back to the system when it exits; benchmarks/results/train-memory.md): a built one is found without a
+    child; a failed build is one error naming the command and its exit status."""
+    from iit_fast.prepare import default_teacher_apart
+    from iit_fast.teacher import default_teacher_dir
+    built = default_teacher_dir(tmp_path / "cache")
+    built.mkdir(parents=True)
+    (built / "metrics.json").write_text("{}")
+    assert default_teacher_apart(tmp_path / "cache") == built
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(ValueError, match=rf"building the default teacher failed \(`-m iit_fast.teacher build "
+                                         rf"--cache-dir {re.escape(str(not_a_folder))}` exited 1; its error is above\)"):
+        default_teacher_apart(not_a_folder)
