@@ -62,7 +62,7 @@ def main() -> int:
         plan = sample_plan(batch["attention_mask"], make_alignment("middle", 4, 2), torch.Generator().manual_seed(0))
         index = step_index(batch, plan, cfg, teacher.kind)               # on the CPU, with the plan
 
-        def step():
+        def step(teacher=teacher, student=student, batch=batch, plan=plan, cfg=cfg, index=index):
             dev_batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             out = distill_step(teacher, student, dev_batch, plan.to(device), cfg, check=False,
                                index=index.to(device))
