@@ -24,6 +24,7 @@ from iit_fast.config import DistillConfig
 from iit_fast.sampling import make_alignment, sample_plan
 from test_step import assert_same_step, run
 from test_step_decoder import causal_batch, causal_pair, plan_for
+from test_train import assets  # noqa: F401  (the main job's tiny teacher, corpus and DeepSpeed configs)
 from tiny import tiny_batch, tiny_pair
 
 
@@ -302,3 +303,29 @@ def test_checkpointing_fast_equals_naive_under_zero(tmp_path):
 
 if __name__ == "__main__":  # a rank of test_checkpointing_fast_equals_naive_under_zero
     worker_zero(__import__("sys").argv[1])
+
+
+# ---- the main job -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_checkpointing_main_job_runs(tmp_path, assets):
+    """train.py with --activation_checkpointing on a Llama-style teacher under ZeRO-3 (the causal fast step with
+    its suffix passes, the index made on the CPU), and a BERT one asked by the DeepSpeed section: they train,
+    and say that checkpointing is on and why."""
+    import json
+    from pathlib import Path
+
+    from test_train import decoder_teachers, finish, launch, steps_of
+    llama = decoder_teachers(tmp_path)["llama"]
+    section = tmp_path / "zero2_ckpt.json"
+    section.write_text(json.dumps(dict(json.loads(Path(assets["ds"][2]).read_text()),
+                                       activation_checkpointing={})))
+    runs = {"flag": launch(assets, tmp_path / "run_flag", steps=2, teacher=llama, eval_sequences=8, stage=3,
+                           activation_checkpointing=True),
+            "section": launch(assets, tmp_path / "run_section", steps=2, eval_sequences=8, deepspeed_config=section)}
+    for name, p in runs.items():
+        out = tmp_path / f"run_{name}"
+        text = finish(p, out, timeout=600)
+        assert "activation checkpointing of the student's" in text, text[-2000:]
+        assert ("--activation_checkpointing" if name == "flag" else "DeepSpeed config's") in text
+        assert [r["step"] for r in steps_of(out)] == [1, 2], text[-2000:]
