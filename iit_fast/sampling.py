@@ -148,7 +148,7 @@ def _move(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
     flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors])                # (sum numel,)
     if device.type == "cuda" and flat.device.type == "cpu":
         flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
+    flat = flat.to(device, non_blocking=device.type != "cpu")  # a non-blocking copy to the host may be unfinished
     parts = flat.split([t.numel() for t in tensors])
     return [p.view(t.shape).to(t.dtype) for p, t in zip(parts, tensors)]
 
