@@ -210,3 +210,29 @@ def test_a_step_with_a_boolean_gather_is_counted(monkeypatch):
     monkeypatch.setattr(step_module, "_rows", by_mask)
     syncs = step_syncs(*masked_case(True, "masked"), monkeypatch)
     assert any("step.py" in s and "aten.index" in s for s in syncs), syncs
+
+
+def test_step_index_and_plan_move_in_one_copy():
+    """The index and the plan go to the device as one host-to-device copy each, every tensor back in its
+    shape and dtype ("meta" stands in for the device: the copy is counted, not run)."""
+    teacher, student, batch, plan, cfg = causal_case("llama", True, "all", "full")
+    index = step_index(batch, plan, cfg, teacher.kind)
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket in (aten._to_copy, aten.copy_) and kwargs.get("device") == torch.device("meta"):
+                copies.append(func)
+            return func(*args, **kwargs)
+
+    with Copies():
+        moved, moved_plan = index.to("meta"), plan.to("meta")
+    assert len(copies) == 2, copies
+    assert index.groups and index.swaps and index.scales
+    for name, head in index.heads.items():
+        for a, b in zip(head, moved.heads[name]):
+            assert (a is None) == (b is None) and (a is None or (a.shape == b.shape and a.dtype == b.dtype))
+    assert [q0 for _, q0 in moved.groups] == [q0 for _, q0 in index.groups]
+    assert all(a.shape == b.shape for sa, sb in zip(index.swaps, moved.swaps) for a, b in zip(sa, sb))
+    assert moved_plan.pi.device.type == "meta" and moved_plan.pi.shape == plan.pi.shape
