@@ -146,9 +146,10 @@ def test_fast_step_has_no_sync(case, monkeypatch):
     assert syncs == [], "\n".join(syncs)
 
 
-@pytest.mark.xfail(strict=True, reason="the fused head loss still reads its active rows (`bool(active.all())`, "
-                   "`nonzero`) and its grad outputs (`float(g_ce)`) on the host; its backward is being reworked "
-                   "(issue 23 item 1): when this passes, drop the marker and the HEAD_LOSS filter above")
+@pytest.mark.xfail(strict=True, reason="the fused head loss still reads which of its rows count on the host "
+                   "(ops/head_loss/chunked.py HeadLossRows: `bool(active.all())`, `nonzero`), though the fast step "
+                   "passes only rows that count (StepIndex): when this passes, drop the marker and the HEAD_LOSS "
+                   "filter above")
 @pytest.mark.parametrize("case", ["bert-masked-padded", "llama-all-unpadded"])
 def test_head_loss_has_no_sync(case, monkeypatch):
     syncs = [s for s in step_syncs(*CASES[case](), monkeypatch) if HEAD_LOSS in s]
