@@ -17,6 +17,10 @@ Any other corpus goes through ``load_corpus``: local .txt/.jsonl/.json/.parquet 
 glob or a list of them; JSON/parquet text from ``text_column``), or a Hugging Face dataset name
 ``name[:config]`` when the hub is reachable. It is streamed through ``datasets`` (arrow files on disk):
 deduplication and the split read a 64-bit hash per paragraph, never the corpus's text in Python memory.
+Memory while loading: the interpreter and libraries, ~40 bytes per paragraph (the hash column at the
+peak of np.unique) and a few times the longest line (one map batch holds it); not the corpus's size
+(benchmarks/corpus_memory.py: a 2 GB corpus and a single 50 MB line, results in
+benchmarks/results/corpus-memory.md). Tokenising is bounded in data.py (PIECE_CHARS).
 
 The module is over 400 lines because it holds both jobs on the corpus: building the default one from
 Debian text (cleaners, sources) and loading any corpus; they share the normalisation and the split rule.
