@@ -63,7 +63,10 @@ def main(argv=None):
              "alternately in one process). The shard was in the page cache. `% of training on the shard`: the "
              f"check's time over the time the cached CPU step takes to consume the shard ({CACHED_TOKENS_PER_S:,.0f} "
              f"tokens/s x {BYTES_PER_TOKEN:,.0f} bytes/token, benchmarks/results/teacher-cache.md); once per shard "
-             "and process, nothing in later epochs.")
+             "and process, nothing in later epochs. An upper bound: the check was timed on a loaded machine, the "
+             "training rate on a quiet one.")
+    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else False
+    notes += f" CPU {'with' if amx else 'without'} AMX."
     write_results("cache-checksum", {"machine": machine(), "args": vars(a)}, rows,
                   title="Teacher cache: the cost of the per-shard checksum", notes=notes)
     for r in rows:
