@@ -7,11 +7,14 @@
 - Two gloo ranks (slow): losses and student gradients with the teacher partitioned as it is built equal
   the replicated teacher's, for a masked (BERT, tied decoder) and a causal (Llama, untied head) teacher:
   student ZeRO-3 + teacher on the student's settings, and student ZeRO-2 + teacher on its own ZeRO-3 plan
-  with its parameters offloaded to CPU. Sampled at every tensor read and every block run, no rank holds
-  more teacher bytes than its partition + one module gathered (+ DeepSpeed's prefetch bucket).
+  with its parameters offloaded to CPU. Sampled after every tensor read and as every module with
+  parameters starts, no rank holds more teacher bytes than its partition + one module gathered.
+- Through train.py: a bad teacher plan is one `error:` line before work; a run on a teacher cache reads no
+  teacher tensor; 2 ranks (slow), student ZeRO-2 + teacher offloaded on its own plan == replicated.
 - Two gloo ranks (slow): peak RSS per rank above the runtime's own (torch, DeepSpeed, transformers, the
-  process group: measured per rank before anything is loaded) while loading a 16 x 1024 Llama-shaped bf16
-  teacher (0.55 GB) and during 2 steps of a small student: sharded <= 0.6x replicated.
+  process group and one warm-up step: measured per rank before anything is loaded), through loading a
+  16 x 1024 Llama-shaped bf16 teacher (0.55 GB) and 2 steps of a small student: sharded <= 0.6x replicated;
+  while loading, at most the partition + one module.
 
 The rank side is this file run as a script under torch.distributed.run (as tests/test_scale.py).
 """
@@ -481,9 +484,9 @@ def test_shard_and_offload_teacher_equal_replicated_two_ranks(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_shard_peak_rss_two_ranks(tmp_path):
-    """0.55 GB bf16 Llama-shaped teacher, 2 ranks, a small student (2 x 256) under ZeRO-2:
-    peak RSS above the runtime's own, while loading and during 2 steps, sharded <= 0.6x replicated on every
-    rank; the sampled teacher bytes never exceed the partition + one module."""
+    """0.55 GB bf16 Llama-shaped teacher, 2 ranks, a small student (2 x 256) under ZeRO-2: peak RSS above
+    the runtime's own through loading and 2 steps, sharded <= 0.6x replicated on every rank (measured 0.58-0.59);
+    while loading, the partition + one module; the sampled teacher bytes never exceed the partition + one module."""
     folder = save_big_bf16(tmp_path / "big")
     assert (folder / "model.safetensors").stat().st_size >= 0.5e9
     rows = {}
@@ -492,9 +495,13 @@ def test_shard_peak_rss_two_ranks(tmp_path):
         rows[variant] = json.loads(run_ranks(tmp_path, 2, out, "rss", variant, folder, env=RSS_ENV).read_text())
     for rank in range(2):
         rep, sh = rows["replicated"][rank], rows["sharded"][rank]
-        for phase in ("load_peak_MB", "step_peak_MB"):
-            r, s = rep[phase] - rep["base_MB"], sh[phase] - sh["base_MB"]
-            assert s <= 0.6 * r, (rank, phase, s, r, rep, sh)
+        # the peak through load and steps (a replicated bf16 teacher is a lazily mapped file until the first
+        # step touches it, so its load alone shows only the runtime's own cost)
+        r, s = rep["step_peak_MB"] - rep["base_MB"], sh["step_peak_MB"] - sh["base_MB"]
+        assert s <= 0.6 * r, (rank, s, r, rep, sh)
+        # while loading: the partition + one module + what the replicated load costs besides the teacher
+        load = sh["load_peak_MB"] - sh["base_MB"]
+        assert load <= sh["teacher_MB"] / 2 + sh["unit_MB"] + (rep["load_peak_MB"] - rep["base_MB"]), (rank, load, sh)
         assert sh["samples"] > 2 * BIG["layers"]
         assert sh["sampled_teacher_MB"] <= sh["teacher_MB"] / 2 + sh["unit_MB"] + 0.9 * BIG["hidden"] ** 2 * 2 / 2 ** 20, sh
         assert rep["losses"] == pytest.approx(sh["losses"], rel=2e-2)  # bf16 teacher: the same run, another layout
