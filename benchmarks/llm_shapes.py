@@ -194,7 +194,7 @@ def planned_peak(shape, seq, batch, mode, ckpt, adamw, precision) -> int | None:
         return None
     factory, student_layers, shared = SHAPES[shape]
     p = plan(PlanInput(teacher=factory(), student_layers=student_layers, seq=seq, micro_batch=batch, mode=mode,
-                       precision=precision, activation_checkpointing=ckpt, optimizer=adamw, shared_vocab=shared,
+                       precision="bf16-autocast" if precision == "bf16" else "fp32", activation_checkpointing=ckpt, optimizer=adamw, shared_vocab=shared,
                        device="cpu"))
     return p.total
 
@@ -287,7 +287,8 @@ def main():
                         res = run_isolated([shape, seq, args.batch, mode, ck == "on", args.adamw, precision,
                                             args.warmup, args.repeats])
                     except RuntimeError as e:
-                        r["skipped"] = f"failed: {str(e).splitlines()[-1][:200]}"
+                        r["skipped"] = f"failed: {str(e).splitlines()[0][:200]}" + (
+                            " (killed: the machine ran out of memory)" if "exit -9" in str(e) else "")
                         print(f"FAILED {r}: {e}", flush=True)
                         rows[row_key(r)] = r
                         continue
@@ -365,9 +366,6 @@ def write(name, rows: dict, peaks, load, peak_dtype, args):
     payload = {"machine": m, "matmul_peak_gflops": peaks, "peak_dtype": peak_dtype, "summary": summary}
     write_results(name, payload, rows, cols, title=f"Distillation step at LLM shapes ({m['device']})", notes=notes)
 
-
-if __name__ == "__main__":
-    main()
 
 
 # ---- the planner's validation (iit_fast/plan.py against the measured rows) -------------------------------------
@@ -457,3 +455,6 @@ def validate(names=("llm-shapes-cpu", "llm-shapes-validation-cpu"), tolerance: f
         print(f"{r['shape']:13s} {r['seq']:5d} b{r['batch']} {r['mode']:8s} ckpt {r['checkpointing']:3s} "
               f"measured {r['measured GiB']:6.2f} planner {r['planner GiB']:6.2f} ratio {r['planner / measured']:.2f}")
     print(markdown_table(gpu))
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,10 @@ models.IntervenableLM), for the decoder families llama, qwen2 and mistral (the L
   reference losses (`ops.head_loss.reference`: log-softmax and teacher probabilities in fp32 kept for
   backward), the source pass's graph below the site.
 
+The peak: the weights, the optimizer state and the teacher's part are resident; the step's peak is the larger
+of the start of backward (every saved activation, the head loss's backward buffers, the decoder's gradient)
+and its end (every gradient): the blocks' gradients land as their activations are freed, so the two do not add.
+
 Weights, gradients and optimizer state follow ZeRO's accounting (Rajbhandari et al. 2020): fp32 weights 4 + 4
 (grads) + 8 (AdamW moments); DeepSpeed bf16 mode 2 + 2 + 12 (fp32 master + moments), the optimizer part
 divided by the world size from stage 1, the gradients from stage 2, the weights at stage 3. The teacher:
@@ -151,10 +155,18 @@ class PlanInput:
 class Plan:
     parts: dict[str, int] = field(default_factory=dict)     # bytes per rank
     detail: dict[str, str] = field(default_factory=dict)
+    head_grad: int = 0       # the decoder's gradient: the first one backward makes (the head loss's)
 
     @property
     def total(self) -> int:
-        return sum(self.parts.values())
+        """The step's peak: resident parts + the larger of backward's start and its end (module docstring)."""
+        pa = self.parts
+        resident = sum(pa.get(k, 0) for k in ("teacher weights", "student weights", "optimizer state",
+                                              "teacher activations"))
+        start = sum(pa.get(k, 0) for k in ("student activations", "counterfactual passes", "head-loss buffers",
+                                           "backward working set")) + self.head_grad
+        end = pa.get("student grads", 0) + pa.get("backward working set", 0)
+        return resident + max(start, end)
 
 
 def _middle(n: int) -> int:
@@ -225,6 +237,7 @@ def plan(inp: PlanInput) -> Plan:
     Z = inp.zero_stage
     p.parts["student weights"] = s.params * w // (W if Z >= 3 else 1)
     p.parts["student grads"] = s.params * g // (W if Z >= 2 else 1)
+    p.head_grad = s.V * s.D * g // (W if Z >= 2 else 1)
     p.parts["optimizer state"] = (s.params * o // (W if Z >= 1 else 1)) if inp.optimizer else 0
 
     # ---- activations ----
@@ -287,9 +300,10 @@ def _naive(p: Plan, inp, s, t, B, S, V, per_tok, casts, s_site, r, tb, ck, kv_to
     p.parts["counterfactual passes"] = per_pass * (1 + below) + 2 * N * 3 * r * s.D
     # teacher: base and counterfactual logits kept through the losses (its dtype), one more in flight
     p.parts["teacher activations"] = 3 * N * V * tb + 3 * N * t.D * tb + N * (3 * t.I + 4 * t.D) * tb
-    # kept for backward: kd (student log-softmax + teacher probabilities, fp32) x 2 (ce, iit), CE log-softmax;
-    # in flight at the last loss: the student's logits of two passes, and the loss's fp32 copies
-    p.parts["head-loss buffers"] = N * V * (8 * 2 + 4) + 2 * N * V * 2 + 4 * N * V * 4
+    # live at the last loss (iit): the four logits tensors in 2 bytes (z_t, z_s, z_cf_t, z_cf_s: naive_step's
+    # locals), kept for backward by ce and mlm (student log-softmax + teacher probabilities, CE log-softmax: 12
+    # bytes), and the iit loss's fp32 temporaries (log_p_s, log_p_t, p_t, the difference, the product: 20 bytes)
+    p.parts["head-loss buffers"] = N * V * (4 * 2 + 12 + 5 * 4)
     p.parts["backward working set"] = recompute + N * 4 * s.D * 2 + N * s.I * 2 * 2
 
 
@@ -319,7 +333,7 @@ def format_plan(pl: Plan, inp: PlanInput, device_gb: float | None = None, fit: t
     lines = [f"{'part':24s} {'GiB per rank':>12s}"]
     for k, v in pl.parts.items():
         lines.append(f"{k:24s} {v / GiB:12.2f}")
-    lines.append(f"{'total':24s} {pl.total / GiB:12.2f}")
+    lines.append(f"{'peak':24s} {pl.total / GiB:12.2f}   (grads replace freed activations: not the sum)")
     for k, v in pl.detail.items():
         lines.append(f"{k}: {v}")
     if device_gb is not None and fit is not None:
@@ -368,7 +382,7 @@ def run(args) -> None:
             raise ValueError(f"--usable_fraction must be in (0, 1], got {args.usable_fraction}")
         fit = max_micro_batch(inp, args.device_memory_gb * 1e9 * args.usable_fraction)
     if args.json:
-        print(json.dumps({"parts_bytes": pl.parts, "total_bytes": pl.total, "detail": pl.detail,
+        print(json.dumps({"parts_bytes": pl.parts, "peak_bytes": pl.total, "detail": pl.detail,
                           "max_micro_batch": None if fit is None else fit[0]}, indent=1))
     else:
         print(format_plan(pl, inp, args.device_memory_gb, fit))

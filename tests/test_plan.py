@@ -110,7 +110,7 @@ def test_plan_zero_stages_divide_what_zero_partitions():
 def test_plan_checkpointing_and_fast_mode_cost_less_activation_memory():
     base = PlanInput(teacher=tiny_llama(num_hidden_layers=8), student_layers=4, seq=256, micro_batch=8,
                      optimizer=False)
-    acts = lambda p: p.total - sum(p.parts[k] for k in ("teacher weights", "student weights", "student grads"))  # noqa
+    acts = lambda p: p.total - sum(p.parts[k] for k in ("teacher weights", "student weights"))  # noqa: E731
     fast, naive = plan(base), plan(dataclasses.replace(base, mode="naive"))
     ck = plan(dataclasses.replace(base, activation_checkpointing=True))
     assert acts(fast) < acts(naive)
@@ -145,7 +145,9 @@ def test_plan_cli_prints_the_parts_and_the_fit(tmp_path, capsys):
     assert cli.main(["plan", "--teacher", str(path), "--student_layers", "2", "--seq", "128", "--micro_batch", "4",
                      "--device_memory_gb", "0.05", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["total_bytes"] == sum(out["parts_bytes"].values())
+    parts = out["parts_bytes"]
+    resident = sum(parts[k] for k in ("teacher weights", "student weights", "optimizer state", "teacher activations"))
+    assert resident + parts["student grads"] <= out["peak_bytes"] <= sum(parts.values()) + parts["student weights"]
     assert out["max_micro_batch"] >= 1
     assert cli.main(["plan", "--teacher", str(path), "--student_layers", "2", "--seq", "4096"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
