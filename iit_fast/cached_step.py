@@ -31,6 +31,7 @@ from torch import nn
 from .config import DistillConfig
 from .precision import student_autocast
 from .ops import hidden_loss
+from .ops.head_loss.sparse import sparse_distill_head_loss
 from .sampling import InterventionPlan
 from .step import StepOutput, counterfactual_last_hidden, weighted_total
 from .teacher_cache import TeacherCache, derived_seed
@@ -216,11 +217,11 @@ def sparse_head_losses(student, h_s: torch.Tensor, targets: tuple, labels: torch
     logp, ids, rest = targets
     with student_autocast(cfg, h_s.device):
         hs = student.head_transform(h_s)                                          # (N, D)
-        # through the student's loss module: under ZeRO-3 that call gathers its decoder
-        return student.lm_loss(hs, None, None, None, labels, None, cfg.temperature,
-                               impl="auto" if cfg.ops == "fused" else "reference", chunk_size=cfg.head_chunk,
-                               kd_weight=kd_weight, lm_weight=lm_weight, sparse_targets=(logp, ids, rest),
-                               divergence=divergence)
+        # the decoder read directly: under ZeRO-3 the engine gathers it (engine.init_engine)
+        return sparse_distill_head_loss(hs, student.decoder_weight, student.decoder_bias, logp, ids, rest, labels,
+                                        cfg.temperature, chunk_size=cfg.head_chunk,
+                                        impl="chunked" if cfg.ops == "fused" else "reference",
+                                        kd_weight=kd_weight, lm_weight=lm_weight, divergence=divergence)
 
 
 def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch.Tensor]:

@@ -199,12 +199,14 @@ def init_engine(ds: dict, step_module, optimizer_groups, lr: float, scheduler_fn
         engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=opt, config=ds,
                                                lr_scheduler=scheduler_fn)
     if engine.zero_optimization_stage() == 3:
-        # the loss module reads the tied decoder weight and bias without calling the decoder module:
-        # tell ZeRO-3 to gather them for it
+        # the step reads the tied decoder weight and bias directly (ops.distill_head_loss, not through the
+        # decoder module): registered with the step module, ZeRO-3 gathers them at its forward and again at
+        # its backward (the head loss's backward recomputes the logits from the weight), as DeepSpeed's docs
+        # prescribe for a parameter used outside its module
         student = engine.module.student
-        deepspeed.zero.register_external_parameter(student.lm_loss, student.decoder_weight)
+        deepspeed.zero.register_external_parameter(engine.module, student.decoder_weight)
         if student.decoder_bias is not None:
-            deepspeed.zero.register_external_parameter(student.lm_loss, student.decoder_bias)
+            deepspeed.zero.register_external_parameter(engine.module, student.decoder_bias)
     return engine
 
 

@@ -237,10 +237,12 @@ def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.T
     with student_autocast(cfg, h_s.device), _gathered(teacher.decoder_weight, teacher.decoder_bias):
         hs = student.head_transform(h_s)                                          # (N, Ds)
         tw, tb = _vocab_rows(teacher.decoder_weight, vocab), _vocab_rows(teacher.decoder_bias, vocab)
-        kw = dict(impl=_impl(cfg), chunk_size=cfg.head_chunk, kd_weight=kd_weight, lm_weight=lm_weight,
-                  divergence=divergence)
-        return student.lm_loss(hs, ht, tw, tb, labels, kd_mask, cfg.temperature, **kw,
-                               vocab=None if student.vocab_size == vocab else vocab)
+        # the student's decoder read directly, as every op's inputs: under ZeRO-3 the engine gathers it
+        # (engine.init_engine registers it with the step module)
+        sw, sb = _vocab_rows(student.decoder_weight, vocab), _vocab_rows(student.decoder_bias, vocab)
+        return ops.distill_head_loss(hs, ht, sw, sb, tw, tb, labels, kd_mask, cfg.temperature, impl=_impl(cfg),
+                                     chunk_size=cfg.head_chunk, kd_weight=kd_weight, lm_weight=lm_weight,
+                                     divergence=divergence)
 
 
 def _gathered(*params):

@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from iit_fast.models import IntervenableLM, init_student_from_teacher, student_layer_map
+from iit_fast.ops import distill_head_loss
 from iit_fast.ops.head_loss.reference import kd_loss_reference
 from iit_fast.ops.interchange.reference import interchange_reference
 from tiny import TINY_CAUSAL, tiny_causal_batch, tiny_gpt2, tiny_llama
@@ -121,12 +122,12 @@ def test_head_split_tied_and_untied(make, tied):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_head_loss_module_takes_a_bias_free_decoder():
+def test_head_loss_takes_a_bias_free_decoder():
     teacher, student = IntervenableLM(tiny_llama(seed=0)), IntervenableLM(tiny_llama(seed=1))
     h_t, h_s = torch.randn(7, 32), torch.randn(7, 32)
     with torch.no_grad():
-        ce, _ = student.lm_loss(student.head_transform(h_s), teacher.head_transform(h_t), teacher.decoder_weight,
-                                teacher.decoder_bias, None, None, 2.0)
+        ce, _ = distill_head_loss(student.head_transform(h_s), teacher.head_transform(h_t), student.decoder_weight,
+                                  student.decoder_bias, teacher.decoder_weight, teacher.decoder_bias, None, None, 2.0)
         ref = kd_loss_reference(student.logits(h_s), teacher.logits(h_t), None, 2.0)
     assert ref > 0
     torch.testing.assert_close(ce, ref, rtol=1e-5, atol=1e-6)

@@ -152,7 +152,12 @@ def worker_accum(out: Path, stages: list[int]):
         for variant in ("accum", "big") + (("bypass",) if stage == 3 else ()):
             micro, accum = (2 * B_HALF, 1) if variant == "big" else (B_HALF, 2)
             teacher, engine = _engine(tmp, stage, micro, accum, world)
-            results[f"{stage}/{variant}"] = _train(engine, teacher, rank, variant)
+            try:
+                results[f"{stage}/{variant}"] = _train(engine, teacher, rank, variant)
+            except RuntimeError as e:  # the bypass under ZeRO-3: the decoder is gathered by the engine only
+                if variant != "bypass":
+                    raise
+                results[f"{stage}/{variant}"] = {"error": str(e)[:300]}
             if stage == 3 and variant == "big":
                 results["param_count_zero3"] = param_count(engine.module.student)
                 results["local_numel_zero3"] = sum(p.numel() for p in engine.module.student.parameters())
@@ -262,6 +267,11 @@ def check_accumulation(res: dict, stages):
         for s in range(STEPS):
             assert abs((acc[2 * s] + acc[2 * s + 1]) / 2 - big[s]) <= 1e-5 * abs(big[s])
     bypass, big = res["3/bypass"], res["3/big"]
+    if "error" in bypass:
+        # the step reads the decoder directly; the engine gathers it (registered with the step module), so a
+        # step called around the engine cannot read it at all: it fails loudly instead of training wrong
+        assert "exceeds dimension size" in bypass["error"] or "shape" in bypass["error"], bypass["error"]
+        return
     g_err = _grad_error(bypass["grads"], big["grads"])
     assert g_err > 100 * GRAD_RTOL, f"the bypass should break ZeRO-3 accumulation, differs by only {g_err:.3g}"
     assert _weight_error(bypass["weights"], big["weights"]) > 100 * WEIGHT_ATOL

@@ -15,8 +15,8 @@ family-neutral: embed (or resume), build the block context once, run blocks [sta
 
 The head is split as the fused loss needs it: `head_transform` (an ordinary module: BERT's dense + act +
 LayerNorm; a decoder's final norm) and the decoder (`decoder_weight`, `decoder_bias`; `decoder_bias` is
-None for the bias-free `lm_head` of GPT-2 / Llama). `lm_loss` is a submodule whose forward computes the
-distillation head losses from transformed states.
+None for the bias-free `lm_head` of GPT-2 / Llama); the step gives them to `ops.distill_head_loss` directly
+(under ZeRO-3 the engine gathers them: `engine.init_engine`).
 
 `last_hidden` is the output of the last block, before any final norm: for an encoder that is HF's
 `hidden_states[-1]`; for a decoder HF's `hidden_states[-1]` is after the final norm, which we count as
@@ -80,51 +80,11 @@ class PassOutput:
     sites: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, S, D) kept site states
 
 
-class DistillHeadLoss(nn.Module):
-    """Decoder + distillation losses on transformed states, as one module call (see `ops.distill_head_loss`).
-
-    It owns no parameters of its own: the decoder's weight and bias belong to the model (tied to the
-    word embeddings). Under ZeRO-3 the trainer registers them as external parameters of this module.
-    A decoder without a bias (`decoder_bias` None, GPT-2 / Llama) is given to the op as zeros.
-    """
-
-    def __init__(self, owner: "IntervenableLM"):
-        super().__init__()
-        self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
-
-    def forward(self, hidden, teacher_hidden, teacher_weight, teacher_bias, labels, kd_mask,
-                temperature: float, impl: str = "auto", chunk_size: int | None = None, kd_weight: float = 1.0,
-                lm_weight: float = 1.0, vocab: int | None = None, sparse_targets: tuple | None = None,
-                divergence=None):
-        """`vocab`: compare over the decoder's first `vocab` rows only (a student whose embedding has
-        padding rows past the tokenizer's ids); they get no gradient. `sparse_targets` = (log-probs (N, k),
-        ids (N, k), rest (N,)): a cached teacher's top-k instead of its states and decoder
-        (`ops.head_loss.sparse`; the teacher arguments are then None)."""
-        from ..ops import distill_head_loss
-        owner = self._owner[0]
-        weight, bias = owner.decoder_weight, owner.decoder_bias
-        if vocab is not None:
-            weight, bias = weight[:vocab], (None if bias is None else bias[:vocab])      # (V', D), (V',)
-        bias = weight.new_zeros(weight.shape[0]) if bias is None else bias                 # (V,)
-        if sparse_targets is not None:
-            from ..ops.head_loss.sparse import sparse_distill_head_loss
-            logp, ids, rest = sparse_targets
-            return sparse_distill_head_loss(hidden, weight, bias, logp, ids, rest, labels, temperature,
-                                            chunk_size=chunk_size, impl="reference" if impl == "reference"
-                                            else "chunked", kd_weight=kd_weight, lm_weight=lm_weight,
-                                            divergence=divergence)
-        if teacher_weight is not None and teacher_bias is None:
-            teacher_bias = teacher_weight.new_zeros(teacher_weight.shape[0])               # (V,)
-        return distill_head_loss(hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
-                                 kd_mask, temperature, chunk_size=chunk_size, impl=impl, kd_weight=kd_weight,
-                                 lm_weight=lm_weight, divergence=divergence)
-
-
 class IntervenableLM(nn.Module):
     """Wraps a Hugging Face LM of a supported family so passes can be cut, intervened on and resumed.
 
     Attributes: `model` (the HF model), `adapter` (its family adapter), `family` (e.g. "bert", "llama"),
-    `kind` ("masked" or "causal"), `lm_loss`, `site_projection` (None until `attach_site_projection`).
+    `kind` ("masked" or "causal"), `site_projection` (None until `attach_site_projection`).
     """
 
     def __init__(self, model: nn.Module):
@@ -133,7 +93,6 @@ class IntervenableLM(nn.Module):
         self.family = self.adapter.family
         self.kind = self.adapter.kind
         self.model = model
-        self.lm_loss = DistillHeadLoss(self)
         self.site_projection: nn.Linear | None = None  # student -> teacher width, for the `mse` loss
         self.activation_checkpointing: str | None = None  # None, or one of CHECKPOINTING
 
