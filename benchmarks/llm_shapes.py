@@ -186,7 +186,7 @@ def checkpointing_available() -> tuple[bool, str]:
     return False, "checkpointing rows skipped: IntervenableLM has no enable_activation_checkpointing (not landed)"
 
 
-def planned_peak(shape, seq, batch, mode, ckpt, adamw, precision) -> int | None:
+def planned_peak(shape, seq, batch, mode, ckpt, adamw, precision, q0="worst") -> int | None:
     """The planner's estimate of the row's step peak (bytes, models included), or None without a planner."""
     try:
         from iit_fast.plan import PlanInput, plan
@@ -195,7 +195,7 @@ def planned_peak(shape, seq, batch, mode, ckpt, adamw, precision) -> int | None:
     factory, student_layers, shared = SHAPES[shape]
     p = plan(PlanInput(teacher=factory(), student_layers=student_layers, seq=seq, micro_batch=batch, mode=mode,
                        precision="bf16-autocast" if precision == "bf16" else "fp32", activation_checkpointing=ckpt, optimizer=adamw, shared_vocab=shared,
-                       device="cpu"))
+                       device="cpu", q0=q0))
     return p.total
 
 
@@ -338,6 +338,10 @@ def write(name, rows: dict, peaks, load, peak_dtype, args):
     rows = sorted(rows.values(), key=lambda r: (r["shape"], r["seq"], r["batch"], r["adamw"], r["checkpointing"],
                                                 MODES.index(r["mode"])))
     peak = max(peaks)
+    for r in rows:   # the current planner's figure (the memory check at run time may have used an older one)
+        est = planned_peak(r["shape"], r["seq"], r["batch"], r["mode"], r["checkpointing"] == "on", r["adamw"],
+                           r["precision"], r.get("raw", {}).get("base_start", "worst"))
+        r["planned_peak_GiB"] = None if est is None else est / 2**30
     summary = summarise(rows, peak)
     m = machine()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
@@ -352,11 +356,11 @@ def write(name, rows: dict, peaks, load, peak_dtype, args):
              + markdown_table(summary) +
              f"\nMatmul peak ({peak_dtype}, benchmarks/peak.py, best of {args.peak_repeats} per GEMM shape, "
              f"measured at the start and end of every invocation): {', '.join(f'{p:.0f}' for p in peaks)} GFLOP/s; "
-             f"MFU uses the largest, {peak:.0f}. Each row: `warmup` step(s), then the median of `repeats` timed "
+             f"MFU uses the largest, {peak:.0f} (measured under the same load as the rows: on a shared machine both are depressed, so MFU is loose). Each row: `warmup` step(s), then the median of `repeats` timed "
              "step(s) (1 each at LLM shapes: a step takes minutes on 2 shared cores). step peak = the RSS "
              "high-water mark over the row's steps (models included, the interpreter too); models = RSS after "
              "building the models minus runtime (RSS before any model). planned_peak = iit_fast/plan.py's "
-             "prediction of models + step (runtime excluded). Skipped rows name why (memory check or failure).\n\n"
+             "prediction of models + step (runtime excluded; the worst-case suffix for a row not run, its plan's span starts for a row run). Skipped rows name why (memory check or failure).\n\n"
              "Shapes: llama-3.2-1b = 16 x 2048, 32/8 heads, SwiGLU 8192, vocab 128256, tied, rope theta 5e5 -> 4 "
              "blocks; qwen2.5-0.5b = 24 x 896, 14/2 heads, 4864, vocab 151936 (losses over 151665 ids), tied -> 6 "
              "blocks; llama-style = benchmarks/step.py's (8 x 1024, 16/4 heads, 2816, vocab 32000 -> 4). Random "
@@ -449,7 +453,10 @@ def validate(names=("llm-shapes-cpu", "llm-shapes-validation-cpu"), tolerance: f
              "--zero_stage 2 --teacher_plan zero3 --world_size 8 --activation_checkpointing --device_memory_gb 80`.\n")
     cols = ["shape", "seq", "batch", "mode", "checkpointing", "adamw", "measured GiB", "planner GiB",
             "planner / measured", "within 15%"]
-    write_results("planner-validation", {"tolerance": tolerance, "gpu_predictions": gpu}, rows, cols,
+    m = machine()
+    m["allocator"] = "jemalloc (LD_PRELOAD) in every measured worker, as benchmarks/step.py sets it"
+    m["shared"] = "yes: ~7 agents shared these cores and memory"
+    write_results("planner-validation", {"machine": m, "tolerance": tolerance, "gpu_predictions": gpu}, rows, cols,
                   title="The planner (iit-fast plan) against measured step peaks", notes=notes)
     for r in rows:
         print(f"{r['shape']:13s} {r['seq']:5d} b{r['batch']} {r['mode']:8s} ckpt {r['checkpointing']:3s} "
