@@ -95,8 +95,19 @@ def worker(spec: dict) -> dict:
         chunk = spec.get("chunk")
         impl = "triton" if dev == "cuda" else name
 
+        div = None
+        if spec.get("divergence"):
+            from iit_fast.ops.head_loss.divergence import Divergence
+            div = Divergence.of(spec["divergence"], beta=spec.get("param", 0.5), alpha=spec.get("param", 0.1))
+            if dev == "cpu":
+                from iit_fast.ops.head_loss.native import _div_step, native_step
+                native_step()   # the libraries' loads are not timed
+                if not div.is_forward_kl:
+                    _div_step()
+
         def loss():
-            return distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, T, chunk_size=chunk, impl=impl)
+            return distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, T, chunk_size=chunk, impl=impl,
+                                     divergence=div)
     out = {}
 
     def step():
@@ -146,6 +157,9 @@ def run_one(spec: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker")
+    ap.add_argument("--divergences", action="store_true",
+                    help="each divergence of the ce term against forward KL (divergences_main); results "
+                         "head_loss-divergences-<device>.{json,md}")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default=None, help="results file name (default head_loss-<cpu|cuda>[-quick])")
     ap.add_argument("--only", action="append", default=None,
@@ -154,6 +168,9 @@ def main():
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.divergences:
+        divergences_main(args)
         return
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -251,6 +268,141 @@ def main():
     write_results(name, {"machine": m, "temperature": T, "shapes": shapes}, rows, cols,
                   title="distill_head_loss: chunked vs unfused (forward + backward)", notes=notes)
 
+
+# ----------------------------------------------------------------------------------------------------
+# --divergences: each divergence of the ce term against forward KL (issue 26)
+# ----------------------------------------------------------------------------------------------------
+
+# (divergence, its parameter): jsd's beta, the skew ones' alpha (DistiLLM's default 0.1)
+DIVERGENCES = [("forward_kl", None), ("reverse_kl", None), ("jsd", 0.5), ("skew_kl", 0.1),
+               ("skew_reverse_kl", 0.1), ("tvd", None)]
+DIV_HIDDEN = 768
+# the issue's shapes (tokens, vocab): the inner step over every row, per divergence
+DIV_SHAPES = [(4096, 32000), (16384, 32000), (4096, 128256), (16384, 128256)]
+# the whole op (forward + backward), every divergence in its own fresh process: time and peak memory
+DIV_OP_SHAPES = [(4096, 32000), (1024, 128256)]
+DIV_QUICK = ([(512, 5000)], [(512, 5000)])
+
+
+def _div(k, p):
+    from iit_fast.ops.head_loss.divergence import Divergence
+    return Divergence.of(k, beta=p or 0.5, alpha=p or 0.1)
+
+
+def inner_step_cpu(tokens: int, vocab: int, rounds: int = 2) -> dict:
+    """Process CPU seconds of the inner step alone over `tokens` rows (no GEMMs), per divergence: the op's
+    chunk size for this vocabulary, one chunk of logits copied in before each call (the copy not timed),
+    the divergences interleaved, the median of `rounds`. What a divergence adds to the op at this shape."""
+    import resource
+
+    from iit_fast.ops.head_loss.chunked import INNER, default_chunk_size
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    inner = INNER["triton" if dev == "cuda" else "native"]
+    c = default_chunk_size(tokens, vocab)
+    g = torch.Generator(device=dev).manual_seed(0)
+    zs0 = torch.randn(c, vocab, generator=g, device=dev) * 3
+    zt0 = zs0 + torch.randn(c, vocab, generator=g, device=dev)
+    y = torch.randint(0, vocab, (c,), generator=g, device=dev)
+    y[torch.rand(c, generator=g, device=dev) > 0.15] = -100
+    w = torch.full((c,), 1.0 / tokens, device=dev)
+    zs, zt = torch.empty_like(zs0), torch.empty_like(zt0)
+    cpu = {k: [] for k, _ in DIVERGENCES}
+    for k, p in DIVERGENCES:   # warm-up: the native libraries' loads are not timed
+        inner(zs0[:1].clone(), zt0[:1].clone(), y[:1], w[:1], w[:1], T, divergence=_div(k, p))
+
+    def now():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    for _ in range(rounds):
+        for k, p in DIVERGENCES:
+            div, total = _div(k, p), 0.0
+            for s in range(0, tokens, c):
+                e = min(s + c, tokens)
+                zs[: e - s].copy_(zs0[: e - s])
+                zt[: e - s].copy_(zt0[: e - s])
+                sync()
+                t0 = now()
+                inner(zs[: e - s], zt[: e - s], y[: e - s], w[: e - s], w[: e - s], T, divergence=div)
+                sync()
+                total += now() - t0
+            cpu[k].append(total)
+    return {k: statistics.median(v) for k, v in cpu.items()}
+
+
+def divergences_main(args):
+    """Each divergence against forward KL: (1) the whole op, forward + backward, in fresh processes (time
+    and extra peak memory) at DIV_OP_SHAPES; (2) the inner step alone over every row at the issue's shapes
+    (DIV_SHAPES), and from it the op's time ratio there: (T_op(forward KL) + inner_div - inner_fwd) /
+    T_op(forward KL), with T_op(forward KL) measured at 4k tokens and scaled linearly in tokens for 16k."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    inner_shapes, op_shapes = DIV_QUICK if args.quick else (DIV_SHAPES, DIV_OP_SHAPES)
+    d = 128 if args.quick else DIV_HIDDEN
+    load_before = os.getloadavg()
+    rows, op_cpu = [], {}
+    # (1) the whole op, one fresh process per divergence (no warm-up: the same cold start for each)
+    for n, v in op_shapes:
+        res = {}
+        for k, p in DIVERGENCES:
+            r = run_one({"tokens": n, "hidden": d, "vocab": v, "contender": "native", "chunk": None, "warmup": 0,
+                         "repeats": 1, "divergence": k, "param": p})
+            print(f"op {n} x {v}", k, r.get("times_s"), r.get("cpu_s"), r.get("extra_peak_bytes"), flush=True)
+            res[k] = r
+        base = res["forward_kl"]
+        if "error" not in base:
+            op_cpu[v] = (n, base["cpu_s"][0])
+        for k, p in DIVERGENCES:
+            r = res[k]
+            row = {"part": "whole op", "tokens": n, "vocab": v, "divergence": str(_div(k, p))}
+            if "error" in r or "error" in base:
+                row["note"] = r.get("error") or base.get("error")
+            else:
+                row.update({"time_s": r["times_s"][0], "cpu_s": r["cpu_s"][0],
+                            "time_ratio": r["times_s"][0] / base["times_s"][0],
+                            "cpu_ratio": r["cpu_s"][0] / base["cpu_s"][0],
+                            "extra_peak_MB": r["extra_peak_bytes"] / 2**20,
+                            "extra_peak_ratio": r["extra_peak_bytes"] / base["extra_peak_bytes"], "ce": r["ce"]})
+            rows.append(row)
+    # (2) the inner step over every row of the issue's shapes
+    for n, v in inner_shapes:
+        cpu = inner_step_cpu(n, v, rounds=1 if args.quick else 2)
+        print(f"inner {n} x {v}", cpu, flush=True)
+        op = op_cpu.get(v)
+        t_op = op[1] * n / op[0] if op else None
+        for k, p in DIVERGENCES:
+            row = {"part": "inner step", "tokens": n, "vocab": v, "divergence": str(_div(k, p)),
+                   "inner_cpu_s": cpu[k], "inner_ratio": cpu[k] / cpu["forward_kl"]}
+            if t_op is not None:
+                row["op_cpu_ratio_est"] = (t_op + cpu[k] - cpu["forward_kl"]) / t_op
+                row["fwd_op_cpu_s"] = t_op
+            rows.append(row)
+    load_after = os.getloadavg()
+    m = machine()
+    m["load_average_1_5_15_before_after"] = [load_before, load_after]
+    m["allocator"] = "jemalloc (LD_PRELOAD) in every worker" if os.path.exists(JEMALLOC) else m["allocator"]
+    impl = "triton" if dev == "cuda" else "native"
+    notes = (
+        f"`distill_head_loss(impl='{impl}', divergence=...)`, hidden {d}, T=2, 15% of tokens labelled, every "
+        "token in the divergence, default chunk size; jsd beta 0.5, skew alpha 0.1. Part `whole op`: forward + "
+        "backward of `0.25 ce + 0.25 mlm`, each divergence in its own fresh process (no warm-up, the same cold "
+        "start for each), one call: wall `time_s`, process CPU `cpu_s` (user+sys: less sensitive to the shared "
+        "cores), ratios against forward KL; `extra_peak_MB` = peak RSS minus the RSS after the inputs were "
+        "built. Part `inner step`: the per-chunk step alone (no GEMMs) over every row of the shape, process CPU "
+        "seconds, divergences interleaved, median of 2 rounds: what a divergence adds; `op_cpu_ratio_est` = "
+        "(forward KL's whole-op CPU time + inner_div - inner_fwd) / forward KL's whole-op CPU time, the "
+        "whole-op time measured above at the same vocabulary and scaled linearly in tokens (`fwd_op_cpu_s`). "
+        "Forward KL runs 3 passes per row; the others 4 (their gradient needs S = sum_v p_v g_v of the row "
+        "first) and no extra buffer: the teacher chunk holds the pass-3 scratch. The machine's 2 cores were "
+        "shared with other work (load averages below): wall times are noisy, CPU-time ratios are what to read. "
+        "Reproduce: `python benchmarks/head_loss.py --divergences`.")
+    notes += (f" Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in load_before)}; after: "
+              f"{', '.join(f'{x:.1f}' for x in load_after)}.")
+    name = args.name or f"head_loss-divergences-{dev}" + ("-quick" if args.quick else "")
+    cols = ["part", "tokens", "vocab", "divergence", "time_s", "time_ratio", "cpu_s", "cpu_ratio", "extra_peak_MB",
+            "extra_peak_ratio", "inner_cpu_s", "inner_ratio", "fwd_op_cpu_s", "op_cpu_ratio_est", "note"]
+    write_results(name, {"machine": m, "temperature": T, "hidden": d, "op_shapes": op_shapes,
+                         "inner_shapes": inner_shapes, "divergences": DIVERGENCES}, rows, cols,
+                  title="distill_head_loss: each divergence against forward KL", notes=notes)
 
 if __name__ == "__main__":
     main()
