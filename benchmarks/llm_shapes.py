@@ -427,10 +427,18 @@ def validate(names=("llm-shapes-cpu", "llm-shapes-validation-cpu"), tolerance: f
                                activation_checkpointing=r["checkpointing"] == "on", optimizer=r["adamw"],
                                shared_vocab=shared, device="cpu", q0=r["raw"]["base_start"]))
             measured = (r["raw"]["step_peak_bytes"] - r["raw"]["rss_runtime_bytes"]) / 2**30
+            # the step alone: above the RSS after building (which holds what the build freed and jemalloc kept)
+            weights = sum(v for k, v in p.parts.items() if k.endswith("weights")) / 2**30
+            step_meas = (r["raw"]["step_peak_bytes"] - r["raw"]["rss_models_bytes"]) / 2**30
+            models_meas = (r["raw"]["rss_models_bytes"] - r["raw"]["rss_runtime_bytes"]) / 2**30
             rows.append({"shape": r["shape"], "seq": r["seq"], "batch": r["batch"], "mode": r["mode"],
                          "checkpointing": r["checkpointing"], "adamw": r["adamw"], "measured GiB": measured,
                          "planner GiB": p.total / 2**30, "planner / measured": p.total / 2**30 / measured,
-                         "within 15%": abs(p.total / 2**30 / measured - 1) <= tolerance, "source": name,
+                         "within 15%": abs(p.total / 2**30 / measured - 1) <= tolerance,
+                         "models RSS GiB": models_meas, "planner weights GiB": weights,
+                         "step above models GiB": step_meas, "planner step GiB": p.total / 2**30 - weights,
+                         "step: planner / measured": (p.total / 2**30 - weights) / step_meas,
+                         "source": name,
                          "planner parts GiB": {k: round(v / 2**30, 3) for k, v in p.parts.items()}})
     gpu = gpu_predictions()
     from benchmarks.common import markdown_table
@@ -442,7 +450,11 @@ def validate(names=("llm-shapes-cpu", "llm-shapes-validation-cpu"), tolerance: f
              "planner = `iit_fast.plan.plan` for the row's shape, mode, checkpointing, AdamW state and its plan's "
              "span starts (q0), precision bf16-autocast (teacher bf16, student fp32 weights under bf16 autocast). "
              "benchmarks/results/step-decoders-cpu.json is not used: its peaks include the runtime, which it did not "
-             "record, and a teacher built in fp32 before its cast; the llama-style rows re-measure that shape.\n\n"
+             "record, and a teacher built in fp32 before its cast; the llama-style rows re-measure that shape. "
+             "The second comparison isolates the step: measured = step peak minus the RSS after building the "
+             "models, planner = its peak minus the weights. Where the two disagree the build left freed memory in "
+             "the process (jemalloc keeps it: the student's copy of the teacher's layers, initialisation "
+             "temporaries): 'models RSS' above 'planner weights'; a step may or may not reuse it.\n\n"
              "## What the planner predicts on GPUs (seq 4096, 8 ranks, fast step, DeepSpeed bf16, AdamW)\n\n"
              + markdown_table(gpu) +
              "\nmax micro-batch: per rank, within 90% of the device memory, the counterfactual's worst case (every "
@@ -452,7 +464,8 @@ def validate(names=("llm-shapes-cpu", "llm-shapes-validation-cpu"), tolerance: f
              "`iit-fast plan --teacher <config.json> --student <config.json> --seq 4096 --precision bf16 "
              "--zero_stage 2 --teacher_plan zero3 --world_size 8 --activation_checkpointing --device_memory_gb 80`.\n")
     cols = ["shape", "seq", "batch", "mode", "checkpointing", "adamw", "measured GiB", "planner GiB",
-            "planner / measured", "within 15%"]
+            "planner / measured", "within 15%", "models RSS GiB", "planner weights GiB", "step above models GiB",
+            "planner step GiB", "step: planner / measured"]
     m = machine()
     m["allocator"] = "jemalloc (LD_PRELOAD) in every measured worker, as benchmarks/step.py sets it"
     m["shared"] = "yes: ~7 agents shared these cores and memory"
