@@ -15,7 +15,8 @@ in bf16, the student's fp32 weights under bf16 autocast, as train.py runs it), f
 
 Every row runs in a fresh subprocess (jemalloc as benchmarks/step.py sets it), so its peak RSS is its own. The
 worker builds the models (the teacher directly in its dtype), then resets the kernel's RSS high-water mark
-(/proc/self/clear_refs) and runs `--warmup` steps and `--repeats` timed steps (median): "step peak" is the
+(/proc/self/clear_refs; jemalloc's freed pages purged first, so the build's leftovers are not counted: rows
+whose raw record lacks "purged" were measured before that) and runs `--warmup` steps and `--repeats` timed steps (median): "step peak" is the
 high-water mark over those steps, models included; "runtime" is the RSS of the interpreter and libraries before
 any model, which the planner (iit_fast/plan.py) does not model. --adamw adds the optimizer step (torch AdamW as
 optim.make_optimizer makes it) and its state. MFU: counted FLOPs (`flops.counted_flops`, the step's exact count)
@@ -98,6 +99,19 @@ def reset_hwm() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def purge_allocator() -> str:
+    """Give back what the build freed (jemalloc keeps freed pages under benchmarks/step.py's MALLOC_CONF), so
+    that the step's peak RSS holds the models and the step, not the build's leftovers: jemalloc's
+    arena.<all>.purge through mallctl. Says what it did."""
+    import ctypes
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError):
+        return "no jemalloc mallctl in this process: nothing purged"
+    rc = mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))   # 4096 = MALLCTL_ARENAS_ALL
+    return "jemalloc arenas purged after the build" if rc == 0 else f"jemalloc purge failed (mallctl {rc})"
+
+
 def decide_precision(asked: str) -> tuple[str, str]:
     from iit_fast.precision import resolve
     return resolve(asked)
@@ -143,8 +157,9 @@ def worker(shape, seq, batch, mode, ckpt, adamw, precision, warmup, repeats) -> 
     params = [p for p in student.parameters() if p.requires_grad]
     opt = make_optimizer(param_groups(student, 0.01), lr=1e-5) if adamw else None
     flops = counted_flops(teacher, student, data, plan, cfg)["naive" if mode == "naive" else "fast"]
-    rss_models = current_rss_bytes()
     build_peak = hwm_bytes()
+    purged = purge_allocator()
+    rss_models = current_rss_bytes()
     last = {}
 
     def step():
@@ -161,7 +176,7 @@ def worker(shape, seq, batch, mode, ckpt, adamw, precision, warmup, repeats) -> 
     return {"seconds": t, "times": times, "step_peak_bytes": hwm_bytes(), "rss_runtime_bytes": rss_runtime,
             "rss_models_bytes": rss_models, "build_peak_bytes": build_peak, "counted_flops": flops,
             "loss": last["loss"], "site_t": plan.teacher_layers[0], "site_s": plan.student_layer,
-            "base_start": plan.base_start.tolist(), "threads": torch.get_num_threads()}
+            "base_start": plan.base_start.tolist(), "threads": torch.get_num_threads(), "purged": purged}
 
 
 def run_isolated(spec: list) -> dict:
@@ -454,7 +469,8 @@ def validate(names=("llm-shapes-cpu", "llm-shapes-validation-cpu"), tolerance: f
              "The second comparison isolates the step: measured = step peak minus the RSS after building the "
              "models, planner = its peak minus the weights. Where the two disagree the build left freed memory in "
              "the process (jemalloc keeps it: the student's copy of the teacher's layers, initialisation "
-             "temporaries): 'models RSS' above 'planner weights'; a step may or may not reuse it.\n\n"
+             "temporaries): 'models RSS' above 'planner weights'; a step may or may not reuse it. Every row here was measured before the worker purged jemalloc after the build "
+             "(rows with a 'purged' field in their raw record have it).\n\n"
              "## What the planner predicts on GPUs (seq 4096, 8 ranks, fast step, DeepSpeed bf16, AdamW)\n\n"
              + markdown_table(gpu) +
              "\nmax micro-batch: per rank, within 90% of the device memory, the counterfactual's worst case (every "
