@@ -407,8 +407,10 @@ def fit_warning(teacher, student, cfg, ds: dict, micro_batch: int, world_size: i
                     shared_vocab=d.shared_vocab, q0="worst")
     try:
         pl = plan(inp)
-    except ValueError:
+    except ValueError:       # a combination the planner does not model: no claim
         return None
+    except Exception as e:   # an advisory figure must not stop a run; say that it is missing
+        return f"warning: the planner could not plan this run ({type(e).__name__}: {e})"
     device = torch.device(device)
     if device.type == "cuda":
         have, what = torch.cuda.get_device_properties(device).total_memory, f"{device} memory"

@@ -75,6 +75,7 @@ from iit_fast.checkpoint import load_checkpoint, save_checkpoint
 from iit_fast.export import export_student
 from iit_fast.engine import all_reduce_sum, build_teacher, init_distributed, init_engine, param_count
 from iit_fast.optim import make_scheduler, param_groups
+from iit_fast.plan import fit_warning as plan_fit_warning
 from iit_fast.prepare import build_batches, check_inputs, prepare
 from iit_fast.report import TERMS, batch_to, memory_mb, print_summary, validate, write_plots
 from iit_fast.diskfull import DiskFullError, append_line, guarded_write, write_text_atomic
@@ -166,6 +167,9 @@ def _main(argv=None):
     if micro == 1 and cfg.distill.uses_iit:
         say("warning: micro-batch 1 with IIT: a row is its own source (the swap changes nothing); use a "
             "micro-batch of 2 or more")
+    fit = plan_fit_warning(teacher, student, cfg, ds, micro, world, device)  # the planner: a warning, not a refusal
+    if fit:
+        say(fit)
     steps_per_epoch = len(train_batches) // accum
     max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
     dcfg = cfg.distill
