@@ -2,6 +2,7 @@
 memory, chunked vs the unfused PyTorch loss, on BERT-base shapes and a large-vocabulary shape.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/head_loss.py
+    python benchmarks/head_loss.py --only "llama-1b head 4k" --only "llama-1b head 8k" --only "D=4096 head 8k"
 
 (the script sets LD_PRELOAD=jemalloc for its workers itself when the library exists; --quick for a smoke
 run on small shapes). Results: benchmarks/results/head_loss-<device>.{json,md}.
@@ -14,9 +15,26 @@ token in the KL; the loss is 0.25 ce + 0.25 mlm as in the step):
   C++/OpenMP inner step), default chunk size from the 256 MB budget; `native-256` with 256-row chunks.
 - `chunked`: the same chunk loop with the plain-torch inner step (`impl="chunked"`).
   (On CUDA every non-unfused contender runs `impl="triton"`.)
+- `today`: the op as of `--today REV` (default 529489e, the last commit whose op formed the gradient in the
+  forward and kept the (V, D) fp32 weight gradient until backward), run from that commit's files (`git
+  archive`) in the same run, with its own TORCH_EXTENSIONS_DIR.
 - `liger`: liger-kernel's fused linear JSD (`LigerFusedLinearJSD(jsd_beta=0.5, temperature=T)`: the same four
   GEMMs, a JSD in place of the KL, no bias, no CE), on CUDA where liger-kernel is installed; otherwise the row
   says why it was not run.
+
+The LLM-head shapes (V = 128256, D = 2048 / 4096) run bf16 as the step does: bf16 hidden states and teacher,
+fp32 master decoder weight, the forward under bf16 autocast; the op gets the loss weights (kd_weight =
+lm_weight = 0.25), as the step passes them. The 8k-token shapes are memory rows (no unfused contender: its
+(N, V) fp32 buffers would need > 12 GB on this shared 24 GB machine); of their 8192 rows the first 256
+count (kd_mask, labels), which keeps the run short on the shared 2 cores; the loss's working memory (the
+chunk buffers and everything (V, D)-sized) does not depend on how many rows count.
+
+Memory columns: `extra_peak` = peak RSS (VmHWM, reset after the inputs are built: building them has its own
+transient peak; rows measured before 2026-12-03 used the process's ru_maxrss) - RSS after the inputs; `beyond_grads` = extra_peak minus
+the bytes of the gradients the loss must return (decoder weight (V, D) fp32, hidden (N, D), bias (V,)):
+the loss's own working memory (the weight gradient itself is the same for every implementation); `held` =
+RSS after the forward - RSS after the inputs: what the loss keeps from forward to backward (jemalloc with
+dirty/muzzy decay 0 in the memory rows, so freed pages leave RSS).
 
 Method: every (shape, contender) runs in fresh subprocesses, so its peak memory is its own: the peak RSS
 high-water mark (`getrusage` ru_maxrss) minus the RSS after the inputs are built (`extra peak`), and the
@@ -49,8 +67,18 @@ SHAPES = [
     ("bert-base 4k", 4096, 768, 30522, 1, 2),
     ("bert-base 16k", 16384, 768, 30522, 0, 2),
     ("large vocab 128k", 1024, 768, 128256, 1, 2),
+    ("llama-1b head 8k", 8192, 2048, 128256, 0, 1),
+    ("D=4096 head 8k", 8192, 4096, 128256, 0, 1),
+    ("llama-1b head 4k", 4096, 2048, 128256, 0, 1),
 ]
+# the LLM-head shapes: bf16 as the step runs them, and their contenders
+BF16_SHAPES = {"llama-1b head 4k", "llama-1b head 8k", "D=4096 head 8k"}
+MEMORY_SHAPES = {"llama-1b head 8k", "D=4096 head 8k"}
+SHAPE_CONTENDERS = {"llama-1b head 4k": [("unfused", None), ("native", None), ("today", None)],
+                    "llama-1b head 8k": [("native", None), ("today", None)],
+                    "D=4096 head 8k": [("native", None), ("today", None)]}
 QUICK_SHAPES = [("quick", 512, 128, 5000, 1, 2)]
+TODAY_REV = "529489e"
 
 
 def unfused_loss(hs, ht, ws, bs, wt, bt, y):
@@ -63,6 +91,18 @@ def unfused_loss(hs, ht, ws, bs, wt, bt, y):
     return ce, mlm
 
 
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0: clear_refs 5 resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    """VmHWM of this process in bytes: the peak RSS since the last _reset_peak_rss."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def worker(spec: dict) -> dict:
     """One contender on one shape, in this (fresh) process."""
     import resource
@@ -73,15 +113,27 @@ def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     n, d, v = spec["tokens"], spec["hidden"], spec["vocab"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    hs = torch.randn(n, d, device=dev).requires_grad_()
-    ht = torch.randn(n, d, device=dev)
+    low = torch.bfloat16 if spec.get("bf16") else torch.float32     # activations and teacher; master weights fp32
+    hs = torch.randn(n, d, device=dev).to(low).requires_grad_()
+    ht = torch.randn(n, d, device=dev).to(low)
     ws = (torch.randn(v, d, device=dev) * 0.05).requires_grad_()
     bs = torch.zeros(v, device=dev).requires_grad_()
-    wt = torch.randn(v, d, device=dev) * 0.05
-    bt = torch.zeros(v, device=dev)
+    wt = (torch.randn(v, d, device=dev) * 0.05).to(low)
+    bt = torch.zeros(v, device=dev).to(low)
     y = torch.randint(0, v, (n,), device=dev)
     y[torch.rand(n, device=dev) > 0.15] = -100
+    # memory rows: only the first `active` rows count (kd_mask; no labels after them), so the run is short;
+    # the loss's working memory (chunk buffers, (V, D) terms) does not depend on how many rows count
+    active = spec.get("active")
+    kd_mask = None
+    if active:
+        kd_mask = torch.arange(n, device=dev) < active
+        y[active:] = -100
+    weights = dict(kd_weight=0.25, lm_weight=0.25) if spec.get("bf16") else {}
     name = spec["contender"]
+    if name not in ("unfused", "liger") and dev == "cpu":
+        from iit_fast.ops.head_loss.native import native_step
+        native_step()   # a first-use build is not timed
     if name == "liger":
         from liger_kernel.transformers import LigerFusedLinearJSD
         jsd = LigerFusedLinearJSD(jsd_beta=0.5, temperature=T)
@@ -106,14 +158,16 @@ def worker(spec: dict) -> dict:
                     _div_step()
 
         def loss():
-            return distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, T, chunk_size=chunk, impl=impl,
-                                     divergence=div)
+            return distill_head_loss(hs, ht, ws, bs, wt, bt, y, kd_mask, T, chunk_size=chunk, impl=impl, **weights,
+                                     **({"divergence": div} if div is not None else {}))
     out = {}
 
     def step():
         for p in (hs, ws, bs):
             p.grad = None
-        ce, mlm = loss()
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bool(spec.get("bf16"))):
+            ce, mlm = loss()
+        out["held_bytes"] = max(out.get("held_bytes", 0), psutil.Process().memory_info().rss - base)
         (0.25 * ce + 0.25 * mlm).backward()
         out["ce"], out["mlm"] = ce.item(), mlm.item()
 
@@ -122,6 +176,10 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        # the peak from here on: building the inputs (fp32 randn cast to bf16) had its own transient peak
+        import gc
+        gc.collect()
+        _reset_peak_rss()
         base = psutil.Process().memory_info().rss
     import time
     for _ in range(spec["warmup"]):
@@ -138,15 +196,34 @@ def worker(spec: dict) -> dict:
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss()
+    grads = sum(p.numel() * p.element_size() for p in (hs, ws, bs))   # the gradients' bytes (same dtypes)
     return {"times_s": times, "cpu_s": cpus, "peak_bytes": peak, "base_bytes": base,
-            "extra_peak_bytes": peak - base, **out}
+            "extra_peak_bytes": peak - base, "grad_bytes": grads, **out}
 
 
-def run_one(spec: dict) -> dict:
+def today_tree(rev: str) -> str:
+    """The package as of commit `rev` (git archive of iit_fast/) in a temporary folder; its path."""
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="head_loss_today_"))
+    repo = Path(__file__).resolve().parent.parent
+    tar = subprocess.run(["git", "-C", str(repo), "archive", rev, "iit_fast"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=tar, check=True)
+    (root / "ext").mkdir()
+    return str(root)
+
+
+def run_one(spec: dict, today: str | None = None) -> dict:
     env = dict(os.environ)
     if os.path.exists(JEMALLOC) and "jemalloc" not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = (JEMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
+    if spec.get("memory"):
+        env["MALLOC_CONF"] = "dirty_decay_ms:0,muzzy_decay_ms:0"   # freed pages leave RSS at once
+    if spec["contender"] == "today":
+        # the old package first on the path (the worker puts it before this checkout); its own native build
+        env["IIT_FAST_TODAY_TREE"] = today
+        env["TORCH_EXTENSIONS_DIR"] = os.path.join(today, "ext")
+        spec = dict(spec, contender="native")
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                           text=True, env=env)
     if proc.returncode != 0:
@@ -162,11 +239,14 @@ def main():
                          "head_loss-divergences-<device>.{json,md}")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default=None, help="results file name (default head_loss-<cpu|cuda>[-quick])")
+    ap.add_argument("--today", default=TODAY_REV, help="the commit whose op is the `today` contender")
     ap.add_argument("--only", action="append", default=None,
                     help="run only these shapes (e.g. --only 'bert-base 4k'); their rows replace those in the "
                          "existing results file, the other shapes' rows are kept")
     args = ap.parse_args()
     if args.worker:
+        if os.environ.get("IIT_FAST_TODAY_TREE"):
+            sys.path.insert(0, os.environ["IIT_FAST_TODAY_TREE"])   # before this checkout (sys.path[1])
         print(json.dumps(worker(json.loads(args.worker))))
         return
     if args.divergences:
@@ -182,27 +262,32 @@ def main():
                      "not run: liger-kernel is not installed in this environment")
     load_before = os.getloadavg()
     rows = []
+    today = today_tree(args.today) if any(sh[0] in SHAPE_CONTENDERS for sh in shapes) else None
     for sname, n, d, v, warmup, rounds in shapes:
         contenders = [("unfused", None), ("native", None)]
         if sname.startswith("bert-base 4k") or args.quick:
             contenders += [("chunked", None), ("native-256", 256)]
-        if liger_missing is None:
+        if liger_missing is None and sname not in BF16_SHAPES:
             contenders.append(("liger", None))
+        contenders = SHAPE_CONTENDERS.get(sname, contenders)
         # interleaved rounds (A B C, A B C, ...): load from other work on the machine hits every contender
-        res = {c: {"times_s": [], "cpu_s": [], "peak_bytes": 0, "extra_peak_bytes": 0} for c, _ in contenders}
+        res = {c: {"times_s": [], "cpu_s": [], "peak_bytes": 0, "extra_peak_bytes": 0, "held_bytes": 0}
+               for c, _ in contenders}
         for _ in range(rounds):
             for cname, chunk in contenders:
                 spec = {"tokens": n, "hidden": d, "vocab": v, "contender": cname.split("-")[0],
-                        "chunk": chunk, "warmup": warmup, "repeats": 1}
-                r = run_one(spec)
+                        "chunk": chunk, "warmup": warmup, "repeats": 1, "bf16": sname in BF16_SHAPES,
+                        "memory": sname in MEMORY_SHAPES, "active": 256 if sname in MEMORY_SHAPES else None}
+                r = run_one(spec, today)
                 acc = res[cname]
                 if "error" in r:
                     acc["error"] = r["error"]
                     continue
                 acc["times_s"] += r["times_s"]
                 acc["cpu_s"] += r["cpu_s"]
-                for k in ("peak_bytes", "extra_peak_bytes"):
+                for k in ("peak_bytes", "extra_peak_bytes", "held_bytes"):
                     acc[k] = max(acc[k], r[k])
+                acc["grad_bytes"] = r["grad_bytes"]
                 acc["ce"], acc["mlm"] = r["ce"], r["mlm"]
                 print(sname, cname, r.get("times_s"), r.get("cpu_s"), r.get("extra_peak_bytes"), flush=True)
         flops = 4 * 2 * n * d * v  # logits s, logits t, dh, dW (the teacher has no backward)
@@ -211,10 +296,13 @@ def main():
                 acc["time_s"] = statistics.median(acc["times_s"])
                 acc["min_s"] = min(acc["times_s"])
                 acc["cpu_med_s"] = statistics.median(acc["cpu_s"])
-        base = res["unfused"]
+        # ratios against unfused where it runs, else against today's op (the memory rows)
+        bname = "unfused" if "unfused" in res else "today"
+        base = res[bname]
         for cname, _ in contenders:
             r = res[cname]
-            row = {"shape": sname, "N": n, "D": d, "V": v, "contender": cname}
+            row = {"shape": sname, "N": n, "D": d, "V": v, "contender": cname, "vs": bname,
+                   "dtype": "bf16" if sname in BF16_SHAPES else "fp32"}
             if "time_s" not in r or "time_s" not in base:
                 row["note"] = r.get("error") or base.get("error", "failed")
                 rows.append(row)
@@ -226,6 +314,10 @@ def main():
                 "GFLOP/s": flops / r["min_s"] / 1e9,
                 "extra_peak_MB": r["extra_peak_bytes"] / 2**20,
                 "extra_peak_ratio": r["extra_peak_bytes"] / base["extra_peak_bytes"],
+                "beyond_grads_MB": (r["extra_peak_bytes"] - r["grad_bytes"]) / 2**20,
+                "beyond_grads_ratio": (r["extra_peak_bytes"] - r["grad_bytes"])
+                / max(1, base["extra_peak_bytes"] - base["grad_bytes"]),
+                "held_MB": r["held_bytes"] / 2**20,
                 "peak_MB": r["peak_bytes"] / 2**20, "peak_ratio": r["peak_bytes"] / base["peak_bytes"],
                 "ce": r["ce"], "mlm": r["mlm"], "times_s": r["times_s"], "cpu_times_s": r["cpu_s"],
             })
@@ -247,10 +339,17 @@ def main():
         "`time_ratio` = median wall-clock ratio, `min_ratio` = ratio of the fastest rounds, `cpu_ratio` = ratio "
         "of process CPU time (user+sys). The 2 CPU cores are shared with other work, so wall times are noisy; "
         "liger-kernel's fused linear losses (JSD, beta 0.5: same GEMMs as the KL) run only on CUDA. "
+        "`beyond_grads_MB` = extra_peak minus the bytes of the returned gradients (the loss's own working "
+        "memory); `held_MB` = RSS after the forward minus RSS after the inputs (kept from forward to backward). "
+        f"`today` = the op of commit {args.today} (gradient formed in the forward, (V, D) fp32 kept to "
+        "backward), run from that commit's files in the same run. Ratios are against `vs` (unfused, or today "
+        "where unfused would not fit). The LLM-head shapes are bf16 (bf16 states and teacher, fp32 master "
+        "decoder weight, forward under autocast, kd_weight = lm_weight = 0.25 passed to the op). "
         "Reproduce: `python benchmarks/head_loss.py`.")
     name = args.name or f"head_loss-{dev}" + ("-quick" if args.quick else "")
-    cols = ["shape", "contender", "time_s", "time_ratio", "min_ratio", "cpu_s", "cpu_ratio", "GFLOP/s",
-            "extra_peak_MB", "extra_peak_ratio", "peak_MB", "peak_ratio", "note"]
+    cols = ["shape", "dtype", "contender", "vs", "time_s", "time_ratio", "min_ratio", "cpu_s", "cpu_ratio",
+            "GFLOP/s", "extra_peak_MB", "extra_peak_ratio", "beyond_grads_MB", "beyond_grads_ratio", "held_MB",
+            "peak_MB", "peak_ratio", "note"]
     notes += (f" Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in load_before)}; after: "
               f"{', '.join(f'{x:.1f}' for x in load_after)} (2 cores).")
     path = Path(__file__).resolve().parent / "results" / f"{name}.json"
