@@ -453,11 +453,12 @@ def validate(names=("llm-shapes-cpu", "llm-shapes-validation-cpu"), tolerance: f
                          "models RSS GiB": models_meas, "planner weights GiB": weights,
                          "step above models GiB": step_meas, "planner step GiB": p.total / 2**30 - weights,
                          "step: planner / measured": (p.total / 2**30 - weights) / step_meas,
-                         "source": name,
+                         "purged": "purged" in r["raw"], "source": name,
                          "planner parts GiB": {k: round(v / 2**30, 3) for k, v in p.parts.items()}})
     gpu = gpu_predictions()
     from benchmarks.common import markdown_table
     n_ok = sum(r["within 15%"] for r in rows)
+    n_purged = sum(r["purged"] for r in rows)
     notes = (f"{n_ok} of {len(rows)} rows within {tolerance:.0%}.\n\n"
              "measured = the row's step peak RSS (benchmarks/results/llm-shapes-cpu.md and "
              "llm-shapes-validation-cpu.md: models + step, each row in a fresh process, jemalloc) minus the RSS of "
@@ -469,8 +470,8 @@ def validate(names=("llm-shapes-cpu", "llm-shapes-validation-cpu"), tolerance: f
              "The second comparison isolates the step: measured = step peak minus the RSS after building the "
              "models, planner = its peak minus the weights. Where the two disagree the build left freed memory in "
              "the process (jemalloc keeps it: the student's copy of the teacher's layers, initialisation "
-             "temporaries): 'models RSS' above 'planner weights'; a step may or may not reuse it. Every row here was measured before the worker purged jemalloc after the build "
-             "(rows with a 'purged' field in their raw record have it).\n\n"
+             "temporaries): 'models RSS' above 'planner weights'; a step may or may not reuse it. The worker purges jemalloc after the build since commit c40923a: "
+             f"{n_purged} of {len(rows)} rows here have that (column 'purged').\n\n"
              "## What the planner predicts on GPUs (seq 4096, 8 ranks, fast step, DeepSpeed bf16, AdamW)\n\n"
              + markdown_table(gpu) +
              "\nmax micro-batch: per rank, within 90% of the device memory, the counterfactual's worst case (every "
@@ -481,7 +482,7 @@ def validate(names=("llm-shapes-cpu", "llm-shapes-validation-cpu"), tolerance: f
              "--zero_stage 2 --teacher_plan zero3 --world_size 8 --activation_checkpointing --device_memory_gb 80`.\n")
     cols = ["shape", "seq", "batch", "mode", "checkpointing", "adamw", "measured GiB", "planner GiB",
             "planner / measured", "within 15%", "models RSS GiB", "planner weights GiB", "step above models GiB",
-            "planner step GiB", "step: planner / measured"]
+            "planner step GiB", "step: planner / measured", "purged"]
     m = machine()
     m["allocator"] = "jemalloc (LD_PRELOAD) in every measured worker, as benchmarks/step.py sets it"
     m["shared"] = "yes: ~7 agents shared these cores and memory"
