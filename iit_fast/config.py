@@ -188,8 +188,8 @@ class TrainConfig:
     precision: str = "auto"           # auto (bf16 where a probe finds bf16 GEMMs >= 1.3x fp32) | bf16 | fp32
     keep_checkpoints: int = 0         # keep the newest N intact checkpoints; 0 = keep all
     shard_teacher: str = "auto"       # auto | yes | no: partition the teacher under ZeRO-3 (auto: if > 1 GiB)
-    activation_checkpointing: bool = False  # recompute the student's blocks in backward (activation_checkpointing.py)
     teacher_deepspeed_config: str | None = None  # the teacher's own ZeRO-3 plan (ds_configs/teacher_*.json)
+    activation_checkpointing: bool = False  # recompute the student's blocks in backward (activation_checkpointing.py)
     rank_timeout: float = 300.0       # seconds a collective waits for a rank that stopped responding
     # the step's own fields: every DistillConfig field is a flag too (not a TrainConfig field: init=False)
     distill: DistillConfig = field(default_factory=DistillConfig, init=False)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .optim import make_optimizer
+
 REPO = Path(__file__).resolve().parent.parent
 
 # DeepSpeed's top-level config keys (its sections; scalar keys come from deepspeed.runtime.constants).
@@ -194,8 +196,9 @@ def init_engine(ds: dict, step_module, optimizer_groups, lr: float, scheduler_fn
                                                lr_scheduler=scheduler_fn)
     else:
         offload = "offload_optimizer" in ds.get("zero_optimization", {})
-        opt = torch.optim.AdamW(optimizer_groups, lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                                fused=torch.cuda.is_available() and not offload)
+        # fused on GPUs; not with an offloaded optimizer (its states live on the CPU) nor on CPU ranks, where
+        # the loop kernel is what every committed figure and resume test used
+        opt = make_optimizer(optimizer_groups, lr, fused=torch.cuda.is_available() and not offload)
         engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=opt, config=ds,
                                                lr_scheduler=scheduler_fn)
     if engine.zero_optimization_stage() == 3:
