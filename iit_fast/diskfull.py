@@ -101,24 +101,31 @@ def guarded_write(what: str, path, *, need: int | None = None, partial=(), after
         raise DiskFullError(disk_full_message(what, path, need, free, after), path) from e
 
 
+def replace_atomic(path, data: bytes) -> None:
+    """`path` holds `data` whole or is unchanged: a temporary file beside it, fsync, rename; the temporary
+    file is removed on any failure. (Also the teacher cache's writer.)"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_text_atomic(path, text: str, what: str = "file") -> None:
-    """`path` holds `text` whole or is unchanged: a temporary file, fsync, rename; a full disk is a
-    DiskFullError naming `path` and the bytes needed, with the temporary file removed."""
+    """`path` holds `text` whole or is unchanged (`replace_atomic`); a full disk is a DiskFullError naming
+    `path` and the bytes needed, with the temporary file removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     data = text.encode()
     with guarded_write(what, path, need=len(data), partial=[tmp]):
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-
+        replace_atomic(path, data)
 
 def append_line(f, path, line: str, what: str = "file") -> None:
     """Append `line` to `f` (opened "ab", unbuffered) whole or not at all: a write that fails part way is cut

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import hashlib
 import json
 import math
@@ -59,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from .diskfull import free_bytes, is_disk_full
+from .diskfull import free_bytes, is_disk_full, replace_atomic
 
 FORMAT = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -190,18 +189,9 @@ def compare_fingerprints(built: dict, expect: dict, where: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all: a temporary file, fsync, rename. Tests replace this to
+    """Write `data` to `path` whole or not at all (`diskfull.replace_atomic`). Tests replace this to
     simulate a full disk."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_atomic(path, data)
 
 
 def _shard_name(i: int) -> str:
