@@ -9,7 +9,7 @@
 - The teacher's plan (`read_teacher_ds_config`, `teacher_plan`, `build_teacher`): the frozen teacher is
   either replicated (loaded once per rank, in the run's precision, straight onto the device) or a ZeRO-3
   inference engine (no optimizer; TRL's `prepare_deepspeed` recipe) whose parameters are partitioned
-  across ranks *as it is built* (models.load.load_partitioned) and gathered block by block as it runs.
+  across ranks *as it is built* (models.partitioned.load_partitioned) and gathered block by block as it runs.
   Its ZeRO-3 settings are the student's (--shard_teacher, when the student runs ZeRO-3) or its own
   (--teacher_deepspeed_config: e.g. offload_param to CPU, with a student under ZeRO-0/1/2/3). The step
   reads the teacher's tied decoder weight directly (not through a module call): `step.head_losses`
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .models.load import load_weights
+from .models.partitioned import load_partitioned
 from .optim import make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -269,7 +271,7 @@ def read_teacher_ds_config(path: str, student_ds: dict, teacher_dtype: str) -> d
     device = zero.get("offload_param", {}).get("device", "none")
     if device not in ("cpu", "none"):
         raise ValueError(f"{where}: zero_optimization.offload_param.device {device!r}: the teacher's partitions are "
-                         f"read into memory (models.load.load_partitioned); expected 'cpu' or 'none'")
+                         f"read into memory (models.partitioned.load_partitioned); expected 'cpu' or 'none'")
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     try:
         DeepSpeedZeroConfig(**zero)
@@ -364,8 +366,7 @@ def init_teacher_engine(teacher, plan: dict):
 def build_teacher(spec, plan: dict | None, dtype: torch.dtype, device, on_tensor=None):
     """The frozen teacher for this run, after the process group formed: replicated (`plan` None: loaded once
     on this rank, in `dtype`, straight onto `device`) or partitioned as it is built (ZeRO-3 `plan`: no rank
-    ever holds it whole, see models.load.load_partitioned). `spec`: models.load.inspect_model's."""
-    from .models.load import load_partitioned, load_weights
+    ever holds it whole, see models.partitioned.load_partitioned). `spec`: models.load.inspect_model's."""
     if plan is None:
         return load_weights(spec, dtype, device).requires_grad_(False)
     return init_teacher_engine(load_partitioned(spec, plan, dtype, on_tensor=on_tensor), plan)

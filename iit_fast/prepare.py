@@ -22,8 +22,8 @@ from .engine import read_ds_config, read_teacher_ds_config, teacher_plan
 from .eval import EVAL_SEED
 from .models import IntervenableLM, check_same_tokenizer, load_model
 from .models.student import check_student_config, init_student_from_teacher, student_from_config
-from .models.load import (checkpoint_keys, init_student_from_checkpoint, inspect_model, meta_model,
-                          safetensors_index)
+from .models.load import inspect_model, meta_model
+from .models.partitioned import checkpoint_keys, init_student_from_checkpoint, safetensors_index
 from .precision import DTYPES, choose_precision
 from .run_dir import check_out_dir
 from .sampling import make_alignment
@@ -123,6 +123,10 @@ def build_models(cfg: TrainConfig, teacher_path):
     teacher's weight files are not opened at all (the cache's fingerprint pins them)."""
     spec, tokenizer = inspect_model(teacher_path, arg="--teacher", weights=not cfg.teacher_cache)
     teacher = meta_model(spec, DTYPES[cfg.distill.teacher_dtype])  # the family decides the objective
+    if cfg.generates and teacher.kind != "causal":
+        raise ValueError(f"{'--seq_kd' if cfg.seq_kd else '--on_policy_fraction'}: generated continuations need a "
+                         f"causal LM teacher (GPT-2, Llama-family); the teacher ({teacher.family}) is a "
+                         f"{teacher.kind} LM")
     max_pos = getattr(teacher.config, "max_position_embeddings", None)
     max_pos = max_pos or getattr(teacher.config, "n_positions", None)
     if max_pos is not None and cfg.max_length > max_pos - (2 if teacher.family == "roberta" else 0):

@@ -176,7 +176,8 @@ def worker_equal(out: Path):
     from iit_fast.config import DistillConfig
     from iit_fast.engine import init_distributed, read_teacher_ds_config, teacher_plan
     from iit_fast.models import IntervenableLM
-    from iit_fast.models.load import init_student_from_checkpoint, inspect_model, meta_model
+    from iit_fast.models.load import inspect_model, meta_model
+    from iit_fast.models.partitioned import init_student_from_checkpoint
     rank, world, _ = init_distributed(300)
     tmp = out.parent
     results = {}
@@ -329,7 +330,8 @@ def test_shard_student_from_checkpoint_equals_from_teacher(tmp_path, kind):
     """The student read from the teacher's files (only its tensors) is the one copied from the teacher."""
     from iit_fast.models import load_model
     from iit_fast.models.student import init_student_from_teacher
-    from iit_fast.models.load import init_student_from_checkpoint, inspect_model
+    from iit_fast.models.load import inspect_model
+    from iit_fast.models.partitioned import init_student_from_checkpoint
     folder = save_tiny(tmp_path / "t", kind)
     teacher, _ = load_model(folder)
     ref = init_student_from_teacher(teacher.model, 2).state_dict()
@@ -555,7 +557,7 @@ def test_shard_teacher_cache_reads_no_teacher_tensor(tmp_path, assets, monkeypat
     from iit_fast.cli import main as cli
     from iit_fast.models import load_model
     from iit_fast.models.student import init_student_from_teacher
-    from iit_fast.models import load as load_lib
+    from iit_fast.models import load as load_lib, partitioned as partitioned_lib
     teacher_dir = Path(assets["teacher"])
     student_dir = tmp_path / "student"
     whole, tok = load_model(teacher_dir)
@@ -584,7 +586,8 @@ def test_shard_teacher_cache_reads_no_teacher_tensor(tmp_path, assets, monkeypat
     monkeypatch.setattr(mu, "safe_open", guard(mu.safe_open, "transformers safe_open"))
     monkeypatch.setattr(safetensors.torch, "load_file", guard(safetensors.torch.load_file, "load_file"))
     monkeypatch.setattr(torch, "load", guard(torch.load, "torch.load"))
-    monkeypatch.setattr(load_lib, "safetensors_index", guard(load_lib.safetensors_index, "safetensors_index"))
+    monkeypatch.setattr(partitioned_lib, "safetensors_index", guard(partitioned_lib.safetensors_index,
+                                                                    "safetensors_index"))
     monkeypatch.setattr(load_lib, "weight_names", guard(load_lib.weight_names, "weight_names"))
     cls = type(whole.model)
     real_from_pretrained = cls.from_pretrained.__func__

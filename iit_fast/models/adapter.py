@@ -1,7 +1,7 @@
 """The family adapter: everything the intervenable wrapper needs to know about one model family.
 
 One subclass per family file (`bert.py`, `gpt2.py`, ...), bound to one Hugging Face model. The wrapper
-(`IntervenableLM` in `__init__.py`) only ever calls these methods, so adding a family is one file, one
+(`IntervenableLM` in `intervenable.py`) only ever calls these methods, so adding a family is one file, one
 registry line and its tests.
 
 A pass through the wrapper is: `embed` (or resume from given states) -> `block_context` once -> `run_block`
@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+import transformers
 from torch import nn
 
 
@@ -56,7 +57,6 @@ class FamilyAdapter(ABC):
 
     @classmethod
     def lm_class(cls, model_type: str) -> type:
-        import transformers
         return getattr(transformers, cls.lm_classes[model_type])
 
     @classmethod

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 
 from .adapter import FamilyAdapter, mask_args
 
@@ -32,7 +33,6 @@ class BertAdapter(FamilyAdapter):
         if cache is not None:
             raise ValueError(f"cache: a {self.family} model is a bidirectional encoder, every position sees every "
                              f"other, so there are no reusable keys/values; expected None")
-        from transformers.masking_utils import create_bidirectional_mask
         # (B, 1, S, S) additive/bool mask, or None when nothing is padded (as the HF encoder builds it)
         mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=states,
                                          **mask_args(attention_mask, padded, "allow_is_bidirectional_skip"))

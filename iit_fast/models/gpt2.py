@@ -3,6 +3,7 @@ pre-LN blocks, a final LayerNorm (`ln_f`, our head transform) and a bias-free `l
 from __future__ import annotations
 
 from torch import nn
+from transformers.masking_utils import create_causal_mask
 
 from .adapter import FamilyAdapter, causal_position_ids, mask_args
 
@@ -37,7 +38,6 @@ class GPT2Adapter(FamilyAdapter):
         return base.drop(h)
 
     def block_context(self, attention_mask, states, cache=None, padded=None) -> dict:
-        from transformers.masking_utils import create_causal_mask
         pos = causal_position_ids(attention_mask, states.shape[1])  # (B, q)
         # (B, 1, q, past + q) causal + padding mask, or None where HF would rely on sdpa's is_causal
         # (position ids only serve the builder's packed-sequence test, which reads them: not given when known)

@@ -9,6 +9,7 @@ when `config.sliding_window` is set, Llama is full causal attention.
 from __future__ import annotations
 
 from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .adapter import FamilyAdapter, causal_position_ids, mask_args
 
@@ -55,7 +56,6 @@ class LlamaAdapter(FamilyAdapter):
         return self.base.embed_tokens(input_ids)  # (B, S, D)
 
     def block_context(self, attention_mask, states, cache=None, padded=None) -> dict:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
         make = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
         pos = causal_position_ids(attention_mask, states.shape[1])  # (B, q)
         # per attention type: (B, 1, q, past + q) causal + padding (+ window) mask, or None (sdpa's is_causal)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.activations import gelu
 
 from .bert import BertAdapter
 
@@ -41,5 +42,4 @@ class _RobertaTransform(nn.Module):
         self.lm_head = lm_head
 
     def forward(self, x):
-        from transformers.activations import gelu
         return self.lm_head.layer_norm(gelu(self.lm_head.dense(x)))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter_for
+from .registry import adapter_for
 
 WIDTH_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 STUDENT_KEYS = ("num_layers",) + WIDTH_KEYS
