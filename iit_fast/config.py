@@ -191,6 +191,13 @@ class TrainConfig:
     teacher_deepspeed_config: str | None = None  # the teacher's own ZeRO-3 plan (ds_configs/teacher_*.json)
     activation_checkpointing: bool = False  # recompute the student's blocks in backward (activation_checkpointing.py)
     rank_timeout: float = 300.0       # seconds a collective waits for a rank that stopped responding
+    # generated data, causal LMs only (iit_fast/generate.py; TRL GKDTrainer's lmbda and seq_kd): a share of the
+    # micro-batches whose continuations the student samples from corpus prompts (on-policy), and with seq_kd
+    # the teacher samples the others' (sequence-level KD); the losses are then taken on the continuations
+    on_policy_fraction: float = 0.0   # lambda in [0, 1]: the share of micro-batches the student continues
+    seq_kd: bool = False              # the teacher continues the micro-batches the student does not
+    gen_temperature: float = 1.0      # sampling temperature of the continuations (> 0; full distribution)
+    max_new_tokens: int | None = None  # continuation length (stops at EOS); None = max_length // 2
     # the step's own fields: every DistillConfig field is a flag too (not a TrainConfig field: init=False)
     distill: DistillConfig = field(default_factory=DistillConfig, init=False)
 
@@ -220,6 +227,26 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.rank_timeout must be > 0 seconds, got {self.rank_timeout}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"TrainConfig.dropout must be in [0, 1) or None, got {self.dropout}")
+        if not 0 <= self.on_policy_fraction <= 1:
+            raise ValueError(f"TrainConfig.on_policy_fraction (lambda) must be in [0, 1], got {self.on_policy_fraction}")
+        if not self.gen_temperature > 0:
+            raise ValueError(f"TrainConfig.gen_temperature must be > 0, got {self.gen_temperature}")
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens < self.max_length:
+            raise ValueError(f"TrainConfig.max_new_tokens must be in [1, max_length={self.max_length}) (the prompt "
+                             f"keeps at least one token), got {self.max_new_tokens}")
+        if self.generates and self.teacher_cache:
+            raise ValueError(f"--teacher_cache: {'--seq_kd' if self.seq_kd else '--on_policy_fraction'} generates "
+                             f"rows the teacher must score, and a cache holds its outputs on the corpus rows only; "
+                             f"expected one of them, not both")
+
+    @property
+    def generates(self) -> bool:
+        """Are some micro-batches generated (on-policy or seq_kd)?"""
+        return self.on_policy_fraction > 0 or self.seq_kd
+
+    @property
+    def max_new_tokens_or_default(self) -> int:
+        return self.max_new_tokens if self.max_new_tokens is not None else self.max_length // 2
 
     def to_json(self) -> dict:
         """Flat field values (TrainConfig and DistillConfig names): what train_config.json holds."""

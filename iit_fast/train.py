@@ -73,6 +73,7 @@ from iit_fast.allocator import release_free_memory, tune_malloc
 from iit_fast.cached_step import CacheBatches, CachedDistillStep
 from iit_fast.checkpoint import load_checkpoint, save_checkpoint
 from iit_fast.export import export_student
+from iit_fast.generate import GeneratedData
 from iit_fast.engine import all_reduce_sum, build_teacher, init_distributed, init_engine, param_count
 from iit_fast.optim import make_scheduler, param_groups
 from iit_fast.plan import fit_warning as plan_fit_warning
@@ -187,6 +188,8 @@ def _main(argv=None):
         say(ckpt)
     engine = init_engine(ds, step_module, param_groups(student, cfg.weight_decay), cfg.lr, schedule)
     student = engine.module.student
+    # on-policy / seq_kd: a share of the micro-batches continued by the student / the teacher (generate.py)
+    generated = GeneratedData(cfg, tokenizer, engine, teacher, device, rank) if cfg.generates else None
 
     state = {"step": 0, "tokens": 0, "nonfinite": 0, "wall": 0.0}
     if cfg.resume:
@@ -251,7 +254,7 @@ def _main(argv=None):
     data_iter = iter(train_batches)
     names = [k for k in TERMS if getattr(dcfg, f"w_{k}") and (dcfg.uses_iit or k not in ("iit", "iit_cos"))]
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # loss, terms: over the interval
-    n_sums, tok_log = 0, 0
+    n_sums, tok_log, n_generated = 0, 0, {"corpus": 0, "student": 0, "teacher": 0}
     t_log = t_start = time.perf_counter()
     last_val, draw, stopped_by, own_norm = first_val, 0, 0, None
     lr_used = engine.get_lr()[0]
@@ -263,6 +266,9 @@ def _main(argv=None):
             data_iter = iter(train_batches)
             batch = next(data_iter)
         if cache is None:
+            if generated is not None:  # continuations the student / teacher wrote from this batch's prompts
+                batch, source = generated(batch, step, draw)
+                n_generated[source] += 1
             # the plan is drawn and checked on the CPU, from the CPU mask: no device sync
             plan = sample_plan(batch["attention_mask"], alignment, plan_generator(cfg.seed, step, draw, rank),
                                dcfg.span_fraction, dcfg.dims)
@@ -323,6 +329,10 @@ def _main(argv=None):
             rec = {"step": step, "loss": mean[0], **dict(zip(names, mean[1:])), "lr": lr_used,
                    "grad_norm": None if gn is None else float(gn), "tokens_per_s": tps,
                    "tokens": state["tokens"], "memory_mb": memory_mb(device), "nonfinite": state["nonfinite"]}
+            if generated is not None:  # this rank's shares of micro-batches the student / teacher continued
+                rec.update(on_policy=n_generated["student"] / n_sums, seq_kd=n_generated["teacher"] / n_sums,
+                           gen_s=generated.seconds)  # and the seconds spent generating them
+                generated.seconds, n_generated = 0.0, dict.fromkeys(n_generated, 0)
             log(rec)
             bar.set_postfix_str(f"loss {mean[0]:.3f} | {tps:,.0f} tok/s")
             sums.zero_()
