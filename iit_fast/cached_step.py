@@ -11,7 +11,8 @@ so `pi = arange(B) ^ 1`. Each epoch every pair draws one of its M cached plans (
 pair)); a plan's alignment pair is the pair's, so the rows of one alignment pair form a sub-batch closed
 under `pi`, and the student resumes once per alignment pair present (once, with one pair in the map).
 
-The terms, as in the online fast step (step.fast_step), the teacher side read from the cache:
+The terms, as in the online fast step (step.fast_step / step.fast_causal_step), the teacher side read from
+the cache:
 - `ce`, `mlm`: the student's decoder fused with the sparse top-k KL (+ the rest bucket) and the MLM CE,
   chunked (ops/head_loss/sparse.py): the student's log-sum-exp runs over the whole vocabulary, no (N, V) tensor
   is whole, the gradient is produced in the forward;
@@ -19,7 +20,14 @@ The terms, as in the online fast step (step.fast_step), the teacher side read fr
 - `iit`: the student's counterfactual pass resumed from its site with the cached plan
   (`step.counterfactual_last_hidden`), against the cached counterfactual top-k.
 `iit_cos` and `mse` need teacher states the cache does not hold: their weights must be 0.
-With K = V and fp32 values the terms and gradients equal the online step's (tests/test_teacher_cache.py).
+
+Causal teachers (`cached_causal_step`): `ce` and the next-token CE (`mlm`) at every real position with a real
+next token; `iit` at the positions >= each row's base-span start (the cache holds the counterfactual targets
+there only), the student's counterfactual resumed from its site for those positions only
+(`step.counterfactual_suffix_hidden`, as the online fast causal step); with `logit_tokens` "all" the
+positions before the span start take the base targets (their counterfactual is the plain pass).
+With K = V and fp32 values the terms and gradients equal the online step's (tests/test_teacher_cache.py,
+tests/test_cached_causal.py).
 """
 from __future__ import annotations
 
@@ -33,7 +41,8 @@ from .precision import student_autocast
 from .ops import hidden_loss
 from .ops.head_loss.sparse import sparse_distill_head_loss
 from .sampling import InterventionPlan
-from .step import StepOutput, counterfactual_last_hidden, weighted_total
+from .step import (StepOutput, counterfactual_last_hidden, counterfactual_suffix_hidden, next_token_targets,
+                   suffix_groups, weighted_total)
 from .teacher_cache import TeacherCache, derived_seed
 
 
@@ -53,13 +62,14 @@ class CachedBatch:
     logit_tokens: str
     temperature: float
     dims: tuple[int, int] | None = None
+    kind: str = "masked"                # the teacher's: "masked" or "causal"
 
     def to(self, device) -> "CachedBatch":
         mv = lambda t: t.to(device, non_blocking=True) if torch.is_tensor(t) else t  # noqa: E731
         return CachedBatch({k: mv(v) for k, v in self.batch.items()}, tuple(map(mv, self.base)),
                            tuple(map(mv, self.cf)), mv(self.hidden), mv(self.base_start), mv(self.source_start),
                            mv(self.span_len), mv(self.align), self.alignment, self.logit_tokens, self.temperature,
-                           self.dims)
+                           self.dims, self.kind)
 
     @property
     def pi(self) -> torch.Tensor:
@@ -67,9 +77,21 @@ class CachedBatch:
         return torch.arange(self.align.numel(), device=self.align.device) ^ 1
 
     def kd_mask(self) -> torch.Tensor:
-        """(B, S) bool: the tokens ce / iit are taken on (where the cached targets are)."""
+        """(B, S) bool: the positions of the base targets (ce): masked, the loss tokens; causal, every real
+        position with a real next token."""
         b = self.batch
+        if self.kind == "causal":
+            return next_token_targets(b["attention_mask"], b["labels"])[0]
         return b["attention_mask"].bool() if self.logit_tokens == "all" else b["labels"] != -100
+
+    def cf_mask(self) -> torch.Tensor:
+        """(B, S) bool: the positions of the counterfactual targets: masked, the loss tokens; causal, those
+        >= the row's base-span start (the only ones a swap can change)."""
+        kd = self.kd_mask()
+        if self.kind != "causal":
+            return kd
+        cols = torch.arange(kd.shape[1], device=kd.device)[None]
+        return kd & (cols >= self.base_start[:, None])
 
     def groups(self) -> list[tuple[torch.Tensor | None, InterventionPlan]]:
         """(rows, plan) per alignment pair present: the rows (None = all, in order) form whole pairs, and
@@ -170,11 +192,13 @@ def collate_pairs(cache: TeacherCache, pairs: list[int], plans: list[int], pad_t
         hidden[am.bool()] = torch.cat([r["hidden"] for r in read])
     cat = lambda key, i: torch.cat([r[key][i] for r in read])                    # noqa: E731
     row = lambda key: torch.cat([r[key] for r in read])                           # noqa: E731
-    batch = {"input_ids": ids, "attention_mask": am, "labels": labels, "token_type_ids": torch.zeros_like(ids)}
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    if cache.kind == "masked":
+        batch["token_type_ids"] = torch.zeros_like(ids)
     return CachedBatch(batch, tuple(cat("base", i) for i in range(3)), tuple(cat("cf", i) for i in range(3)), hidden,
                        row("base_start"), row("source_start"), row("span_len"),
                        torch.tensor([r["align"] for r in read]).repeat_interleave(2), cache.alignment,
-                       cache.logit_tokens, cache.temperature, cache.dims)
+                       cache.logit_tokens, cache.temperature, cache.dims, cache.kind)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,7 +209,9 @@ def check_cached_config(cfg: DistillConfig, cb: CachedBatch) -> None:
     """The step's config must ask for what the cache holds; a ValueError naming the field otherwise."""
     if cfg.mode not in ("fast", "standard"):
         raise ValueError(f"DistillConfig.mode {cfg.mode!r}: a cached teacher runs the fast or standard step")
-    if _logit_tokens(cfg) != cb.logit_tokens:
+    if cb.kind == "causal":
+        cfg.logit_tokens_for("causal")  # "all" and "affected" read the same targets; others are refused
+    elif _logit_tokens(cfg) != cb.logit_tokens:
         raise ValueError(f"DistillConfig.logit_tokens {cfg.logit_tokens!r}, but the cache holds the teacher at "
                          f"{cb.logit_tokens!r} tokens")
     if getattr(cfg, "shared_vocab", None) is not None:
@@ -226,6 +252,8 @@ def sparse_head_losses(student, h_s: torch.Tensor, targets: tuple, labels: torch
 
 def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch.Tensor]:
     """The loss terms of one cached batch (the student's graph in them)."""
+    if cb.kind == "causal":
+        return cached_causal_step(student, cb, cfg)
     b = cb.batch
     ids, am, labels, tt = b["input_ids"], b["attention_mask"], b["labels"], b.get("token_type_ids")
     tokens = am.bool()                                                            # (B, S)
@@ -262,6 +290,66 @@ def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch
     h_cf = torch.cat(h_cf) if len(h_cf) > 1 else h_cf[0]                          # (N, D)
     cf = cb.cf if not order else tuple(t.index_select(0, torch.cat(order)) for t in cb.cf)
     terms["iit"], _ = sparse_head_losses(student, h_cf, cf, None, cfg, cfg.w_iit, 0.0, cfg.divergence("iit"))
+    return terms
+
+
+def cached_causal_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """The loss terms of one cached batch of a causal teacher (see the module docstring)."""
+    from transformers import DynamicCache
+    b = cb.batch
+    ids, am, labels = b["input_ids"], b["attention_mask"], b["labels"]
+    tokens = am.bool()                                                            # (B, S)
+    nxt, y = next_token_targets(am, labels)                                       # (B, S) each
+    padded = not bool(tokens.all())
+    impl = "auto" if cfg.ops == "fused" else "reference"
+    iit = cfg.uses_iit and cfg.w_iit > 0
+    groups = cb.groups() if iit else []
+    one = len(groups) == 1 and groups[0][0] is None       # one alignment pair: the suffix passes, as online
+    s_cache = DynamicCache() if one else None
+    with student_autocast(cfg, ids.device):
+        s = student(ids, am, None, keep={plan.student_layer for _, plan in groups}, cache=s_cache, padded=padded)
+
+    terms = {}
+    if cfg.w_ce or cfg.w_mlm:
+        ce, mlm = sparse_head_losses(student, s.last_hidden[nxt], cb.base, y[nxt], cfg, cfg.w_ce, cfg.w_mlm,
+                                     cfg.divergence("ce"))
+        terms.update({k: v for k, v in (("ce", ce), ("mlm", mlm)) if getattr(cfg, f"w_{k}")})
+    if cfg.w_cos:
+        terms["cos"] = hidden_loss(s.last_hidden, cb.hidden.to(s.last_hidden.dtype), tokens, "cos", impl=impl)
+    if not iit:
+        return terms
+
+    cf = cb.cf_mask()                                                             # (B, S) nxt, >= b
+    with student_autocast(cfg, ids.device):
+        if one:
+            plan = groups[0][1]
+            l = plan.student_layer
+            h = counterfactual_suffix_hidden(student, {l: s.sites[l]}, am, (l,), plan, s_cache, s.last_hidden,
+                                             suffix_groups(plan.base_start, cfg.suffix_groups, merge=False), impl,
+                                             padded=padded)                       # (B, S, D)
+            h_cf, targets = h[cf], cb.cf
+        else:  # several alignment pairs: each sub-batch of whole pairs resumes from its site (every position)
+            token_index = torch.full(cf.shape, -1, dtype=torch.long, device=cf.device)   # (B, S) -> target row
+            token_index[cf] = torch.arange(int(cf.sum()), device=cf.device)
+            parts, order = [], []
+            for rows, plan in groups:
+                l = plan.student_layer
+                h = counterfactual_last_hidden(student, {l: s.sites[l][rows]}, am[rows], (l,), plan, impl)
+                parts.append(h[cf[rows]])
+                order.append(token_index[rows][cf[rows]])
+            h_cf = torch.cat(parts)
+            targets = tuple(t.index_select(0, torch.cat(order)) for t in cb.cf)
+    iit_post, _ = sparse_head_losses(student, h_cf, targets, None, cfg, cfg.w_iit, 0.0, cfg.divergence("iit"))
+    if cfg.logit_tokens_for("causal") == "affected":
+        terms["iit"] = iit_post
+        return terms
+    # "all": before the span start the counterfactual is the plain pass, so its KL is taken on the base targets
+    pre_n = ~cf[nxt]                                                              # (N,) base rows before b
+    pre = tuple(t[pre_n] for t in cb.base)
+    iit_pre, _ = sparse_head_losses(student, s.last_hidden[nxt][pre_n], pre, None, cfg, cfg.w_iit, 0.0,
+                                    cfg.divergence("iit"))
+    n_pre, n_post = pre_n.sum(), cf.sum()
+    terms["iit"] = (iit_pre * n_pre + iit_post * n_post) / (n_pre + n_post).clamp_min(1)
     return terms
 
 

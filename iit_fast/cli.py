@@ -22,7 +22,7 @@ SUBCOMMANDS = {
     "eval": ("iit_fast.eval", "validation perplexity (masked or next-token), top-1, and IIA / counterfactual KL "
                               "against a teacher"),
     "finetune": ("iit_fast.finetune", "downstream fine-tuning (sequence or token classification) with Trainer"),
-    "cache-teacher": ("iit_fast.teacher_cache", "run the teacher once over a corpus, store its outputs to distil from"),
+    "cache-teacher": ("iit_fast.cache_builder", "run the teacher once over a corpus, store its outputs to distil from"),
     "plan": ("iit_fast.plan", "bytes per rank of a step by part, and the largest micro-batch that fits a device"),
 }
 

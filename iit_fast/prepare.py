@@ -180,10 +180,11 @@ def open_teacher_cache(cfg: TrainConfig, teacher_path, teacher, tokenizer, token
     from .teacher_cache import check_run, refuse_teacher_kind
     refuse_teacher_kind(teacher.kind, cfg.teacher_cache)  # before the options: they differ by kind
     d = cfg.distill
-    # a cache may hold the first N rows of the corpus only (--max_examples): the run checks those rows
+    # a cache may hold N rows drawn across the corpus (--max_examples): the run checks those rows
     built = json.loads((Path(cfg.teacher_cache) / "cache.json").read_text()).get("fingerprint", {}) \
         if (Path(cfg.teacher_cache) / "cache.json").is_file() else {}
-    opts = CacheOptions(max_length=cfg.max_length, logit_tokens=d.logit_tokens_for(teacher.kind),
+    opts = CacheOptions(kind=teacher.kind, max_length=cfg.max_length,
+                        logit_tokens=d.logit_tokens_for(teacher.kind),
                         alignment=d.alignment, student_layers=cfg.student_layers, span_fraction=d.span_fraction,
                         dims=d.dims, mlm_probability=cfg.mlm_probability, temperature=d.temperature,
                         max_examples=built.get("examples") if isinstance(built.get("examples"), int) else None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ from iit_fast.models.student import init_student_from_teacher
 from iit_fast.ops.head_loss.reference import distill_head_loss_reference
 from iit_fast.ops.head_loss.sparse import sparse_distill_head_loss, sparse_distill_head_loss_reference
 from iit_fast.step import distill_step
-from iit_fast.teacher_cache import CacheOptions, TeacherCache, build_cache, fingerprint_fields
+from iit_fast import cache_builder as cb_lib
+from iit_fast.cache_builder import build_cache
+from iit_fast.teacher_cache import CacheOptions, TeacherCache, fingerprint_fields
 from tiny import tiny_bert, tiny_bert_tokenizer
 
 RTOL = 1e-5
@@ -162,7 +165,7 @@ def corpus(n=20, vocab=V, seed=0, longest=20):
 
 
 def options(**kw):
-    base = dict(max_length=32, top_k=V, plans=2, hidden=True, logp_dtype="float32", hidden_dtype="float32",
+    base = dict(max_length=32, top_k=V, plans=2, hidden=True, values="float32", hidden_dtype="float32",
                 student_layers=2, shard_pairs=3)
     return CacheOptions(**{**base, **kw})
 
@@ -301,7 +304,7 @@ def test_masks_and_pairs_are_part_of_the_example(tmp_path, teacher_dir):
     cache = TeacherCache.open(tmp_path / "c")
     _, tok = load_model(teacher_dir)
     collate = Collate(tok, mlm_probability=0.15, pad_to_multiple_of=1)
-    pairs = tc.pairing(len(ds), 0)
+    pairs = cb_lib.pairing(len(ds), 0)
     for p in range(cache.num_pairs):
         got = cache.read_pair(p, 0)
         for r in range(2):
@@ -358,7 +361,7 @@ def test_cached_step_module_for_the_engine(tmp_path, teacher_dir):
 
 
 def test_cached_step_under_bf16_autocast(tmp_path, teacher_dir):
-    build(teacher_dir, tmp_path / "c", top_k=16, logp_dtype="float16", hidden_dtype="bfloat16")
+    build(teacher_dir, tmp_path / "c", top_k=16, values="float16", hidden_dtype="bfloat16")
     cache = TeacherCache.open(tmp_path / "c")
     _, student = student_of(teacher_dir)
     cb = collate_pairs(cache, [0, 1], [0, 1])
@@ -443,15 +446,15 @@ def shard_bytes(folder):
 
 def test_full_disk_fails_cleanly_and_the_next_build_resumes(tmp_path, teacher_dir, monkeypatch):
     build(teacher_dir, tmp_path / "clean")
-    real = tc._write_bytes
+    real = cb_lib._write_bytes
 
     def full_disk(path, data):
         if path.name == "shard-00002.safetensors":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(path, data)
 
-    monkeypatch.setattr(tc, "_write_bytes", full_disk)
-    with pytest.raises(tc.CacheWriteError, match="disk is full.*2 of 4 shards are complete"):
+    monkeypatch.setattr(cb_lib, "_write_bytes", full_disk)
+    with pytest.raises(cb_lib.CacheWriteError, match="disk is full.*2 of 4 shards are complete"):
         build(teacher_dir, tmp_path / "c")
     kept = shard_bytes(tmp_path / "c")
     assert set(kept) == {f"shard-0000{i}.{x}" for i in (0, 1) for x in ("json", "safetensors")}  # no partial file
@@ -459,7 +462,7 @@ def test_full_disk_fails_cleanly_and_the_next_build_resumes(tmp_path, teacher_di
     with pytest.raises(ValueError, match="shard 2 .*missing"):
         TeacherCache.open(tmp_path / "c")
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").iterdir()}
-    monkeypatch.setattr(tc, "_write_bytes", real)
+    monkeypatch.setattr(cb_lib, "_write_bytes", real)
     build(teacher_dir, tmp_path / "c")
     assert all((tmp_path / "c" / n).stat().st_mtime_ns == t for n, t in mtimes.items() if n.startswith("shard"))
     assert shard_bytes(tmp_path / "c") == shard_bytes(tmp_path / "clean")
@@ -490,7 +493,8 @@ def test_cli_cache_teacher(tmp_path, teacher_dir, capsys):
     assert main(args) == 0
     cache = TeacherCache.open(tmp_path / "c", verify="full")
     assert cache.top_k == 8 and cache.has_hidden and cache.num_shards > 1
-    assert "pairs in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"^precision: (bf16|fp32) \(", out, re.M) and "16 pairs of 33 rows in 4 shards" in out
     assert main(args) == 0                                                    # a rerun finds every shard done
     assert main(args[:-1] + ["--top_k", "16", "--no_progress"]) == 2          # another k into the same folder
     assert "another top_k" in capsys.readouterr().err
@@ -570,7 +574,7 @@ def test_cache_mismatch_refused_before_work(tmp_path, teacher_dir):
     for cfg, kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             tc.check_run(cache, cfg, **kw)
-    with pytest.raises(ValueError, match="teacher caches do not support causal teachers yet .* this teacher is a "
-                                         "causal LM\\): drop --teacher_cache"):
+    with pytest.raises(ValueError, match="holds a masked LM teacher's outputs, and this run's teacher is a causal "
+                                         "LM; expected a cache built from this teacher"):
         tc.refuse_teacher_kind("causal", tmp_path / "c")
     tc.refuse_teacher_kind("masked", tmp_path / "c")
