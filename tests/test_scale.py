@@ -173,7 +173,7 @@ def worker_accum(out: Path, stages: list[int]):
 def worker_shard(out: Path):
     """One ZeRO-3 run with the teacher replicated and one with it sharded: losses, grads, bytes."""
     import torch.distributed as dist
-    from iit_fast import step as step_lib
+    from iit_fast.step import common as step_lib  # where head_losses looks _gathered up
     from iit_fast.engine import init_distributed, local_param_bytes
     rank, world, _ = init_distributed(120)
     results = {}
@@ -195,7 +195,7 @@ def worker_shard(out: Path):
             r["terms"].append({k: float(v) for k, v in terms.items()})
         r["teacher_gathered_after"] = sum(p.numel() for p in teacher.parameters() if hasattr(p, "ds_id")
                                           and p.ds_status.name == "AVAILABLE" and not getattr(p, "ds_persist", False))
-        if shard:  # negative control: without step._gathered the head loss cannot read the tied decoder
+        if shard:  # negative control: without step.common._gathered the head loss cannot read the tied decoder
             real = step_lib._gathered
             step_lib._gathered = lambda *p: __import__("contextlib").nullcontext()
             try:

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from iit_fast import step as step_module
+from iit_fast.step import index as step_index_module
 from iit_fast.config import DistillConfig
 from iit_fast.models import IntervenableLM
 from iit_fast.models.student import init_student_from_teacher
@@ -181,7 +182,7 @@ def test_an_unshifted_objective_fails_the_check(monkeypatch):
     batch = causal_batch()
     lm, _ = _hf_terms(teacher, student, batch)
     shifted = step_module.next_token_targets
-    monkeypatch.setattr(step_module, "next_token_targets",
+    monkeypatch.setattr(step_index_module, "next_token_targets",  # what step_index reads
                         lambda am, labels: (shifted(am, labels)[0], labels.masked_fill(am == 0, -100)))
     out = distill_step(teacher, student, batch, None, DistillConfig(mode="standard", ops="reference", w_iit=0))
     with pytest.raises(AssertionError):
@@ -196,7 +197,7 @@ def test_reusing_keys_values_past_the_span_start_fails(monkeypatch):
     plan = plan_for(batch, "middle", 0)
     naive, fast = naive_and_fast(teacher, student, batch, plan)
     assert_same_step(naive, fast)
-    monkeypatch.setattr(step_module, "suffix_groups", lambda starts, n, **kw: [(None, int(starts.min()) + 1)])
+    monkeypatch.setattr(step_index_module, "suffix_groups", lambda starts, n, **kw: [(None, int(starts.min()) + 1)])
     wrong = run(teacher, student, batch, plan, DistillConfig(mode="fast", ops="reference", w_iit_cos=0.3, w_mse=0.2))
     with pytest.raises(AssertionError):
         assert_same_step(naive, wrong)

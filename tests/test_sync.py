@@ -21,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from iit_fast import step as step_module
+from iit_fast.step import causal as step_causal, masked as step_masked
 from iit_fast.config import DistillConfig
 from iit_fast.models import IntervenableLM
 from iit_fast.sampling import make_alignment, sample_plan
@@ -117,7 +118,8 @@ def causal_case(family: str, padded: bool, logit_tokens: str, alignment: str = "
 
 def step_syncs(teacher, student, batch, plan, cfg, monkeypatch) -> list[str]:
     """The syncs of one fast step (forward and backward) with the fused ops on their GPU (Triton) path."""
-    monkeypatch.setattr(step_module, "_impl", lambda cfg: "triton")
+    for module in (step_masked, step_causal):  # where the fast steps look the impl up
+        monkeypatch.setattr(module, "_impl", lambda cfg: "triton")
     index = step_index(batch, plan, cfg, teacher.kind)           # on the CPU, next to the plan
     with count_syncs() as syncs:
         out = distill_step(teacher, student, batch, plan, cfg, check=False, index=index)
@@ -194,7 +196,8 @@ def test_a_step_whose_mask_builders_read_the_mask_is_counted(monkeypatch):
         return index
 
     monkeypatch.setattr(step_module, "step_index", unknown_padding)
-    monkeypatch.setattr(step_module, "_impl", lambda cfg: "triton")
+    for module in (step_masked, step_causal):  # where the fast steps look the impl up
+        monkeypatch.setattr(module, "_impl", lambda cfg: "triton")
     index = step_module.step_index(batch, plan, cfg, teacher.kind)
     with count_syncs() as syncs:
         distill_step(teacher, student, batch, plan, cfg, check=False, index=index).loss.backward()
@@ -208,9 +211,9 @@ def test_a_step_with_a_boolean_gather_is_counted(monkeypatch):
         mask[rows] = True
         return h.reshape(-1, h.shape[-1])[mask]
 
-    monkeypatch.setattr(step_module, "_rows", by_mask)
+    monkeypatch.setattr(step_masked, "_rows", by_mask)
     syncs = step_syncs(*masked_case(True, "masked"), monkeypatch)
-    assert any("step.py" in s and "aten.index" in s for s in syncs), syncs
+    assert any("step/masked.py" in s and "aten.index" in s for s in syncs), syncs
 
 
 def test_step_index_and_plan_move_in_one_copy():

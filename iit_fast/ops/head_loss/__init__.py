@@ -87,7 +87,7 @@ class DistillHeadLossFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             # the student's weight itself: under ZeRO-3 the backward reads what the engine gathers for it
             # then, as for any nn.Linear; the teacher's (no gradient) as read now: a teacher gathered only
-            # for the forward (step._gathered) keeps that gathered copy alive until the backward
+            # for the forward (step.common._gathered) keeps that gathered copy alive until the backward
             ctx.save_for_backward(hs, ht, ws, bs, wt.detach(), bt.detach() if bt is not None else None, y)
             ctx.rows = rows
             ctx.args = (temperature, chunk_size, impl, divergence, mm_s, mm_t)
