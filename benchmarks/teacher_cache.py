@@ -6,7 +6,7 @@ against the online fast step with the FLOP model's prediction beside it, and the
     python benchmarks/teacher_cache.py --teacher PATH                   # a trained teacher: KL errors that mean something
 
 Per shape: a teacher (random weights at the shape, or --teacher), a corpus of random full-length rows,
-one cache per option (top_k, --hidden; M plans, fp16 log-probs, bf16 hidden states), built and timed;
+one cache per option (top_k, --hidden; M plans, q8 log-probs, bf16 hidden states), built and timed;
 then, on one batch of whole pairs from the k = 64 + hidden cache, with the same masks, pairing and plan:
 - the online fast step (step.distill_step: teacher forward + student, fused head loss) and the cached step
   (cached_step.cached_distill_step: student only, sparse head loss), forward + backward, median of
@@ -99,7 +99,9 @@ def bench_shape(shape: Shape, args, work: Path) -> tuple[list[dict], dict]:
     from iit_fast.models import IntervenableLM, load_model
     from iit_fast.models.student import init_student_from_teacher
     from iit_fast.step import distill_step
-    from iit_fast.teacher_cache import CacheOptions, TeacherCache, build_cache
+    from iit_fast.cache_builder import build_cache
+    from iit_fast.cache_codec import bytes_per_row
+    from iit_fast.teacher_cache import CacheOptions, TeacherCache
 
     teacher_dir = args.teacher if args.teacher and _fits(args.teacher, shape) else \
         make_teacher(shape, work / f"teacher-{shape.name}")
@@ -120,9 +122,9 @@ def bench_shape(shape: Shape, args, work: Path) -> tuple[list[dict], dict]:
         build_cache(teacher_dir, ds, folder, opts, loaded=(teacher, tok), batch_rows=shape.batch, progress=False)
         seconds = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in folder.glob("shard-*.safetensors"))
-        # the layout's count: ids + labels int32, per loss token (1 + M) x (K x (fp16 + int32) + fp32 rest),
-        # hidden bf16
-        model = 8 + (1 + PLANS) * (6 * k + 4) + (2 * teacher.hidden_size if hidden else 0)
+        # the layout's count: ids + labels int32, per loss token (1 + M) rows of targets (cache_codec: packed ids,
+        # q8 values, fp16 rest), hidden bf16
+        model = 8 + (1 + PLANS) * bytes_per_row(k, vocab, opts.values) + (2 * teacher.hidden_size if hidden else 0)
         out.append({"shape": shape.name, "what": f"build k={k}{' +hidden' if hidden else ''}", "top_k": k,
                     "hidden": hidden, "bytes/token": size / tokens, "bytes/token (layout)": model,
                     "build s": seconds, "build tokens/s": tokens / seconds})
@@ -165,7 +167,8 @@ def bench_shape(shape: Shape, args, work: Path) -> tuple[list[dict], dict]:
         for k in (16, 64, 256):
             cbk = collate_pairs(caches[(k, False)], pairs, [0] * len(pairs))
             got = cached_distill_step(student, cbk, DistillConfig(ops="fused", w_cos=0)).terms
-            out.append({"shape": shape.name, "what": f"KL error k={k} (fp16 values)", "top_k": k,
+            what = f"KL error k={k} ({caches[(k, False)].values} values)"
+            out.append({"shape": shape.name, "what": what, "top_k": k,
                         "ce rel err": abs(got["ce"] - exact["ce"]).item() / exact["ce"].item(),
                         "iit rel err": abs(got["iit"] - exact["iit"]).item() / exact["iit"].item()})
     return out, {"flops": f, "teacher": args.teacher or "random weights, Zipf-like decoder bias", "rows": rows,
@@ -199,7 +202,8 @@ def main(argv=None):
         cmd = (f"python benchmarks/teacher_cache.py --shapes {' '.join(args.shapes)} --batches {args.batches} "
                f"--repeats {args.repeats}" + (f" --teacher {args.teacher}" if args.teacher else "")
                + (f" --name {args.name}" if args.name != "teacher-cache" else ""))
-        notes = (f"Command: `{cmd}`. M = {PLANS} plans, fp16 log-probs + int32 ids + fp32 rest, bf16 hidden "
+        notes = (f"Command: `{cmd}`. M = {PLANS} plans, format 2 (cache_codec: bit-packed ids, q8 log-probs, "
+                 f"fp16 rest), bf16 hidden "
                  f"states. Goals: cached within 1.05x of the model's time; ~1.5x faster than online at bert-base. "
                  + args.notes)
         write_results(args.name, {"machine": machine(), "shapes": extra}, rows, cols,
