@@ -21,9 +21,12 @@ import difflib
 import json
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from .models.load import load_weights
 from .models.partitioned import load_partitioned
@@ -49,7 +52,7 @@ _DS_SECTIONS = {
 
 
 def _known_ds_keys() -> set[str]:
-    import deepspeed.runtime.constants as C
+    import deepspeed.runtime.constants as C  # lazy: deepspeed is heavy
     return _DS_SECTIONS | {v for k, v in vars(C).items() if k.isupper() and isinstance(v, str) and v.islower()
                            and " " not in v and "/" not in v}
 
@@ -62,30 +65,43 @@ def find_file(path: str) -> Path:
     return REPO / p if (REPO / p).exists() else p
 
 
-def read_ds_config(path: str, world_size: int) -> dict:
-    """Read and check the DeepSpeed config; make its three batch fields agree. Errors name the file and key."""
+def _read_ds_json(path: str, flag: str) -> tuple[Path, str, dict]:
+    """(file, "<flag> <file>" for the errors, its settings): a file that exists and holds a JSON object whose
+    every top-level key DeepSpeed knows (a near miss is named). Errors name the flag, the file and the key."""
     p = find_file(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--deepspeed_config {path}: no such file")
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    where = f"{flag} {p}"
     try:
         ds = json.loads(p.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--deepspeed_config {p}: not JSON ({e})") from None
+        raise ValueError(f"{where}: not JSON ({e})") from None
     if not isinstance(ds, dict):
-        raise ValueError(f"--deepspeed_config {p}: expected a JSON object of DeepSpeed settings")
+        raise ValueError(f"{where}: expected a JSON object of DeepSpeed settings")
     known = _known_ds_keys()
     for key in ds:
         if key not in known:
             near = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
             hint = f"; did you mean {near[0]!r}?" if near else " (not a DeepSpeed setting this version knows)"
-            raise ValueError(f"--deepspeed_config {p}: unknown key {key!r}{hint}")
-    if "zero_optimization" in ds:  # DeepSpeed's own schema (pydantic, extra keys forbidden), checked now
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-        try:
-            DeepSpeedZeroConfig(**ds["zero_optimization"])
-        except Exception as e:  # pydantic's ValidationError: name the offending key
-            first = str(e).splitlines()
-            raise ValueError(f"--deepspeed_config {p}: zero_optimization: {' '.join(first[1:3]).strip()}") from None
+            raise ValueError(f"{where}: unknown key {key!r}{hint}")
+    return p, where, ds
+
+
+def _check_zero_section(zero: dict, where: str) -> None:
+    """A `zero_optimization` section checked against DeepSpeed's own schema (pydantic, extra keys forbidden)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # lazy: deepspeed is heavy
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except Exception as e:  # pydantic's ValidationError: name the offending key
+        first = str(e).splitlines()
+        raise ValueError(f"{where}: zero_optimization: {' '.join(first[1:3]).strip()}") from None
+
+
+def read_ds_config(path: str, world_size: int) -> dict:
+    """Read and check the DeepSpeed config; make its three batch fields agree. Errors name the file and key."""
+    p, where, ds = _read_ds_json(path, "--deepspeed_config")
+    if "zero_optimization" in ds:  # DeepSpeed's own schema, checked now
+        _check_zero_section(ds["zero_optimization"], where)
     micro = ds.get("train_micro_batch_size_per_gpu")
     accum = ds.get("gradient_accumulation_steps")
     total = ds.get("train_batch_size")
@@ -139,8 +155,7 @@ def init_distributed(timeout_s: float):
     `timeout_s` bounds every collective, on every process group made from here on: a rank that stops
     responding makes the others fail with an error after that long instead of DeepSpeed's default 10 minutes
     (or torch's 30 for groups made later); a rank that dies is noticed at once."""
-    from datetime import timedelta
-    import deepspeed
+    import deepspeed  # lazy: heavy (its import pulls in its ops and accelerator)
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
@@ -156,7 +171,6 @@ def init_distributed(timeout_s: float):
     # The timeout given to init_process_group holds for the default group only: torch gives every group made
     # later its module default (30 min on gloo), and DeepSpeed's gradient all-reduces run on such a group (a
     # copy of the world group, deepspeed.utils.groups._clone_world_group). Make ours the default for them too.
-    from torch.distributed import distributed_c10d
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         if not hasattr(distributed_c10d, name):
             raise RuntimeError(f"torch.distributed.distributed_c10d.{name} is gone in torch {torch.__version__}: "
@@ -175,14 +189,12 @@ def init_distributed(timeout_s: float):
 
 
 def broadcast(obj, rank):
-    import torch.distributed as dist
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
     dist.all_reduce(t)
     return t
 
@@ -191,7 +203,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def init_engine(ds: dict, step_module, optimizer_groups, lr: float, scheduler_fn):
     """The student's DeepSpeed engine around `step_module` (a `step.DistillStep`)."""
-    import deepspeed
+    import deepspeed  # lazy: heavy
     if "optimizer" in ds:  # the config's own optimizer (its lr is replaced by ours)
         ds["optimizer"].setdefault("params", {})["lr"] = lr
         engine, _, _, _ = deepspeed.initialize(model=step_module, model_parameters=optimizer_groups, config=ds,
@@ -238,22 +250,7 @@ def read_teacher_ds_config(path: str, student_ds: dict, teacher_dtype: str) -> d
     optimizer offload; its precision must be the teacher's (`teacher_dtype`, DistillConfig's: bf16 needs a
     machine with bf16); batch fields, if given, must be the student's (the teacher runs on its batches).
     Errors name the file and the key."""
-    p = find_file(path)
-    where = f"--teacher_deepspeed_config {p}"
-    if not p.is_file():
-        raise FileNotFoundError(f"--teacher_deepspeed_config {path}: no such file")
-    try:
-        ds = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: not JSON ({e})") from None
-    if not isinstance(ds, dict):
-        raise ValueError(f"{where}: expected a JSON object of DeepSpeed settings")
-    known = _known_ds_keys()
-    for key in ds:
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-            hint = f"; did you mean {near[0]!r}?" if near else " (not a DeepSpeed setting this version knows)"
-            raise ValueError(f"{where}: unknown key {key!r}{hint}")
+    _, where, ds = _read_ds_json(path, "--teacher_deepspeed_config")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ValueError(f"{where}: has an {key!r} section, but the teacher is frozen (an inference engine: no "
@@ -272,12 +269,7 @@ def read_teacher_ds_config(path: str, student_ds: dict, teacher_dtype: str) -> d
     if device not in ("cpu", "none"):
         raise ValueError(f"{where}: zero_optimization.offload_param.device {device!r}: the teacher's partitions are "
                          f"read into memory (models.partitioned.load_partitioned); expected 'cpu' or 'none'")
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    try:
-        DeepSpeedZeroConfig(**zero)
-    except Exception as e:  # pydantic's ValidationError: name the offending key
-        first = str(e).splitlines()
-        raise ValueError(f"{where}: zero_optimization: {' '.join(first[1:3]).strip()}") from None
+    _check_zero_section(zero, where)
     for key in _BATCH_KEYS:
         if key in ds and ds[key] != student_ds.get(key):
             raise ValueError(f"{where}: {key} = {ds[key]}, but the teacher runs on the student's batches "
@@ -353,7 +345,7 @@ def init_teacher_engine(teacher, plan: dict):
     """The frozen teacher's ZeRO-3 engine (no optimizer): partitions the parameters if they are not yet
     (a teacher built whole), or takes over those partitioned as it was built (load_partitioned).
     Returns the module to call (the engine's: its hooks gather each block's parameters on each call)."""
-    import deepspeed
+    import deepspeed  # lazy: heavy
     teacher.eval().requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=teacher, config=plan)
     engine.eval()
