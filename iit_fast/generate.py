@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from .precision import student_autocast
@@ -206,3 +208,42 @@ class GeneratedData:
         out = continuation_batch(seqs, P, self.eos_id, self.pad_id, labels_from_continuation=source == "teacher")
         self.seconds += time.perf_counter() - t0
         return out, source
+
+
+# ---- generation quality without a reference (benchmarks/objectives.py) --------------------------------
+
+@torch.no_grad()
+def sample_quality(student, teacher, batches, *, prompt_len: int, max_new_tokens: int, eos_id: int, pad_id: int,
+                   temperature: float = 1.0, seed: int = 0) -> dict:
+    """How good the student's own text is, judged by the teacher, with no reference and no hub: the student
+    continues the first `prompt_len` tokens of every row of `batches` (rows with more real tokens only) by
+    sampling; the teacher's next-token perplexity of those continuations (lower: text the teacher finds
+    likely; the teacher's own samples are the floor to compare with), the share of distinct bigrams among
+    them (a repetition check: a student that repeats itself also scores a low perplexity) and their mean length.
+    Batch b's sampling is seeded by (seed, b): the same for every student compared."""
+    nll, n, bigrams, distinct, lengths = 0.0, 0, 0, set(), []
+    was = teacher.training
+    teacher.eval()
+    for b, batch in enumerate(batches):
+        keep = batch["attention_mask"].sum(1) > prompt_len                                # (B,)
+        if not keep.any():
+            continue
+        prompt = batch["input_ids"][keep, :prompt_len]                                    # (B', P)
+        seqs = sample(student, prompt, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
+                      pad_id=pad_id, seed=derived_seed("quality", seed, b))
+        rows = continuation_batch(seqs, prompt_len, eos_id, pad_id, labels_from_continuation=True)
+        logits = teacher.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits  # (B', S, V)
+        target = rows["input_ids"][:, 1:]                                                 # (B', S-1)
+        mask = rows["loss_mask"][:, :-1]                                                  # next token generated
+        logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, target[..., None])[..., 0]
+        nll -= float(logp[mask].sum())
+        n += int(mask.sum())
+        for i in range(seqs.shape[0]):
+            cont = rows["input_ids"][i, prompt_len:][rows["attention_mask"][i, prompt_len:].bool()].tolist()
+            lengths.append(len(cont))
+            pairs = list(zip(cont, cont[1:]))
+            bigrams += len(pairs)
+            distinct |= {(b, i) + p for p in pairs}  # distinct within a row (a row repeating itself counts)
+    teacher.train(was)
+    return {"teacher_ppl_of_samples": math.exp(nll / max(n, 1)), "distinct_2": len(distinct) / max(bigrams, 1),
+            "mean_new_tokens": sum(lengths) / max(len(lengths), 1), "scored_tokens": n}

@@ -16,8 +16,9 @@
 
 A batch's walk: `prepare.check_inputs` and `prepare.prepare` (before any process group: every check of the arguments and folders, the
 embedded defaults built once under a file lock, models loaded, data tokenized) -> `init_distributed` ->
-the student's engine around `step.DistillStep` -> per micro-batch: a plan sampled on the CPU
-(`sampling.sample_plan`), `engine(batch, plan)` (DeepSpeed's forward runs the step), one all-reduce of
+the student's engine around `step.DistillStep` -> per micro-batch: with --on_policy_fraction / --seq_kd, for a
+share of them the student / the teacher continues the batch's prompts (`generate.GeneratedData`); a plan
+sampled on the CPU (`sampling.sample_plan`), `engine(batch, plan)` (DeepSpeed's forward runs the step), one all-reduce of
 {non-finite loss, stop signal}, `engine.backward(loss)`, `engine.step()`; per log interval one all-reduce
 of the loss terms, a metrics line and DeepSpeed's monitor (TensorBoard / CSV / W&B, as its config enables).
 
