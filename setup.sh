@@ -79,7 +79,7 @@ fi
 # Debian packages: English text for the default corpus, jemalloc for steady CPU step times
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for p in $(sed -n 's/^DEBIAN_PACKAGES = "\(.*\)"$/\1/p' iit_fast/corpus.py 2>/dev/null) libjemalloc2; do
+  for p in $(sed -n 's/^DEBIAN_PACKAGES = "\(.*\)"$/\1/p' iit_fast/corpus_build.py 2>/dev/null) libjemalloc2; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
   done
   if [ ${#need[@]} -gt 0 ]; then

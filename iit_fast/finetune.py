@@ -167,7 +167,7 @@ def build_source_task(out_dir, per_class_train: int = 500, per_class_validation:
     import shutil
 
     from .cache import publish_folder
-    from .corpus import DEBIAN_PACKAGES, DEFAULT_SOURCES
+    from .corpus_build import DEBIAN_PACKAGES, DEFAULT_SOURCES
     out_dir = Path(out_dir)
     if sources is None:
         sources = [s for s in DEFAULT_SOURCES if s.name in SOURCE_TASK_CLASSES]

@@ -7,13 +7,14 @@ import json
 
 import pytest
 
-from iit_fast import corpus as D
+from iit_fast import corpus as D, corpus_build as B
 
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     """load_corpus without cache_dir writes arrow files into DEFAULT_CACHE: a test's own, not the user's."""
-    monkeypatch.setattr(D, "DEFAULT_CACHE", tmp_path / "default-cache")
+    for module in (D, B):  # the loader's arrow files and the default corpus's folder
+        monkeypatch.setattr(module, "DEFAULT_CACHE", tmp_path / "default-cache")
 
 RST = """\
 .. _tut-intro:
@@ -95,10 +96,10 @@ def write_sources(root):
     (root / "fortunes" / "misc").write_text(FORTUNES)
     (root / "fortunes" / "misc.dat").write_bytes(b"\x00\x01binary index")
     (root / "fortunes" / "again").write_text(FORTUNES.split("%")[0] + "%\n")  # a cross-file duplicate
-    return [D.Source("docs", "rst", globs=[str(root / "doc" / "**" / "*.rst.txt")]),
-            D.Source("reference", "text", globs=[str(root / "reference.txt.gz")]),
-            D.Source("fortunes", "fortunes", globs=[str(root / "fortunes" / "*")]),
-            D.Source("absent", "text", globs=[str(root / "not-installed" / "*.txt")])]
+    return [B.Source("docs", "rst", globs=[str(root / "doc" / "**" / "*.rst.txt")]),
+            B.Source("reference", "text", globs=[str(root / "reference.txt.gz")]),
+            B.Source("fortunes", "fortunes", globs=[str(root / "fortunes" / "*")]),
+            B.Source("absent", "text", globs=[str(root / "not-installed" / "*.txt")])]
 
 
 def read_split(folder):
@@ -107,7 +108,7 @@ def read_split(folder):
 
 def test_cleaning_dedup_and_deterministic_split(tmp_path):
     sources = write_sources(tmp_path / "src")
-    out = D.build_corpus(sources, tmp_path / "c1", progress=False)
+    out = B.build_corpus(sources, tmp_path / "c1", progress=False)
     splits = read_split(out)
     pars = splits["train"] + splits["validation"]
     text = "\n".join(pars)
@@ -131,33 +132,33 @@ def test_cleaning_dedup_and_deterministic_split(tmp_path):
     assert m["train"]["paragraphs"] == len(splits["train"]) >= 1 and len(splits["validation"]) >= 1
     # determinism: a rebuild gives identical files; the split of a paragraph does not depend on the order
     # of the sources
-    again = read_split(D.build_corpus(sources, tmp_path / "c2", progress=False))
+    again = read_split(B.build_corpus(sources, tmp_path / "c2", progress=False))
     assert again == splits
-    rev = read_split(D.build_corpus(sources[::-1], tmp_path / "c3", progress=False))
+    rev = read_split(B.build_corpus(sources[::-1], tmp_path / "c3", progress=False))
     assert set(rev["train"]) == set(splits["train"]) and set(rev["validation"]) == set(splits["validation"])
     # the split is by hash of the paragraph: many paragraphs go ~2% to validation
     keys = [f"paragraph number {i} of a long synthetic corpus" for i in range(5000)]
-    frac = sum(D._split_of(D.normalise(k)) == "validation" for k in keys) / len(keys)
+    frac = sum(B._split_of(B.normalise(k)) == "validation" for k in keys) / len(keys)
     assert 0.01 < frac < 0.03
 
 
 def test_build_corpus_without_text_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="corpus: no paragraphs found"):
-        D.build_corpus([D.Source("none", "text", globs=[str(tmp_path / "*.txt")])], tmp_path / "c", progress=False)
+        B.build_corpus([B.Source("none", "text", globs=[str(tmp_path / "*.txt")])], tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
 
 
 def test_default_corpus_is_cached(tmp_path, monkeypatch):
     sources = write_sources(tmp_path / "src")
-    monkeypatch.setattr(D, "DEFAULT_SOURCES", sources)
+    monkeypatch.setattr(B, "DEFAULT_SOURCES", sources)
     def no_install(*a, **k):
         raise AssertionError("the library installed packages")
-    monkeypatch.setattr(D, "install_debian_packages", no_install)
-    folder = D.build_default_corpus(tmp_path / "cache", progress=False)
-    assert folder == D.default_corpus_dir(tmp_path / "cache")
+    monkeypatch.setattr(B, "install_debian_packages", no_install)
+    folder = B.build_default_corpus(tmp_path / "cache", progress=False)
+    assert folder == B.default_corpus_dir(tmp_path / "cache")
     mtime = (folder / "train.txt").stat().st_mtime_ns
-    monkeypatch.setattr(D, "DEFAULT_SOURCES", [])  # would fail if it rebuilt
-    assert D.build_default_corpus(tmp_path / "cache", progress=False) == folder
+    monkeypatch.setattr(B, "DEFAULT_SOURCES", [])  # would fail if it rebuilt
+    assert B.build_default_corpus(tmp_path / "cache", progress=False) == folder
     assert (folder / "train.txt").stat().st_mtime_ns == mtime
     dd = D.load_corpus(None, cache_dir=tmp_path / "cache")
     assert set(dd) == {"train", "validation"} and dd["train"].column_names == ["text"]
@@ -213,20 +214,20 @@ def test_default_corpus_names_missing_packages_and_never_installs(tmp_path, monk
     """A source whose Debian package is not installed: building the default corpus fails, names the package
     and the command that installs it, and installs nothing (only the CLI flag may)."""
     sources = write_sources(tmp_path / "src")
-    sources.append(D.Source("manual", "text", "some-manual-pkg", [str(tmp_path / "no" / "*.txt")]))
-    sources.append(D.Source("tool", "kjv", "some-tool-pkg", command=["no-such-command-iit-fast"]))
-    assert D.missing_packages(sources) == ["some-manual-pkg", "some-tool-pkg"]
-    monkeypatch.setattr(D, "DEFAULT_SOURCES", sources)
+    sources.append(B.Source("manual", "text", "some-manual-pkg", [str(tmp_path / "no" / "*.txt")]))
+    sources.append(B.Source("tool", "kjv", "some-tool-pkg", command=["no-such-command-iit-fast"]))
+    assert B.missing_packages(sources) == ["some-manual-pkg", "some-tool-pkg"]
+    monkeypatch.setattr(B, "DEFAULT_SOURCES", sources)
     calls = []
-    monkeypatch.setattr(D.subprocess, "run", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(B.subprocess, "run", lambda *a, **k: calls.append(a))
     with pytest.raises(FileNotFoundError, match=r"some-manual-pkg some-tool-pkg.*apt-get install -y "
                                                 r"some-manual-pkg some-tool-pkg.*--install-packages"):
-        D.build_default_corpus(tmp_path / "cache", progress=False)
-    assert calls == [] and not D.default_corpus_dir(tmp_path / "cache").exists()
+        B.build_default_corpus(tmp_path / "cache", progress=False)
+    assert calls == [] and not B.default_corpus_dir(tmp_path / "cache").exists()
     # the CLI flag without root is an error that says what it needs (never a silent skip)
-    monkeypatch.setattr(D.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(B.os, "geteuid", lambda: 1000)
     with pytest.raises(PermissionError, match="--install-packages: .*needs root"):
-        D.install_debian_packages(["some-manual-pkg"])
+        B.install_debian_packages(["some-manual-pkg"])
     assert calls == []
     with pytest.raises(SystemExit):  # --install-packages only for the default corpus
         D.main(["build", "--corpus", str(tmp_path), "--install-packages"])
@@ -276,7 +277,7 @@ def test_corpus_stream_jsonl_parquet_glob_dedup_and_split(tmp_path):
         assert dd[split].column_names == ["text"]
     got = list(dd["train"]["text"]) + list(dd["validation"]["text"])
     assert sorted(got) == sorted(pars)
-    assert list(dd["validation"]["text"]) == [p for p in pars if D._split_of(D.normalise(p)) == "validation"]
+    assert list(dd["validation"]["text"]) == [p for p in pars if B._split_of(B.normalise(p)) == "validation"]
     assert 0 < len(dd["validation"]) < 20
     # the same through a folder, a list, and a comma-separated string
     folder = D.load_corpus(tmp_path / "d", cache_dir=tmp_path / "cache")

@@ -16,7 +16,9 @@ from iit_fast.corpus import load_corpus
 def _own_cache(tmp_path, monkeypatch):
     """load_corpus without cache_dir writes arrow files into DEFAULT_CACHE: a test's own, not the user's."""
     import iit_fast.corpus
-    monkeypatch.setattr(iit_fast.corpus, "DEFAULT_CACHE", tmp_path / "default-cache")
+    import iit_fast.corpus_build
+    for module in (iit_fast.corpus, iit_fast.corpus_build):  # the loader's arrow files, the default corpus
+        monkeypatch.setattr(module, "DEFAULT_CACHE", tmp_path / "default-cache")
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + \
     "this is paragraph number of a small corpus written for the test and some more words".split() + \

@@ -378,7 +378,7 @@ def test_finetune_sequence_and_token_classification(assets, tmp_path, evaluated)
 
 
 def test_source_task_is_balanced_labelled_disjoint_and_reused(assets, tmp_path, evaluated):
-    from iit_fast.corpus import Source
+    from iit_fast.corpus_build import Source
     from iit_fast.finetune import build_source_task, finetune
     rng = random.Random(3)
     sources = []
