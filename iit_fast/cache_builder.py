@@ -213,7 +213,7 @@ def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: in
 
 
 def collate_pad_id(tokenizer) -> int:
-    """The id batches are padded with (as data.Collate pads)."""
+    """The id batches are padded with (as batches.Collate pads)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -238,7 +238,7 @@ def build_cache(teacher_path, tokenized_split, out, opts: CacheOptions, *, loade
     import safetensors.torch
     from tqdm import tqdm
 
-    from .data import Collate
+    from .batches import Collate
     from .models import load_model
     from .sampling import make_alignment
     if not 0 <= rank < world_size:

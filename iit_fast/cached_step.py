@@ -112,7 +112,7 @@ class CachedBatch:
 class CacheBatches:
     """Training batches from a cache: whole pairs, shuffled per epoch by (seed, epoch), batch j of an epoch
     to rank j % world_size (every rank the same count, a last partial batch dropped), each pair's plan
-    drawn per epoch by (seed, epoch, pair). Resumable like data.Batches (`state_dict` after a step resumes
+    drawn per epoch by (seed, epoch, pair). Resumable like batches.Batches (`state_dict` after a step resumes
     at the next batch)."""
 
     def __init__(self, cache: TeacherCache, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,

@@ -220,9 +220,10 @@ def load_validation(tokenizer, corpus=None, batch_size: int = 32, max_length: in
                     kind: str = "masked", max_batches: int | None = None, num_proc: int = 1) -> list[dict]:
     """The first `max_batches` batches (None: all) of a corpus's validation split (`load_corpus` spec; None =
     the default corpus), of the given kind, rows fixed and masked per row with `EVAL_SEED`
-    (`data.validation_batches`): every model compared, at any batch size, is scored on the same tokens."""
+    (`batches.validation_batches`): every model compared, at any batch size, is scored on the same tokens."""
     from iit_fast.corpus import load_corpus
-    from iit_fast.data import tokenize_corpus, validation_batches
+    from iit_fast.batches import validation_batches
+    from iit_fast.data import tokenize_corpus
     val = tokenize_corpus(load_corpus(corpus, cache_dir), tokenizer, max_length, num_proc, cache_dir,
                           kind=kind)["validation"]
     n = len(val) if max_batches is None else min(len(val), max_batches * batch_size)
@@ -289,7 +290,7 @@ def lm_eval_harness(model, tasks: list[str], include_path: str | None = None, li
 
 
 def _rewind(batches):
-    """Training-style batches (`data.build_train_loader`) carry their position (and an epoch that reseeds the masks) from one iteration to the next:
+    """Training-style batches (`batches.build_train_loader`) carry their position (and an epoch that reseeds the masks) from one iteration to the next:
     start every evaluation at epoch 0, batch 0, so every model sees the same batches and masks."""
     if hasattr(batches, "load_state_dict"):
         batches.load_state_dict({"epoch": 0, "batch_index": 0})

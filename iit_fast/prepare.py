@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import corpus, data
+from . import batches, corpus, data
 from . import teacher as teacher_lib
 from .cache import cache_lock
 from .config import TrainConfig, parse_args
@@ -202,10 +202,10 @@ def build_batches(cfg: TrainConfig, tokenized, tokenizer, kind: str, micro_batch
     """Rank-sharded training batches (a resumable DataLoader) and the validation batches: the first
     eval_sequences rows, each masked by its own seeded generator, the same on every rank and for any
     micro-batch, accumulation or world size."""
-    train = data.build_train_loader(tokenized["train"], tokenizer, micro_batch, kind=kind, seed=cfg.seed,
+    train = batches.build_train_loader(tokenized["train"], tokenizer, micro_batch, kind=kind, seed=cfg.seed,
                                     rank=rank, world_size=world, group_by_length=cfg.group_by_length,
                                     mlm_probability=cfg.mlm_probability, num_workers=cfg.num_workers)
     n_val = min(cfg.eval_sequences, len(tokenized["validation"]))
-    val = data.validation_batches(tokenized["validation"], tokenizer, micro_batch, n_sequences=n_val,
+    val = batches.validation_batches(tokenized["validation"], tokenizer, micro_batch, n_sequences=n_val,
                                   seed=EVAL_SEED, kind=kind, mlm_probability=cfg.mlm_probability)
     return train, val

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from iit_fast.cache import DEFAULT_CACHE, publish_folder
 from iit_fast.corpus import load_corpus
-from iit_fast.data import build_train_loader, tokenize_corpus, validation_batches
+from iit_fast.batches import build_train_loader, validation_batches
+from iit_fast.data import tokenize_corpus
 from iit_fast.eval import EVAL_SEED, lm_metrics, scored_logits, unigram_log_probs, unigram_metrics
 from iit_fast.models import IntervenableLM
 from iit_fast.models.load import load_tokenizer, quiet_transformers, weight_names

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertTokenizerFast
 
-from iit_fast import data as D
+from iit_fast import batches as DB, data as D
 from iit_fast.corpus import load_corpus
 
 
@@ -60,7 +60,7 @@ def test_tokenize_corpus_packs_and_caches(tmp_path, tok):
 def test_mask_tokens(tok):
     B, S = 64, 48
     g = torch.Generator().manual_seed(0)
-    collator = D.mlm_collator(tok, mlm_probability=0.15)
+    collator = DB.mlm_collator(tok, mlm_probability=0.15)
     ids = torch.randint(7, len(tok), (B, S))
     lengths = torch.randint(3, S + 1, (B,))  # at least one token between [CLS] and [SEP]
     am = (torch.arange(S)[None] < lengths[:, None]).long()
@@ -72,7 +72,7 @@ def test_mask_tokens(tok):
     am[-1, 2:] = 0
     special[-1, :2] = True  # a row with no eligible token
     before = ids.clone()
-    masked, labels = D.mask_tokens(ids, am, special, collator=collator, generator=g)
+    masked, labels = DB.mask_tokens(ids, am, special, collator=collator, generator=g)
     assert torch.equal(ids, before) and tok.mask_token_id == 4
     chosen = labels != -100
     assert not (chosen & (special | (am == 0))).any()
@@ -86,9 +86,9 @@ def test_mask_tokens(tok):
     kept = (masked[chosen] == ids[chosen]).sum() / n
     assert 0.7 < as_mask < 0.9 and 0.04 < kept < 0.2
     # the same generator seed gives the same masking; the input is untouched
-    again = D.mask_tokens(ids, am, special, collator=collator, generator=torch.Generator().manual_seed(0))
+    again = DB.mask_tokens(ids, am, special, collator=collator, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again[0], masked) and torch.equal(again[1], labels)
-    other = D.mask_tokens(ids, am, special, collator=collator, generator=torch.Generator().manual_seed(1))
+    other = DB.mask_tokens(ids, am, special, collator=collator, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(other[1], labels)
 
 
@@ -102,8 +102,8 @@ def test_mask_tokens_gives_every_row_a_target(tok):
     special = torch.zeros(B, S, dtype=torch.bool)
     special[:, 0] = special[:, 8] = True
     am[0] = 0  # a row of padding only: no target
-    collator = D.mlm_collator(tok, mlm_probability=1e-9)
-    masked, labels = D.mask_tokens(ids, am, special, collator=collator, generator=torch.Generator().manual_seed(3))
+    collator = DB.mlm_collator(tok, mlm_probability=1e-9)
+    masked, labels = DB.mask_tokens(ids, am, special, collator=collator, generator=torch.Generator().manual_seed(3))
     chosen = labels != -100
     assert chosen.sum(1)[1:].eq(1).all() and not chosen[0].any()
     assert not chosen[:, [0, 8, 9, 10, 11]].any()
@@ -118,7 +118,7 @@ def test_mask_tokens_gives_every_row_a_target(tok):
 def test_mlm_batches_layout_and_resume(tmp_path, tok):
     _, td = tokenized(tmp_path, tok, max_length=24, n=300)
     train = td["train"]
-    mk = lambda **kw: D.build_train_loader(train, tok, 4, seed=7, **kw)
+    mk = lambda **kw: DB.build_train_loader(train, tok, 4, seed=7, **kw)
     b = mk()
     assert len(b) == len(train) // 4
     first = list(b)
@@ -154,16 +154,16 @@ def test_mlm_batches_layout_and_resume(tmp_path, tok):
     pad = lambda bb: sum((x["attention_mask"] == 0).sum().item() for x in bb)
     assert pad(list(mk(group_by_length=True))) < pad(list(mk(group_by_length=False)))
     # ranks: equal counts, disjoint rows of the same epoch
-    r0 = D.build_train_loader(train, tok, 4, seed=7, rank=0, world_size=2)
-    r1 = D.build_train_loader(train, tok, 4, seed=7, rank=1, world_size=2)
+    r0 = DB.build_train_loader(train, tok, 4, seed=7, rank=0, world_size=2)
+    r1 = DB.build_train_loader(train, tok, 4, seed=7, rank=1, world_size=2)
     assert len(r0) == len(r1) == len(b) // 2
     rows = lambda r: [tuple(x) for i in r.sampler.epoch_batches(0) for x in [i.tolist()]]
     assert not set(sum(rows(r0), ())) & set(sum(rows(r1), ()))
     # no shuffle, no drop: every sequence in order, the last batch short
-    plain = D.build_train_loader(train, tok, 7, seed=0, shuffle=False, group_by_length=False, drop_last=False)
+    plain = DB.build_train_loader(train, tok, 7, seed=0, shuffle=False, group_by_length=False, drop_last=False)
     assert sum(x["input_ids"].shape[0] for x in plain) == len(train)
     with pytest.raises(ValueError, match="batch_size"):
-        D.build_train_loader(train, tok, 10_000, seed=0)
+        DB.build_train_loader(train, tok, 10_000, seed=0)
 
 
 
@@ -174,7 +174,7 @@ def test_loader_batches_do_not_depend_on_workers_and_resume_exactly(tmp_path, to
     with workers, gives exactly the tail; stopping early with workers prefetching still counts only the
     batches handed out."""
     _, td = tokenized(tmp_path, tok, max_length=24, n=300)
-    mk = lambda w, rank=0, world=1: D.build_train_loader(td["train"], tok, 4, seed=11, num_workers=w, rank=rank,
+    mk = lambda w, rank=0, world=1: DB.build_train_loader(td["train"], tok, 4, seed=11, num_workers=w, rank=rank,
                                                          world_size=world)
     same = lambda xs, ys: len(xs) == len(ys) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
                                                      for x, y in zip(xs, ys))
@@ -204,7 +204,7 @@ def test_loader_batches_do_not_depend_on_workers_and_resume_exactly(tmp_path, to
     with pytest.raises(ValueError, match="num_workers"):
         mk(-1)
     with pytest.raises(ValueError, match="kind: 'mlm'"):
-        D.build_train_loader(td["train"], tok, 4, seed=0, kind="mlm")
+        DB.build_train_loader(td["train"], tok, 4, seed=0, kind="mlm")
 
 
 def _rows_of(batches, batch_size):
@@ -225,22 +225,22 @@ def _rows_of(batches, batch_size):
 def test_validation_batches_do_not_depend_on_batch_size(tmp_path, tok):
     _, td = tokenized(tmp_path, tok, max_length=24, n=300)
     split = td["train"]
-    rows = {bs: _rows_of(D.validation_batches(split, tok, bs, n_sequences=40, seed=5), bs) for bs in (3, 8, 16)}
+    rows = {bs: _rows_of(DB.validation_batches(split, tok, bs, n_sequences=40, seed=5), bs) for bs in (3, 8, 16)}
     assert rows[3] == rows[8] == rows[16] and len(rows[3]) == 40
     assert sorted(r[0] for r in rows[3]) == list(range(40))  # the first 40 sequences, in order
     assert all(r[2] for r in rows[3])  # every row has a target
     for r in rows[3]:  # targets are the sequence's own tokens, never its cls/sep
         ids = split[r[0]]["input_ids"]
         assert all(ids[p] == t and ids[p] not in (tok.cls_token_id, tok.sep_token_id) for p, t in zip(r[2], r[3]))
-    b16 = D.validation_batches(split, tok, 16, n_sequences=40, seed=5)
+    b16 = DB.validation_batches(split, tok, 16, n_sequences=40, seed=5)
     assert [b["input_ids"].shape[0] for b in b16] == [16, 16, 8] and "token_type_ids" in b16[0]
-    other = _rows_of(D.validation_batches(split, tok, 8, n_sequences=40, seed=6), 8)
+    other = _rows_of(DB.validation_batches(split, tok, 8, n_sequences=40, seed=6), 8)
     assert other != rows[8] and {r[0] for r in other} == {r[0] for r in rows[8]}
-    assert len(D.validation_batches(split, tok, 8, seed=5)) == -(-len(split) // 8)  # None: all
+    assert len(DB.validation_batches(split, tok, 8, seed=5)) == -(-len(split) // 8)  # None: all
     with pytest.raises(ValueError, match="n_sequences: 0"):
-        D.validation_batches(split, tok, 8, n_sequences=0, seed=5)
+        DB.validation_batches(split, tok, 8, n_sequences=0, seed=5)
     with pytest.raises(ValueError, match="batch_size: 0"):
-        D.validation_batches(split, tok, 0, seed=5)
+        DB.validation_batches(split, tok, 0, seed=5)
 
 
 def _byte_level_bpe(texts, specials):
@@ -280,7 +280,7 @@ def test_causal_packing_and_batches_with_gpt2_tokenizer(tmp_path):
     # masked tokenization needs a mask token: a clear error for a decoder's tokenizer
     with pytest.raises(ValueError, match="tokenizer: .*no mask token"):
         D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "cache", kind="masked")
-    loader = D.build_train_loader(td["train"], gpt2, 4, kind="causal", seed=0, shuffle=False,
+    loader = DB.build_train_loader(td["train"], gpt2, 4, kind="causal", seed=0, shuffle=False,
                                   group_by_length=False, drop_last=False)
     batches = list(loader)
     assert gpt2.pad_token_id is None  # pad = eos for collation only
@@ -292,8 +292,8 @@ def test_causal_packing_and_batches_with_gpt2_tokenizer(tmp_path):
     assert torch.equal(labels[am == 1], ids[am == 1])
     assert all((b["labels"] == eos).any() for b in batches)  # document ends are targets
     # validation: rows fixed, labels = ids on real tokens, whatever the batch size
-    v3 = _rows_of(D.validation_batches(td["train"], gpt2, 3, n_sequences=10, seed=0, kind="causal"), 3)
-    v8 = _rows_of(D.validation_batches(td["train"], gpt2, 8, n_sequences=10, seed=0, kind="causal"), 8)
+    v3 = _rows_of(DB.validation_batches(td["train"], gpt2, 3, n_sequences=10, seed=0, kind="causal"), 3)
+    v8 = _rows_of(DB.validation_batches(td["train"], gpt2, 8, n_sequences=10, seed=0, kind="causal"), 8)
     assert v3 == v8 and all(r[1] == r[3] for r in v3)
 
 
@@ -312,7 +312,7 @@ def test_masked_tokenization_reads_special_tokens_from_the_tokenizer(tmp_path):
     for ids in td["train"]["input_ids"]:
         assert ids[0] == rob.convert_tokens_to_ids("<s>") and ids[-1] == rob.convert_tokens_to_ids("</s>")
         assert ids.count(rob.cls_token_id) == 1 and rob.pad_token_id not in ids
-    for batch in D.build_train_loader(td["train"], rob, 8, seed=0):
+    for batch in DB.build_train_loader(td["train"], rob, 8, seed=0):
         am, labels = batch["attention_mask"], batch["labels"]
         targets = labels[labels != -100]
         assert len(targets) and not set(targets.tolist()) & {rob.cls_token_id, rob.sep_token_id, rob.pad_token_id}

@@ -11,7 +11,8 @@ from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFa
 
 from iit_fast import teacher as T
 from iit_fast.corpus import load_corpus
-from iit_fast.data import tokenize_corpus, validation_batches
+from iit_fast.batches import validation_batches
+from iit_fast.data import tokenize_corpus
 from iit_fast.eval import EVAL_SEED, lm_metrics
 from iit_fast.models import load_model
 

@@ -298,7 +298,7 @@ def test_approximation_error_decreases_with_k(tmp_path, peaked):
 
 
 def test_masks_and_pairs_are_part_of_the_example(tmp_path, teacher_dir):
-    from iit_fast.data import Collate
+    from iit_fast.batches import Collate
     ds = corpus()
     build(teacher_dir, tmp_path / "c", ds=ds)
     cache = TeacherCache.open(tmp_path / "c")
