@@ -77,9 +77,30 @@ def build_caches(kind, path, teacher, tok, tokenized, a, work: Path, dtype: str)
                      "tokens": tokens, "bytes/token": size / tokens, "format 1 bytes/token": legacy / tokens,
                      "cf targets / loss token": cf / loss / PLANS, "build s": round(seconds, 1),
                      "build tokens/s": tokens / seconds if seconds else None, "id bits": meta["id_bits"]})
+        rows[-1]["cf ids in base top-k"] = shared_ids(cache, kind)
         caches[k] = cache
         print(f"[cache-quality] {rows[-1]}", flush=True)
     return caches, rows
+
+
+def shared_ids(cache, kind: str, pairs: int = 32) -> float:
+    """The fraction of a counterfactual row's top-k ids that are in the base row's top-k at the same position
+    (what coding the counterfactual ids against the base ones would save), over the first `pairs` pairs. A
+    row's counterfactual targets are at its last positions (causal: from the span start; masked: all)."""
+    shared, total = 0, 0
+    for p in range(min(pairs, cache.num_pairs)):
+        for m in range(cache.plans):
+            r = cache.read_pair(p, m)
+            nb = [len(x) - 1 if kind == "causal" else None for x in r["input_ids"]]
+            b_ids, c_ids = r["base"][1], r["cf"][1]
+            if kind != "causal":  # masked: the same positions
+                same = (c_ids.unsqueeze(2) == b_ids.unsqueeze(1)).any(2)
+            else:
+                nc = [max(0, n - int(s)) for n, s in zip(nb, r["base_start"])]
+                idx = torch.cat([torch.arange(nb[0] - nc[0], nb[0]), nb[0] + torch.arange(nb[1] - nc[1], nb[1])])
+                same = (c_ids.unsqueeze(2) == b_ids[idx].unsqueeze(1)).any(2)
+            shared, total = shared + int(same.sum()), total + same.numel()
+    return shared / max(total, 1)
 
 
 @torch.no_grad()
@@ -287,7 +308,8 @@ def main(argv=None):
              f"with other jobs: times are ratios within one series.\n\n"
              "## Cache size (bytes per real token on disk; format 1 = its layout for the same rows)\n\n"
              + markdown_table(pick("cache"), ["teacher", "top_k", "id bits", "rows", "tokens", "bytes/token",
-                                              "format 1 bytes/token", "cf targets / loss token", "build tokens/s"])
+                                              "format 1 bytes/token", "cf targets / loss token",
+                                              "cf ids in base top-k", "build tokens/s"])
              + "\n## The encoding's sparse KL error (ce at T = 2, a student initialised from the teacher, "
                "validation rows)\n\n"
              + markdown_table(pick("encoding"), ["teacher", "top_k", "values", "bytes/entry",
