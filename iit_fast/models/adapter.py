@@ -51,6 +51,7 @@ class FamilyAdapter(ABC):
     has_token_types: bool = False         # segment embeddings: else token_type_ids must be None or all 0
     dropout_config: tuple[str, ...] = ()  # config attributes holding dropout probabilities
     dropout_attrs: tuple[str, ...] = ()   # float attributes of submodules read as dropout probabilities
+    blocks_path: str = ""                 # the blocks' ModuleList below the base model, e.g. "encoder.layer"
 
     def __init__(self, model: nn.Module):
         self.model = model  # a plain attribute: the adapter is no module, the wrapper registers the model
@@ -70,13 +71,12 @@ class FamilyAdapter(ABC):
         return getattr(self.model, self.model.base_model_prefix)
 
     @property
-    @abstractmethod
     def blocks(self) -> nn.ModuleList:
-        ...
+        return self.base.get_submodule(self.blocks_path)
 
-    @abstractmethod
     def layer_prefix(self) -> str:
         """State-dict prefix of block `l`'s weights is f"{layer_prefix()}{l}." (student init)."""
+        return f"{self.model.base_model_prefix}.{self.blocks_path}."
 
     @classmethod
     @abstractmethod

@@ -14,13 +14,7 @@ class BertAdapter(FamilyAdapter):
     kind = "masked"
     has_token_types = True
     dropout_config = ("hidden_dropout_prob", "attention_probs_dropout_prob")
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.base.encoder.layer
-
-    def layer_prefix(self) -> str:
-        return f"{self.model.base_model_prefix}.encoder.layer."
+    blocks_path = "encoder.layer"
 
     @classmethod
     def head_weight_prefixes(cls, config) -> tuple[str, ...]:

@@ -12,13 +12,7 @@ class DistilBertAdapter(BertAdapter):
     lm_classes = {"distilbert": "DistilBertForMaskedLM"}
     has_token_types = False
     dropout_config = ("dropout", "attention_dropout")
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.base.transformer.layer
-
-    def layer_prefix(self) -> str:
-        return f"{self.model.base_model_prefix}.transformer.layer."
+    blocks_path = "transformer.layer"
 
     @classmethod
     def head_weight_prefixes(cls, config) -> tuple[str, ...]:

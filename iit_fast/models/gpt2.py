@@ -14,13 +14,7 @@ class GPT2Adapter(FamilyAdapter):
     kind = "causal"
     has_token_types = True  # HF adds wte(token_type_ids) when they are given: so do we (pass None for plain text)
     dropout_config = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.base.h
-
-    def layer_prefix(self) -> str:
-        return f"{self.model.base_model_prefix}.h."
+    blocks_path = "h"
 
     @classmethod
     def head_weight_prefixes(cls, config) -> tuple[str, ...]:

@@ -22,18 +22,12 @@ class LlamaAdapter(FamilyAdapter):
     kind = "causal"
     has_token_types = False
     dropout_config = ("attention_dropout",)
+    blocks_path = "layers"
     dropout_attrs = ("attention_dropout",)  # the attention modules read a float, not an nn.Dropout
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.family = model.config.model_type  # "llama", "qwen2" or "mistral"
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.base.layers
-
-    def layer_prefix(self) -> str:
-        return f"{self.model.base_model_prefix}.layers."
 
     @classmethod
     def head_weight_prefixes(cls, config) -> tuple[str, ...]:
