@@ -36,6 +36,9 @@ the next save (which takes the name `step{N}.1`) removes it once its own tag is 
 nothing: tests/test_checkpoint.py replaces it to kill the process there.
 
 The Hugging Face export of the student is `iit_fast/export.py` (`export_student`).
+
+Just over 400 lines, kept in one module: the save's write order and the resume's verification are one
+protocol (the manifest and the tags one side writes are what the other checks), and read best together.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ import zlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from iit_fast.diskfull import DiskFullError, disk_full_message, free_bytes, guarded_write
 
@@ -161,7 +165,8 @@ def check_checkpoint_safe(tag_dir: Path):
 
 
 def _safe_globals():
-    """Plain-data types DeepSpeed writes into its checkpoints besides tensors."""
+    """Plain-data types DeepSpeed writes into its checkpoints besides tensors. (Imported here, each on its own:
+    deepspeed is heavy, and a name missing from this DeepSpeed version is simply not allowed.)"""
     out = []
     try:
         from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
@@ -393,19 +398,16 @@ def _fsync(path: Path):
 
 
 def _world_size() -> int:
-    import torch.distributed as dist
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _barrier():
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
 
 
 def _broadcast(obj):
     """Rank 0's `obj` on every rank."""
-    import torch.distributed as dist
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]

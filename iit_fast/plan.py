@@ -45,13 +45,24 @@ CPU offload (only the gathered blocks on the device).
 What it does not model: the process itself (interpreter, libraries, CUDA context; `runtime` of
 benchmarks/llm_shapes.py), allocator fragmentation (on a GPU pass --usable_fraction), communication buffers.
 Validated against measured peaks in benchmarks/results/planner-validation.md.
+
+Over 400 lines with this docstring, which is the cost model's statement; the code is that one model and its
+subcommand.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .sampling import _middle
 
 MODELLED = ("llama", "qwen2", "mistral")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")   # bf16 = DeepSpeed's bf16 mode (bf16 weights, fp32 master)
@@ -66,7 +77,6 @@ BLOCK_CENSUS = {"bf16-autocast": (30.5, 8, 4, 4, 8), "fp32": (32.5, 16, 8, 4, 8)
 
 def load_config(src):
     """A transformers config from a model folder, a config JSON file, a dict or a config object."""
-    from transformers import AutoConfig, PretrainedConfig
     if isinstance(src, PretrainedConfig):
         return src
     if isinstance(src, dict):
@@ -104,9 +114,6 @@ class Dims:
 def dims_of(config, layers: int | None = None) -> Dims:
     """Dims of `config`, optionally cut to its first `layers` blocks (a student made of the teacher's layers
     has the same shapes per block)."""
-    import copy
-    import torch
-    from transformers import AutoModelForCausalLM
     mt = config.model_type
     if mt not in MODELLED:
         raise ValueError(f"the planner models the decoder families {MODELLED}; model_type {mt!r} is not modelled")
@@ -167,11 +174,6 @@ class Plan:
                                            "backward working set")) + self.head_grad
         end = pa.get("student grads", 0) + pa.get("backward working set", 0)
         return resident + max(start, end)
-
-
-def _middle(n: int) -> int:
-    from .sampling import _middle as m
-    return m(n)
 
 
 def _suffix_tokens(inp: PlanInput, B: int, S: int) -> tuple[int, list[tuple[int, int]]]:
@@ -309,7 +311,6 @@ def _naive(p: Plan, inp, s, t, B, S, V, per_tok, casts, s_site, r, tb, ck, kv_to
 
 def max_micro_batch(inp: PlanInput, device_bytes: float, limit: int = 4096) -> tuple[int, Plan | None]:
     """The largest micro-batch whose plan fits `device_bytes` (0 and None when even 1 does not)."""
-    import dataclasses
     best, best_plan = 0, None
     lo, hi = 1, 1
     while hi <= limit:
@@ -392,7 +393,6 @@ def fit_warning(teacher, student, cfg, ds: dict, micro_batch: int, world_size: i
     """One `warning:` line when the planner puts this run's step above the device's memory (None when it fits,
     or when the family is not modelled: the planner covers llama, qwen2, mistral). train.py calls it before
     any work; it is a warning, not a refusal (the planner is a model, validated to ~15%)."""
-    import torch
     if teacher.config.model_type not in MODELLED or student.config.model_type not in MODELLED:
         return None
     bf16 = bool(ds.get("bf16", {}).get("enabled"))
@@ -415,7 +415,6 @@ def fit_warning(teacher, student, cfg, ds: dict, micro_batch: int, world_size: i
     if device.type == "cuda":
         have, what = torch.cuda.get_device_properties(device).total_memory, f"{device} memory"
     else:
-        import psutil
         have, what = psutil.virtual_memory().total, "this machine's memory"
     if pl.total <= have:
         return None
