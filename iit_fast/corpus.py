@@ -17,6 +17,7 @@ benchmarks/results/corpus-memory.md). Tokenising is bounded in data.py (PIECE_CH
 from __future__ import annotations
 
 import argparse
+import codecs
 import glob
 import json
 import re
@@ -68,7 +69,6 @@ def _scan_text(path: Path) -> str:
     blank-line separated blocks, else "line" (one paragraph a line). A NUL byte or more than
     MAX_INVALID_UTF8 undecodable characters means the file is binary (or not UTF-8), and a file of blanks
     holds no text: each is an error that names the file (tokenising it would train on garbage)."""
-    import codecs
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     bad = chars = 0
     blank_sep = has_text = False

@@ -23,6 +23,7 @@ from iit_fast.ops.interchange import (
     interchange_hidden_loss,
 )
 from iit_fast.ops.interchange import (
+    native as nk,
     triton as tk,  # (`import iit_fast.ops.interchange...` meets the function)
 )
 from iit_fast.ops.interchange.reference import (
@@ -44,7 +45,7 @@ def nan_outputs(monkeypatch):
     def poisoned(shape, dtype, device):
         t = torch.empty(shape, dtype=dtype, device=device)
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
-    monkeypatch.setattr(ops, "_empty", poisoned)
+    monkeypatch.setattr(nk, "_empty", poisoned)
     monkeypatch.setattr(tk, "_empty", poisoned)
 
 

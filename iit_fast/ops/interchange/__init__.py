@@ -5,7 +5,8 @@
     out, loss = interchange_hidden_loss(states, teacher, mask, pi, bs, ss, k, dims=None, kind="mse", impl="auto")
 
 Semantics are those of `reference.py` (the ground truth). This folder holds the op: `reference.py`,
-this dispatcher and its autograd Functions, `triton.py` (CUDA kernels), `native.cpp` (CPU kernels). impl:
+this dispatcher and its autograd Functions, `triton.py` (CUDA kernels), `native.cpp` (CPU kernels) and
+`native.py` (its ctypes library and backend). impl:
   "auto"      CUDA tensors -> "triton"; CPU tensors -> "native" (built on first use) or, when the native
               library cannot be built, "reference"; the path is logged once per op (a warning for a fallback).
   "reference" the plain PyTorch reference (autograd does the backward).
@@ -30,6 +31,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
+from .native import NativeBackend, native_error
 from .reference import (
     hidden_loss_reference,
     interchange_hidden_loss_reference,
@@ -40,8 +42,6 @@ log = logging.getLogger("iit_fast.ops")
 _logged: set[str] = set()
 
 IMPLS = ("auto", "reference", "triton", "native")
-_NATIVE_NAME = "iit_fast_interchange"
-_NATIVE_SOURCES = ("interchange/native.cpp",)
 
 
 def _log_once(key: str, msg: str, warning: bool = False) -> None:
@@ -50,164 +50,49 @@ def _log_once(key: str, msg: str, warning: bool = False) -> None:
         (log.warning if warning else log.info)(msg)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Native library (ctypes)
-# ------------------------------------------------------------------------------------------------------
-_native_lib = None
-_native_error: str | None = None
-
-
-def _native():
-    """The ctypes library of native.cpp, or None (reason in _native_error)."""
-    global _native_lib, _native_error
-    if _native_lib is None and _native_error is None:
-        import ctypes
-
-        from .._native import NativeUnavailable, load_native
-        try:
-            lib = load_native(_NATIVE_NAME, _NATIVE_SOURCES)
-        except NativeUnavailable as e:
-            _native_error = str(e)
-            return None
-        P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        for suf in ("f32", "f64"):
-            f = getattr(lib, f"iit_interchange_fwd_{suf}")
-            f.argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, I64, I]
-            f = getattr(lib, f"iit_interchange_bwd_{suf}")
-            f.argtypes = [P, P, ctypes.c_double, P, P, P, P, P, P, I64, I64, I64, I64, I64, I]
-            f = getattr(lib, f"iit_hidden_loss_fwd_{suf}")
-            f.argtypes = [P, P, P, P, P, I64, I64, I, I]
-            f = getattr(lib, f"iit_interchange_hidden_loss_fwd_{suf}")
-            f.argtypes = [P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I, I]
-            for name in ("interchange_fwd", "interchange_bwd", "hidden_loss_fwd", "interchange_hidden_loss_fwd"):
-                getattr(lib, f"iit_{name}_{suf}").restype = None
-        _native_lib = lib
-    return _native_lib
-
-
 def available_paths() -> dict[str, str | None]:
     """Path -> None when it can run in this process, else the reason it cannot."""
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (a probe: is triton importable here)
         triton_ok = None if (torch.cuda.is_available() or interp) else "no CUDA device (CPU only under TRITON_INTERPRET=1)"
     except ImportError as e:
         triton_ok = f"triton not importable: {e}"
-    _native()
-    return {"reference": None, "native": _native_error, "triton": triton_ok}
+    return {"reference": None, "native": native_error(), "triton": triton_ok}
 
 
 # ------------------------------------------------------------------------------------------------------
 # Backends: each gives the same four primitives on contiguous tensors.
 # ------------------------------------------------------------------------------------------------------
 
-def _empty_like(x: torch.Tensor) -> torch.Tensor:
-    """Allocation of every native output (tests replace it with a NaN-filled one: each element must be written)."""
-    return _empty(x.shape, x.dtype, x.device)
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _p(t):
-    return None if t is None else t.data_ptr()
-
-
-class _NativeBackend:
-    name = "native"
-
-    @staticmethod
-    def _dt(x):
-        return "f64" if x.dtype == torch.float64 else "f32"
-
-    @staticmethod
-    def _work(x):
-        """Storage the C++ kernels take: fp32 or fp64, contiguous."""
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        return x.contiguous()
-
-    @classmethod
-    def interchange_fwd(cls, x, pi, bs, ss, k, d0, d1):
-        xw = cls._work(x)
-        out = _empty_like(xw)
-        B, S, D = xw.shape
-        if out.numel():
-            getattr(_native(), f"iit_interchange_fwd_{cls._dt(xw)}")(
-                _p(xw), _p(out), _p(pi), _p(bs), _p(ss), _p(k), B, S, D, d0, d1, torch.get_num_threads())
-        return out.to(x.dtype)
-
-    @classmethod
-    def interchange_bwd(cls, g, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype):
-        ref = g if g is not None else gh
-        wd = torch.float64 if ref.dtype == torch.float64 else torch.float32
-        g = None if g is None else g.to(wd).contiguous()
-        gh = None if gh is None else gh.to(wd).contiguous()
-        gx = _empty(shape, wd, 'cpu')
-        B, S, D = shape
-        if gx.numel():
-            getattr(_native(), f"iit_interchange_bwd_{'f64' if wd == torch.float64 else 'f32'}")(
-                _p(g), _p(gh), float(scale), _p(gx), _p(bs), _p(ss), _p(k), _p(src_off), _p(src_rows),
-                B, S, D, d0, d1, torch.get_num_threads())
-        return gx.to(dtype)
-
-    @classmethod
-    def hidden_loss_fwd(cls, s, t, w, kind_cos):
-        sw = cls._work(s)
-        tw = t.to(sw.dtype).contiguous()
-        w = w.to(sw.dtype).contiguous()
-        N, D = sw.shape
-        grad = _empty_like(sw)
-        loss = _empty((N,), sw.dtype, 'cpu')
-        if N:
-            getattr(_native(), f"iit_hidden_loss_fwd_{cls._dt(sw)}")(
-                _p(sw), _p(tw), _p(w), _p(grad), _p(loss), N, D, int(kind_cos), torch.get_num_threads())
-        return loss, grad.to(s.dtype)
-
-    @classmethod
-    def interchange_hidden_loss_fwd(cls, x, t, w, pi, bs, ss, k, d0, d1, kind_cos):
-        xw = cls._work(x)
-        tw = t.to(xw.dtype).contiguous()
-        w = w.to(xw.dtype).contiguous()
-        B, S, D = xw.shape
-        out, grad = _empty_like(xw), _empty_like(xw)
-        loss = _empty((B * S,), xw.dtype, 'cpu')
-        if out.numel():
-            getattr(_native(), f"iit_interchange_hidden_loss_fwd_{cls._dt(xw)}")(
-                _p(xw), _p(tw), _p(w), _p(out), _p(grad), _p(loss), _p(pi), _p(bs), _p(ss), _p(k),
-                B, S, D, d0, d1, int(kind_cos), torch.get_num_threads())
-        return out.to(x.dtype), loss, grad.to(x.dtype)
-
-
 class _TritonBackend:
     name = "triton"
 
     @staticmethod
     def interchange_fwd(x, pi, bs, ss, k, d0, d1):
-        from .triton import interchange_forward
+        from .triton import interchange_forward  # lazy: triton is heavy and needs CUDA or the interpreter
         return interchange_forward(x.contiguous(), pi, bs, ss, k, d0, d1)
 
     @staticmethod
     def interchange_bwd(g, gh, scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype):
-        from .triton import interchange_backward
+        from .triton import interchange_backward  # lazy: triton is heavy and needs CUDA or the interpreter
         return interchange_backward(None if g is None else g.contiguous(),
                                     None if gh is None else gh.contiguous(),
                                     scale, bs, ss, k, src_off, src_rows, d0, d1, shape, dtype)
 
     @staticmethod
     def hidden_loss_fwd(s, t, w, kind_cos):
-        from .triton import hidden_loss_forward
+        from .triton import hidden_loss_forward  # lazy: triton is heavy and needs CUDA or the interpreter
         return hidden_loss_forward(s.contiguous(), t.contiguous(), w.float().contiguous(), kind_cos)
 
     @staticmethod
     def interchange_hidden_loss_fwd(x, t, w, pi, bs, ss, k, d0, d1, kind_cos):
-        from .triton import interchange_hidden_loss_forward
+        from .triton import interchange_hidden_loss_forward  # lazy: triton is heavy and needs CUDA or the interpreter
         return interchange_hidden_loss_forward(x.contiguous(), t.contiguous(), w.float().contiguous(),
                                                pi, bs, ss, k, d0, d1, kind_cos)
 
 
-_BACKENDS = {"native": _NativeBackend, "triton": _TritonBackend}
+_BACKENDS = {"native": NativeBackend, "triton": _TritonBackend}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -261,7 +146,7 @@ def _scale_grad(grad, g, backend=None):
     the host, so only for the native (CPU) backend: elsewhere it would be a device sync."""
     if g is None:
         return None
-    if backend is _NativeBackend and g.numel() == 1 and float(g) == 1.0:
+    if backend is NativeBackend and g.numel() == 1 and float(g) == 1.0:
         return grad
     return grad * g.to(grad.dtype)
 
@@ -329,7 +214,7 @@ class InterchangeHiddenLossFunction(torch.autograd.Function):
             src_off, src_rows = _sources_csr(pi, shape[0])
             if g_loss is None:
                 gh, scale = None, 0.0
-            elif backend is _NativeBackend:
+            elif backend is NativeBackend:
                 gh, scale = grad, float(g_loss)            # a host scalar for the C++ kernel: free on the CPU
             else:
                 gh, scale = _scale_grad(grad, g_loss), 1.0  # on the device: no host read of g_loss
@@ -354,10 +239,10 @@ def _pick(op: str, x: torch.Tensor, impl: str, teacher: torch.Tensor | None = No
     if impl == "auto":
         if x.device.type == "cuda":
             impl = "triton"
-        elif x.device.type == "cpu" and _native() is not None:
+        elif x.device.type == "cpu" and native_error() is None:
             impl = "native"
         else:
-            why = _native_error if x.device.type == "cpu" else f"no fused path for device {x.device.type}"
+            why = native_error() if x.device.type == "cpu" else f"no fused path for device {x.device.type}"
             _log_once(f"{op}:fallback", f"{op}: reference path (auto): {why}", warning=True)
             return "reference"
         _log_once(f"{op}:{impl}", f"{op}: {impl} path (auto, {x.device.type} tensors)")
@@ -365,8 +250,8 @@ def _pick(op: str, x: torch.Tensor, impl: str, teacher: torch.Tensor | None = No
     if impl == "native":
         if x.device.type != "cpu":
             raise ValueError(f"{op}: impl='native' runs on CPU tensors, got {x.device}")
-        if _native() is None:
-            raise RuntimeError(f"{op}: native path unavailable: {_native_error}")
+        if native_error() is not None:
+            raise RuntimeError(f"{op}: native path unavailable: {native_error()}")
     if impl == "triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise ValueError(f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     _log_once(f"{op}:{impl}", f"{op}: {impl} path (asked for)")
