@@ -190,6 +190,7 @@ class TrainConfig:
     shard_teacher: str = "auto"       # auto | yes | no: partition the teacher under ZeRO-3 (auto: if > 1 GiB)
     teacher_deepspeed_config: str | None = None  # the teacher's own ZeRO-3 plan (ds_configs/teacher_*.json)
     activation_checkpointing: bool = False  # recompute the student's blocks in backward (activation_checkpointing.py)
+    compile: str = "off"              # off | linear (bias inside the GEMM) | blocks (+ torch.compile per block): compile.py
     rank_timeout: float = 300.0       # seconds a collective waits for a rank that stopped responding
     # generated data, causal LMs only (iit_fast/generate.py; TRL GKDTrainer's lmbda and seq_kd): a share of the
     # micro-batches whose continuations the student samples from corpus prompts (on-policy), and with seq_kd
@@ -220,7 +221,7 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
         for name, allowed in (("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
-                              ("shard_teacher", ("auto", "yes", "no"))):
+                              ("shard_teacher", ("auto", "yes", "no")), ("compile", ("off", "linear", "blocks"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.rank_timeout > 0:

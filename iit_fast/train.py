@@ -75,6 +75,7 @@ from iit_fast.cached_step import CacheBatches, CachedDistillStep
 from iit_fast.checkpoint import load_checkpoint, save_checkpoint
 from iit_fast.export import export_student
 from iit_fast.generate import GeneratedData
+from iit_fast.compile import prepare_blocks
 from iit_fast.engine import all_reduce_sum, build_teacher, init_distributed, init_engine, param_count
 from iit_fast.optim import make_scheduler, param_groups
 from iit_fast.plan import fit_warning as plan_fit_warning
@@ -189,6 +190,9 @@ def _main(argv=None):
         say(ckpt)
     engine = init_engine(ds, step_module, param_groups(student, cfg.weight_decay), cfg.lr, schedule)
     student = engine.module.student
+    if cfg.compile != "off":  # --compile (compile.py): the blocks as the engine left them (its dtype, its device)
+        for lm in [student] + ([teacher] if cache is None else []):
+            say(prepare_blocks(lm, cfg.compile))
     # on-policy / seq_kd: a share of the micro-batches continued by the student / the teacher (generate.py)
     generated = GeneratedData(cfg, tokenizer, engine, teacher, device, rank) if cfg.generates else None
 
