@@ -60,6 +60,7 @@ METRICS = {  # name -> (read from a run's info; format of a difference); lower i
     "val. perplexity": (lambda r: r["eval"]["mlm"]["perplexity"], "{:+.2f}"),
     "IIA": (lambda r: r["eval"]["iia"]["iia"], "{:+.4f}"),
     "cf. KL": (lambda r: r["eval"]["iia"]["cf_kl"], "{:+.4f}"),
+    "samples: KL(s||t)/token": (lambda r: r["eval"]["gen"]["reverse_kl_per_token"], "{:+.4f}"),
     "teacher ppl of samples": (lambda r: r["eval"]["gen"]["teacher_ppl_of_samples"], "{:+.1f}"),
     "distinct-2": (lambda r: r["eval"]["gen"]["distinct_2"], "{:+.3f}"),
     "wall time (s)": (lambda r: r["wall_s"], "{:+.0f}"),
@@ -196,7 +197,7 @@ def evaluate(judge: Judge, quality: Quality, info: dict) -> None:
     e = info["eval"]
     print(f"[objectives] eval {info['mode']} seed {info['seed']}: ppl {e['mlm']['perplexity']:.2f} IIA "
           f"{e['iia']['iia']:.3f} cf-KL {e['iia']['cf_kl']:.4f} teacher-ppl-of-samples "
-          f"{e['gen']['teacher_ppl_of_samples']:.1f} distinct-2 {e['gen']['distinct_2']:.3f}", flush=True)
+          f"{e['gen']['teacher_ppl_of_samples']:.1f} KL(s||t)/token {e['gen']['reverse_kl_per_token']:.4f} distinct-2 {e['gen']['distinct_2']:.3f}", flush=True)
 
 
 def differences(infos) -> list[dict]:
@@ -236,7 +237,7 @@ def plot(infos, diffs, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = ["val. perplexity", "IIA", "cf. KL", "teacher ppl of samples"]
+    panels = ["val. perplexity", "IIA", "cf. KL", "samples: KL(s||t)/token"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
     for ax, metric in zip(axes, panels):
         get = METRICS[metric][0]
@@ -275,18 +276,23 @@ def report(a, infos, judge, teacher_gen, init_gen, cmd: str, t0: float) -> None:
         + "".join(f"| {r['comparison']} | {r['metric']} | {r['seeds']} | {r['by seed']} | {r['mean']} | "
                   f"{r['95% CI']} |\n" for r in diffs),
         "95% CI: mean ± t(0.975, seeds - 1) x sd / sqrt(seeds) over the per-seed differences (t = 4.30 for 3 seeds).",
-        f"Teacher: next-token perplexity {ti['perplexity']:.2f}, teacher ppl of its own samples "
-        f"{teacher_gen['teacher_ppl_of_samples']:.1f} (distinct-2 {teacher_gen['distinct_2']:.3f}): the floor. Student "
-        f"at initialisation: perplexity {s0['mlm']['perplexity']:.2f}, IIA {s0['iia']['iia']:.3f}, cf. KL "
-        f"{s0['iia']['cf_kl']:.4f}, teacher ppl of its samples {init_gen['teacher_ppl_of_samples']:.1f} "
-        f"(distinct-2 {init_gen['distinct_2']:.3f}).",
+        f"Teacher: next-token perplexity {ti['perplexity']:.2f}; its own samples: teacher ppl "
+        f"{teacher_gen['teacher_ppl_of_samples']:.1f}, distinct-2 {teacher_gen['distinct_2']:.3f} (KL(s||t) is 0 "
+        f"there by definition). Student at initialisation: perplexity {s0['mlm']['perplexity']:.2f}, IIA "
+        f"{s0['iia']['iia']:.3f}, cf. KL {s0['iia']['cf_kl']:.4f}; its samples: KL(s||t)/token "
+        f"{init_gen['reverse_kl_per_token']:.4f}, teacher ppl {init_gen['teacher_ppl_of_samples']:.1f}, distinct-2 "
+        f"{init_gen['distinct_2']:.3f}.",
         f"Perplexity / IIA / cf. KL: `iit_fast.eval` on the first {a.eval_batches} validation batches of "
         f"{a.eval_batch_size} (IIA: share of positions where the student's counterfactual top-1 equals the "
         f"teacher's; cf. KL: KL(teacher || student) at T = 1, nats). Teacher ppl of samples: the student continues "
         f"the first {a.max_length // 2} tokens of {a.quality_batches} x {a.eval_batch_size} validation rows by "
-        f"{a.max_length // 2} sampled tokens (T = 1, full distribution, seeded: the same for every student) and "
-        f"the teacher scores the continuations (`iit_fast.generate.sample_quality`); distinct-2: distinct "
-        f"bigrams per bigram within a row (a repetition check). Wall time: the whole train.py process.",
+        f"{a.max_length // 2} sampled tokens (T = 1, full distribution, seeded: the same prompts and seeds for every "
+        f"student; `iit_fast.generate.sample_quality`). KL(s||t)/token: the mean of log p_student - log p_teacher "
+        f"over the sampled tokens, a Monte-Carlo estimate of the sequence-level reverse KL per token (MiniLLM's "
+        f"objective; 0 = generates as the teacher does; lower is better). Teacher ppl of samples: the issue's "
+        f"figure, not monotone in quality (a student more peaked than the teacher scores below the teacher's own "
+        f"samples), so read it against the teacher's own samples' value. distinct-2: distinct bigrams per bigram "
+        f"within a row (a repetition check). Wall time: the whole train.py process.",
         f"![objectives]({a.name}.png)",
     ] if x)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -215,15 +215,21 @@ class GeneratedData:
 @torch.no_grad()
 def sample_quality(student, teacher, batches, *, prompt_len: int, max_new_tokens: int, eos_id: int, pad_id: int,
                    temperature: float = 1.0, seed: int = 0) -> dict:
-    """How good the student's own text is, judged by the teacher, with no reference and no hub: the student
+    """How good the student's own text is, judged by the teacher, with no reference and no hub. The student
     continues the first `prompt_len` tokens of every row of `batches` (rows with more real tokens only) by
-    sampling; the teacher's next-token perplexity of those continuations (lower: text the teacher finds
-    likely; the teacher's own samples are the floor to compare with), the share of distinct bigrams among
-    them (a repetition check: a student that repeats itself also scores a low perplexity) and their mean length.
-    Batch b's sampling is seeded by (seed, b): the same for every student compared."""
-    nll, n, bigrams, distinct, lengths = 0.0, 0, 0, set(), []
-    was = teacher.training
-    teacher.eval()
+    sampling at `temperature`; on those continuations:
+    - `reverse_kl_per_token`: mean over the sampled tokens of log p_student - log p_teacher (both at T = 1, the
+      student's own sampling distribution at temperature 1): a Monte-Carlo estimate of the sequence-level
+      KL(student || teacher) per token (MiniLLM's objective), >= 0 in expectation, 0 when the student
+      generates as the teacher does; lower is better;
+    - `teacher_ppl_of_samples`: exp of the teacher's mean NLL of them. Not monotone in quality: a student
+      more peaked than the teacher (repetitive, mode-seeking) scores lower than the teacher's own samples
+      do, so compare it with the teacher's own samples' figure, not with 0;
+    - `distinct_2` (distinct bigrams per bigram within a row: a repetition check) and `mean_new_tokens`.
+    Batch b's sampling is seeded by (seed, b): the same prompts and seeds for every student compared."""
+    t_nll, s_nll, n, bigrams, distinct, lengths = 0.0, 0.0, 0, 0, set(), []
+    modes = teacher.training, student.training
+    teacher.eval(), student.eval()
     for b, batch in enumerate(batches):
         keep = batch["attention_mask"].sum(1) > prompt_len                                # (B,)
         if not keep.any():
@@ -232,11 +238,13 @@ def sample_quality(student, teacher, batches, *, prompt_len: int, max_new_tokens
         seqs = sample(student, prompt, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
                       pad_id=pad_id, seed=derived_seed("quality", seed, b))
         rows = continuation_batch(seqs, prompt_len, eos_id, pad_id, labels_from_continuation=True)
-        logits = teacher.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits  # (B', S, V)
-        target = rows["input_ids"][:, 1:]                                                 # (B', S-1)
+        target = rows["input_ids"][:, 1:, None]                                           # (B', S-1, 1)
         mask = rows["loss_mask"][:, :-1]                                                  # next token generated
-        logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, target[..., None])[..., 0]
-        nll -= float(logp[mask].sum())
+        for model, sign in ((teacher, 1.0), (student, -1.0)):
+            logits = model.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+            logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, target)[..., 0]  # (B', S-1)
+            nll = -float(logp[mask].sum())
+            t_nll, s_nll = (t_nll + nll, s_nll) if sign > 0 else (t_nll, s_nll + nll)
         n += int(mask.sum())
         for i in range(seqs.shape[0]):
             cont = rows["input_ids"][i, prompt_len:][rows["attention_mask"][i, prompt_len:].bool()].tolist()
@@ -244,6 +252,8 @@ def sample_quality(student, teacher, batches, *, prompt_len: int, max_new_tokens
             pairs = list(zip(cont, cont[1:]))
             bigrams += len(pairs)
             distinct |= {(b, i) + p for p in pairs}  # distinct within a row (a row repeating itself counts)
-    teacher.train(was)
-    return {"teacher_ppl_of_samples": math.exp(nll / max(n, 1)), "distinct_2": len(distinct) / max(bigrams, 1),
+    teacher.train(modes[0]), student.train(modes[1])
+    n = max(n, 1)
+    return {"reverse_kl_per_token": (t_nll - s_nll) / n, "teacher_ppl_of_samples": math.exp(t_nll / n),
+            "student_ppl_of_samples": math.exp(s_nll / n), "distinct_2": len(distinct) / max(bigrams, 1),
             "mean_new_tokens": sum(lengths) / max(len(lengths), 1), "scored_tokens": n}

@@ -213,3 +213,16 @@ def test_on_policy_two_ranks_zero3_equals_zero2(tmp_path, assets, gpt2_teacher):
     for k in ("loss", "ce", "mlm", "cos", "iit"):
         torch.testing.assert_close(torch.tensor([r[k] for r in a]), torch.tensor([r[k] for r in b]), rtol=1e-5,
                                    atol=1e-6, msg=k)
+
+
+def test_on_policy_sample_quality_reverse_kl_is_zero_for_the_teacher_itself():
+    """sample_quality's KL(s || t) per token: exactly 0 when the student is the teacher (same model scores its
+    own samples), positive for a student moved away from it; seeded: the same figure twice."""
+    from iit_fast.generate import sample_quality
+    teacher, student = causal_pair("gpt2")
+    batches = [generated_batch(teacher, True, seed=s) for s in (0, 1)]  # rows of 5 + <= 9 tokens: prompts of 4
+    kw = dict(prompt_len=4, max_new_tokens=6, eos_id=EOS, pad_id=PAD, seed=0)
+    same = sample_quality(teacher, teacher, batches, **kw)
+    assert same["reverse_kl_per_token"] == 0 and same["scored_tokens"] > 0
+    a, b = sample_quality(student, teacher, batches, **kw), sample_quality(student, teacher, batches, **kw)
+    assert a == b and a["reverse_kl_per_token"] > 0.05 and student.training
