@@ -4,6 +4,8 @@
     python benchmarks/step.py --shapes small --repeats 1 --no-write   # CI smoke run
     python benchmarks/step.py --shapes bert-base --precisions bf16 --logit-tokens all --name step-cuda-bf16
     python benchmarks/step.py --profile bert-base --precisions bf16   # where a step's time goes (torch.profiler)
+    python benchmarks/step.py --shapes bert-base,gpt2-small --precisions fp32,bf16w --compile off,linear,blocks
+    python benchmarks/step.py --profile bert-base --precisions bf16w --compile off,linear,blocks --name NAME
 
 Each (shape, logit_tokens, precision, mode) runs in its own subprocess, so that peak memory (RSS on CPU, CUDA
 max allocated on GPU) belongs to that step alone; all of them see the same seeded models, batch and plan.
@@ -11,6 +13,9 @@ Precisions: `fp32`; `bf16` = the teacher in bf16 (`DistillConfig(teacher_dtype="
 under bf16 autocast (`student_autocast="bfloat16"`) with fp32 weights, as train.py runs it; `bf16w` = the
 student's weights themselves in bf16 (DeepSpeed's bf16 mode: its fp32 master copies live in the optimizer,
 which this step does not time), so no per-call weight casts.
+`--compile` (iit_fast/compile.py): off | linear (every block linear's bias added in oneDNN's GEMM epilogue) |
+blocks (that, plus torch.compile of every block); a comma list runs each, in the same run, and reports each
+one's time against `off` (`x off`) and its first step (the warm-up: compilation included).
 Reported: median step time over `--repeats` after a warm-up step, tokens/s, GFLOP/s of the FLOP model of
 docs/method.md section 2 and its fraction of this machine's matmul peak in the step's compute dtype (MFU: fp32
 peak for fp32, bf16 peak for bf16 / bf16w), measured by benchmarks/peak.py in the same run (before and after
@@ -33,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, markdown_table, median_time, peak_rss_bytes, write_results  # noqa: E402
 from benchmarks.peak import matmul_peak  # noqa: E402
+from iit_fast.compile import COMPILE_MODES  # noqa: E402
 
 
 @dataclass
@@ -151,8 +157,11 @@ def build(shape: Shape, seed: int = 0, attn: str | None = None):
 
 
 def make_step(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: str, device: str,
-              attn: str | None = None):
-    """(step: () -> StepOutput, batch, plan): one training step's forward + backward, grads reset first."""
+              attn: str | None = None, compile_mode: str = "off"):
+    """(step: () -> StepOutput, batch, plan): one training step's forward + backward, grads reset first;
+    the blocks prepared by `iit_fast.compile.prepare_blocks(compile_mode)`."""
+    import logging
+    from iit_fast.compile import prepare_blocks
     from iit_fast.config import DistillConfig
     from iit_fast.sampling import make_alignment, sample_plan
     from iit_fast.flops import counted_flops
@@ -161,6 +170,8 @@ def make_step(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: s
     teacher, student, batch = build(shape, attn=attn)
     teacher.to(device=device, dtype=getattr(torch, teacher_dtype))
     student.to(device=device, dtype=student_weights)
+    for lm in (teacher, student):
+        logging.getLogger("iit_fast.compile").info(prepare_blocks(lm, compile_mode))
     batch = {k: v.to(device) for k, v in batch.items()}
     align = make_alignment("middle", shape.teacher_layers, shape.student_layers)
     plan = sample_plan(batch["attention_mask"], align, torch.Generator().manual_seed(0))
@@ -180,20 +191,27 @@ def make_step(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: s
 
 
 def worker(shape: Shape, mode: str, logit_tokens: str, ops: str, precision: str, repeats: int,
-           device: str, attn: str | None) -> dict:
-    step, batch, plan = make_step(shape, mode, logit_tokens, ops, precision, device, attn)
-    last = {}
+           device: str, attn: str | None, compile_mode: str = "off") -> dict:
+    import time
+    step, batch, plan = make_step(shape, mode, logit_tokens, ops, precision, device, attn, compile_mode)
+    last, cpu = {}, []
 
     def timed():
+        c0 = time.process_time()
         last["out"] = step()   # the loss is read from the last timed step: no extra step per worker
+        cpu.append(time.process_time() - c0)
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t, times = median_time(timed, repeats=repeats, warmup=1)
+    t0 = time.perf_counter()
+    timed()                    # the warm-up step: kernel selection, and with --compile blocks the compilation
+    first = time.perf_counter() - t0
+    t, times = median_time(timed, repeats=repeats, warmup=0)
+    cpu_s = sorted(cpu[1:])[len(cpu[1:]) // 2]  # CPU seconds of the process (all threads), median of the timed steps
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     kd_fraction = float((batch["labels"] != -100).float().mean()) if logit_tokens == "masked" else 1.0
     counted = make_step.flops()
-    return {"seconds": t, "times": times, "peak_bytes": peak, "kd_fraction": kd_fraction,
+    return {"seconds": t, "times": times, "cpu_seconds": cpu_s, "first_step_seconds": first, "peak_bytes": peak, "kd_fraction": kd_fraction,
             "counted_flops": counted["naive" if mode == "naive" else "fast"], "suffix_saved_flops": counted["saved"],
             "site_t": plan.teacher_layers[0], "site_s": plan.student_layer,
             "loss": float(last["out"].loss.detach()), "threads": torch.get_num_threads()}
@@ -208,26 +226,30 @@ def worker_env(device: str) -> dict:
     return env
 
 
-def run_isolated(shape_name, mode, logit_tokens, ops, precision, repeats, device, attn) -> dict:
+def run_isolated(shape_name, mode, logit_tokens, ops, precision, repeats, device, attn, compile_mode="off",
+                 profile=False) -> dict:
+    """One measurement (or with `profile` one profile_step report) in a fresh process, jemalloc preloaded."""
     env = worker_env(device)
     cmd = [sys.executable, __file__, "--worker",
-           json.dumps([shape_name, mode, logit_tokens, ops, precision, repeats, device, attn])]
+           json.dumps([shape_name, mode, logit_tokens, ops, precision, repeats, device, attn, compile_mode, profile])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"worker {shape_name}/{mode}/{logit_tokens}/{precision} failed:\n{res.stderr[-4000:]}")
+        raise RuntimeError(f"worker {shape_name}/{mode}/{logit_tokens}/{precision}/{compile_mode} failed:\n{res.stderr[-4000:]}")
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
     out = json.loads(line[len("RESULT "):])
     out["allocator"] = (f"jemalloc (LD_PRELOAD, MALLOC_CONF={env.get('MALLOC_CONF')})"
                         if "jemalloc" in env.get("LD_PRELOAD", "") else "glibc malloc")
     # which implementation each op ran (the dispatchers log it once)
-    out["ops_path"] = sorted({l.split(":", 2)[-1].strip() for l in res.stderr.splitlines()
-                              if " path (" in l or "impl=" in l})
+    out["ops_path"] = sorted({(l.split(":", 1) if "compile:" in l else l.split(":", 2))[-1].strip()
+                              for l in res.stderr.splitlines() if " path (" in l or "impl=" in l or "compile:" in l})
     return out
 
 
 # ---- where the time goes: torch.profiler over one step ------------------------------------------------
 
-GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+# the GEMM ops (compile.linear_bias runs mkldnn::_linear_pointwise: the GEMM with the bias in its epilogue)
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
+         "mkldnn::_linear_pointwise")
 CASTS = ("aten::_to_copy",)
 _SHORT = {"float": "fp32", "c10::BFloat16": "bf16", "c10::Half": "fp16", "double": "fp64", "long int": "i64",
           "bool": "bool", "int": "i32"}
@@ -257,14 +279,18 @@ def _under(e, names) -> bool:
 
 
 def profile_step(shape_name: str, mode: str, logit_tokens: str, ops: str, precision: str, device: str,
-                 attn: str | None, steps: int = 1, top: int = 30) -> str:
-    """A markdown report of `steps` profiled steps (after one warm-up): top ops by self time with their
-    phase and input dtypes, GEMM time by dtype, cast time (aten::_to_copy, outermost) by phase and source
-    dtype, and attention / norm / activation / softmax time by dtype."""
+                 attn: str | None, steps: int = 1, top: int = 30, compile_mode: str = "off") -> tuple[str, dict]:
+    """(a markdown report, its summary) of `steps` profiled steps (after one warm-up): top ops by self time
+    with their phase and input dtypes, GEMM time by dtype, cast time (aten::_to_copy, outermost) by phase and
+    source dtype, and attention / norm / activation / softmax time by dtype. The summary: ms per step of all
+    self time, of the GEMMs, of everything else (non-GEMM), and of the bias copies into addmm's output."""
+    import time
     from torch.profiler import ProfilerActivity, profile
     shape = SHAPES[shape_name]
-    step, _, _ = make_step(shape, mode, logit_tokens, ops, precision, device, attn)
-    step()  # warm-up: oneDNN primitive creation, the native ops' first build
+    step, _, _ = make_step(shape, mode, logit_tokens, ops, precision, device, attn, compile_mode)
+    t0 = time.perf_counter()
+    step()  # warm-up: oneDNN primitive creation, the native ops' first build, with --compile blocks compilation
+    first = time.perf_counter() - t0
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(steps):
@@ -301,20 +327,82 @@ def profile_step(shape_name: str, mode: str, logit_tokens: str, ops: str, precis
     keywords = ("attention", "softmax", "layer_norm", "gelu", "bmm", "baddbmm")
     other = by(lambda e: any(k in e.name for k in keywords) and e.name not in GEMMS[:2],
                lambda e: (_phase(e), e.name, _dtypes(e).split(",")[0]))
+    gemm_us = sum(e.self_cpu_time_total for e in events if e.name in GEMMS)
+    bias_copy_us = sum(e.self_cpu_time_total for e in events
+                       if e.name == "aten::copy_" and e.cpu_parent is not None and e.cpu_parent.name == "aten::addmm")
+    summary = {"shape": shape_name, "precision": precision, "compile": compile_mode,
+               "self ms/step": total / 1e3 / steps, "GEMM ms/step": gemm_us / 1e3 / steps,
+               "non-GEMM ms/step": (total - gemm_us) / 1e3 / steps, "non-GEMM share": (total - gemm_us) / total,
+               "bias copies ms/step": bias_copy_us / 1e3 / steps, "first step s": first}
     s = shape
     head = (f"## {shape_name} ({s.teacher_layers}x{s.hidden} -> {s.student_layers} layers, vocab {s.vocab}, "
             f"batch {s.batch} x {s.seq}), {mode}, logit_tokens={logit_tokens}, precision={precision}, "
-            f"attention={attn or 'transformers default'}\n\n"
-            f"Profiled {steps} step(s) after a warm-up; every op's self CPU time summed: "
-            f"{total / 1e3 / steps:.0f} ms/step (the profiler's own overhead included).\n\n")
+            f"compile={compile_mode}, attention={attn or 'transformers default'}\n\n"
+            f"Profiled {steps} step(s) after a warm-up ({first:.1f} s); every op's self CPU time summed: "
+            f"{total / 1e3 / steps:.0f} ms/step (the profiler's own overhead included); GEMMs "
+            f"{gemm_us / 1e3 / steps:.0f} ms, everything else {(total - gemm_us) / 1e3 / steps:.0f} ms "
+            f"({100 * (total - gemm_us) / total:.1f}%), of which bias copies into addmm's output "
+            f"{bias_copy_us / 1e3 / steps:.0f} ms.\n\n")
     return (head + "### Top ops by self time\n\n" + markdown_table(rows)
             + "\n### GEMMs by phase, op and input dtype\n\n" + markdown_table(gemm)
             + "\n### Casts (outermost aten::_to_copy, inclusive time) by phase and source dtype\n\n"
             + markdown_table(casts)
-            + "\n### Attention, softmax, LayerNorm, GELU, batched GEMMs by dtype\n\n" + markdown_table(other))
+            + "\n### Attention, softmax, LayerNorm, GELU, batched GEMMs by dtype\n\n" + markdown_table(other)), summary
 
 
 # ---- the run --------------------------------------------------------------------------------------------
+
+def profile_main(args, precisions, compiles, device):
+    """--profile: one report per (precision, compile mode), each in its own process, in one run; a summary
+    of GEMM and non-GEMM self time; with --name, benchmarks/results/<name>.{json,md}."""
+    lt = args.logit_tokens.split(",")[0]
+    load_before = os.getloadavg()
+    reports, summary = [], []
+    for p in precisions:
+        for c in compiles:
+            res = run_isolated(args.profile, args.profile_mode, lt, args.ops, p, 1, device, args.attn, c, profile=True)
+            print(res["report"], flush=True)
+            reports.append(res["report"])
+            summary.append(res["summary"])
+    base = {(r["precision"]): r for r in summary if r["compile"] == "off"}
+    for r in summary:
+        if r["precision"] in base:
+            r["non-GEMM x off"] = r["non-GEMM ms/step"] / base[r["precision"]]["non-GEMM ms/step"]
+            r["self x off"] = r["self ms/step"] / base[r["precision"]]["self ms/step"]
+    cols = ["shape", "precision", "compile", "self ms/step", "GEMM ms/step", "non-GEMM ms/step", "non-GEMM share",
+            "bias copies ms/step", "non-GEMM x off", "self x off", "first step s"]
+    print(markdown_table(summary, cols), flush=True)
+    if not args.name:
+        return
+    m = machine()
+    m["amx"] = _amx()
+    m["allocator"] = f"{res['allocator']} in every profiled process"
+    m["load_average_1_5_15_before_after"] = [load_before, os.getloadavg()]
+    notes = (f"\n{_amx_line(m['amx'])} The machine was shared (load average before {load_before[0]:.1f}, after "
+             f"{m['load_average_1_5_15_before_after'][1][0]:.1f} on {m['cores']} cores): compare the rows of this "
+             f"run with each other (shares, ratios), not with other runs. Self time: every op's self CPU time in "
+             f"one profiled {args.profile_mode} step after a warm-up (profiler overhead included); GEMM = "
+             f"{', '.join(GEMMS)}; non-GEMM = the rest (with --compile blocks the compiled kernels, "
+             f"`## Call CompiledFxGraph`, are non-GEMM time); bias copies = `aten::copy_` inside `aten::addmm` "
+             f"(the bias broadcast into the output before the GEMM). `first step s`: the warm-up step's wall time "
+             f"(with blocks: the compilation).\n\nReproduce: `python benchmarks/step.py --profile {args.profile} "
+             f"--precisions {args.precisions} --compile {args.compile} --profile-mode {args.profile_mode} "
+             f"--logit-tokens {lt} --name {args.name}`\n\n" + "\n\n".join(reports))
+    write_results(args.name, {"machine": m, "shape": SHAPES[args.profile].__dict__, "summary": summary}, summary,
+                  cols, title=f"Where the {args.profile_mode} step's time goes, compile off / on ({device})", notes=notes)
+
+
+def _amx() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    return "amx_bf16" in flags
+
+
+def _amx_line(amx: bool) -> str:
+    if torch.cuda.is_available():
+        return "GPU run."
+    return ("This CPU has AMX (amx_bf16 in /proc/cpuinfo)." if amx else
+            "This CPU has **no AMX** (no amx_* flag in /proc/cpuinfo): bf16 GEMMs run on avx512_bf16 (or fp32 units).")
+
 
 def measure_peaks(dtypes, device: str, repeats: int) -> dict:
     return {d: matmul_peak(d, device, repeats) for d in sorted(dtypes)}
@@ -336,6 +424,9 @@ def main():
     ap.add_argument("--profile-mode", default="fast", choices=MODES)
     ap.add_argument("--attn", default=None, choices=["sdpa", "eager"],
                     help="attention implementation of the models (default: transformers' default)")
+    ap.add_argument("--compile", default="off", help="comma list of off | linear | blocks (iit_fast/compile.py), "
+                    "each run in turn: the bias in the GEMM epilogue, and torch.compile of the blocks")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -343,7 +434,10 @@ def main():
         torch.set_num_threads(os.cpu_count() or 1)  # every logical core; OMP_NUM_THREADS, when set, decides
     shapes = args.shapes.split(",")
     precisions = args.precisions.split(",")
+    compiles = args.compile.split(",")
+    modes = args.modes.split(",")
     for name, values, allowed in (("--shapes", shapes, SHAPES), ("--precisions", precisions, PRECISIONS),
+                                  ("--compile", compiles, COMPILE_MODES), ("--modes", modes, MODES),
                                   ("--logit-tokens", args.logit_tokens.split(","), ("all", "masked", "affected")),
                                   ("--profile", [args.profile] if args.profile else [], SHAPES)):
         bad = [v for v in values if v not in allowed]
@@ -355,15 +449,16 @@ def main():
     if args.worker:
         import logging
         logging.basicConfig(level=logging.INFO, format="%(name)s:%(message)s")
-        shape_name, mode, lt, ops, precision, repeats, dev, attn = json.loads(args.worker)
-        print("RESULT " + json.dumps(worker(SHAPES[shape_name], mode, lt, ops, precision, repeats, dev, attn)),
-              flush=True)
+        shape_name, mode, lt, ops, precision, repeats, dev, attn, comp, prof = json.loads(args.worker)
+        if prof:
+            report, summary = profile_step(shape_name, mode, lt, ops, precision, dev, attn, compile_mode=comp)
+            out = {"report": report, "summary": summary}
+        else:
+            out = worker(SHAPES[shape_name], mode, lt, ops, precision, repeats, dev, attn, comp)
+        print("RESULT " + json.dumps(out), flush=True)
         return
     if args.profile:
-        for p in precisions:
-            print(profile_step(args.profile, args.profile_mode, args.logit_tokens.split(",")[0], args.ops, p,
-                               device, args.attn), flush=True)
-        return
+        return profile_main(args, precisions, compiles, device)
 
     load_before = os.getloadavg()
     peak_dtypes = {PRECISIONS[p][3] for p in precisions}
@@ -375,38 +470,45 @@ def main():
         for lt in args.logit_tokens.split(","):
             if lt not in LOGIT_TOKENS["causal" if shape.causal else "masked"]:
                 continue  # masked LMs: all | masked; causal LMs: all | affected
-            secs = {}
-            for prec in precisions:
-                res = {m: run_isolated(shape_name, m, lt, args.ops, prec, args.repeats, device, args.attn)
-                       for m in MODES}
-                allocator = res["fast"]["allocator"]
+            secs, cpus = {}, {}
+            for prec, comp in ((p, c) for p in precisions for c in compiles):
+                res = {m: run_isolated(shape_name, m, lt, args.ops, prec, args.repeats, device, args.attn, comp)
+                       for m in modes}
+                allocator = res[modes[0]]["allocator"]
                 # masked LMs: docs/method.md's model (comparable with earlier results); causal LMs: the step's exact
                 # count (flops.counted_flops: the counterfactual's reuse of the prefix included)
                 fl = {m: res[m]["counted_flops"] if shape.causal else
                       flops_per_step(shape, m, res[m]["kd_fraction"], res[m]["site_t"], res[m]["site_s"])
-                      for m in MODES}
-                for m in MODES:
-                    secs[(prec, m)] = res[m]["seconds"]
+                      for m in modes}
+                for m in modes:
+                    secs[(prec, comp, m)] = res[m]["seconds"]
                     rows.append({
-                        "shape": shape_name, "logit_tokens": lt, "precision": prec, "mode": m,
-                        "ms/step": 1e3 * res[m]["seconds"], "tokens/s": tokens / res[m]["seconds"],
+                        "shape": shape_name, "logit_tokens": lt, "precision": prec, "compile": comp, "mode": m,
+                        "ms/step": 1e3 * res[m]["seconds"], "CPU ms/step": 1e3 * res[m]["cpu_seconds"],
+                        "tokens/s": tokens / res[m]["seconds"],
                         "GFLOP/step (model)": fl[m] / 1e9, "GFLOP/s": fl[m] / res[m]["seconds"] / 1e9,
                         "peak MB": res[m]["peak_bytes"] / 2**20, "loss": res[m]["loss"],
-                        "ops_path": res[m]["ops_path"],
+                        "first step s": res[m]["first_step_seconds"], "ops_path": res[m]["ops_path"],
                     })
-                    if prec != "fp32" and ("fp32", m) in secs:
-                        rows[-1]["x fp32"] = secs[("fp32", m)] / res[m]["seconds"]
-                speed = res["naive"]["seconds"] / res["fast"]["seconds"]
-                model = fl["naive"] / fl["fast"]
-                cost = res["fast"]["seconds"] / res["standard"]["seconds"]
-                cost_model = fl["fast"] / fl["standard"]
-                summary = {"shape": shape_name, "logit_tokens": lt, "precision": prec,
-                           "fast/naive speedup": speed, "model speedup": model, "speedup / model": speed / model,
-                           "fast/standard time": cost, "model fast/standard": cost_model,
-                           "fast/standard / model": cost / cost_model,
-                           "fast/naive peak mem": res["fast"]["peak_bytes"] / res["naive"]["peak_bytes"],
-                           "prefix reuse saves": res["fast"]["suffix_saved_flops"] / (
-                               res["fast"]["counted_flops"] + res["fast"]["suffix_saved_flops"])}
+                    if prec != "fp32" and ("fp32", comp, m) in secs:
+                        rows[-1]["x fp32"] = secs[("fp32", comp, m)] / res[m]["seconds"]
+                    cpus[(prec, comp, m)] = res[m]["cpu_seconds"]
+                    if comp != "off" and (prec, "off", m) in secs:
+                        rows[-1]["x off"] = secs[(prec, "off", m)] / res[m]["seconds"]
+                        rows[-1]["x off (CPU)"] = cpus[(prec, "off", m)] / res[m]["cpu_seconds"]
+                summary = {"shape": shape_name, "logit_tokens": lt, "precision": prec, "compile": comp}
+                if "naive" in res and "fast" in res:
+                    speed, model = res["naive"]["seconds"] / res["fast"]["seconds"], fl["naive"] / fl["fast"]
+                    summary.update({"fast/naive speedup": speed, "model speedup": model,
+                                    "speedup / model": speed / model,
+                                    "fast/naive peak mem": res["fast"]["peak_bytes"] / res["naive"]["peak_bytes"]})
+                if "standard" in res and "fast" in res:
+                    cost, cost_model = res["fast"]["seconds"] / res["standard"]["seconds"], fl["fast"] / fl["standard"]
+                    summary.update({"fast/standard time": cost, "model fast/standard": cost_model,
+                                    "fast/standard / model": cost / cost_model})
+                if "fast" in res:
+                    summary["prefix reuse saves"] = res["fast"]["suffix_saved_flops"] / (
+                        res["fast"]["counted_flops"] + res["fast"]["suffix_saved_flops"])
                 sum_rows.append(summary)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}),
                       flush=True)
@@ -415,9 +517,11 @@ def main():
     peak = {d: max(peaks_before[d]["gflops"], peaks_after[d]["gflops"]) for d in peak_dtypes}
     for r in rows:
         r["MFU"] = r["GFLOP/s"] / peak[PRECISIONS[r["precision"]][3]]
-        print(f"  {r['shape']:9s} {r['logit_tokens']:6s} {r['precision']:5s} {r['mode']:8s} {r['ms/step']:9.1f} "
+        print(f"  {r['shape']:9s} {r['logit_tokens']:6s} {r['precision']:5s} {r['compile']:6s} {r['mode']:8s} "
+              f"{r['ms/step']:9.1f} "
               f"ms/step {r['tokens/s']:9.0f} tok/s {r['GFLOP/s']:6.1f} GFLOP/s  MFU {r['MFU']:.2f}"
               + (f"  x fp32 {r['x fp32']:.2f}" if "x fp32" in r else "")
+              + (f"  x off {r['x off']:.2f}" if "x off" in r else "")
               + f"  peak {r['peak MB']:7.0f} MB  {r['ops_path']}", flush=True)
     peaks = "; ".join(f"{d} {peaks_before[d]['gflops']:.0f} / {peaks_after[d]['gflops']:.0f} GFLOP/s"
                       for d in sorted(peak_dtypes))
@@ -431,30 +535,36 @@ def main():
     if device == "cpu":
         m["allocator"] = f"{allocator} in every worker"
     m["load_average_1_5_15_before_after"] = [load_before, load_after]
-    cols = ["shape", "logit_tokens", "precision", "mode", "ms/step", "tokens/s", "GFLOP/step (model)", "GFLOP/s",
-            "MFU", "x fp32", "peak MB"]
+    m["amx"] = _amx()
+    cols = ["shape", "logit_tokens", "precision", "compile", "mode", "ms/step", "CPU ms/step", "tokens/s",
+            "GFLOP/step (model)", "GFLOP/s", "MFU", "x fp32", "x off", "x off (CPU)", "first step s", "peak MB"]
     memory = "CUDA max allocated" if device == "cuda" else "peak RSS of the process, models included"
     shape_line = "; ".join(f"{n} = {s.family} teacher {s.teacher_layers} x {s.hidden} -> student {s.student_layers} "
                            f"layers, {s.heads} heads{f' ({s.kv_heads} kv)' if s.kv_heads else ''}, vocab {s.vocab}, "
                            f"batch {s.batch} x {s.seq}"
                            for n, s in ((n, SHAPES[n]) for n in shapes))
     notes = ("## Ratios (measured vs the FLOP model of docs/method.md section 2)\n\n" +
-             markdown_table(sum_rows, ["shape", "logit_tokens", "precision", "fast/naive speedup", "model speedup",
+             markdown_table(sum_rows, ["shape", "logit_tokens", "precision", "compile", "fast/naive speedup",
+                                       "model speedup",
                                        "speedup / model", "fast/standard time", "model fast/standard",
                                        "fast/standard / model", "fast/naive peak mem", "prefix reuse saves"]) +
-             f"\nShapes: {shape_line}.\n\n{peak_line} MFU = GFLOP/s of the FLOP model / the peak of the step's "
+             f"\nShapes: {shape_line}.\n\n{_amx_line(m['amx'])} {peak_line} MFU = GFLOP/s of the FLOP model / the peak of the step's "
              f"compute dtype (fp32: fp32; bf16, bf16w: bf16). `x fp32`: the fp32 step's time over this one's, "
-             f"same shape and mode.\n"
+             f"same shape and mode; `x off`: the same with --compile off over this one's (`(CPU)`: by the process's CPU time, "
+             f"which another process's load disturbs less than wall time); `first step s`: the "
+             f"warm-up step (with --compile blocks the compilation). The machine may be shared: compare rows of one "
+             f"run (ratios).\n"
              f"Precisions: fp32; bf16 = teacher in bf16, student under bf16 autocast, fp32 weights; bf16w = "
              f"teacher and student weights in bf16 (DeepSpeed's bf16 mode, master copies in its optimizer, not "
              f"timed). Attention: {args.attn or 'transformers default'}.\n"
              f"ops: `{args.ops}`; median of {args.repeats} steps after one warm-up; each mode in its own "
              f"process (peak memory = {memory}).\n"
              f"Reproduce: `python benchmarks/step.py --shapes {args.shapes} --logit-tokens {args.logit_tokens} "
-             f"--precisions {args.precisions} --repeats {args.repeats} --ops {args.ops}"
+             f"--precisions {args.precisions} --repeats {args.repeats} --ops {args.ops} --compile {args.compile} "
+             f"--modes {args.modes}"
              f"{' --attn ' + args.attn if args.attn else ''}`\n")
     payload = {"machine": m, "shapes": {n: SHAPES[n].__dict__ for n in shapes}, "ops": args.ops,
-               "repeats": args.repeats, "attn": args.attn,
+               "repeats": args.repeats, "attn": args.attn, "compile": compiles, "modes": modes,
                "precisions": {p: dict(zip(("teacher_dtype", "student_autocast", "student_weights", "peak_dtype"),
                                           map(str, PRECISIONS[p]))) for p in precisions},
                "matmul_peak": {"before": peaks_before, "after": peaks_after, "used_gflops": peak},
