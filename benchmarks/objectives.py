@@ -331,8 +331,13 @@ def sweep(a) -> None:
         ref.write_text(json.dumps(refs, indent=1))
     print(f"[objectives] teacher ppl {judge.teacher_eval['perplexity']:.2f}; samples: teacher {refs['teacher']}, "
           f"init {refs['init']}", flush=True)
-    todo = [(m, s) for s in a.seeds for m in OFF_POLICY if m in a.modes] + \
-           [(m, s) for s in a.seeds for m in MODES if m not in OFF_POLICY and m in a.modes]
+    if a.order == "off-policy-first":  # (while on-policy was being built)
+        todo = [(m, s) for s in a.seeds for m in OFF_POLICY if m in a.modes] + \
+               [(m, s) for s in a.seeds for m in MODES if m not in OFF_POLICY and m in a.modes]
+    else:  # one seed's every mode, then the next: a time-boxed sweep ends with whole seeds of every mode
+        todo = [(m, s) for s in a.seeds for m in MODES if m in a.modes]
+    # finished runs first (reused), so that every report holds them
+    todo.sort(key=lambda ms: not (a.runs_dir / f"{ms[0]}-seed{ms[1]}" / "objectives_run.json").is_file())
     infos = []
     for mode, seed in todo:
         info = train_one(a, mode, seed, ds_config)
@@ -371,6 +376,7 @@ def main(argv=None):
     s.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "objectives")
     s.add_argument("--name", default="objectives-gpt2")
     s.add_argument("--note", default="")
+    s.add_argument("--order", default="by-seed", choices=["by-seed", "off-policy-first"])
     a = p.parse_args(argv)
     throughput(a) if a.what == "throughput" else sweep(a)
 
