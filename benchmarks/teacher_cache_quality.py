@@ -58,14 +58,17 @@ def build_caches(kind, path, teacher, tok, tokenized, a, work: Path, dtype: str)
     from iit_fast.cache_codec import legacy_bytes_per_row
     from iit_fast.teacher_cache import CacheOptions, TeacherCache
     caches, rows = {}, []
-    n = a.steps * a.batch
+    n = a.rows or a.steps * a.batch
     for k in a.ks:
         opts = CacheOptions(kind=kind, max_length=a.max_length, top_k=k, plans=PLANS, student_layers=a.student_layers,
                             max_examples=n, teacher_dtype=dtype, shard_pairs=128)
         folder = work / f"{kind}-k{k}"
+        timed = folder / "build_seconds.json"  # a finished build is reused: its time is the first build's
         t0 = time.perf_counter()
         meta = build_cache(path, tokenized, folder, opts, loaded=(teacher, tok), batch_rows=16, progress=False)
-        seconds = time.perf_counter() - t0
+        if not timed.is_file():
+            timed.write_text(json.dumps(time.perf_counter() - t0))
+        seconds = json.loads(timed.read_text())
         cache = TeacherCache.open(folder)
         mans = [json.loads(p.read_text()) for p in sorted(folder.glob("shard-*.json"))]
         tokens = sum(m["tokens"] for m in mans)
@@ -213,17 +216,25 @@ def run_teacher(kind: str, a, work: Path, done: dict) -> list[dict]:
     teacher = teacher.to(DTYPES[dtype]).eval().requires_grad_(False)
     val = load_validation(tok, a.corpus, 16, a.max_length, a.cache_dir, kind=kind, max_batches=a.eval_batches)
     alignment = make_alignment("middle", teacher.num_layers, a.student_layers)
-    rows += encoding_errors(kind, teacher, make_student(teacher, a.student_layers).eval(), val, a)
+    enc = work / f"encoding-{kind}.json"  # computed once (a dense pass over the vocabulary per encoding)
+    if not enc.is_file():
+        enc.write_text(json.dumps(encoding_errors(kind, teacher, make_student(teacher, a.student_layers).eval(),
+                                                  val, a), indent=1))
+    rows += json.loads(enc.read_text())
     runs = []
     arms = ["online"] + [f"cached k={k}" for k in a.ks]
     for seed in a.seeds:
         for arm in arms:
             key = f"{kind}|{arm}|{seed}|{a.steps}|{a.batch}"
+            if key not in done and a.write_only:
+                print(f"[cache-quality] {key}: not run (--write-only)", flush=True)
+                continue
             if key not in done:
                 student, info = train(arm, teacher, caches, a, seed)
                 info.update(evaluate(teacher, student, val, alignment, a))
                 done[key] = info
-                (work / "runs.json").write_text(json.dumps(done, indent=1))
+                (work / f"runs-{kind}.json").write_text(json.dumps(
+                    {k: v for k, v in done.items() if k.startswith(kind + "|")}, indent=1))
             runs.append({"teacher": kind, "what": "run", "arm": arm, "seed": seed, **done[key]})
             print(f"[cache-quality] {runs[-1]}", flush=True)
     rows += runs
@@ -231,6 +242,8 @@ def run_teacher(kind: str, a, work: Path, done: dict) -> list[dict]:
         for label, m in METRICS.items():
             diffs = [c[m] - o[m] for o in runs if o["arm"] == "online"
                      for c in runs if c["arm"] == arm and c["seed"] == o["seed"]]
+            if not diffs:
+                continue
             mean, half = interval(diffs)
             online = [o[m] for o in runs if o["arm"] == "online"]
             rows.append({"teacher": kind, "what": "paired", "arm": f"{arm} - online", "metric": label,
@@ -238,6 +251,8 @@ def run_teacher(kind: str, a, work: Path, done: dict) -> list[dict]:
                          "diffs": [float(f"{d:.4g}") for d in diffs]})
         ratio = [o["train s"] / c["train s"] for o in runs if o["arm"] == "online"
                  for c in runs if c["arm"] == arm and c["seed"] == o["seed"]]
+        if not ratio:
+            continue
         rows.append({"teacher": kind, "what": "paired", "arm": f"{arm} - online", "metric": "online / cached time",
                      "mean diff": sum(ratio) / len(ratio), "diffs": [float(f"{r:.3g}") for r in ratio]})
     return rows
@@ -276,6 +291,7 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rows", type=int, default=None, help="rows in each cache (default: steps x batch, one epoch)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--student-layers", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -287,11 +303,14 @@ def main(argv=None):
     p.add_argument("--name", default="teacher-cache-quality")
     p.add_argument("--notes", default="", help="text appended to the .md (the reading)")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--write-only", action="store_true", help="no training: report the finished runs")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    done = json.loads((work / "runs.json").read_text()) if (work / "runs.json").is_file() else {}
+    done = {}  # finished runs, one file per teacher kind (runs.json: an earlier version's)
+    for f in sorted(work.glob("runs*.json")):
+        done.update(json.loads(f.read_text()))
     rows = []
     for kind in a.kinds:
         rows += run_teacher(kind, a, work, done)
@@ -299,7 +318,9 @@ def main(argv=None):
         return rows
     kinds = f" --kinds {' '.join(a.kinds)}" if a.kinds != ["masked", "causal"] else ""
     cmd = (f"python benchmarks/teacher_cache_quality.py{kinds} --steps {a.steps} --batch {a.batch} "
-           f"--seeds {' '.join(map(str, a.seeds))} --ks {' '.join(map(str, a.ks))}")
+           + (f"--rows {a.rows} " if a.rows else "")
+           + (f"--causal-teacher {str(a.causal_teacher).replace(str(Path.home()), '~')} " if a.causal_teacher else "")
+           + f"--eval-batches {a.eval_batches} --seeds {' '.join(map(str, a.seeds))} --ks {' '.join(map(str, a.ks))}")
     pick = lambda what: [r for r in rows if r["what"].startswith(what)]  # noqa: E731
     notes = (f"Command: `{cmd}`. Each run: {a.steps} steps of {a.batch} rows x <= {a.max_length} tokens (the "
              f"'train tokens' column below), the three arms of a seed on the same batches (rows drawn across the "
