@@ -216,3 +216,82 @@ def test_small_kl_against_fp64(impl):
     truth = 4 * (lpt.exp() * (lpt - lps)).sum(-1).mean()
     ce, _ = distill_head_loss(hs, ht, ws, bs, wt, bt, None, None, 2.0, chunk_size=16, impl=impl)
     assert rel(ce, truth) < 1e-5
+
+
+# ---- the native backward over vocabulary slices (chunked._slice_backward) ---------------------------------
+
+DIV_NAMES = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+
+
+@pytest.mark.parametrize("name", DIV_NAMES)
+@pytest.mark.parametrize("labels", [True, False])
+def test_native_vocab_slices_match_reference(name, labels, monkeypatch):
+    # many slices (64 ids, the last one short: V = 301) and row blocks (7 rows, the last one short), so
+    # dW / db are accumulated over row blocks and dh over slices; every divergence, with and without the MLM
+    from iit_fast.ops.head_loss import chunked
+    from iit_fast.ops.head_loss.divergence import Divergence
+    seen = []
+    monkeypatch.setattr(chunked, "slice_tiles", lambda n, V: seen.append((n, V)) or (7, 64))
+    hs, ht, ws, bs, wt, bt, y, m = make(v=301, labels=labels, seed=5)
+    div = Divergence.of(name)
+    ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m, 2.0, divergence=div)
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, 2.0, impl="native", divergence=div,
+                                kd_weight=0.3, lm_weight=0.7)
+    assert rel(ce, ce_r) < 1e-5 and (not labels or rel(mlm, mlm_r) < 1e-5)
+    got = torch.autograd.grad(0.3 * ce + 0.7 * mlm, (hs, ws, bs))
+    want = torch.autograd.grad(0.3 * ce_r + 0.7 * mlm_r, (hs, ws, bs))
+    assert seen, "the native backward did not go over vocabulary slices"
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-5, (name, rel(a, b))
+
+
+def test_native_vocab_slices_can_fail(monkeypatch):
+    # negative control: a statistic off by one ulp-scale shift (the student's max) is seen by the comparison
+    from iit_fast.ops.head_loss import native
+    orig = native.slice_native
+
+    def shifted(zs, zt, labels, g_kd, g_lab, stats, *a, **k):
+        st = stats.clone()
+        st[:, 0] += 1e-3                                                  # m_s: p_s off by 0.1%
+        return orig(zs, zt, labels, g_kd, g_lab, st, *a, **k)
+
+    monkeypatch.setattr(native, "slice_native", shifted)
+    hs, ht, ws, bs, wt, bt, y, m = make(v=301, seed=5)
+    ce_r, mlm_r = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m, 2.0)
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, 2.0, impl="native")
+    got = torch.autograd.grad(ce + mlm, (hs, ws, bs))
+    want = torch.autograd.grad(ce_r + mlm_r, (hs, ws, bs))
+    assert max(rel(a, b) for a, b in zip(got, want)) > 1e-5
+
+
+def test_slice_tiles_fit_the_budget():
+    from iit_fast.ops.head_loss.chunked import DEFAULT_MEMORY_BUDGET, slice_tiles
+    for n, V in [(8192, 128256), (16384, 128256), (256, 128256), (37, 301), (1, 5), (100000, 151936)]:
+        R, Vs = slice_tiles(n, V)
+        assert 1 <= R <= n and 1 <= Vs <= V
+        assert R * Vs * 12 <= DEFAULT_MEMORY_BUDGET or Vs == min(V, 256) or R == 1
+    assert slice_tiles(8192, 128256)[0] == 8192        # every row in one block: each dW slice one GEMM
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_that_count_for_nothing_get_zero_gradient_even_nan(impl):
+    # padding rows (no KL, no label) with NaN states: the CPU paths drop them, the device path (triton: no
+    # host read of the mask) zeroes them; either way the losses and gradients are those of the other rows
+    hs, ht, ws, bs, wt, bt, y, m = make(n=13, seed=7)
+    off = ~m & (y == -100)
+    off[[2, 9]] = True
+    m[off], y[off] = False, -100
+    keep = ~off
+    hs_nan = hs.detach().clone()
+    hs_nan[off] = float("nan")
+    hs_nan.requires_grad_()
+    ht_nan = ht.clone()
+    ht_nan[off] = float("nan")
+    ce, mlm = distill_head_loss(hs_nan, ht_nan, ws, bs, wt, bt, y, m, 2.0, chunk_size=5, impl=impl)
+    hk = hs.detach()[keep].requires_grad_()
+    ce_r, mlm_r = distill_head_loss_reference(hk, ht[keep], ws, bs, wt, bt, y[keep], m[keep], 2.0)
+    assert rel(ce, ce_r) < 1e-5 and rel(mlm, mlm_r) < 1e-5
+    gh, gw, gb = torch.autograd.grad(ce + mlm, (hs_nan, ws, bs))
+    gh_r, gw_r, gb_r = torch.autograd.grad(ce_r + mlm_r, (hk, ws, bs))
+    assert torch.all(gh[off] == 0) and rel(gh[keep], gh_r) < 1e-5
+    assert rel(gw, gw_r) < 1e-5 and rel(gb, gb_r) < 1e-5

@@ -1,16 +1,21 @@
 """`distill_head_loss`: LM head fused with the temperature KL and the MLM cross-entropy, chunked over tokens.
 
-No `[tokens, vocab]` tensor is ever whole: tokens go through in chunks of `C` rows. The forward computes,
-per chunk, the logits and the chunk's (KL, CE) rows (the loss only); the backward recomputes the logits and
-forms the gradient, per chunk
+No `[tokens, vocab]` tensor is ever whole. The forward goes through the tokens in chunks of `C` rows: per
+chunk the logits, the (KL, CE) rows (the loss only) and, for impl native, each row's softmax statistics
+(its maxima, 1 / sums of exps, lse_s - lse_t and the divergence's S: 8 floats a row). The backward recomputes
+the logits and forms the gradient:
 
-    z_s = h_s[c] @ W_s^T + b_s,   z_t = h_t[c] @ W_t^T + b_t          (C, V) fp32 logits, BLAS
-    dz  = g_ce * dce/dz_s + g_mlm * dmlm/dz_s                           inner step (g_*: the grad_outputs)
-    dh_s[c] = dz @ W_s,   dW_s += dz^T @ h_s[c],   db_s += sum_rows dz     (fp32 accumulators)
+- impl native, over slices of the vocabulary (all rows at once where they fit the 256 MB tile budget):
+    z_s = h_s @ W_s[v]^T + b_s[v],   z_t = h_t @ W_t[v]^T + b_t[v]      (R, Vs) fp32 logits, BLAS
+    dz  = the row step's gradient over the slice, from the saved statistics     (native.cpp slice_step)
+    dh_s += dz @ W_s[v],   dW_s[v] = dz^T @ h_s,   db_s[v] = sum_rows dz
+  so each weight slice is cast once and each dW slice is one GEMM over all rows, written once;
+- the other impls, over row chunks (the inner step recomputes each row's statistics):
+    dz = g_ce * dce/dz_s + g_mlm * dmlm/dz_s;  dh_s[c] = dz @ W_s,  dW_s += dz^T @ h_s[c]  (fp32 accumulators)
 
-so nothing (V, D)-sized lives between forward and backward (the saved tensors are the inputs and (N,)
-weights; the (V, D) fp32 dW is the gradient the backward returns), at the price of the two logit GEMMs
-twice (6 GEMMs instead of 4).
+Nothing (V, D)-sized lives between forward and backward (the saved tensors are the inputs, (N,) weights and
+the (N, 8) statistics; the (V, D) fp32 dW is the gradient the backward returns), at the price of the two
+logit GEMMs twice (6 GEMMs instead of 4).
 
 with  ce = T^2 * sum_i w_kd[i] KL_i,  mlm = sum_i w_lab[i] CE_i,
 w_kd = kd_mask / n_kd,  w_lab = [y != -100] / n_lab  (both 0 when nothing counts: a defined 0, no NaN),

@@ -11,7 +11,7 @@ import torch
 
 from .._common import log_once as _log_once
 from .inner import inner_torch
-from .native import inner_native
+from .native import NSTATS, inner_native
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Live [C, V] buffers of one chunk, counted for the chunk size chosen from the memory budget: z_s (becomes
@@ -182,14 +182,15 @@ class DecoderGemms:
             db.add_(dz.sum(0, dtype=db.dtype))
 
 
-def _chunk_loop(hs, ht, gs, gt, bs, bt, labels, g_kd, g_lab, temperature, chunk, inner, acc, grads=None):
+def _chunk_loop(hs, ht, gs, gt, bs, bt, labels, g_kd, g_lab, temperature, chunk, inner, acc, grads=None,
+                stats=None):
     """One pass over the chunks; rows already restricted to the tokens that count, hs/ht in their GEMM dtypes,
     gs/gt the student's / teacher's DecoderGemms.
 
     grads None (the forward): returns the per-row (kl, ce) (n,) in acc (ce None without labels); g_kd, g_lab
     are then any weights (the gradient the inner step forms is dropped). grads = (dhs, dws, dbs) (the
     backward): dh into dhs (n, D), dW, db accumulated into dws, dbs (each None: not wanted), with g_kd, g_lab
-    the gradient weights.
+    the gradient weights. stats (n, NSTATS) or None: the forward's per-row statistics go there (impl native).
     """
     n = hs.shape[0]
     kl_rows = torch.empty(n, dtype=acc, device=hs.device) if grads is None else None
@@ -199,7 +200,8 @@ def _chunk_loop(hs, ht, gs, gt, bs, bt, labels, g_kd, g_lab, temperature, chunk,
         zs = gs.logits(hs[s:e], bs, acc)                  # (C, V)
         zt = gt.logits(ht[s:e], bt, acc)                  # (C, V)
         lab_c = labels[s:e] if labels is not None else None
-        dz, kl, ce = inner(zs, zt, lab_c, g_kd[s:e], g_lab[s:e] if lab_c is not None else None, temperature)
+        st = {} if stats is None else {"stats": stats[s:e]}
+        dz, kl, ce = inner(zs, zt, lab_c, g_kd[s:e], g_lab[s:e] if lab_c is not None else None, temperature, **st)
         del zt
         if grads is None:
             kl_rows[s:e] = kl
@@ -242,14 +244,19 @@ def _chunk_rows(chunk_size, n_active, V, mm_s, impl) -> int:
 def head_loss_forward(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_size, impl, divergence, mm_s,
                       mm_t):
     """(ce, mlm, rows): the losses of the flattened inputs (no gradient formed or kept; y None: no MLM
-    work, mlm = 0) and the HeadLossRows the backward reuses."""
+    work, mlm = 0) and the HeadLossRows the backward reuses. impl native: rows.stats (n_active, NSTATS), the
+    per-row softmax statistics the backward's vocabulary slices read (`head_loss_backward`)."""
     acc = torch.float64 if mm_s == torch.float64 else torch.float32
     r = HeadLossRows(hs2.shape[0], y, kd_mask, acc, hs2.device)
     h_a, t_a, y_a = r.rows(hs2), r.rows(ht2), r.rows(y)
     chunk = _chunk_rows(chunk_size, h_a.shape[0], ws.shape[0], mm_s, impl)
+    inner = _inner_for(impl, divergence)
+    r.stats = None
+    if impl == "native":
+        r.stats = torch.empty(h_a.shape[0], NSTATS, dtype=torch.float32, device=hs2.device)   # (n_active, 8)
     kl, ce = _chunk_loop(h_a.to(mm_s), t_a.to(mm_t), DecoderGemms(ws, mm_s), DecoderGemms(wt, mm_t),
                          bs.to(acc) if bs is not None else None, bt.to(acc) if bt is not None else None,
-                         y_a, r.wk_a, r.wl_a, temperature, chunk, _inner_for(impl, divergence), acc)
+                         y_a, r.wk_a, r.wl_a, temperature, chunk, inner, acc, stats=r.stats)
     T = float(temperature)
     ce_sum = (ce * r.wl_a).sum() if ce is not None else torch.zeros((), dtype=acc, device=hs2.device)
     return T * T * (kl * r.wk_a).sum(), ce_sum, r
@@ -258,9 +265,13 @@ def head_loss_forward(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_s
 def head_loss_backward(hs2, ht2, ws, bs, wt, bt, y, rows: HeadLossRows, temperature, chunk_size, impl,
                        divergence, mm_s, mm_t, g_ce, g_mlm, need=(True, True, True)):
     """(dhs2, dws, dbs): the gradients of g_ce * ce + g_mlm * mlm (g_*: 0-dim tensors or None) w.r.t. the
-    student's hidden (n, D), weight (V, D) and bias (V,), formed here chunk by chunk (the logits recomputed),
-    so nothing (V, D)-sized lives between forward and backward. need: which of the three to form (None
-    for the others). The per-row weights are g * w: no difference of two large gradients, no host sync."""
+    student's hidden (n, D), weight (V, D) and bias (V,), formed here from recomputed logits, so nothing
+    (V, D)-sized lives between forward and backward. need: which of the three to form (None for the
+    others). The per-row weights are g * w: no difference of two large gradients, no host sync.
+
+    impl native: over vocabulary slices (`_slice_backward`), from the forward's per-row statistics: each dW
+    slice written once, each weight slice cast once. Other impls: over row chunks (`_chunk_loop`), the inner
+    step recomputing each row's statistics."""
     acc = torch.float64 if mm_s == torch.float64 else torch.float32
     dev = hs2.device
     zero = torch.zeros((), dtype=acc, device=dev)
@@ -270,16 +281,105 @@ def head_loss_backward(hs2, ht2, ws, bs, wt, bt, y, rows: HeadLossRows, temperat
     g_kd = rows.wk_a * g_ce                                # (n_active,)
     g_lab = rows.wl_a * g_mlm.to(acc) if y is not None else None
     h_a, t_a, y_a = rows.rows(hs2), rows.rows(ht2), rows.rows(y)
-    chunk = _chunk_rows(chunk_size, h_a.shape[0], ws.shape[0], mm_s, impl)
     need_dh, need_dw, need_db = need
-    dh_a = torch.empty(h_a.shape, dtype=hs2.dtype, device=dev) if need_dh else None     # (n_active, D)
-    dws = torch.zeros(ws.shape, dtype=acc, device=dev) if need_dw else None              # (V, D): the gradient
-    dbs = torch.zeros(ws.shape[0], dtype=acc, device=dev) if (need_db and bs is not None) else None
-    _chunk_loop(h_a.to(mm_s), t_a.to(mm_t), DecoderGemms(ws, mm_s), DecoderGemms(wt, mm_t),
-                bs.to(acc) if bs is not None else None, bt.to(acc) if bt is not None else None,
-                y_a, g_kd, g_lab, temperature, chunk, _inner_for(impl, divergence), acc, grads=(dh_a, dws, dbs))
+    if getattr(rows, "stats", None) is not None:
+        dh_a, dws, dbs = _slice_backward(h_a.to(mm_s), t_a.to(mm_t), ws, wt, bs, bt, y_a, g_kd, g_lab,
+                                         rows.stats, temperature, divergence, mm_s, mm_t, acc,
+                                         (need_dh, need_dw, need_db and bs is not None), chunk_size)
+        dh_a = dh_a.to(hs2.dtype) if dh_a is not None else None
+    else:
+        chunk = _chunk_rows(chunk_size, h_a.shape[0], ws.shape[0], mm_s, impl)
+        dh_a = torch.empty(h_a.shape, dtype=hs2.dtype, device=dev) if need_dh else None     # (n_active, D)
+        dws = torch.zeros(ws.shape, dtype=acc, device=dev) if need_dw else None              # (V, D)
+        dbs = torch.zeros(ws.shape[0], dtype=acc, device=dev) if (need_db and bs is not None) else None
+        _chunk_loop(h_a.to(mm_s), t_a.to(mm_t), DecoderGemms(ws, mm_s), DecoderGemms(wt, mm_t),
+                    bs.to(acc) if bs is not None else None, bt.to(acc) if bt is not None else None,
+                    y_a, g_kd, g_lab, temperature, chunk, _inner_for(impl, divergence), acc,
+                    grads=(dh_a, dws, dbs))
     dhs2 = dh_a
     if need_dh and rows.idx is not None:
         dhs2 = torch.zeros(hs2.shape, dtype=hs2.dtype, device=dev)
         dhs2.index_copy_(0, rows.idx, dh_a)
     return dhs2, dws, dbs
+
+
+# ----------------------------------------------------------------------------------------------------
+# The backward over vocabulary slices (impl native)
+# ----------------------------------------------------------------------------------------------------
+
+def slice_tiles(n: int, V: int, budget_bytes: int = DEFAULT_MEMORY_BUDGET, rows_max: int = 8192,
+                min_slice: int = 256) -> tuple[int, int]:
+    """(R, Vs): rows per block and vocabulary ids per slice of the backward, so that one tile's buffers
+    (z_s and z_t fp32, the teacher's GEMM output and dz in the GEMM dtype: 12 bytes an element) stay under
+    `budget_bytes`, with as many rows as fit (each weight slice is then read once per row block; with every
+    row in one block each dW slice is one GEMM) and slices of at least `min_slice` ids."""
+    R = max(1, min(n, rows_max))
+    Vs = max(min_slice, budget_bytes // (12 * R))
+    if Vs >= 128:
+        Vs -= Vs % 64                                         # whole BLAS tiles
+    Vs = min(Vs, V)
+    R = max(1, min(n, budget_bytes // (12 * Vs)))
+    return R, Vs
+
+
+def _slice_backward(h, t, ws, wt, bs, bt, y, g_kd, g_lab, stats, temperature, divergence, mm_s, mm_t, acc,
+                    need, chunk_size=None):
+    """(dh (n, D) in acc, dW (V, D) in acc, db (V,) in acc), each None where not needed, looping over slices
+    [v0, v1) of the vocabulary, and within a slice over blocks of R rows:
+
+        z_s = h @ W_s[v0:v1]^T + b_s,  z_t = t @ W_t[v0:v1]^T + b_t       (R, Vs) fp32, BLAS
+        dz  = the row step's gradient over the slice, from the forward's per-row statistics (native.cpp
+              slice_step: the same dz element for element)
+        dh += dz @ W_s[v0:v1],   dW[v0:v1] = dz^T @ h,   db[v0:v1] = sum_rows dz
+
+    Each weight slice is cast to the GEMM dtype once (a reused (Vs, D) buffer), each dW slice comes from one
+    GEMM over all rows when they fit one block (no fp32 re-accumulation over row chunks), and the GEMMs are
+    large. h, t: (n, D) in their GEMM dtypes; stats (n, NSTATS) from the forward. chunk_size: rows per
+    block (None: `slice_tiles`)."""
+    from .native import slice_native
+    n, D = h.shape
+    V = ws.shape[0]
+    need_dh, need_dw, need_db = need
+    dev = h.device
+    R, Vs = slice_tiles(n, V)
+    if chunk_size:
+        R = max(1, min(n, int(chunk_size)))
+    dh = torch.zeros(n, D, dtype=acc, device=dev) if need_dh else None          # (n, D) fp32 accumulator
+    dw = torch.empty(V, D, dtype=acc, device=dev) if need_dw else None          # (V, D): the gradient
+    db = torch.empty(V, dtype=acc, device=dev) if need_db else None
+    if n == 0:
+        for g in (dw, db):
+            if g is not None:
+                g.zero_()
+        return dh, dw, db
+    b_s = bs.to(acc) if bs is not None else None
+    b_t = bt.to(acc) if bt is not None else None
+    buf_s = torch.empty(min(Vs, V), D, dtype=mm_s, device=dev) if ws.dtype != mm_s else None
+    buf_t = torch.empty(min(Vs, V), wt.shape[1], dtype=mm_t, device=dev) if wt.dtype != mm_t else None
+    for v0 in range(0, V, Vs):
+        v1 = min(v0 + Vs, V)
+        w_s = ws[v0:v1] if buf_s is None else buf_s[: v1 - v0].copy_(ws[v0:v1])   # (Vs, D) in mm_s
+        w_t = wt[v0:v1] if buf_t is None else buf_t[: v1 - v0].copy_(wt[v0:v1])
+        for r0 in range(0, n, R):
+            r1 = min(r0 + R, n)
+            zs = linear_chunk(h[r0:r1], w_s, b_s[v0:v1] if b_s is not None else None, acc)   # (R, Vs)
+            zt = linear_chunk(t[r0:r1], w_t, b_t[v0:v1] if b_t is not None else None, acc)   # (R, Vs)
+            dz = slice_native(zs, zt, y[r0:r1] if y is not None else None, g_kd[r0:r1],
+                              g_lab[r0:r1] if g_lab is not None else None, stats[r0:r1], v0, V, temperature,
+                              divergence)
+            del zt
+            dzc = dz if dz.dtype == mm_s else dz.to(mm_s)                       # (R, Vs) in the GEMM dtype
+            if dh is not None:
+                dh[r0:r1].add_(dzc @ w_s)                                       # (R, D), into fp32
+            if dw is not None:
+                if r0 == 0:
+                    dw[v0:v1].copy_(dzc.t() @ h[r0:r1])                         # (Vs, D)
+                else:
+                    dw[v0:v1].add_(dzc.t() @ h[r0:r1])
+            if db is not None:
+                if r0 == 0:
+                    db[v0:v1].copy_(dz.sum(0, dtype=acc))
+                else:
+                    db[v0:v1].add_(dz.sum(0, dtype=acc))
+            del dz, dzc, zs
+    return dh, dw, db

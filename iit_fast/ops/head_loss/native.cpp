@@ -80,9 +80,17 @@ inline float kl_term(float p_s, float p_t, float u) {
 // terms are all >= 0, so the relative error stays below ~1e-6 however small the sum or the KL is.
 constexpr int64_t BLOCK = 512;
 
+// The per-row statistics a vocabulary slice of the backward needs (slice_step below): what pass 3 of the
+// row step reads, as it reads them. NSTATS floats a row: m_s, m_t, r_s, r_t, c (= lse_s - lse_t), m_1, r_1, S.
+constexpr int64_t NSTATS = 8;
+inline void store_stats(float* st, float m_s, float m_t, float r_s, float r_t, float c, float m_1, float r_1,
+                        float S) {
+  st[0] = m_s; st[1] = m_t; st[2] = r_s; st[3] = r_t; st[4] = c; st[5] = m_1; st[6] = r_1; st[7] = S;
+}
+
 IIT_CLONES
 void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has_labels, int64_t y,
-              float g_lab, float* kl_out, float* ce_out) {
+              float g_lab, float* kl_out, float* ce_out, float* st) {
   const float inv_T = 1.0f / T;
   // pass 1: maxima (T > 0, so max(a) = max(z) / T)
   float ms = s[0], mt = t[0];
@@ -122,6 +130,7 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
   const float c = (float)(((double)m_s - (double)m_t) + std::log(d_s / d_t));
   const float gk = g_kd * T;
   double kl = 0.0;
+  if (st) store_stats(st, m_s, m_t, r_s, r_t, c, m_1, has_labels ? (float)(1.0 / d_1) : 0.f, 0.f);
   // pass 3: KL terms and the gradient over z_s
   if (has_labels) {
     const bool has = y >= 0 && y < V;
@@ -156,6 +165,35 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
     }
   }
   *kl_out = (float)kl;
+}
+
+// The gradient over one vocabulary slice [v0, v0 + Vs) of a row, from the row's statistics (store_stats):
+// pass 3 of row_step without its KL sum, so dz is the row step's, element for element. s, t: the slice's
+// student / teacher logits; s is overwritten with dz. y: the row's label (global id), V: the vocabulary.
+IIT_CLONES
+void slice_step(float* s, const float* t, int64_t Vs, int64_t v0, int64_t V, float T, float g_kd,
+                bool has_labels, int64_t y, float g_lab, const float* st) {
+  const float inv_T = 1.0f / T;
+  const float m_s = st[0], m_t = st[1], r_s = st[2], r_t = st[3], m_1 = st[5], r_1 = st[6];
+  const float gk = g_kd * T;
+  if (has_labels) {
+    const bool has = y >= 0 && y < V;
+    const float gl = has ? g_lab : 0.f;
+#pragma omp simd
+    for (int64_t v = 0; v < Vs; ++v) {
+      const float z = s[v], zt = t[v];
+      const float p_s = exp_f32(z * inv_T - m_s) * r_s, p_t = exp_f32(zt * inv_T - m_t) * r_t;
+      s[v] = gk * (p_s - p_t) + gl * (exp_f32(z - m_1) * r_1);
+    }
+    if (has && y >= v0 && y < v0 + Vs) s[y - v0] -= gl;  // - g_lab onehot(y)
+  } else {
+#pragma omp simd
+    for (int64_t v = 0; v < Vs; ++v) {
+      const float z = s[v], zt = t[v];
+      const float p_s = exp_f32(z * inv_T - m_s) * r_s, p_t = exp_f32(zt * inv_T - m_t) * r_t;
+      s[v] = gk * (p_s - p_t);
+    }
+  }
 }
 
 // ---- Divergences other than forward KL (iit_fast/ops/head_loss/divergence.py has the math and its
@@ -259,7 +297,7 @@ IIT_INLINE void div_elem(float p, float q, float u, float c, float& term, float&
 template <int KIND>
 IIT_CLONES
 void row_step_div(float* s, float* t, int64_t V, float T, float c, float g_kd, bool has_labels, int64_t y,
-                  float g_lab, float* d_out, float* ce_out) {
+                  float g_lab, float* d_out, float* ce_out, float* st) {
   const float inv_T = 1.0f / T;
   // passes 1 and 2: as row_step
   float ms = s[0], mt = t[0];
@@ -319,10 +357,36 @@ void row_step_div(float* s, float* t, int64_t V, float T, float c, float g_kd, b
   }
   // pass 4: dz = A - S B
   const float Sf = (float)S;
+  if (st) store_stats(st, m_s, m_t, r_s, r_t, cst, m_1, r_1, Sf);
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) s[v] = t[v] - Sf * s[v];
   if (has) s[y] -= gl;  // - g_lab onehot(y)
   *d_out = (float)D;
+}
+
+// The gradient over one vocabulary slice of a row for a divergence other than forward KL, from the row's
+// statistics (S included): passes 3 and 4 of row_step_div in one, dz = A - S B element for element.
+template <int KIND>
+IIT_CLONES
+void slice_step_div(float* s, const float* t, int64_t Vs, int64_t v0, int64_t V, float T, float c, float g_kd,
+                    bool has_labels, int64_t y, float g_lab, const float* st) {
+  const float inv_T = 1.0f / T;
+  const float m_s = st[0], m_t = st[1], r_s = st[2], r_t = st[3], cst = st[4], m_1 = st[5], r_1 = st[6];
+  const float Sf = st[7];
+  const float gk = g_kd * T;
+  const bool has = has_labels && y >= 0 && y < V;
+  const float gl = has ? g_lab : 0.f;
+#pragma omp simd
+  for (int64_t v = 0; v < Vs; ++v) {
+    const float z = s[v], zt = t[v];
+    const float p = exp_f32(z * inv_T - m_s) * r_s, q = exp_f32(zt * inv_T - m_t) * r_t;
+    float term, g, sv;
+    div_elem<KIND>(p, q, (z - zt) * inv_T - cst, c, term, g, sv);
+    const float A = gk * (p * g) + gl * (exp_f32(z - m_1) * r_1);
+    const float B = gk * p;
+    s[v] = A - Sf * B;
+  }
+  if (has && y >= v0 && y < v0 + Vs) s[y - v0] -= gl;  // - g_lab onehot(y)
 }
 
 }  // namespace
@@ -334,15 +398,44 @@ extern "C" {
 // labels: (C,) int64 MLM targets (-100 = none) or nullptr (no CE: the iit pass, or lm_weight = 0)
 // g_kd, g_lab: (C,) fp32 per-row gradient weights (g_lab ignored without labels)
 // kl, ce: (C,) fp32 outputs, per-row KL and CE (0 without a label); ce ignored without labels
+// stats: (C, NSTATS) fp32 out, the rows' statistics for slice steps, or nullptr
 // nthreads: OpenMP threads
 void iit_distill_head_loss_chunk_f32(float* zs, int64_t zs_stride, const float* zt, int64_t zt_stride,
                                      const int64_t* labels, const float* g_kd, const float* g_lab,
-                                     float* kl, float* ce, int64_t C, int64_t V, float T, int nthreads) {
+                                     float* kl, float* ce, float* stats, int64_t C, int64_t V, float T,
+                                     int nthreads) {
   const bool has_labels = labels != nullptr;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t r = 0; r < C; ++r) {
     row_step(zs + r * zs_stride, zt + r * zt_stride, V, T, g_kd[r], has_labels, has_labels ? labels[r] : -1,
-             has_labels ? g_lab[r] : 0.f, kl + r, has_labels ? ce + r : nullptr);
+             has_labels ? g_lab[r] : 0.f, kl + r, has_labels ? ce + r : nullptr,
+             stats ? stats + r * NSTATS : nullptr);
+  }
+}
+
+// One vocabulary slice [v0, v0 + Vs) of C rows: zs (C, Vs) student logits, overwritten with dz; zt (C, Vs)
+// teacher logits, read only; labels (C,) global ids or nullptr; stats (C, NSTATS) from the chunk step.
+// kind 0 = forward KL, 1..5 = the divergences (param = beta or alpha).
+void iit_head_loss_slice_f32(float* zs, int64_t zs_stride, const float* zt, int64_t zt_stride,
+                             const int64_t* labels, const float* g_kd, const float* g_lab, const float* stats,
+                             int64_t C, int64_t Vs, int64_t v0, int64_t V, float T, int kind, float param,
+                             int nthreads) {
+  const bool has_labels = labels != nullptr;
+  using Step = void (*)(float*, const float*, int64_t, int64_t, int64_t, float, float, float, bool, int64_t,
+                        float, const float*);
+  const Step steps[] = {nullptr, slice_step_div<1>, slice_step_div<2>, slice_step_div<3>, slice_step_div<4>,
+                        slice_step_div<5>};
+  if (kind < 0 || kind > 5) return;  // the Python side passes only these
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t r = 0; r < C; ++r) {
+    float* s = zs + r * zs_stride;
+    const float* t = zt + r * zt_stride;
+    const int64_t y = has_labels ? labels[r] : -1;
+    const float gl = has_labels ? g_lab[r] : 0.f;
+    if (kind == 0)
+      slice_step(s, t, Vs, v0, V, T, g_kd[r], has_labels, y, gl, stats + r * NSTATS);
+    else
+      steps[kind](s, t, Vs, v0, V, T, param, g_kd[r], has_labels, y, gl, stats + r * NSTATS);
   }
 }
 
@@ -351,10 +444,10 @@ void iit_distill_head_loss_chunk_f32(float* zs, int64_t zs_stride, const float* 
 // the teacher logits overwritten too (pass 3 stores A there). d: (C,) fp32 out, the per-row divergence.
 void iit_distill_head_loss_div_chunk_f32(float* zs, int64_t zs_stride, float* zt, int64_t zt_stride,
                                          const int64_t* labels, const float* g_kd, const float* g_lab, float* d,
-                                         float* ce, int64_t C, int64_t V, float T, int kind, float param,
-                                         int nthreads) {
+                                         float* ce, float* stats, int64_t C, int64_t V, float T, int kind,
+                                         float param, int nthreads) {
   const bool has_labels = labels != nullptr;
-  using Step = void (*)(float*, float*, int64_t, float, float, float, bool, int64_t, float, float*, float*);
+  using Step = void (*)(float*, float*, int64_t, float, float, float, bool, int64_t, float, float*, float*, float*);
   const Step steps[] = {nullptr, row_step_div<1>, row_step_div<2>, row_step_div<3>, row_step_div<4>,
                         row_step_div<5>};
   if (kind < 1 || kind > 5) return;  // the Python side passes only these
@@ -362,7 +455,7 @@ void iit_distill_head_loss_div_chunk_f32(float* zs, int64_t zs_stride, float* zt
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t r = 0; r < C; ++r) {
     step(zs + r * zs_stride, zt + r * zt_stride, V, T, param, g_kd[r], has_labels, has_labels ? labels[r] : -1,
-         has_labels ? g_lab[r] : 0.f, d + r, has_labels ? ce + r : nullptr);
+         has_labels ? g_lab[r] : 0.f, d + r, has_labels ? ce + r : nullptr, stats ? stats + r * NSTATS : nullptr);
   }
 }
 

@@ -9,7 +9,9 @@ _NATIVE_NAME = "iit_fast_head_loss"
 _NATIVE_SOURCES = ("head_loss/native.cpp",)
 _fn = None      # ctypes function once built
 _fn_div = None  # the other divergences' entry point: the same source built as a second library (_div_step)
+_slice = {}     # False / True (the divergences' library) -> the slice step of that library
 error = None   # why it could not be built
+NSTATS = 8     # per-row statistics a slice step reads (native.cpp's store_stats)
 
 
 def native_step():
@@ -27,8 +29,9 @@ def native_step():
             error = str(e)
             return None
         P, I64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [P, I64, P, I64, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int]
+        fn.argtypes = [P, I64, P, I64, P, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int]
         fn.restype = None
+        _slice[False] = _slice_fn(lib)
         _fn = fn
     return _fn
 
@@ -51,42 +54,86 @@ def _div_step():
                                f"{e}") from None
         fn = lib.iit_distill_head_loss_div_chunk_f32
         P, I64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [P, I64, P, I64, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+        fn.argtypes = [P, I64, P, I64, P, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int, ctypes.c_float,
                        ctypes.c_int]
         fn.restype = None
+        _slice[True] = _slice_fn(lib)
         _fn_div = fn
     return _fn_div
 
 
-def inner_native(zs, zt, labels, g_kd, g_lab, temperature, divergence=None):
-    """divergence: None / forward KL -> the 3-pass row step; another one -> its 4-pass row step
-    (native.cpp's row_step_div), which overwrites zt too."""
-    fn = native_step()
-    if fn is None:
-        raise RuntimeError(f"distill_head_loss impl='native': native CPU step unavailable: {error}")
+def _slice_fn(lib):
+    import ctypes
+    P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    fn = lib.iit_head_loss_slice_f32
+    fn.argtypes = [P, I64, P, I64, P, P, P, P, I64, I64, I64, I64, F32, INT, F32, INT]
+    fn.restype = None
+    return fn
+
+
+def _threads(C: int, V: int) -> int:
+    return min(torch.get_num_threads(), max(1, (C * V) >> 18))  # small chunks: one thread, no barrier
+
+
+def _check(zs, zt):
     if zs.dtype != torch.float32 or zt.dtype != torch.float32 or zs.device.type != "cpu":
         raise ValueError(f"distill_head_loss impl='native': the C++ step takes fp32 CPU logit chunks, got "
                          f"{zs.dtype} / {zt.dtype} on {zs.device}")
-    C, V = zs.shape
     if zs.stride(1) != 1 or zt.stride(1) != 1:
         raise ValueError("distill_head_loss impl='native': logit chunks need unit column stride")
+
+
+def inner_native(zs, zt, labels, g_kd, g_lab, temperature, divergence=None, stats=None):
+    """divergence: None / forward KL -> the 3-pass row step; another one -> its 4-pass row step
+    (native.cpp's row_step_div), which overwrites zt too. stats: None, or a (C, NSTATS) fp32 contiguous
+    buffer the rows' statistics go into (what `slice_native` reads in the backward)."""
+    fn = native_step()
+    if fn is None:
+        raise RuntimeError(f"distill_head_loss impl='native': native CPU step unavailable: {error}")
+    _check(zs, zt)
+    C, V = zs.shape
+    st = stats.data_ptr() if stats is not None else None
     g_kd = g_kd.to(torch.float32).contiguous()
     kl = torch.empty(C, dtype=torch.float32)
     ce = torch.empty(C, dtype=torch.float32) if labels is not None else None
     if labels is not None:
         labels = labels.contiguous()
         g_lab = g_lab.to(torch.float32).contiguous()
-    threads = min(torch.get_num_threads(), max(1, (C * V) >> 18))  # small chunks: one thread, no barrier
+    threads = _threads(C, V)
     if C and divergence is not None and not divergence.is_forward_kl:
         _div_step()(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
                     labels.data_ptr() if labels is not None else None, g_kd.data_ptr(),
                     g_lab.data_ptr() if labels is not None else None, kl.data_ptr(),
-                    ce.data_ptr() if ce is not None else None, C, V, float(temperature), divergence.code,
+                    ce.data_ptr() if ce is not None else None, st, C, V, float(temperature), divergence.code,
                     float(divergence.param), threads)
     elif C:
         fn(zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
            labels.data_ptr() if labels is not None else None, g_kd.data_ptr(),
            g_lab.data_ptr() if labels is not None else None, kl.data_ptr(),
-           ce.data_ptr() if ce is not None else None, C, V, float(temperature),
-           min(torch.get_num_threads(), max(1, (C * V) >> 18)))  # small chunks: one thread, no barrier
+           ce.data_ptr() if ce is not None else None, st, C, V, float(temperature), threads)
     return zs, kl, ce
+
+
+def slice_native(zs, zt, labels, g_kd, g_lab, stats, v0, vocab, temperature, divergence=None):
+    """dz of a vocabulary slice [v0, v0 + Vs) of C rows, in place over zs (C, Vs); zt (C, Vs) the teacher's
+    slice; labels (C,) global ids or None (no MLM term); stats (C, NSTATS) from `inner_native` in the
+    forward. The row step's pass 3 (4 for a divergence) over the slice: the same dz, element for element."""
+    div = divergence is not None and not divergence.is_forward_kl
+    if native_step() is None:
+        raise RuntimeError(f"distill_head_loss impl='native': native CPU step unavailable: {error}")
+    if div:
+        _div_step()
+    _check(zs, zt)
+    C, Vs = zs.shape
+    if not C or not Vs:
+        return zs
+    g_kd = g_kd.to(torch.float32).contiguous()
+    if labels is not None:
+        labels = labels.contiguous()
+        g_lab = g_lab.to(torch.float32).contiguous()
+    _slice[div](zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
+                labels.data_ptr() if labels is not None else None, g_kd.data_ptr(),
+                g_lab.data_ptr() if labels is not None else None, stats.data_ptr(), C, Vs, int(v0), int(vocab),
+                float(temperature), divergence.code if div else 0, float(divergence.param) if div else 0.0,
+                _threads(C, Vs))
+    return zs
