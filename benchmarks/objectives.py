@@ -2,8 +2,14 @@
 
     # the main job's tokens/s with lambda = 0.5 (and with seq_kd) against lambda = 0, interleaved runs
     python benchmarks/objectives.py throughput --teacher ~/.cache/iit_fast/teacher-gpt2-l6-bpe --steps 12
-    # the sweep: 6 modes x 3 seeds, paired by seed (objectives-gpt2.{json,md,png})
-    python benchmarks/objectives.py sweep --teacher ~/.cache/iit_fast/teacher-gpt2-l6-bpe --steps 300
+    # the sweep: 6 modes x 3 seeds, paired by seed (objectives-gpt2.{json,md,png}); ~1M tokens per run:
+    python benchmarks/objectives.py sweep --teacher ~/.cache/iit_fast/teacher-gpt2-l6-bpe --steps 500
+    # what ran in this session's time box (objectives-gpt2.md says so), with a reduced teacher:
+    python -m iit_fast.teacher build --family gpt2 --layers 4 --hidden 256 --heads 4 --steps 250 \
+        --batch-size 16 --out-dir ~/.cache/iit_fast/teacher-gpt2-l4-h256
+    python benchmarks/objectives.py sweep --teacher ~/.cache/iit_fast/teacher-gpt2-l4-h256 --steps 24 \
+        --batch-size 8 --max-length 64 --student-layers 2 --lr 1e-3 --warmup-steps 3 --precision bf16 \
+        --eval-batches 4 --quality-batches 1 --train-eval-sequences 16 --runs-dir runs/objectives-gpt2
 
 **throughput**: `iit_fast/train.py` runs of `--steps` steps at lambda 0, 0.5 and 0.5 + seq_kd, in the order
 A B C A B C (a load change on a shared machine hits each alike); the figure is the median of the per-step
@@ -13,7 +19,7 @@ generating) as a share of the training wall time. Writes benchmarks/results/obje
 
 **sweep**: from one causal teacher and one student initialisation, every mode in MODES for every seed (seed:
 data order, intervention plans, generation; two modes of one seed share all of them), each a train.py
-subprocess, one after the other, off-policy modes first. After each run: `iit_fast.eval` next-token
+subprocess, one after the other, one seed's six modes after another (`--order`). After each run: `iit_fast.eval` next-token
 perplexity, IIA and counterfactual KL against the teacher (benchmarks/replicate.Judge: fixed validation rows
 and plans), and generation quality without a hub (`generate.sample_quality`: the teacher's perplexity of the
 student's samples from fixed validation prompts, and their distinct bigrams). The paired differences of
