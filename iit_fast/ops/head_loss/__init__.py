@@ -42,7 +42,9 @@ at a time into one reused buffer, never whole; it gets an fp32 gradient). Logits
 log-sum-exp, KL and CE are fp32 (their row sums fp64 in the native step), dW and db accumulate in fp32.
 fp64 inputs compute in fp64 (impl "chunked").
 
-Tokens that count for neither loss (padding) are dropped before the matmuls: they get a zero gradient.
+Tokens that count for neither loss (padding) get a zero gradient: on the CPU paths they are dropped before the
+matmuls; on the device path (triton) they are zeroed and weighted 0 instead, since dropping them would read the
+mask on the host (a sync). No host sync on the device path.
 The teacher side gets no gradient (its tensors are read under no_grad; gradients for them are None).
 
 impl: "auto" (CUDA -> "triton", CPU -> "native"; fp64, or a native step that cannot be built, -> "chunked";

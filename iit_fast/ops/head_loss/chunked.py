@@ -215,24 +215,42 @@ def _chunk_loop(hs, ht, gs, gt, bs, bt, labels, g_kd, g_lab, temperature, chunk,
 
 
 class HeadLossRows:
-    """The rows of one call that count (padding dropped: no logits, zero gradient) and their weights:
-    w_kd = m / max(sum m, 1), w_lab = [y != -100] / max(n_lab, 1); idx None when every row counts."""
+    """The rows of one call that count and their weights: w_kd = m / max(sum m, 1), w_lab = [y != -100] /
+    max(n_lab, 1). Rows that count for neither loss (padding) get a zero gradient, two ways, neither of which
+    the host waits for on a device:
+    - on the CPU (impl native / chunked; a host read costs nothing there) they are dropped before the
+      matmuls: idx (n_active,) the rows kept, None when every row counts;
+    - on the device path (impl triton, or any CUDA tensor) no row is dropped (that would read the mask on the
+      host: a sync): `zero` (n,) bool marks them, their states are zeroed (torch.where: a NaN in a padding
+      row's state does not reach the gradient) and their weights are 0, so their dz is 0.
+    Without kd_mask every row counts for the KL: nothing to drop, nothing read."""
 
-    def __init__(self, n: int, y: torch.Tensor | None, kd_mask: torch.Tensor | None, acc, device):
+    def __init__(self, n: int, y: torch.Tensor | None, kd_mask: torch.Tensor | None, acc, device,
+                 on_host: bool = True):
         m = torch.ones(n, dtype=acc, device=device) if kd_mask is None else kd_mask.reshape(-1).to(device, acc)
         self.w_kd = m / m.sum().clamp_min(1.0)                                     # (n,)
+        active = None if kd_mask is None else (m != 0)
         if y is not None:
             has = y != -100
             self.w_lab = has.to(acc) / has.sum().clamp_min(1).to(acc)             # (n,)
-            active = (m != 0) | has
+            active = None if active is None else active | has
         else:
             self.w_lab = None
-            active = m != 0
-        self.idx = None if bool(active.all()) else active.nonzero().squeeze(1)
+        self.idx = self.zero = None
+        if active is not None:
+            if on_host and device.type == "cpu":
+                self.idx = None if bool(active.all()) else active.nonzero().squeeze(1)
+            else:
+                self.zero = ~active
         self.wk_a, self.wl_a = self.rows(self.w_kd), self.rows(self.w_lab)
 
     def rows(self, t):
         return t if (self.idx is None or t is None) else t.index_select(0, self.idx)
+
+    def states(self, h):
+        """h's rows that count (n_active, D): dropped or zeroed as above."""
+        h = self.rows(h)
+        return h if self.zero is None else torch.where(self.zero.unsqueeze(1), 0, h)
 
 
 def _chunk_rows(chunk_size, n_active, V, mm_s, impl) -> int:
@@ -247,8 +265,8 @@ def head_loss_forward(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_s
     work, mlm = 0) and the HeadLossRows the backward reuses. impl native: rows.stats (n_active, NSTATS), the
     per-row softmax statistics the backward's vocabulary slices read (`head_loss_backward`)."""
     acc = torch.float64 if mm_s == torch.float64 else torch.float32
-    r = HeadLossRows(hs2.shape[0], y, kd_mask, acc, hs2.device)
-    h_a, t_a, y_a = r.rows(hs2), r.rows(ht2), r.rows(y)
+    r = HeadLossRows(hs2.shape[0], y, kd_mask, acc, hs2.device, on_host=impl != "triton")
+    h_a, t_a, y_a = r.states(hs2), r.states(ht2), r.rows(y)
     chunk = _chunk_rows(chunk_size, h_a.shape[0], ws.shape[0], mm_s, impl)
     inner = _inner_for(impl, divergence)
     r.stats = None
@@ -280,7 +298,7 @@ def head_loss_backward(hs2, ht2, ws, bs, wt, bt, y, rows: HeadLossRows, temperat
         y = None                                           # the MLM term is not differentiated: no MLM work
     g_kd = rows.wk_a * g_ce                                # (n_active,)
     g_lab = rows.wl_a * g_mlm.to(acc) if y is not None else None
-    h_a, t_a, y_a = rows.rows(hs2), rows.rows(ht2), rows.rows(y)
+    h_a, t_a, y_a = rows.states(hs2), rows.states(ht2), rows.rows(y)
     need_dh, need_dw, need_db = need
     if getattr(rows, "stats", None) is not None:
         dh_a, dws, dbs = _slice_backward(h_a.to(mm_s), t_a.to(mm_t), ws, wt, bs, bt, y_a, g_kd, g_lab,
