@@ -63,22 +63,29 @@ STEP_GEMMS = (("linear 768->768", 1024, 768, 768, "linear"), ("linear 768->3072"
               ("wgrad 768x3072", 1024, 768, 3072, "wgrad"), ("head 768->30522", 1024, 768, 30522, "linear"))
 
 
-def _gemm(kind: str, m: int, k: int, n: int, dtype: torch.dtype, device: str):
+def _gemm(kind: str, m: int, k: int, n: int, dtype: torch.dtype, device: str, fused: bool = False):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)     # (M, K) activations
     w = torch.randn(n, k, generator=g).to(device=device, dtype=dtype)     # (N, K) nn.Linear weight
     b = torch.randn(n, generator=g).to(device=device, dtype=dtype)        # (N,)
     gy = torch.randn(m, n, generator=g).to(device=device, dtype=dtype)    # (M, N) output gradient
+    if fused:  # iit_fast.compile.linear: the bias in oneDNN's GEMM epilogue instead of addmm's copy into the output
+        from iit_fast.compile import linear
+        return lambda: linear(x, w, b)
     return {"linear": lambda: torch.nn.functional.linear(x, w, b), "dgrad": lambda: gy @ w,
             "wgrad": lambda: gy.t() @ x}[kind]
 
 
 def compare_step_gemms(device: str = "cpu", repeats: int = 7) -> list[dict]:
     """fp32 vs bf16 GFLOP/s at the step's GEMM shapes, the two dtypes interleaved call by call (best of
-    `repeats`), so that load from other work on a shared machine hits both alike."""
+    `repeats`), so that load from other work on a shared machine hits both alike. Linear rows also time
+    `iit_fast.compile.linear` (--compile linear / blocks: the bias in the GEMM's epilogue) in each dtype."""
     rows = []
     for name, m, k, n, kind in STEP_GEMMS:
         fns = {d: _gemm(kind, m, k, n, DTYPES[d], device) for d in ("fp32", "bf16")}
+        if kind == "linear" and device == "cpu":
+            fns.update({f"{d} bias-epilogue": _gemm(kind, m, k, n, DTYPES[d], device, fused=True)
+                        for d in ("fp32", "bf16")})
         best = dict.fromkeys(fns, float("inf"))
         for f in fns.values():
             f()  # kernel selection and packing, not timed
@@ -90,8 +97,8 @@ def compare_step_gemms(device: str = "cpu", repeats: int = 7) -> list[dict]:
                 sync()
                 best[d] = min(best[d], time.perf_counter() - t0)
         flops = 2 * m * k * n
-        rows.append({"gemm": name, "MxKxN": f"{m}x{k}x{n}", "fp32 GFLOP/s": flops / best["fp32"] / 1e9,
-                     "bf16 GFLOP/s": flops / best["bf16"] / 1e9, "bf16 / fp32": best["fp32"] / best["bf16"]})
+        rows.append({"gemm": name, "MxKxN": f"{m}x{k}x{n}", **{f"{d} GFLOP/s": flops / t / 1e9 for d, t in best.items()},
+                     "bf16 / fp32": best["fp32"] / best["bf16"]})
     return rows
 
 

@@ -499,8 +499,9 @@ def main():
                 summary = {"shape": shape_name, "logit_tokens": lt, "precision": prec, "compile": comp}
                 if "naive" in res and "fast" in res:
                     speed, model = res["naive"]["seconds"] / res["fast"]["seconds"], fl["naive"] / fl["fast"]
+                    cpu_speed = res["naive"]["cpu_seconds"] / res["fast"]["cpu_seconds"]
                     summary.update({"fast/naive speedup": speed, "model speedup": model,
-                                    "speedup / model": speed / model,
+                                    "speedup / model": speed / model, "speedup / model (CPU)": cpu_speed / model,
                                     "fast/naive peak mem": res["fast"]["peak_bytes"] / res["naive"]["peak_bytes"]})
                 if "standard" in res and "fast" in res:
                     cost, cost_model = res["fast"]["seconds"] / res["standard"]["seconds"], fl["fast"] / fl["standard"]
@@ -545,7 +546,7 @@ def main():
                            for n, s in ((n, SHAPES[n]) for n in shapes))
     notes = ("## Ratios (measured vs the FLOP model of docs/method.md section 2)\n\n" +
              markdown_table(sum_rows, ["shape", "logit_tokens", "precision", "compile", "fast/naive speedup",
-                                       "model speedup",
+                                       "model speedup", "speedup / model (CPU)",
                                        "speedup / model", "fast/standard time", "model fast/standard",
                                        "fast/standard / model", "fast/naive peak mem", "prefix reuse saves"]) +
              f"\nShapes: {shape_line}.\n\n{_amx_line(m['amx'])} {peak_line} MFU = GFLOP/s of the FLOP model / the peak of the step's "
