@@ -321,7 +321,12 @@ def sweep(a) -> None:
                                      "gradient_clipping": 1.0, "steps_per_print": 10 ** 6,
                                      "zero_optimization": {"stage": 2, "overlap_comm": False,
                                                            "contiguous_gradients": True}}, indent=1))
-    cmd = ("python benchmarks/objectives.py " + shlex.join(sys.argv[1:])).replace(str(REPO) + "/", "")
+    argv = sys.argv[1:]
+    if "--note" in argv:  # the note is printed below the command, not inside it
+        i = argv.index("--note")
+        argv = argv[:i] + ["--note", "..."] + argv[i + 2:]
+    argv = [x for x in argv if x != "--report-only"]
+    cmd = ("python benchmarks/objectives.py " + shlex.join(argv)).replace(str(REPO) + "/", "")
     cmd = cmd.replace(str(Path.home()), "~")
     t0 = time.time()
     a.corpus, a.cache_dir = None, None  # what Judge reads: the default corpus, the default cache
@@ -344,6 +349,8 @@ def sweep(a) -> None:
         todo = [(m, s) for s in a.seeds for m in MODES if m in a.modes]
     # finished runs first (reused), so that every report holds them
     todo.sort(key=lambda ms: not (a.runs_dir / f"{ms[0]}-seed{ms[1]}" / "objectives_run.json").is_file())
+    if a.report_only:  # the finished runs only (e.g. after a time-boxed sweep was stopped)
+        todo = [ms for ms in todo if (a.runs_dir / f"{ms[0]}-seed{ms[1]}" / "eval.json").is_file()]
     infos = []
     for mode, seed in todo:
         info = train_one(a, mode, seed, ds_config)
@@ -382,6 +389,7 @@ def main(argv=None):
     s.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "objectives")
     s.add_argument("--name", default="objectives-gpt2")
     s.add_argument("--note", default="")
+    s.add_argument("--report-only", action="store_true", help="rewrite the results from the evaluated runs only")
     s.add_argument("--order", default="by-seed", choices=["by-seed", "off-policy-first"])
     a = p.parse_args(argv)
     throughput(a) if a.what == "throughput" else sweep(a)
