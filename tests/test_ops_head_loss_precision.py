@@ -89,14 +89,17 @@ def test_cancellation_is_what_the_tolerance_catches(impl):
 
 @pytest.mark.parametrize("impl", ["chunked", "native", "triton"])
 def test_weighted_grads_and_backward_paths(impl, monkeypatch):
-    # the forward runs one loss-only pass over the chunks, the backward one gradient pass with the
-    # grad_outputs as the weights, proportional to (kd_weight, lm_weight) or not
+    # the forward runs one loss-only pass over the chunks, the backward one gradient pass (over row chunks, or
+    # for impl native over vocabulary slices) with the grad_outputs as the weights, proportional to
+    # (kd_weight, lm_weight) or not
     hs, ht, ws, bs, wt, bt, y = close_pair(n=24, v=500, noise=1.0, seed=2)
     y[::3] = -100
     passes = []
     real = chunked._chunk_loop
     monkeypatch.setattr(chunked, "_chunk_loop", lambda *a, **k: passes.append(k.get("grads") is not None)
                         or real(*a, **k))
+    real_slices = chunked._slice_backward   # impl native: the backward goes over vocabulary slices
+    monkeypatch.setattr(chunked, "_slice_backward", lambda *a, **k: passes.append(True) or real_slices(*a, **k))
     ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=5, impl=impl,
                                 kd_weight=0.3, lm_weight=0.7)
     assert passes == [False]

@@ -1,8 +1,10 @@
 """The chunk loop of `distill_head_loss`: the matmuls (BLAS, the inputs' precision, fp32 accumulation), the
-per-token weights, the sums and the gradients' accumulation. The forward pass computes the losses only; the
-backward pass recomputes each chunk's logits and forms the gradients there (into the (V, D) weight gradient
-it returns), so nothing (V, D)-sized lives between the two and no (V, D) copy of a weight is made. The per-chunk softmax / KL / CE work is the inner
-step's (`inner.py`, `native.py`, `triton.py`), picked by impl through INNER."""
+per-token weights, the sums and the gradients' accumulation. The forward pass computes the losses (and, impl
+native, each row's softmax statistics); the backward pass recomputes the logits and forms the gradients there:
+impl native over vocabulary slices from those statistics (`_slice_backward`: each weight slice cast once, each
+dW slice one GEMM), the others over row chunks (`_chunk_loop`). Nothing (V, D)-sized lives between the two and
+no (V, D) copy of a weight is made. The per-chunk softmax / KL / CE work is the inner step's (`inner.py`,
+`native.py`, `triton.py`), picked by impl through INNER."""
 from __future__ import annotations
 
 import functools
@@ -350,7 +352,8 @@ def _slice_backward(h, t, ws, wt, bs, bt, y, g_kd, g_lab, stats, temperature, di
               slice_step: the same dz element for element)
         dh += dz @ W_s[v0:v1],   dW[v0:v1] = dz^T @ h,   db[v0:v1] = sum_rows dz
 
-    Each weight slice is cast to the GEMM dtype once (a reused (Vs, D) buffer), each dW slice comes from one
+    Each weight slice is cast to the GEMM dtype once (a reused (Vs, D) buffer, at most SLICE_BYTES), each dW
+    slice comes from one
     GEMM over all rows when they fit one block (no fp32 re-accumulation over row chunks), and the GEMMs are
     large. h, t: (n, D) in their GEMM dtypes; stats (n, NSTATS) from the forward. chunk_size: rows per
     block (None: `slice_tiles`)."""
@@ -362,6 +365,8 @@ def _slice_backward(h, t, ws, wt, bs, bt, y, g_kd, g_lab, stats, temperature, di
     R, Vs = slice_tiles(n, V)
     if chunk_size:
         R = max(1, min(n, int(chunk_size)))
+    # a weight slice in the GEMM dtype stays under SLICE_BYTES (never a whole-weight cast)
+    Vs = min(Vs, max(64, SLICE_BYTES // max(1, D * torch.empty((), dtype=mm_s).element_size())))
     dh = torch.zeros(n, D, dtype=acc, device=dev) if need_dh else None          # (n, D) fp32 accumulator
     dw = torch.empty(V, D, dtype=acc, device=dev) if need_dw else None          # (V, D): the gradient
     db = torch.empty(V, dtype=acc, device=dev) if need_db else None
