@@ -65,7 +65,8 @@ import torch
 
 from .._common import log_once as _log_once
 from . import native
-from .chunked import default_chunk_size, head_loss_backward, head_loss_forward, matmul_dtype  # noqa: F401
+from .chunked import (  # noqa: F401
+    default_chunk_size, function_backward, head_loss_backward, head_loss_forward, matmul_dtype)
 from .divergence import FORWARD_KL, as_divergence
 from .reference import distill_head_loss_reference
 from .sparse import sparse_distill_head_loss
@@ -103,22 +104,22 @@ class DistillHeadLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_ce, g_mlm):
-        if not ctx.has_labels:
-            g_mlm = None                                   # mlm = 0 without MLM work: no gradient
-        if g_ce is None and g_mlm is None:
-            return (None,) * 14
-        hs, ht, ws, bs, wt, bt, y = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        temperature, chunk_size, impl, divergence, mm_s, mm_t = ctx.args
-        with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
-            dhs, dws, dbs = head_loss_backward(
-                hs.detach().reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), ws.detach(),
-                bs.detach() if bs is not None else None, wt, bt, y, ctx.rows, temperature, chunk_size, impl,
-                divergence, mm_s, mm_t, g_ce, g_mlm, need)
-        gh = dhs.reshape(hs.shape) if need[0] else None
-        gw = dws.to(ws.dtype) if need[1] else None
-        gb = dbs.to(bs.dtype) if (dbs is not None and need[2]) else None
-        return gh, None, gw, gb, None, None, None, None, None, None, None, None, None, None
+        return function_backward(ctx, g_ce, g_mlm, _dense_grads, 14)
+
+
+def _dense_grads(ctx, g_ce, g_mlm):
+    hs, ht, ws, bs, wt, bt, y = ctx.saved_tensors
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+    temperature, chunk_size, impl, divergence, mm_s, mm_t = ctx.args
+    with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
+        dhs, dws, dbs = head_loss_backward(
+            hs.detach().reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), ws.detach(),
+            bs.detach() if bs is not None else None, wt, bt, y, ctx.rows, temperature, chunk_size, impl,
+            divergence, mm_s, mm_t, g_ce, g_mlm, need)
+    gh = dhs.reshape(hs.shape) if need[0] else None
+    gw = dws.to(ws.dtype) if need[1] else None
+    gb = dbs.to(bs.dtype) if (dbs is not None and need[2]) else None
+    return gh, None, gw, gb, None, None, None, None, None, None, None, None, None, None
 
 
 def _interpret() -> bool:

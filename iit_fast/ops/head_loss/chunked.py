@@ -255,6 +255,18 @@ class HeadLossRows:
         return h if self.zero is None else torch.where(self.zero.unsqueeze(1), 0, h)
 
 
+def function_backward(ctx, g_ce, g_mlm, grads, n_inputs: int):
+    """The backward of a head loss Function (the dense and the sparse one): `grads(ctx, g_ce, g_mlm)` -> the
+    gradients of its n_inputs inputs, called only when a loss takes a gradient. An mlm computed without MLM
+    work (no labels, lm_weight 0: the forward's ctx.has_labels False) is the constant 0: its grad_output is
+    dropped, no MLM work is done."""
+    if not ctx.has_labels:
+        g_mlm = None
+    if g_ce is None and g_mlm is None:
+        return (None,) * n_inputs
+    return grads(ctx, g_ce, g_mlm)
+
+
 def _chunk_rows(chunk_size, n_active, V, mm_s, impl) -> int:
     return int(chunk_size) if chunk_size else default_chunk_size(
         n_active, V, low_precision=mm_s in LOW_PRECISION,

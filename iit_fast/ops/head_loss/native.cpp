@@ -88,10 +88,22 @@ inline void store_stats(float* st, float m_s, float m_t, float r_s, float r_t, f
   st[0] = m_s; st[1] = m_t; st[2] = r_s; st[3] = r_t; st[4] = c; st[5] = m_1; st[6] = r_1; st[7] = S;
 }
 
+// Passes 1 and 2 of a row (row_step and row_step_div): the maxima, then the sums of exps in fp32 blocks
+// added in double. m_s = max(z_s) / T, m_t = max(z_t) / T, m_1 = max(z_s); d_s = sum exp(a_s - m_s),
+// d_t = sum exp(a_t - m_t), d_1 = sum exp(z_s - m_1) (0 without labels: the CE is not wanted); r_s = 1 / d_s,
+// r_t = 1 / d_t, c = lse_s - lse_t.
+struct RowSums {
+  float m_s, m_t, m_1;
+  double d_s, d_t, d_1;
+  float r_s, r_t, c;
+};
+
+#define IIT_INLINE inline __attribute__((always_inline))
+
+// Its own target clones (not inlined: an always_inline callee of a cloned function keeps the default
+// target's vector width, so its sums would round differently from the cloned row steps' own loops).
 IIT_CLONES
-void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has_labels, int64_t y,
-              float g_lab, float* kl_out, float* ce_out, float* st) {
-  const float inv_T = 1.0f / T;
+RowSums row_sums(const float* s, const float* t, int64_t V, float inv_T, bool has_labels) {
   // pass 1: maxima (T > 0, so max(a) = max(z) / T)
   float ms = s[0], mt = t[0];
 #pragma omp simd reduction(max : ms, mt)
@@ -128,6 +140,16 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
   const float r_s = (float)(1.0 / d_s), r_t = (float)(1.0 / d_t);
   // lse_s - lse_t without rounding either lse (u is small when p_s ~ p_t)
   const float c = (float)(((double)m_s - (double)m_t) + std::log(d_s / d_t));
+  return {m_s, m_t, m_1, d_s, d_t, d_1, r_s, r_t, c};
+}
+
+IIT_CLONES
+void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has_labels, int64_t y,
+              float g_lab, float* kl_out, float* ce_out, float* st) {
+  const float inv_T = 1.0f / T;
+  const RowSums rs = row_sums(s, t, V, inv_T, has_labels);
+  const float m_s = rs.m_s, m_t = rs.m_t, m_1 = rs.m_1, r_s = rs.r_s, r_t = rs.r_t, c = rs.c;
+  const double d_1 = rs.d_1;
   const float gk = g_kd * T;
   double kl = 0.0;
   if (st) store_stats(st, m_s, m_t, r_s, r_t, c, m_1, has_labels ? (float)(1.0 / d_1) : 0.f, 0.f);
@@ -203,8 +225,7 @@ void slice_step(float* s, const float* t, int64_t Vs, int64_t v0, int64_t V, flo
 // dD/da_v = p_v (g_v - S). S is known only after the whole row, so pass 3 stores A = gk p g + gl p_1 over
 // the teacher logits and B = gk p over the student logits, and pass 4 writes dz = A - S B.
 
-// Always inlined: a call left in an `omp simd` loop keeps it scalar.
-#define IIT_INLINE inline __attribute__((always_inline))
+// IIT_INLINE (always inlined): a call left in an `omp simd` loop keeps it scalar.
 
 // e^x - 1 for x <= 0: its series for x > -1/2 (to x^9 / 9!: truncation < 3e-10 relative), else
 // exp_f32(x) - 1 (>= 0.39 in size there: no cancellation)
@@ -300,37 +321,9 @@ void row_step_div(float* s, float* t, int64_t V, float T, float c, float g_kd, b
                   float g_lab, float* d_out, float* ce_out, float* st) {
   const float inv_T = 1.0f / T;
   // passes 1 and 2: as row_step
-  float ms = s[0], mt = t[0];
-#pragma omp simd reduction(max : ms, mt)
-  for (int64_t v = 0; v < V; ++v) {
-    ms = s[v] > ms ? s[v] : ms;
-    mt = t[v] > mt ? t[v] : mt;
-  }
-  const float m_s = ms * inv_T, m_t = mt * inv_T, m_1 = ms;
-  double d_s = 0.0, d_t = 0.0, d_1 = 0.0;
-  for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
-    const int64_t v1 = v0 + BLOCK < V ? v0 + BLOCK : V;
-    float bs = 0.f, bt = 0.f, b1 = 0.f;
-    if (has_labels) {
-#pragma omp simd reduction(+ : bs, bt, b1)
-      for (int64_t v = v0; v < v1; ++v) {
-        bs += exp_f32(s[v] * inv_T - m_s);
-        bt += exp_f32(t[v] * inv_T - m_t);
-        b1 += exp_f32(s[v] - m_1);
-      }
-    } else {
-#pragma omp simd reduction(+ : bs, bt)
-      for (int64_t v = v0; v < v1; ++v) {
-        bs += exp_f32(s[v] * inv_T - m_s);
-        bt += exp_f32(t[v] * inv_T - m_t);
-      }
-    }
-    d_s += bs;
-    d_t += bt;
-    d_1 += b1;
-  }
-  const float r_s = (float)(1.0 / d_s), r_t = (float)(1.0 / d_t);
-  const float cst = (float)(((double)m_s - (double)m_t) + std::log(d_s / d_t));
+  const RowSums rs = row_sums(s, t, V, inv_T, has_labels);
+  const float m_s = rs.m_s, m_t = rs.m_t, m_1 = rs.m_1, r_s = rs.r_s, r_t = rs.r_t, cst = rs.c;
+  const double d_1 = rs.d_1;
   const float gk = g_kd * T;
   const bool has = has_labels && y >= 0 && y < V;
   const float gl = has ? g_lab : 0.f;

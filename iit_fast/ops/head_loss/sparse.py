@@ -44,7 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .chunked import LOW_PRECISION, DecoderGemms, default_chunk_size, matmul_dtype
+from .chunked import LOW_PRECISION, DecoderGemms, default_chunk_size, function_backward, matmul_dtype
 from .divergence import as_divergence, bucket_divergence_rows, divergence_reference
 from .inner import kl_rows_torch
 
@@ -222,20 +222,19 @@ class SparseDistillHeadLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_ce, g_mlm):
-        if not ctx.has_labels:
-            g_mlm = None                                   # mlm = 0 without MLM work: no gradient
-        if g_ce is None and g_mlm is None:
-            return (None,) * 12
-        hs, ws, bs, logq, ids, logq_rest, y = ctx.saved_tensors
-        temperature, chunk_size, divergence, mm = ctx.args
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
-            dh, dw, db = _sparse_loss(hs.detach(), ws.detach(), bs.detach() if bs is not None else None, logq,
-                                      ids, logq_rest, y, temperature, chunk_size, divergence, mm,
-                                      grad=(g_ce, g_mlm, need))
-        gw = dw.to(ws.dtype) if dw is not None else None
-        gb = db.to(bs.dtype) if db is not None else None
-        return dh, gw, gb, None, None, None, None, None, None, None, None, None
+        return function_backward(ctx, g_ce, g_mlm, _sparse_grads, 12)
+
+
+def _sparse_grads(ctx, g_ce, g_mlm):
+    hs, ws, bs, logq, ids, logq_rest, y = ctx.saved_tensors
+    temperature, chunk_size, divergence, mm = ctx.args
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+    with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
+        dh, dw, db = _sparse_loss(hs.detach(), ws.detach(), bs.detach() if bs is not None else None, logq, ids,
+                                  logq_rest, y, temperature, chunk_size, divergence, mm, grad=(g_ce, g_mlm, need))
+    gw = dw.to(ws.dtype) if dw is not None else None
+    gb = db.to(bs.dtype) if db is not None else None
+    return dh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 def sparse_distill_head_loss_reference(student_hidden, student_weight, student_bias, teacher_logp, teacher_ids,

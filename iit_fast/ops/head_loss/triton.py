@@ -55,28 +55,10 @@ def _kl_term(p_s, p_t, u):
 
 
 @triton.jit
-def _distill_head_loss_kernel(
-    zs_ptr,         # (C, V) fp32/bf16/fp16 student logits of the chunk; overwritten with dL/dz_s
-    zs_stride,      # row stride of zs (elements)
-    zt_ptr,         # (C, V) fp32/bf16/fp16 teacher logits of the chunk; read only
-    zt_stride,      # row stride of zt (elements)
-    labels_ptr,     # (C,) int64 MLM targets, -100 = none (unused unless HAS_LABELS)
-    w_kd_ptr,       # (C,) fp32 per-row KL gradient weight: kd_weight * kd_mask / n_kd
-    w_lab_ptr,      # (C,) fp32 per-row CE gradient weight: lm_weight * [y != -100] / n_lab (unless HAS_LABELS)
-    kl_ptr,         # (C,) fp32 out: KL(p_t || p_s) of the row (no T^2, no weight)
-    ce_ptr,         # (C,) fp32 out: CE(z_s, y) of the row, 0 without a label (unused unless HAS_LABELS)
-    V,              # vocabulary size
-    inv_T,          # 1 / temperature
-    T,              # temperature
-    HAS_LABELS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    zs_row = zs_ptr + row * zs_stride
-    zt_row = zt_ptr + row * zt_stride
-    offs = tl.arange(0, BLOCK_V)
-
-    # ---- pass 1: online max / sum-exp of a_s, a_t (and z_s at T=1 for the CE)
+def _row_sums(zs_row, zt_row, V, inv_T, offs, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 1 of a row (both kernels): online max / sum-exp of a_s = z_s / T, a_t = z_t / T and, with labels,
+    of z_s (T = 1, the CE), d = sum exp(. - m): (m_s, m_t, m_1, d_1, r_s = 1 / d_s, r_t = 1 / d_t, c = lse_s -
+    lse_t), c taken as (m_s - m_t) + log(d_s / d_t), not from two rounded lse's: u is small when p_s ~ p_t."""
     m_s = tl.zeros([], tl.float32) - float("inf")
     d_s = tl.zeros([], tl.float32)
     m_t = tl.zeros([], tl.float32) - float("inf")
@@ -103,12 +85,33 @@ def _distill_head_loss_kernel(
             m_1_new = tl.maximum(m_1, tl.max(zs, 0))
             d_1 = d_1 * tl.exp(m_1 - m_1_new) + tl.sum(tl.exp(zs - m_1_new), 0)
             m_1 = m_1_new
+    return m_s, m_t, m_1, d_1, 1.0 / d_s, 1.0 / d_t, (m_s - m_t) + tl.log(d_s / d_t)
 
-    r_s = 1.0 / d_s
-    r_t = 1.0 / d_t
-    # lse_s - lse_t, taken as (m_s - m_t) + log(d_s / d_t), not from two rounded lse's: u is small when
-    # p_s ~ p_t
-    c = (m_s - m_t) + tl.log(d_s / d_t)
+
+@triton.jit
+def _distill_head_loss_kernel(
+    zs_ptr,         # (C, V) fp32/bf16/fp16 student logits of the chunk; overwritten with dL/dz_s
+    zs_stride,      # row stride of zs (elements)
+    zt_ptr,         # (C, V) fp32/bf16/fp16 teacher logits of the chunk; read only
+    zt_stride,      # row stride of zt (elements)
+    labels_ptr,     # (C,) int64 MLM targets, -100 = none (unused unless HAS_LABELS)
+    w_kd_ptr,       # (C,) fp32 per-row KL gradient weight: kd_weight * kd_mask / n_kd
+    w_lab_ptr,      # (C,) fp32 per-row CE gradient weight: lm_weight * [y != -100] / n_lab (unless HAS_LABELS)
+    kl_ptr,         # (C,) fp32 out: KL(p_t || p_s) of the row (no T^2, no weight)
+    ce_ptr,         # (C,) fp32 out: CE(z_s, y) of the row, 0 without a label (unused unless HAS_LABELS)
+    V,              # vocabulary size
+    inv_T,          # 1 / temperature
+    T,              # temperature
+    HAS_LABELS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    zs_row = zs_ptr + row * zs_stride
+    zt_row = zt_ptr + row * zt_stride
+    offs = tl.arange(0, BLOCK_V)
+
+    # ---- pass 1: online max / sum-exp of a_s, a_t (and z_s at T=1 for the CE)
+    m_s, m_t, m_1, d_1, r_s, r_t, c = _row_sums(zs_row, zt_row, V, inv_T, offs, HAS_LABELS, BLOCK_V)
     g_kd = tl.load(w_kd_ptr + row).to(tl.float32) * T    # w_kd * T^2 * (1/T)
 
     if HAS_LABELS:
@@ -265,33 +268,7 @@ def _divergence_head_loss_kernel(
     offs = tl.arange(0, BLOCK_V)
 
     # ---- pass 1: online max / sum-exp, as the forward KL kernel
-    m_s = tl.zeros([], tl.float32) - float("inf")
-    d_s = tl.zeros([], tl.float32)
-    m_t = tl.zeros([], tl.float32) - float("inf")
-    d_t = tl.zeros([], tl.float32)
-    m_1 = tl.zeros([], tl.float32) - float("inf")
-    d_1 = tl.zeros([], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        zs = tl.load(zs_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        zt = tl.load(zt_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        a_s = zs * inv_T
-        a_t = zt * inv_T
-        m_s_new = tl.maximum(m_s, tl.max(a_s, 0))
-        d_s = d_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(a_s - m_s_new), 0)
-        m_s = m_s_new
-        m_t_new = tl.maximum(m_t, tl.max(a_t, 0))
-        d_t = d_t * tl.exp(m_t - m_t_new) + tl.sum(tl.exp(a_t - m_t_new), 0)
-        m_t = m_t_new
-        if HAS_LABELS:
-            m_1_new = tl.maximum(m_1, tl.max(zs, 0))
-            d_1 = d_1 * tl.exp(m_1 - m_1_new) + tl.sum(tl.exp(zs - m_1_new), 0)
-            m_1 = m_1_new
-
-    r_s = 1.0 / d_s
-    r_t = 1.0 / d_t
-    c = (m_s - m_t) + tl.log(d_s / d_t)                      # lse_s - lse_t, unrounded
+    m_s, m_t, m_1, d_1, r_s, r_t, c = _row_sums(zs_row, zt_row, V, inv_T, offs, HAS_LABELS, BLOCK_V)
     g_kd = tl.load(w_kd_ptr + row).to(tl.float32) * T        # w_kd * T^2 * (1/T)
     if HAS_LABELS:
         y = tl.load(labels_ptr + row)
