@@ -339,7 +339,8 @@ def main(argv=None):
              + markdown_table(pick("run"), ["teacher", "arm", "seed", "ppl", "top1", "kl", "iia", "cf_kl",
                                             "train tokens", "train s", "last loss"])
              + (f"\n{a.notes}\n" if a.notes else ""))
-    write_results(a.name, {"machine": machine(), "args": vars(a), "all_rows": rows}, pick("paired"),
+    args = {k: v.replace(str(Path.home()), "~") if isinstance(v, str) else v for k, v in vars(a).items()}
+    write_results(a.name, {"machine": machine(), "args": args, "all_rows": rows}, pick("paired"),
                   ["teacher", "arm", "metric", "online mean", "mean diff", "95% half-width", "diffs"],
                   "Students from a teacher cache vs online: same rows, paired by seed", notes)
     plot(rows, RESULTS / f"{a.name}.png")
