@@ -18,11 +18,15 @@ token in the KL; the loss is 0.25 ce + 0.25 mlm as in the step):
 - `today`: the op as of `--today REV` (default 529489e, the last commit whose op formed the gradient in the
   forward and kept the (V, D) fp32 weight gradient until backward), run from that commit's files (`git
   archive`) in the same run, with its own TORCH_EXTENSIONS_DIR.
+- `before`: the op as of `--before REV` (default db5a941, the last commit whose backward went over row chunks:
+  the gradient formed in backward, each 128-row chunk recasting the weight and re-accumulating the fp32 dW),
+  run the same way: what the vocabulary-slice backward changed.
 - `liger`: liger-kernel's fused linear JSD (`LigerFusedLinearJSD(jsd_beta=0.5, temperature=T)`: the same four
   GEMMs, a JSD in place of the KL, no bias, no CE), on CUDA where liger-kernel is installed; otherwise the row
   says why it was not run.
 
-The LLM-head shapes (V = 128256, D = 2048 / 4096) run bf16 as the step does: bf16 hidden states and teacher,
+The LLM-head shapes (V = 128256, D = 2048 / 4096; `llama-1b head 1k`: 1,024 tokens, the time row that fits beside
+other work on the shared machine, every contender incl. unfused) run bf16 as the step does: bf16 hidden states and teacher,
 fp32 master decoder weight, the forward under bf16 autocast; the op gets the loss weights (kd_weight =
 lm_weight = 0.25), as the step passes them. The 8k-token shapes are memory rows (no unfused contender: its
 (N, V) fp32 buffers would need > 12 GB on this shared 24 GB machine); of their 8192 rows the first 256
@@ -70,15 +74,18 @@ SHAPES = [
     ("llama-1b head 8k", 8192, 2048, 128256, 0, 1),
     ("D=4096 head 8k", 8192, 4096, 128256, 0, 1),
     ("llama-1b head 4k", 4096, 2048, 128256, 0, 1),
+    ("llama-1b head 1k", 1024, 2048, 128256, 0, 1),   # the time rows on a loaded machine (unfused fits)
 ]
 # the LLM-head shapes: bf16 as the step runs them, and their contenders
-BF16_SHAPES = {"llama-1b head 4k", "llama-1b head 8k", "D=4096 head 8k"}
+BF16_SHAPES = {"llama-1b head 4k", "llama-1b head 1k", "llama-1b head 8k", "D=4096 head 8k"}
 MEMORY_SHAPES = {"llama-1b head 8k", "D=4096 head 8k"}
-SHAPE_CONTENDERS = {"llama-1b head 4k": [("unfused", None), ("native", None), ("today", None)],
-                    "llama-1b head 8k": [("native", None), ("today", None)],
-                    "D=4096 head 8k": [("native", None), ("today", None)]}
+SHAPE_CONTENDERS = {"llama-1b head 4k": [("unfused", None), ("native", None), ("before", None), ("today", None)],
+                    "llama-1b head 1k": [("unfused", None), ("native", None), ("before", None), ("today", None)],
+                    "llama-1b head 8k": [("native", None), ("before", None), ("today", None)],
+                    "D=4096 head 8k": [("native", None), ("before", None), ("today", None)]}
 QUICK_SHAPES = [("quick", 512, 128, 5000, 1, 2)]
 TODAY_REV = "529489e"
+BEFORE_REV = "db5a941"
 
 
 def unfused_loss(hs, ht, ws, bs, wt, bt, y):
@@ -213,16 +220,17 @@ def today_tree(rev: str) -> str:
     return str(root)
 
 
-def run_one(spec: dict, today: str | None = None) -> dict:
+def run_one(spec: dict, trees: dict | None = None) -> dict:
     env = dict(os.environ)
     if os.path.exists(JEMALLOC) and "jemalloc" not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = (JEMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
     if spec.get("memory"):
         env["MALLOC_CONF"] = "dirty_decay_ms:0,muzzy_decay_ms:0"   # freed pages leave RSS at once
-    if spec["contender"] == "today":
+    if spec["contender"] in ("today", "before"):
         # the old package first on the path (the worker puts it before this checkout); its own native build
-        env["IIT_FAST_TODAY_TREE"] = today
-        env["TORCH_EXTENSIONS_DIR"] = os.path.join(today, "ext")
+        tree = trees[spec["contender"]]
+        env["IIT_FAST_TODAY_TREE"] = tree
+        env["TORCH_EXTENSIONS_DIR"] = os.path.join(tree, "ext")
         spec = dict(spec, contender="native")
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                           text=True, env=env)
@@ -240,6 +248,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default=None, help="results file name (default head_loss-<cpu|cuda>[-quick])")
     ap.add_argument("--today", default=TODAY_REV, help="the commit whose op is the `today` contender")
+    ap.add_argument("--before", default=BEFORE_REV, help="the commit whose op is the `before` contender")
     ap.add_argument("--only", action="append", default=None,
                     help="run only these shapes (e.g. --only 'bert-base 4k'); their rows replace those in the "
                          "existing results file, the other shapes' rows are kept")
@@ -262,7 +271,8 @@ def main():
                      "not run: liger-kernel is not installed in this environment")
     load_before = os.getloadavg()
     rows = []
-    today = today_tree(args.today) if any(sh[0] in SHAPE_CONTENDERS for sh in shapes) else None
+    trees = ({"today": today_tree(args.today), "before": today_tree(args.before)}
+             if any(sh[0] in SHAPE_CONTENDERS for sh in shapes) else None)
     for sname, n, d, v, warmup, rounds in shapes:
         contenders = [("unfused", None), ("native", None)]
         if sname.startswith("bert-base 4k") or args.quick:
@@ -278,7 +288,7 @@ def main():
                 spec = {"tokens": n, "hidden": d, "vocab": v, "contender": cname.split("-")[0],
                         "chunk": chunk, "warmup": warmup, "repeats": 1, "bf16": sname in BF16_SHAPES,
                         "memory": sname in MEMORY_SHAPES, "active": 256 if sname in MEMORY_SHAPES else None}
-                r = run_one(spec, today)
+                r = run_one(spec, trees)
                 acc = res[cname]
                 if "error" in r:
                     acc["error"] = r["error"]
@@ -342,7 +352,9 @@ def main():
         "`beyond_grads_MB` = extra_peak minus the bytes of the returned gradients (the loss's own working "
         "memory); `held_MB` = RSS after the forward minus RSS after the inputs (kept from forward to backward). "
         f"`today` = the op of commit {args.today} (gradient formed in the forward, (V, D) fp32 kept to "
-        "backward), run from that commit's files in the same run. Ratios are against `vs` (unfused, or today "
+        "backward), run from that commit's files in the same run; "
+        f"`before` = the op of commit {args.before} (gradient formed in the backward over 128-row chunks), "
+        "likewise. Ratios are against `vs` (unfused, or today "
         "where unfused would not fit). The LLM-head shapes are bf16 (bf16 states and teacher, fp32 master "
         "decoder weight, forward under autocast, kd_weight = lm_weight = 0.25 passed to the op). "
         "Reproduce: `python benchmarks/head_loss.py`.")
