@@ -435,18 +435,13 @@ def check_run(cache: TeacherCache, cfg, *, micro_batch: int, accumulation: int, 
 # ---------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    import sys
     p = argparse.ArgumentParser(prog="python -m iit_fast.teacher_cache", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build or resume a cache (the builder's command line: iit-fast cache-teacher)",
-                   add_help=False)
     v = sub.add_parser("verify", help="check every shard of a cache (present, complete; --full: checksums)")
     v.add_argument("folder")
     v.add_argument("--full", action="store_true")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["build"]:  # the builder lives apart from the reader: hand it the rest
-        from .cache_builder import main as build_main
-        return build_main(argv[1:])
+    # building is the builder's command (iit-fast cache-teacher, python -m iit_fast.cache_builder): the reader
+    # does not import the builder, which imports the reader
     a = p.parse_args(argv)
     try:
         c = TeacherCache.open(a.folder, verify="full" if a.full else "size")

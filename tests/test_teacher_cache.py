@@ -499,7 +499,6 @@ def test_cli_cache_teacher(tmp_path, teacher_dir, capsys):
     assert main(args[:-1] + ["--top_k", "16", "--no_progress"]) == 2          # another k into the same folder
     assert "another top_k" in capsys.readouterr().err
     assert tc.main(["verify", str(tmp_path / "c"), "--full"]) == 0
-    assert tc.main(["build"] + args[1:]) == 0                                 # python -m iit_fast.teacher_cache build
 
 
 # ---------------------------------------------------------------------------------------------------------
