@@ -250,6 +250,19 @@ def sparse_head_losses(student, h_s: torch.Tensor, targets: tuple, labels: torch
                                         kd_weight=kd_weight, lm_weight=lm_weight, divergence=divergence)
 
 
+def _plain_terms(student, last: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
+                 cb: CachedBatch, cfg: DistillConfig, impl: str) -> dict[str, torch.Tensor]:
+    """ce / mlm on the cached base targets at `rows` (B, S) and cos on the real `tokens`: both kinds' first terms."""
+    terms = {}
+    if cfg.w_ce or cfg.w_mlm:
+        ce, mlm = sparse_head_losses(student, last[rows], cb.base, labels[rows], cfg, cfg.w_ce, cfg.w_mlm,
+                                     cfg.divergence("ce"))
+        terms.update({k: v for k, v in (("ce", ce), ("mlm", mlm)) if getattr(cfg, f"w_{k}")})
+    if cfg.w_cos:
+        terms["cos"] = hidden_loss(last, cb.hidden.to(last.dtype), tokens, "cos", impl=impl)
+    return terms
+
+
 def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch.Tensor]:
     """The loss terms of one cached batch (the student's graph in them)."""
     if cb.kind == "causal":
@@ -264,13 +277,7 @@ def cached_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str, torch
     with student_autocast(cfg, ids.device):
         s = student(ids, am, tt, keep={plan.student_layer for _, plan in groups})
 
-    terms = {}
-    if cfg.w_ce or cfg.w_mlm:
-        ce, mlm = sparse_head_losses(student, s.last_hidden[kd], cb.base, labels[kd], cfg, cfg.w_ce, cfg.w_mlm,
-                                     cfg.divergence("ce"))
-        terms.update({k: v for k, v in (("ce", ce), ("mlm", mlm)) if getattr(cfg, f"w_{k}")})
-    if cfg.w_cos:
-        terms["cos"] = hidden_loss(s.last_hidden, cb.hidden.to(s.last_hidden.dtype), tokens, "cos", impl=impl)
+    terms = _plain_terms(student, s.last_hidden, kd, labels, tokens, cb, cfg, impl)
     if not iit:
         return terms
 
@@ -309,13 +316,7 @@ def cached_causal_step(student, cb: CachedBatch, cfg: DistillConfig) -> dict[str
     with student_autocast(cfg, ids.device):
         s = student(ids, am, None, keep={plan.student_layer for _, plan in groups}, cache=s_cache, padded=padded)
 
-    terms = {}
-    if cfg.w_ce or cfg.w_mlm:
-        ce, mlm = sparse_head_losses(student, s.last_hidden[nxt], cb.base, y[nxt], cfg, cfg.w_ce, cfg.w_mlm,
-                                     cfg.divergence("ce"))
-        terms.update({k: v for k, v in (("ce", ce), ("mlm", mlm)) if getattr(cfg, f"w_{k}")})
-    if cfg.w_cos:
-        terms["cos"] = hidden_loss(s.last_hidden, cb.hidden.to(s.last_hidden.dtype), tokens, "cos", impl=impl)
+    terms = _plain_terms(student, s.last_hidden, nxt, y, tokens, cb, cfg, impl)
     if not iit:
         return terms
 

@@ -60,6 +60,7 @@ import hashlib
 import json
 import math
 import zlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
