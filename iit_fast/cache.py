@@ -12,6 +12,27 @@ import shutil
 from pathlib import Path
 
 DEFAULT_CACHE = Path(os.environ.get("IIT_FAST_CACHE", "~/.cache/iit_fast")).expanduser()
+# the default teachers' folders (iit_fast/teacher.py builds them): found here without importing the builder
+DEFAULT_TEACHER_DIRNAME = "teacher-minilm-l6-mlm"
+GPT2_TEACHER_DIRNAME = "teacher-gpt2-l6-bpe"
+TEACHER_DIRNAMES = {"minilm": DEFAULT_TEACHER_DIRNAME, "gpt2": GPT2_TEACHER_DIRNAME}
+
+
+def default_teacher_dir(cache_dir=None, family: str = "minilm") -> Path:
+    """Where the default teacher of `family` ("minilm": the MLM teacher, "gpt2": the causal one) is cached."""
+    if family not in TEACHER_DIRNAMES:
+        raise ValueError(f"family must be one of {sorted(TEACHER_DIRNAMES)}, got {family!r}")
+    return Path(cache_dir or DEFAULT_CACHE) / TEACHER_DIRNAMES[family]
+
+
+def built_default_teacher(cache_dir=None, family: str = "minilm") -> Path:
+    """The default teacher's folder of `family` when it is built (a build publishes the folder whole, with its
+    metrics.json); else a FileNotFoundError that says how to build it."""
+    out = default_teacher_dir(cache_dir, family)
+    if not (out / "metrics.json").is_file():
+        raise FileNotFoundError(f"teacher: the default {family} teacher {out} is not built; expected it there "
+                                f"(build it with `python -m iit_fast.teacher build --family {family}`)")
+    return out
 
 
 def publish_folder(tmp: Path, final: Path, replace: bool) -> None:

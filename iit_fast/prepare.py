@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from . import batches, corpus, data
-from . import teacher as teacher_lib
-from .cache import cache_lock
+from .cache import built_default_teacher, cache_lock
 from .config import TrainConfig, parse_args
 from .activation_checkpointing import check_ds_section
 from .engine import read_ds_config, read_teacher_ds_config, teacher_plan
@@ -103,7 +102,7 @@ def default_teacher_apart(cache_dir) -> Path:
     import subprocess
     import sys
     try:
-        return teacher_lib.default_teacher_path(cache_dir, build_if_missing=False)
+        return built_default_teacher(cache_dir)
     except FileNotFoundError:
         pass
     cmd = [sys.executable, "-m", "iit_fast.teacher", "build"] + (["--cache-dir", str(cache_dir)] if cache_dir else [])
@@ -113,7 +112,7 @@ def default_teacher_apart(cache_dir) -> Path:
     if r.returncode:
         raise ValueError(f"building the default teacher failed (`{' '.join(cmd[1:])}` exited {r.returncode}; "
                          f"its error is above)")
-    return teacher_lib.default_teacher_path(cache_dir, build_if_missing=False)
+    return built_default_teacher(cache_dir)
 
 
 def build_models(cfg: TrainConfig, teacher_path):

