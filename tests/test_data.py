@@ -257,19 +257,37 @@ def _docs(n=120):
                                                           generator=g)) + "." for _ in range(n)]
 
 
+def _splits(docs, train=None):
+    """A corpus of `train` (default: the first 100 docs) and a validation split of the docs after the 100th."""
+    import datasets
+    train = docs[:100] if train is None else train
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                                 "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+
+
+def _gpt2(docs):
+    from transformers import GPT2TokenizerFast
+    return GPT2TokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<|endoftext|>"]), bos_token="<|endoftext|>",
+                             eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def _roberta(docs):
+    """A RoBERTa-style tokenizer (<s>, </s>, <pad>, <mask>) trained on `docs`."""
+    from transformers import RobertaTokenizerFast
+    return RobertaTokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]),
+                                bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
+                                unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+
 def test_causal_packing_and_batches_with_gpt2_tokenizer(tmp_path):
     """kind="causal": documents + EOS streamed into sequences of exactly max_length tokens (the last one
     shorter), no padding in the data; batches pad with EOS (GPT-2 has no pad token) but label only the real
     tokens, so the EOS between documents stays a target."""
-    import datasets
-    from transformers import GPT2TokenizerFast
     docs = _docs()
-    gpt2 = GPT2TokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<|endoftext|>"]), bos_token="<|endoftext|>",
-                             eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    gpt2 = _gpt2(docs)
     eos = gpt2.eos_token_id
     assert gpt2.pad_token_id is None and gpt2.cls_token_id is None
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:100]}),
-                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    dd = _splits(docs)
     td = D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "cache", kind="causal")
     for split in ("train", "validation"):
         seqs = list(td[split]["input_ids"])
@@ -300,14 +318,9 @@ def test_causal_packing_and_batches_with_gpt2_tokenizer(tmp_path):
 def test_masked_tokenization_reads_special_tokens_from_the_tokenizer(tmp_path):
     """A RoBERTa-style tokenizer (<s>, </s>, <pad>, <mask>): sequences open with its cls and close each
     paragraph with its sep; masking never picks them; padding uses its pad id."""
-    import datasets
-    from transformers import RobertaTokenizerFast
     docs = _docs()
-    rob = RobertaTokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]),
-                               bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
-                               unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:100]}),
-                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    rob = _roberta(docs)
+    dd = _splits(docs)
     td = D.tokenize_corpus(dd, rob, max_length=24, num_proc=1, cache_dir=tmp_path / "cache")
     for ids in td["train"]["input_ids"]:
         assert ids[0] == rob.convert_tokens_to_ids("<s>") and ids[-1] == rob.convert_tokens_to_ids("</s>")
@@ -318,12 +331,6 @@ def test_masked_tokenization_reads_special_tokens_from_the_tokenizer(tmp_path):
         assert len(targets) and not set(targets.tolist()) & {rob.cls_token_id, rob.sep_token_id, rob.pad_token_id}
         assert (batch["input_ids"][am == 0] == rob.pad_token_id).all()
         assert (batch["input_ids"] == rob.mask_token_id).any()
-
-
-def _gpt2(docs):
-    from transformers import GPT2TokenizerFast
-    return GPT2TokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<|endoftext|>"]), bos_token="<|endoftext|>",
-                             eos_token="<|endoftext|>", unk_token="<|endoftext|>")
 
 
 def test_long_line_cut_text_joins_back_and_cuts_before_spaces():
@@ -340,7 +347,6 @@ def test_long_line_tokenised_in_bounded_calls_with_one_eos(tmp_path, monkeypatch
     """A document far longer than PIECE_CHARS: every tokenizer call gets at most TOKENIZE_CHARS characters and
     no text longer than PIECE_CHARS (a 50 MB line in one call took 11 GB), yet the causal stream is the
     whole document's tokens followed by one EOS, as if it had been tokenised whole."""
-    import datasets
     monkeypatch.setattr(D, "PIECE_CHARS", 500)
     monkeypatch.setattr(D, "TOKENIZE_CHARS", 2000)
     docs = _docs()
@@ -356,8 +362,7 @@ def test_long_line_tokenised_in_bounded_calls_with_one_eos(tmp_path, monkeypatch
 
     monkeypatch.setattr(type(gpt2), "__call__", spy)
     train = docs[:3] + [long_doc] + docs[3:20]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
-                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    dd = _splits(docs, train)
     td = D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "cache", kind="causal")
     assert calls and max(c[0] for c in calls) <= 2000 and max(c[1] for c in calls) <= 500
     assert [p.name for p in (tmp_path / "cache" / "tokenized").iterdir()] == [td.cache_files["train"][0]
@@ -374,14 +379,9 @@ def test_long_line_tokenised_in_bounded_calls_with_one_eos(tmp_path, monkeypatch
 def test_long_line_masked_packing_unchanged_for_short_rows_and_bounded_for_long(tmp_path, monkeypatch):
     """Masked packing: short paragraphs pack as before the cut existed; a long one is cut into sequences of
     its tokens (no sequence over max_length, every token of the long paragraph but the dropped short tails)."""
-    import datasets
     docs = _docs()
-    from transformers import RobertaTokenizerFast
-    rob = RobertaTokenizerFast(tokenizer_object=_byte_level_bpe(docs, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]),
-                               bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
-                               unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:100]}),
-                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    rob = _roberta(docs)
+    dd = _splits(docs)
     before = D.tokenize_corpus(dd, rob, max_length=24, num_proc=1, cache_dir=tmp_path / "a")
     monkeypatch.setattr(D, "PIECE_CHARS", 40)  # every doc longer than 40 characters is now cut
     cut = D.tokenize_corpus(dd, rob, max_length=24, num_proc=1, cache_dir=tmp_path / "b")
@@ -395,11 +395,9 @@ def test_long_line_masked_packing_unchanged_for_short_rows_and_bounded_for_long(
 def test_long_line_causal_pack_streams_across_reads(tmp_path, monkeypatch):
     """The streamed causal packing carries the tokens of a read that do not fill a sequence into the next
     read: with 3 documents per read the sequences are those of one pass over the whole split."""
-    import datasets
     docs = _docs()
     gpt2 = _gpt2(docs)
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:100]}),
-                               "validation": datasets.Dataset.from_dict({"text": docs[100:]})})
+    dd = _splits(docs)
     whole = D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "a", kind="causal")
     monkeypatch.setattr(D, "PACK_ROWS", 3)
     small = D.tokenize_corpus(dd, gpt2, max_length=16, num_proc=1, cache_dir=tmp_path / "b", kind="causal")
