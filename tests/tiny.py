@@ -9,11 +9,15 @@ from iit_fast.models import IntervenableMLM
 from iit_fast.models.student import init_student_from_teacher
 
 
-def _jitter_(model):
-    # random, non-trivial biases and LayerNorms so the tests see all the parameters at work
+ENCODER_NORMS = ("LayerNorm", "layer_norm")  # BERT / RoBERTa, DistilBERT
+DECODER_NORMS = ("ln_", "norm")               # GPT-2's ln_*, Llama's *norm (and q/k/v biases of Qwen2)
+
+
+def _jitter_(model, norms=ENCODER_NORMS):
+    # random, non-trivial biases and norm gains so the tests see all the parameters at work
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+            if any(n in name for n in norms) or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -48,15 +52,6 @@ def tiny_distilbert(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: in
 TINY = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert}
 
 
-def _jitter_norms_(model):
-    # decoders: random norm gains and biases (GPT-2's ln_*, Llama's *norm; q/k/v biases of Qwen2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name or "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 def tiny_gpt2(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 101, seed: int = 0,
               max_pos: int = 64, tied: bool = True):
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -65,7 +60,7 @@ def tiny_gpt2(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 10
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied, bos_token_id=5,
                      eos_token_id=5,
                      attn_implementation="eager")
-    return _jitter_norms_(GPT2LMHeadModel(cfg).eval())
+    return _jitter_(GPT2LMHeadModel(cfg).eval(), DECODER_NORMS)
 
 
 def _llama_like(config_cls, model_cls, layers, hidden, heads, kv_heads, vocab, seed, max_pos, tied, **kw):
@@ -74,7 +69,7 @@ def _llama_like(config_cls, model_cls, layers, hidden, heads, kv_heads, vocab, s
                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                      max_position_embeddings=max_pos, tie_word_embeddings=tied, attention_dropout=0.0,
                      attn_implementation="eager", **kw)
-    return _jitter_norms_(model_cls(cfg).eval())
+    return _jitter_(model_cls(cfg).eval(), DECODER_NORMS)
 
 
 def tiny_llama(layers: int = 4, hidden: int = 32, heads: int = 4, vocab: int = 101, seed: int = 0,
