@@ -115,3 +115,15 @@ def write_results(name: str, payload: dict, rows: list[dict], columns: list[str]
            f"measured {m.get('date')}.\n\n"
     mpath.write_text(head + markdown_table(rows, columns) + ("\n" + notes + "\n" if notes else ""))
     return jpath, mpath
+
+
+def sweep_ds_config(runs_dir: Path, batch_size: int) -> Path:
+    """The DeepSpeed config every train.py run of a sweep shares, written to runs_dir/ds-micro<B>.json:
+    micro-batch `batch_size`, no accumulation, ZeRO-2, gradient clipping 1.0, DeepSpeed's step prints off."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / f"ds-micro{batch_size}.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+                                "gradient_clipping": 1.0, "steps_per_print": 10 ** 6,
+                                "zero_optimization": {"stage": 2, "overlap_comm": False,
+                                                      "contiguous_gradients": True}}, indent=1))
+    return path

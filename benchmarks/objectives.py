@@ -44,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import RESULTS, machine, sweep_ds_config, write_results  # noqa: E402
 from benchmarks.replicate import Judge, interval, relative, run_logged  # noqa: E402
 
 JSD = ["--ce_divergence", "jsd", "--jsd_beta", "0.5"]
@@ -315,12 +315,7 @@ def report(a, infos, judge, teacher_gen, init_gen, cmd: str, t0: float) -> None:
 
 
 def sweep(a) -> None:
-    a.runs_dir.mkdir(parents=True, exist_ok=True)
-    ds_config = a.runs_dir / f"ds-micro{a.batch_size}.json"
-    ds_config.write_text(json.dumps({"train_micro_batch_size_per_gpu": a.batch_size, "gradient_accumulation_steps": 1,
-                                     "gradient_clipping": 1.0, "steps_per_print": 10 ** 6,
-                                     "zero_optimization": {"stage": 2, "overlap_comm": False,
-                                                           "contiguous_gradients": True}}, indent=1))
+    ds_config = sweep_ds_config(a.runs_dir, a.batch_size)
     argv = sys.argv[1:]
     if "--note" in argv:  # the note is printed below the command, not inside it
         i = argv.index("--note")

@@ -50,7 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import RESULTS, machine, sweep_ds_config, write_results  # noqa: E402
 
 MODES = {  # name -> train.py flags
     "standard": ["--mode", "standard", "--w_iit", "0"],
@@ -468,12 +468,7 @@ def main(argv=None):
     p.add_argument("--name", default="replicate", help="results name: benchmarks/results/<name>.{json,md,png}")
     p.add_argument("--note", default="", help="a sentence for the results file (e.g. why the run was reduced)")
     a = p.parse_args(argv)
-    a.runs_dir.mkdir(parents=True, exist_ok=True)
-    ds_config = a.runs_dir / f"ds-micro{a.batch_size}.json"
-    ds_config.write_text(json.dumps({"train_micro_batch_size_per_gpu": a.batch_size, "gradient_accumulation_steps": 1,
-                                     "gradient_clipping": 1.0, "steps_per_print": 10 ** 6,
-                                     "zero_optimization": {"stage": 2, "overlap_comm": False,
-                                                           "contiguous_gradients": True}}, indent=1))
+    ds_config = sweep_ds_config(a.runs_dir, a.batch_size)
     cmd = "python benchmarks/replicate.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     cmd = cmd.strip().replace(str(REPO) + "/", "")
     t0 = time.time()
