@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import iit_fast.ops.head_loss.chunked as chunked
+import iit_fast.ops.head_loss.gemms as gemms
 from iit_fast.ops import distill_head_loss
 from iit_fast.ops.head_loss.reference import distill_head_loss_reference
 from iit_fast.ops.head_loss.sparse import sparse_distill_head_loss, sparse_distill_head_loss_reference
@@ -50,7 +50,7 @@ def _inputs(seed=0):
 
 
 def _run(impl, slice_rows, monkeypatch):
-    monkeypatch.setattr(chunked, "SLICE_BYTES", slice_rows * D * 2)
+    monkeypatch.setattr(gemms, "SLICE_BYTES", slice_rows * D * 2)
     hs, ht, ws, bs, wt, bt, y = _inputs()
     fwd, bwd = _Sizes(), _Sizes()
     with fwd, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -96,7 +96,7 @@ def test_head_loss_memory_sliced_gradient_matches_fp64(impl, monkeypatch):
 
 
 def test_head_loss_memory_sparse_no_vd_tensor_but_the_gradient(monkeypatch):
-    monkeypatch.setattr(chunked, "SLICE_BYTES", SLICE_ROWS * D * 2)
+    monkeypatch.setattr(gemms, "SLICE_BYTES", SLICE_ROWS * D * 2)
     hs, ht, ws, bs, wt, bt, y = _inputs()
     K = 20
     with torch.no_grad():

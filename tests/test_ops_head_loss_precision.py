@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import iit_fast.ops._common as common
 import iit_fast.ops.head_loss as hl
 import iit_fast.ops.head_loss.chunked as chunked
+import iit_fast.ops.head_loss.gemms as gemms
 import iit_fast.ops.head_loss.native as native
 from iit_fast.ops import distill_head_loss
 from iit_fast.ops.head_loss.reference import (
@@ -98,8 +99,10 @@ def test_weighted_grads_and_backward_paths(impl, monkeypatch):
     real = chunked._chunk_loop
     monkeypatch.setattr(chunked, "_chunk_loop", lambda *a, **k: passes.append(k.get("grads") is not None)
                         or real(*a, **k))
-    real_slices = chunked._slice_backward   # impl native: the backward goes over vocabulary slices
-    monkeypatch.setattr(chunked, "_slice_backward", lambda *a, **k: passes.append(True) or real_slices(*a, **k))
+    # impl native: both passes go over vocabulary slices (slices.py)
+    real_fwd, real_bwd = chunked.slice_forward, chunked.slice_backward
+    monkeypatch.setattr(chunked, "slice_forward", lambda *a, **k: passes.append(False) or real_fwd(*a, **k))
+    monkeypatch.setattr(chunked, "slice_backward", lambda *a, **k: passes.append(True) or real_bwd(*a, **k))
     ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, None, 2.0, chunk_size=5, impl=impl,
                                 kd_weight=0.3, lm_weight=0.7)
     assert passes == [False]
@@ -230,7 +233,7 @@ def test_bf16_gemms(case, slice_rows, monkeypatch):
     # slice_rows: the weight GEMMs a slice of 96 rows at a time (fp32 master weights cast per slice, the dW
     # products per slice), as at a large vocabulary; None: one slice (the default at this size)
     if slice_rows:
-        monkeypatch.setattr(chunked, "SLICE_BYTES", slice_rows * 32 * 2)
+        monkeypatch.setattr(gemms, "SLICE_BYTES", slice_rows * 32 * 2)
     hs, ht, ws, bs, wt, bt, y = close_pair(n=40, d=32, v=700, noise=1.0, seed=6)
     y[::2] = -100
     if case == "bf16_inputs":
@@ -301,10 +304,15 @@ def test_kl_vocab_128k_bf16_no_error_floor(inner):
     assert ((kl_bf16 - truth).abs() / truth).max() > 1e-2
 
 
-@pytest.mark.parametrize("impl", ["chunked", "native"])
-def test_head_loss_vocab_128k_bf16(impl):
+@pytest.mark.parametrize("impl", ["chunked", "native", "native-slices"])
+def test_head_loss_vocab_128k_bf16(impl, monkeypatch):
     # the whole op at V = 131072 with bf16 states and weights: the KL (ce) of teacher ~= student matches fp64
-    # computed from the logits the bf16 GEMM gives (on CPU those are rounded to bf16: no out_dtype there)
+    # computed from the logits the bf16 GEMM gives (on CPU those are rounded to bf16: no out_dtype there).
+    # native-slices: the forward over 132 vocabulary slices of 1,000 ids (at this size one slice by default)
+    if impl == "native-slices":
+        from iit_fast.ops.head_loss import slices
+        monkeypatch.setattr(slices, "slice_tiles", lambda n, V: (4, 1000))
+        impl = "native"
     g = torch.Generator().manual_seed(1)
     n, d, V = 6, 16, 131072
     hs = torch.randn(n, d, generator=g).bfloat16()
@@ -318,3 +326,43 @@ def test_head_loss_vocab_128k_bf16(impl):
     truth = 4 * _kl_truth(zs, zt).mean()
     assert 0 < truth < 1e-3
     assert ce.item() >= 0 and abs(ce.item() - truth.item()) / truth.item() < 1e-5
+
+
+def _fold(zs, zt, y, width, skip=None):
+    """The native forward's fold over slices of `width` ids (the last one short), slice `skip` left out."""
+    from iit_fast.ops.head_loss.native import NFOLD, fold_finish, fold_native
+    state = torch.empty(zs.shape[0], NFOLD, dtype=torch.float64)
+    for j, v0 in enumerate(range(0, zs.shape[1], width)):
+        if j != skip:
+            v1 = min(v0 + width, zs.shape[1])
+            fold_native(zs[:, v0:v1].contiguous(), zt[:, v0:v1].contiguous(), y, state, v0, 2.0)
+    return fold_finish(state, y, zs.shape[1])
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_native_forward_fold_128k_small_kl_against_fp64(labels):
+    # impl native's forward over vocabulary slices (native.cpp fold_row): 132 slices of 1,000 ids (the last
+    # one 72) joined by the KL's chain rule, teacher ~= student (KL ~ 1e-5): the KL against fp64 truth with no
+    # error floor and never negative, the CE against fp64, and the statistics the backward reads equal to the
+    # whole-row step's to fp32 rounding
+    zs, zt = (z.float() for z in _bf16_logits_128k(rows=5, seed=3))
+    y = torch.tensor([7, -100, 131071, 65536, 1000]) if labels else None
+    kl, ce, stats = _fold(zs, zt, y, 1000)
+    truth = _kl_truth(zs, zt)
+    assert (kl >= 0).all() and ((kl.double() - truth).abs() / truth).max() < 1e-5
+    row_stats = torch.empty_like(stats)
+    _, kl_row, _ = native.inner_native(zs.clone(), zt.clone(), y, torch.ones(5), torch.ones(5) if labels else None,
+                                       2.0, stats=row_stats)
+    assert ((kl - kl_row).abs() / kl_row).max() < 1e-5
+    assert torch.equal(stats[:, [0, 1, 5]], row_stats[:, [0, 1, 5]])                # maxima: the same floats
+    r, r_row = stats[:, [2, 3, 6]], row_stats[:, [2, 3, 6]]                            # 1 / sums of exps
+    assert ((r - r_row).abs() / r_row.abs().clamp_min(1e-30)).max() < 1e-6
+    c64 = torch.logsumexp(zs.double() / 2, -1) - torch.logsumexp(zt.double() / 2, -1)   # lse_s - lse_t
+    assert (stats[:, 4].double() - c64).abs().max() < 2e-8                             # the row step's: 4e-9
+    if labels:
+        has = y != -100
+        ce64 = torch.logsumexp(zs.double(), -1) - zs.double().gather(1, y.clamp_min(0)[:, None])[:, 0]
+        assert (ce[~has] == 0).all() and ((ce.double() - ce64).abs() / ce64)[has].max() < 1e-6
+    # negative control: one slice left out of the fold (0.8% of the ids) misses the tolerance
+    kl_skip, _, _ = _fold(zs, zt, y, 1000, skip=40)
+    assert ((kl_skip.double() - truth).abs() / truth).max() > 1e-5

@@ -1,9 +1,12 @@
 """`distill_head_loss`: LM head fused with the temperature KL and the MLM cross-entropy, chunked over tokens.
 
-No `[tokens, vocab]` tensor is ever whole. The forward goes through the tokens in chunks of `C` rows: per
-chunk the logits, the (KL, CE) rows (the loss only) and, for impl native, each row's softmax statistics
-(its maxima, 1 / sums of exps, lse_s - lse_t and the divergence's S: 8 floats a row). The backward recomputes
-the logits and forms the gradient:
+No `[tokens, vocab]` tensor is ever whole. The forward computes the losses only (no gradient) and, for impl
+native, each row's softmax statistics (its maxima, 1 / sums of exps, lse_s - lse_t and the divergence's S: 8
+floats a row). impl native with forward KL goes over slices of the vocabulary (outer) and blocks of rows
+(inner), so each weight slice is cast once per call, folding each slice into its rows' running log-sum-exps
+and KL (the KL's chain rule: every term >= 0; native.cpp fold_row); the other impls and divergences go
+through the tokens in chunks of `C` rows: per chunk the whole rows' logits and their (KL, CE). The backward
+recomputes the logits and forms the gradient:
 
 - impl native, over slices of the vocabulary (all rows at once where they fit the 256 MB tile budget):
     z_s = h_s @ W_s[v]^T + b_s[v],   z_t = h_t @ W_t[v]^T + b_t[v]      (R, Vs) fp32 logits, BLAS

@@ -3,7 +3,8 @@
 // student logits. The matmuls stay in the BLAS (torch.addmm); this is only the part between.
 //
 // The other divergences (reverse KL, jsd, skew KL, skew reverse KL, TVD) are row_step_div below, a 4th
-// pass per row; forward KL's row_step is unchanged by them.
+// pass per row; forward KL's row_step is unchanged by them. The op's passes over vocabulary slices
+// (slices.py) use slice_step / slice_step_div (the backward) and fold_row (forward KL's forward).
 //
 // Plain C ABI, no torch headers: built by iit_fast/ops/_native.py (torch.utils.cpp_extension.load with
 // `-O3 -fopenmp`, no -march=native, no -ffast-math) and called through ctypes. OpenMP over rows; each row
@@ -143,6 +144,40 @@ RowSums row_sums(const float* s, const float* t, int64_t V, float inv_T, bool ha
   return {m_s, m_t, m_1, d_s, d_t, d_1, r_s, r_t, c};
 }
 
+// Pass 3 of the forward-KL row step over n logits (a whole row, or a vocabulary slice of it), from the
+// statistics (m_s, m_t, r_s, r_t, c; m_1, r_1 with LABELS): with KL, the sum of the KL terms
+// p_t (e^u - 1 - u), u = (z_s - z_t) / T - c, in fp32 blocks added in double (else 0); with DZ,
+// dz = gk (p_s - p_t) (+ gl p_1 with LABELS) written over s, element for element the same wherever it runs
+// (row_step, slice_step). One template for the three callers: row_step (KL, DZ), slice_step (DZ), the
+// forward's fold_row (KL). Its own target clones, as row_sums (its sums must round as the clones' loops).
+template <bool LABELS, bool KL, bool DZ>
+IIT_CLONES
+double pass3(float* s, const float* t, int64_t n, float inv_T, float m_s, float m_t, float r_s, float r_t,
+             float c, float gk, float gl, float m_1, float r_1) {
+  // the loop body: dz of element v (DZ), and its KL term added to `acc` (KL)
+#define IIT_PASS3_BODY(acc)                                                                                \
+  const float z = s[v], zt = t[v];                                                                         \
+  const float p_s = exp_f32(z * inv_T - m_s) * r_s, p_t = exp_f32(zt * inv_T - m_t) * r_t;                 \
+  if (KL) acc += kl_term(p_s, p_t, (z - zt) * inv_T - c);                                                  \
+  if (DZ) s[v] = LABELS ? gk * (p_s - p_t) + gl * (exp_f32(z - m_1) * r_1) : gk * (p_s - p_t);
+  if (!KL) {  // one loop, no blocks: a blocked loop's vector epilogues round the last elements differently
+    float unused = 0.f;
+#pragma omp simd
+    for (int64_t v = 0; v < n; ++v) { IIT_PASS3_BODY(unused) }
+    return 0.0;
+  }
+  double kl = 0.0;
+  for (int64_t v0 = 0; v0 < n; v0 += BLOCK) {
+    const int64_t v1 = v0 + BLOCK < n ? v0 + BLOCK : n;
+    float kl_block = 0.f;
+#pragma omp simd reduction(+ : kl_block)
+    for (int64_t v = v0; v < v1; ++v) { IIT_PASS3_BODY(kl_block) }
+    kl += kl_block;
+  }
+#undef IIT_PASS3_BODY
+  return kl;
+}
+
 IIT_CLONES
 void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has_labels, int64_t y,
               float g_lab, float* kl_out, float* ce_out, float* st) {
@@ -159,32 +194,10 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
     const float lse_1 = (float)((double)m_1 + std::log(d_1)), r_1 = (float)(1.0 / d_1);
     *ce_out = has ? lse_1 - s[y] : 0.f;
     const float gl = has ? g_lab : 0.f;
-    for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
-      const int64_t v1 = v0 + BLOCK < V ? v0 + BLOCK : V;
-      float kl_block = 0.f;
-#pragma omp simd reduction(+ : kl_block)
-      for (int64_t v = v0; v < v1; ++v) {
-        const float z = s[v], zt = t[v];
-        const float p_s = exp_f32(z * inv_T - m_s) * r_s, p_t = exp_f32(zt * inv_T - m_t) * r_t;
-        kl_block += kl_term(p_s, p_t, (z - zt) * inv_T - c);
-        s[v] = gk * (p_s - p_t) + gl * (exp_f32(z - m_1) * r_1);
-      }
-      kl += kl_block;
-    }
+    kl = pass3<true, true, true>(s, t, V, inv_T, m_s, m_t, r_s, r_t, c, gk, gl, m_1, r_1);
     if (has) s[y] -= gl;  // - g_lab onehot(y)
   } else {
-    for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
-      const int64_t v1 = v0 + BLOCK < V ? v0 + BLOCK : V;
-      float kl_block = 0.f;
-#pragma omp simd reduction(+ : kl_block)
-      for (int64_t v = v0; v < v1; ++v) {
-        const float z = s[v], zt = t[v];
-        const float p_s = exp_f32(z * inv_T - m_s) * r_s, p_t = exp_f32(zt * inv_T - m_t) * r_t;
-        kl_block += kl_term(p_s, p_t, (z - zt) * inv_T - c);
-        s[v] = gk * (p_s - p_t);
-      }
-      kl += kl_block;
-    }
+    kl = pass3<false, true, true>(s, t, V, inv_T, m_s, m_t, r_s, r_t, c, gk, 0.f, 0.f, 0.f);
   }
   *kl_out = (float)kl;
 }
@@ -192,30 +205,71 @@ void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has
 // The gradient over one vocabulary slice [v0, v0 + Vs) of a row, from the row's statistics (store_stats):
 // pass 3 of row_step without its KL sum, so dz is the row step's, element for element. s, t: the slice's
 // student / teacher logits; s is overwritten with dz. y: the row's label (global id), V: the vocabulary.
-IIT_CLONES
 void slice_step(float* s, const float* t, int64_t Vs, int64_t v0, int64_t V, float T, float g_kd,
                 bool has_labels, int64_t y, float g_lab, const float* st) {
   const float inv_T = 1.0f / T;
   const float m_s = st[0], m_t = st[1], r_s = st[2], r_t = st[3], m_1 = st[5], r_1 = st[6];
   const float gk = g_kd * T;
-  if (has_labels) {
-    const bool has = y >= 0 && y < V;
-    const float gl = has ? g_lab : 0.f;
-#pragma omp simd
-    for (int64_t v = 0; v < Vs; ++v) {
-      const float z = s[v], zt = t[v];
-      const float p_s = exp_f32(z * inv_T - m_s) * r_s, p_t = exp_f32(zt * inv_T - m_t) * r_t;
-      s[v] = gk * (p_s - p_t) + gl * (exp_f32(z - m_1) * r_1);
-    }
-    if (has && y >= v0 && y < v0 + Vs) s[y - v0] -= gl;  // - g_lab onehot(y)
-  } else {
-#pragma omp simd
-    for (int64_t v = 0; v < Vs; ++v) {
-      const float z = s[v], zt = t[v];
-      const float p_s = exp_f32(z * inv_T - m_s) * r_s, p_t = exp_f32(zt * inv_T - m_t) * r_t;
-      s[v] = gk * (p_s - p_t);
-    }
+  const bool has = has_labels && y >= 0 && y < V;
+  const float gl = has ? g_lab : 0.f;
+  if (has_labels)
+    pass3<true, false, true>(s, t, Vs, inv_T, m_s, m_t, r_s, r_t, 0.f, gk, gl, m_1, r_1);
+  else
+    pass3<false, false, true>(s, t, Vs, inv_T, m_s, m_t, r_s, r_t, 0.f, gk, 0.f, 0.f, 0.f);
+  if (has && y >= v0 && y < v0 + Vs) s[y - v0] -= gl;  // - g_lab onehot(y)
+}
+
+// ---- The forward over vocabulary slices (forward KL; slices.py): a row's logits come one slice
+// [v0, v0 + Vs) at a time, each folded into the row's running state, so each weight slice is cast once per
+// call and no row is whole. A slice's own softmaxes (row_sums over it) give its log-sum-exps and the KL of
+// its conditional distributions (pass3); the KL's chain rule over a partition of the vocabulary, with P_j,
+// Q_j the teacher's / student's mass of part j,
+//   KL(p_t || p_s) = sum_j P_j KL(p_t|j || p_s|j) + sum_j P_j (e^u_j - 1 - u_j),   u_j = log(Q_j / P_j),
+// keeps every term >= 0 (no cancellation, as in the row step); it is applied to two parts at a time: the
+// ids so far and the new slice. State, NFOLD doubles a row: the maxima so far m_s, m_t, m_1 (floats, as
+// row_sums takes them), the log-sum-exps L_s, L_t, L_1 over the ids so far, K (their KL), z_s[y].
+constexpr int64_t NFOLD = 8;
+
+// P (e^u - 1 - u) in double, Q = P e^u: (u^2 / 2)(1 + u/3 (1 + u/4 (...))) to u^19 for |u| < 1 (truncation
+// < 1e-17 relative), else Q - P (1 + u) (no cancellation there)
+inline double kl_part(double P, double Q, double u) {
+  double h = 1.0;
+  for (int k = 19; k >= 3; --k) h = 1.0 + h * u / k;
+  return std::fabs(u) < 1.0 ? P * (0.5 * u * u * h) : Q - P * (1.0 + u);
+}
+
+inline double log_add(double a, double b) {
+  const double m = a > b ? a : b;
+  return m + std::log1p(std::exp(-std::fabs(a - b)));
+}
+
+IIT_CLONES
+void fold_row(const float* s, const float* t, int64_t Vs, int64_t v0, float inv_T, bool has_labels, int64_t y,
+              double* st) {
+  const RowSums rs = row_sums(s, t, Vs, inv_T, has_labels);
+  const double kl = pass3<false, true, false>(const_cast<float*>(s), t, Vs, inv_T, rs.m_s, rs.m_t, rs.r_s,
+                                              rs.r_t, rs.c, 0.f, 0.f, 0.f, 0.f);
+  const double l_s = (double)rs.m_s + std::log(rs.d_s), l_t = (double)rs.m_t + std::log(rs.d_t);
+  const double l_1 = has_labels ? (double)rs.m_1 + std::log(rs.d_1) : 0.0;
+  const double z_y = has_labels && y >= v0 && y < v0 + Vs ? (double)s[y - v0] : (v0 == 0 ? 0.0 : st[7]);
+  if (v0 == 0) {
+    st[0] = rs.m_s; st[1] = rs.m_t; st[2] = rs.m_1; st[3] = l_s; st[4] = l_t; st[5] = l_1; st[6] = kl;
+    st[7] = z_y;
+    return;
   }
+  const double L_s = log_add(st[3], l_s), L_t = log_add(st[4], l_t);
+  // the two parts' masses (P: teacher, Q: student) and u = log(Q / P), from the log-sum-exps
+  const double P_u = std::exp(st[4] - L_t), P_j = std::exp(l_t - L_t);
+  const double Q_u = std::exp(st[3] - L_s), Q_j = std::exp(l_s - L_s);
+  const double u_u = (st[3] - L_s) - (st[4] - L_t), u_j = (l_s - L_s) - (l_t - L_t);
+  st[6] = (P_u * st[6] + P_j * kl) + (kl_part(P_u, Q_u, u_u) + kl_part(P_j, Q_j, u_j));
+  st[0] = st[0] > rs.m_s ? st[0] : rs.m_s;
+  st[1] = st[1] > rs.m_t ? st[1] : rs.m_t;
+  st[2] = st[2] > rs.m_1 ? st[2] : rs.m_1;
+  st[3] = L_s;
+  st[4] = L_t;
+  if (has_labels) st[5] = log_add(st[5], l_1);
+  st[7] = z_y;
 }
 
 // ---- Divergences other than forward KL (iit_fast/ops/head_loss/divergence.py has the math and its
@@ -432,6 +486,38 @@ void iit_head_loss_slice_f32(float* zs, int64_t zs_stride, const float* zt, int6
   }
 }
 
+
+// The forward over vocabulary slices (forward KL): the slice [v0, v0 + Vs) of C rows folded into state
+// (C, NFOLD) fp64 (written afresh when v0 == 0). zs, zt: (C, Vs) fp32 logits, read only; labels (C,) global
+// ids or nullptr (no CE).
+void iit_head_loss_fold_f32(const float* zs, int64_t zs_stride, const float* zt, int64_t zt_stride,
+                            const int64_t* labels, double* state, int64_t C, int64_t Vs, int64_t v0, float T,
+                            int nthreads) {
+  const bool has_labels = labels != nullptr;
+  const float inv_T = 1.0f / T;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t r = 0; r < C; ++r)
+    fold_row(zs + r * zs_stride, zt + r * zt_stride, Vs, v0, inv_T, has_labels, has_labels ? labels[r] : -1,
+             state + r * NFOLD);
+}
+
+// The rows' KL and CE (as row_step writes them) and statistics (store_stats, for the backward's slices) from
+// their state after the last slice; labels (C,) or nullptr, V the vocabulary.
+void iit_head_loss_fold_finish(const double* state, const int64_t* labels, float* kl, float* ce, float* stats,
+                               int64_t C, int64_t V) {
+  for (int64_t r = 0; r < C; ++r) {
+    const double* st = state + r * NFOLD;
+    const float m_s = (float)st[0], m_t = (float)st[1], m_1 = (float)st[2];
+    kl[r] = (float)st[6];
+    if (labels) {
+      const bool has = labels[r] >= 0 && labels[r] < V;
+      ce[r] = has ? (float)st[5] - (float)st[7] : 0.f;
+    }
+    store_stats(stats + r * NSTATS, m_s, m_t, (float)std::exp((double)m_s - st[3]),
+                (float)std::exp((double)m_t - st[4]), (float)(st[3] - st[4]), m_1,
+                labels ? (float)std::exp((double)m_1 - st[5]) : 0.f, 0.f);
+  }
+}
 
 // The divergences other than forward KL (kind 1..5, param = beta or alpha; see div_elem): 4 passes per row,
 // the teacher logits overwritten too (pass 3 stores A there). d: (C,) fp32 out, the per-row divergence.

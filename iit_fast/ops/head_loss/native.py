@@ -1,6 +1,8 @@
-"""The native C++/OpenMP inner step of `distill_head_loss` (`native.cpp`, called through ctypes): 3 passes per
-row kept in L2, in place over the student logits, no scratch buffer. Same interface as `inner.inner_torch`;
-fp32 CPU logit chunks. Built on first use by `iit_fast.ops._native.load_native` (a few seconds, cached)."""
+"""The native C++/OpenMP steps of `distill_head_loss` (`native.cpp`, called through ctypes): the row step (3
+passes per row kept in L2, in place over the student logits, no scratch buffer; same interface as
+`inner.inner_torch`), and the steps of the passes over vocabulary slices (slices.py): `slice_native` (the
+backward's dz of a slice) and `fold_native` / `fold_finish` (forward KL's forward). fp32 CPU logit chunks.
+Built on first use by `iit_fast.ops._native.load_native` (a few seconds, cached)."""
 from __future__ import annotations
 
 import torch
@@ -10,8 +12,10 @@ _NATIVE_SOURCES = ("head_loss/native.cpp",)
 _fn = None      # ctypes function once built
 _fn_div = None  # the other divergences' entry point: the same source built as a second library (_div_step)
 _slice = {}     # False / True (the divergences' library) -> the slice step of that library
+_fold = []      # the forward's slice fold and its finish (forward KL; the plain library)
 error = None   # why it could not be built
 NSTATS = 8     # per-row statistics a slice step reads (native.cpp's store_stats)
+NFOLD = 8      # fp64 per-row state of the forward over vocabulary slices (native.cpp's fold_row)
 
 
 def native_step():
@@ -32,6 +36,11 @@ def native_step():
         fn.argtypes = [P, I64, P, I64, P, P, P, P, P, P, I64, I64, ctypes.c_float, ctypes.c_int]
         fn.restype = None
         _slice[False] = _slice_fn(lib)
+        _fold[:] = [lib.iit_head_loss_fold_f32, lib.iit_head_loss_fold_finish]
+        _fold[0].argtypes = [P, I64, P, I64, P, P, I64, I64, I64, ctypes.c_float, ctypes.c_int]
+        _fold[1].argtypes = [P, P, P, P, P, I64, I64]
+        for f in _fold:
+            f.restype = None
         _fn = fn
     return _fn
 
@@ -137,3 +146,32 @@ def slice_native(zs, zt, labels, g_kd, g_lab, stats, v0, vocab, temperature, div
                 float(temperature), divergence.code if div else 0, float(divergence.param) if div else 0.0,
                 _threads(C, Vs))
     return zs
+
+
+def fold_native(zs, zt, labels, state, v0, temperature):
+    """The forward over vocabulary slices (forward KL): folds the slice [v0, v0 + Vs) of C rows (zs, zt:
+    (C, Vs) fp32 logits, read only) into `state` (C, NFOLD) fp64 contiguous, written afresh when v0 == 0;
+    labels (C,) global ids or None (no CE). native.cpp's fold_row has the math (the KL's chain rule)."""
+    if native_step() is None:
+        raise RuntimeError(f"distill_head_loss impl='native': native CPU step unavailable: {error}")
+    _check(zs, zt)
+    C, Vs = zs.shape
+    if C and Vs:
+        labels = labels.contiguous() if labels is not None else None
+        _fold[0](zs.data_ptr(), zs.stride(0), zt.data_ptr(), zt.stride(0),
+                 labels.data_ptr() if labels is not None else None, state.data_ptr(), C, Vs, int(v0),
+                 float(temperature), _threads(C, Vs))
+
+
+def fold_finish(state, labels, vocab):
+    """(kl (C,), ce (C,) or None, stats (C, NSTATS)) fp32 from the rows' folded state after the last slice:
+    the KL and CE as the row step gives them, and the statistics the backward's slices read."""
+    C = state.shape[0]
+    kl = torch.empty(C, dtype=torch.float32)
+    ce = torch.empty(C, dtype=torch.float32) if labels is not None else None
+    stats = torch.empty(C, NSTATS, dtype=torch.float32)
+    labels = labels.contiguous() if labels is not None else None
+    if C:
+        _fold[1](state.data_ptr(), labels.data_ptr() if labels is not None else None, kl.data_ptr(),
+                 ce.data_ptr() if ce is not None else None, stats.data_ptr(), C, int(vocab))
+    return kl, ce, stats

@@ -44,8 +44,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .chunked import LOW_PRECISION, DecoderGemms, default_chunk_size, function_backward, matmul_dtype
+from .chunked import default_chunk_size, function_backward
 from .divergence import as_divergence, bucket_divergence_rows, divergence_reference
+from .gemms import LOW_PRECISION, DecoderGemms, matmul_dtype
 from .inner import kl_rows_torch
 
 IMPLS = ("chunked", "reference")
