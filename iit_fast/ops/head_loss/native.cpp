@@ -33,6 +33,17 @@
 
 namespace {
 
+#define IIT_INLINE inline __attribute__((always_inline))
+
+// Horner's rule, highest power first: c[0] x^(N-1) + c[1] x^(N-2) + ... + c[N-1] (the series below; inlined and
+// unrolled, it is the same arithmetic as the chain written out)
+template <int N>
+IIT_INLINE float horner(float x, const float (&c)[N]) {
+  float p = c[0];
+  for (int k = 1; k < N; ++k) p = p * x + c[k];
+  return p;
+}
+
 // exp(x) for x <= 88: 2^n e^r, n = rint(x log2 e), r = x - n ln 2 (Cody-Waite, two-part ln 2), e^r by its
 // Taylor series to r^7 (|r| <= ln2/2: truncation < 3e-9 relative; ~2 ulp in all). Below -87.3 the result is
 // 0, not a denormal: such a probability is < 2^-126 of every row sum it enters.
@@ -42,14 +53,8 @@ inline float exp_f32(float x) {
   const float n = (xc * 1.44269504f + shift) - shift;
   float r = xc - n * 0.693359375f;                 // ln 2 high part: n * it is exact
   r = r - n * -2.12194440e-4f;                     // ln 2 low part
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float p = horner(r, {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f,
+                             1.0f});
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -59,18 +64,9 @@ inline float exp_f32(float x) {
 // p_t (e^u - 1 - u), u = log(p_s / p_t): the series sum_{k>=2} u^k / k! for |u| < 1 (Horner to k = 13,
 // truncation < 1e-10 relative), else p_s - p_t (1 + u), which has no cancellation there.
 inline float kl_term(float p_s, float p_t, float u) {
-  float h = 1.0f / 6227020800.0f;                  // 1/13!
-  h = h * u + 1.0f / 479001600.0f;
-  h = h * u + 1.0f / 39916800.0f;
-  h = h * u + 1.0f / 3628800.0f;
-  h = h * u + 1.0f / 362880.0f;
-  h = h * u + 1.0f / 40320.0f;
-  h = h * u + 1.0f / 5040.0f;
-  h = h * u + 1.0f / 720.0f;
-  h = h * u + 1.0f / 120.0f;
-  h = h * u + 1.0f / 24.0f;
-  h = h * u + 1.0f / 6.0f;
-  h = h * u + 0.5f;
+  const float h = horner(u, {1.0f / 6227020800.0f, 1.0f / 479001600.0f, 1.0f / 39916800.0f,   // 1/13!, ...
+                             1.0f / 3628800.0f, 1.0f / 362880.0f, 1.0f / 40320.0f, 1.0f / 5040.0f,
+                             1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f});
   const float series = p_t * (h * u * u);
   const float direct = p_s - p_t * (1.0f + u);
   return std::fabs(u) < 1.0f ? series : direct;
@@ -98,8 +94,6 @@ struct RowSums {
   double d_s, d_t, d_1;
   float r_s, r_t, c;
 };
-
-#define IIT_INLINE inline __attribute__((always_inline))
 
 // Its own target clones (not inlined: an always_inline callee of a cloned function keeps the default
 // target's vector width, so its sums would round differently from the cloned row steps' own loops).
@@ -178,27 +172,33 @@ double pass3(float* s, const float* t, int64_t n, float inv_T, float m_s, float 
   return kl;
 }
 
+// The CE part of a row, from its sums (both row steps): has (a label in [0, V)), gl (g_lab where it has one,
+// else 0), r_1 = 1 / d_1 (0 without labels), and with labels CE = lse_1 - z_s[y] (0 without a label) into
+// ce_out, read before pass 3 overwrites z_s.
+struct RowLabel {
+  bool has;
+  float gl, r_1;
+};
+inline RowLabel row_label(const RowSums& rs, const float* s, int64_t V, bool has_labels, int64_t y, float g_lab,
+                          float* ce_out) {
+  const bool has = has_labels && y >= 0 && y < V;
+  if (has_labels) *ce_out = has ? (float)((double)rs.m_1 + std::log(rs.d_1)) - s[y] : 0.f;
+  return {has, has ? g_lab : 0.f, has_labels ? (float)(1.0 / rs.d_1) : 0.f};
+}
+
 IIT_CLONES
 void row_step(float* s, const float* t, int64_t V, float T, float g_kd, bool has_labels, int64_t y,
               float g_lab, float* kl_out, float* ce_out, float* st) {
-  const float inv_T = 1.0f / T;
+  const float inv_T = 1.0f / T, gk = g_kd * T;
   const RowSums rs = row_sums(s, t, V, inv_T, has_labels);
-  const float m_s = rs.m_s, m_t = rs.m_t, m_1 = rs.m_1, r_s = rs.r_s, r_t = rs.r_t, c = rs.c;
-  const double d_1 = rs.d_1;
-  const float gk = g_kd * T;
-  double kl = 0.0;
-  if (st) store_stats(st, m_s, m_t, r_s, r_t, c, m_1, has_labels ? (float)(1.0 / d_1) : 0.f, 0.f);
+  const RowLabel lb = row_label(rs, s, V, has_labels, y, g_lab, ce_out);
+  if (st) store_stats(st, rs.m_s, rs.m_t, rs.r_s, rs.r_t, rs.c, rs.m_1, lb.r_1, 0.f);
   // pass 3: KL terms and the gradient over z_s
-  if (has_labels) {
-    const bool has = y >= 0 && y < V;
-    const float lse_1 = (float)((double)m_1 + std::log(d_1)), r_1 = (float)(1.0 / d_1);
-    *ce_out = has ? lse_1 - s[y] : 0.f;
-    const float gl = has ? g_lab : 0.f;
-    kl = pass3<true, true, true>(s, t, V, inv_T, m_s, m_t, r_s, r_t, c, gk, gl, m_1, r_1);
-    if (has) s[y] -= gl;  // - g_lab onehot(y)
-  } else {
-    kl = pass3<false, true, true>(s, t, V, inv_T, m_s, m_t, r_s, r_t, c, gk, 0.f, 0.f, 0.f);
-  }
+  const double kl =
+      has_labels ? pass3<true, true, true>(s, t, V, inv_T, rs.m_s, rs.m_t, rs.r_s, rs.r_t, rs.c, gk, lb.gl, rs.m_1,
+                                           lb.r_1)
+                 : pass3<false, true, true>(s, t, V, inv_T, rs.m_s, rs.m_t, rs.r_s, rs.r_t, rs.c, gk, 0.f, 0.f, 0.f);
+  if (lb.has) s[y] -= lb.gl;  // - g_lab onehot(y)
   *kl_out = (float)kl;
 }
 
@@ -284,15 +284,8 @@ void fold_row(const float* s, const float* t, int64_t Vs, int64_t v0, float inv_
 // e^x - 1 for x <= 0: its series for x > -1/2 (to x^9 / 9!: truncation < 3e-10 relative), else
 // exp_f32(x) - 1 (>= 0.39 in size there: no cancellation)
 IIT_INLINE float expm1_neg(float x) {
-  float p = 1.0f / 362880.0f;
-  p = p * x + 1.0f / 40320.0f;
-  p = p * x + 1.0f / 5040.0f;
-  p = p * x + 1.0f / 720.0f;
-  p = p * x + 1.0f / 120.0f;
-  p = p * x + 1.0f / 24.0f;
-  p = p * x + 1.0f / 6.0f;
-  p = p * x + 0.5f;
-  p = p * x + 1.0f;
+  const float p = horner(x, {1.0f / 362880.0f, 1.0f / 40320.0f, 1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f,
+                             1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f});
   const float series = p * x, direct = exp_f32(x) - 1.0f;   // both computed: a select, no branch
   return x > -0.5f ? series : direct;
 }
@@ -312,12 +305,7 @@ IIT_INLINE float log_f32(float x) {
   m = big ? half : m;
   e = big ? e + 1 : e;
   const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-  float t = 1.0f / 11.0f;
-  t = t * s2 + 1.0f / 9.0f;
-  t = t * s2 + 1.0f / 7.0f;
-  t = t * s2 + 1.0f / 5.0f;
-  t = t * s2 + 1.0f / 3.0f;
-  t = t * s2 + 1.0f;
+  const float t = horner(s2, {1.0f / 11.0f, 1.0f / 9.0f, 1.0f / 7.0f, 1.0f / 5.0f, 1.0f / 3.0f, 1.0f});
   const float fe = (float)e;
   return fe * 0.693359375f + (fe * -2.12194440e-4f + 2.0f * s * t);
 }
@@ -373,16 +361,13 @@ template <int KIND>
 IIT_CLONES
 void row_step_div(float* s, float* t, int64_t V, float T, float c, float g_kd, bool has_labels, int64_t y,
                   float g_lab, float* d_out, float* ce_out, float* st) {
-  const float inv_T = 1.0f / T;
-  // passes 1 and 2: as row_step
+  const float inv_T = 1.0f / T, gk = g_kd * T;
+  // passes 1 and 2, and the CE: as row_step
   const RowSums rs = row_sums(s, t, V, inv_T, has_labels);
+  const RowLabel lb = row_label(rs, s, V, has_labels, y, g_lab, ce_out);
   const float m_s = rs.m_s, m_t = rs.m_t, m_1 = rs.m_1, r_s = rs.r_s, r_t = rs.r_t, cst = rs.c;
-  const double d_1 = rs.d_1;
-  const float gk = g_kd * T;
-  const bool has = has_labels && y >= 0 && y < V;
-  const float gl = has ? g_lab : 0.f;
-  const float r_1 = has_labels ? (float)(1.0 / d_1) : 0.f;
-  if (has_labels) *ce_out = has ? (float)((double)m_1 + std::log(d_1)) - s[y] : 0.f;
+  const bool has = lb.has;
+  const float gl = lb.gl, r_1 = lb.r_1;
   // pass 3: the terms, S, and A (over t), B (over s)
   double D = 0.0, S = 0.0;
   for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
