@@ -166,7 +166,7 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
     for n, p in model.named_parameters():  # the head without the tied decoder weight (= the word embeddings)
         p.requires_grad_(n.startswith("cls.") and "decoder" not in n)
     metrics["head_phase"] = fit(lm, train, head_steps, head_lr, "head only", progress,
-                                   frozen=model.bert, precision=prec) if head_steps > 0 else dict(NO_PHASE)
+                                frozen=model.bert, precision=prec) if head_steps > 0 else dict(NO_PHASE)
     metrics["head_only"] = lm_metrics(lm, val)
     log(f"head only ({metrics['head_phase']['steps']} steps, {metrics['head_phase']['seconds']:.0f} s): ppl "
         f"{metrics['head_only']['perplexity']:.1f} top-1 {metrics['head_only']['top1']:.3f}")
@@ -174,8 +174,8 @@ def build_default_teacher(cache_dir=None, *, encoder: str | None = None, corpus:
     for p in model.parameters():
         p.requires_grad_(True)
     metrics["adapt_phase"] = fit(lm, train, adapt_steps, adapt_lr, "whole model", progress,
-                                    max_seconds=max_adapt_seconds,
-                                    precision=prec) if adapt_steps > 0 else dict(NO_PHASE)
+                                 max_seconds=max_adapt_seconds,
+                                 precision=prec) if adapt_steps > 0 else dict(NO_PHASE)
     metrics["final"] = lm_metrics(lm, val)
     log(f"whole model ({metrics['adapt_phase']['steps']} steps, {metrics['adapt_phase']['seconds']:.0f} s): ppl "
         f"{metrics['final']['perplexity']:.1f} top-1 {metrics['final']['top1']:.3f}")
@@ -271,7 +271,7 @@ def build_gpt2_teacher(cache_dir=None, *, corpus: str | None = None, steps: int 
         f"{metrics['unigram']['perplexity']:.1f}, initial {metrics['initial']['perplexity']:.1f} "
         f"({metrics['unigram']['tokens']:,d} next tokens)")
     metrics["train_phase"] = fit(lm, train, steps, lr, "GPT-2 from scratch", progress, max_seconds=max_seconds,
-                                    betas=GPT2_BETAS, eps=1e-8, weight_decay=GPT2_WEIGHT_DECAY, precision=prec)
+                                 betas=GPT2_BETAS, eps=1e-8, weight_decay=GPT2_WEIGHT_DECAY, precision=prec)
     metrics["final"] = lm_metrics(lm, val)
     log(f"trained ({metrics['train_phase']['steps']} steps, {metrics['train_phase']['seconds']:.0f} s): ppl "
         f"{metrics['final']['perplexity']:.1f} top-1 {metrics['final']['top1']:.3f}")

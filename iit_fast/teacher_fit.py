@@ -30,12 +30,12 @@ from iit_fast.optim import make_optimizer, make_scheduler, param_groups
 
 WARMUP_FRACTION = 0.1   # of each phase's steps
 MIN_LR_RATIO = 0.1      # the linear decay ends at 10% of the phase's lr
-BETAS, EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01
+BETAS, EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01  # the MiniLM build's AdamW (the GPT-2 build passes its own)
 
 
 def fit(lm: IntervenableLM, batches, steps: int, lr: float, desc: str, progress: bool,
-           frozen: torch.nn.Module | None = None, max_seconds: float | None = None, betas=BETAS, eps: float = EPS,
-           weight_decay: float = WEIGHT_DECAY, precision: str = "fp32") -> dict:
+        frozen: torch.nn.Module | None = None, max_seconds: float | None = None, betas=BETAS, eps: float = EPS,
+        weight_decay: float = WEIGHT_DECAY, precision: str = "fp32") -> dict:
     """`steps` AdamW steps (``optim``: no decay on biases and norms) of cross-entropy on the scored
     positions (``eval.scored_logits``), over the parameters that require grad, on a linear schedule: warmup
     over WARMUP_FRACTION of the steps, decay to MIN_LR_RATIO x lr at the last. `frozen`: a submodule kept
