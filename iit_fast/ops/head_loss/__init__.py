@@ -69,7 +69,7 @@ import torch
 from .._common import log_once as _log_once
 from . import native
 from .chunked import (  # noqa: F401
-    default_chunk_size, function_backward, head_loss_backward, head_loss_forward, matmul_dtype)
+    HeadLossFunction, default_chunk_size, head_loss_backward, head_loss_forward, matmul_dtype)
 from .divergence import FORWARD_KL, as_divergence
 from .reference import distill_head_loss_reference
 from .sparse import sparse_distill_head_loss
@@ -78,7 +78,7 @@ IMPLS = ("auto", "reference", "chunked", "native", "triton")
 __all__ = ["distill_head_loss", "sparse_distill_head_loss", "DistillHeadLossFunction", "IMPLS"]
 
 
-class DistillHeadLossFunction(torch.autograd.Function):
+class DistillHeadLossFunction(HeadLossFunction):
     """(ce, mlm); the forward computes the losses only, the backward recomputes the chunks' logits and forms
     the gradient of g_ce * ce + g_mlm * mlm (the grad_outputs) w.r.t. student hidden, decoder weight and
     bias. Nothing (V, D)-sized is kept between the two: the saved tensors are the inputs and (n,) weights."""
@@ -95,34 +95,25 @@ class DistillHeadLossFunction(torch.autograd.Function):
             ce, mlm, rows = head_loss_forward(hs2, ht2, ws.detach(), bs.detach() if bs is not None else None,
                                               wt.detach(), bt.detach() if bt is not None else None, y, kd_mask,
                                               temperature, chunk_size, impl, divergence, mm_s, mm_t)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            # the student's weight itself: under ZeRO-3 the backward reads what the engine gathers for it
-            # then, as for any nn.Linear; the teacher's (no gradient) as read now: a teacher gathered only
-            # for the forward (step.common._gathered) keeps that gathered copy alive until the backward
-            ctx.save_for_backward(hs, ht, ws, bs, wt.detach(), bt.detach() if bt is not None else None, y)
-            ctx.rows = rows
-            ctx.args = (temperature, chunk_size, impl, divergence, mm_s, mm_t)
-        ctx.has_labels = y is not None
+        # the student's weight itself: under ZeRO-3 the backward reads what the engine gathers for it then, as
+        # for any nn.Linear; the teacher's (no gradient) as read now: a teacher gathered only for the forward
+        # (step.common._gathered) keeps that gathered copy alive until the backward
+        HeadLossFunction.keep(ctx, (hs, ht, ws, bs, wt.detach(), bt.detach() if bt is not None else None, y),
+                              (rows, temperature, chunk_size, impl, divergence, mm_s, mm_t), y, _dense_grads,
+                              (0, 2, 3))
         return ce, mlm
 
-    @staticmethod
-    def backward(ctx, g_ce, g_mlm):
-        return function_backward(ctx, g_ce, g_mlm, _dense_grads, 14)
 
-
-def _dense_grads(ctx, g_ce, g_mlm):
+def _dense_grads(ctx, g_ce, g_mlm, need):
     hs, ht, ws, bs, wt, bt, y = ctx.saved_tensors
-    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-    temperature, chunk_size, impl, divergence, mm_s, mm_t = ctx.args
+    rows, temperature, chunk_size, impl, divergence, mm_s, mm_t = ctx.args
     with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
         dhs, dws, dbs = head_loss_backward(
             hs.detach().reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), ws.detach(),
-            bs.detach() if bs is not None else None, wt, bt, y, ctx.rows, temperature, chunk_size, impl,
+            bs.detach() if bs is not None else None, wt, bt, y, rows, temperature, chunk_size, impl,
             divergence, mm_s, mm_t, g_ce, g_mlm, need)
-    gh = dhs.reshape(hs.shape) if need[0] else None
-    gw = dws.to(ws.dtype) if need[1] else None
-    gb = dbs.to(bs.dtype) if (dbs is not None and need[2]) else None
-    return gh, None, gw, gb, None, None, None, None, None, None, None, None, None, None
+    return (dhs.reshape(hs.shape) if need[0] else None, dws.to(ws.dtype) if need[1] else None,
+            dbs.to(bs.dtype) if (dbs is not None and need[2]) else None)
 
 
 def _interpret() -> bool:

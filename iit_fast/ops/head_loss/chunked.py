@@ -125,16 +125,31 @@ class HeadLossRows:
         return h if self.zero is None else torch.where(self.zero.unsqueeze(1), 0, h)
 
 
-def function_backward(ctx, g_ce, g_mlm, grads, n_inputs: int):
-    """The backward of a head loss Function (the dense and the sparse one): `grads(ctx, g_ce, g_mlm)` -> the
-    gradients of its n_inputs inputs, called only when a loss takes a gradient. An mlm computed without MLM
-    work (no labels, lm_weight 0: the forward's ctx.has_labels False) is the constant 0: its grad_output is
-    dropped, no MLM work is done."""
-    if not ctx.has_labels:
-        g_mlm = None
-    if g_ce is None and g_mlm is None:
-        return (None,) * n_inputs
-    return grads(ctx, g_ce, g_mlm)
+class HeadLossFunction(torch.autograd.Function):
+    """Base of the dense and the sparse head-loss Functions ((ce, mlm) out). The forward keeps what its
+    backward reads with `keep`; the backward forms the gradient of g_ce * ce + g_mlm * mlm (the grad_outputs)
+    w.r.t. the student's hidden, weight and bias with ctx.grads(ctx, g_ce, g_mlm, need) -> (dh, dW, db), called
+    only when a loss takes a gradient. An mlm computed without MLM work (no labels, lm_weight 0: ctx.has_labels
+    False) is the constant 0: its grad_output is dropped, no MLM work is done."""
+
+    @staticmethod
+    def keep(ctx, tensors, args, y, grads, student):
+        """tensors (saved) and args for `grads`, kept only when an input at the positions `student` (hidden,
+        weight, bias) takes a gradient; y: the labels the forward used (None: no MLM work)."""
+        if any(ctx.needs_input_grad[i] for i in student):
+            ctx.save_for_backward(*tensors)
+            ctx.args = args
+        ctx.has_labels, ctx.grads, ctx.student = y is not None, grads, student
+
+    @staticmethod
+    def backward(ctx, g_ce, g_mlm):
+        out = [None] * len(ctx.needs_input_grad)
+        g_mlm = g_mlm if ctx.has_labels else None
+        if g_ce is not None or g_mlm is not None:
+            need = tuple(ctx.needs_input_grad[i] for i in ctx.student)
+            for i, g in zip(ctx.student, ctx.grads(ctx, g_ce, g_mlm, need)):
+                out[i] = g
+        return tuple(out)
 
 
 def _chunk_rows(chunk_size, n_active, V, mm_s, impl) -> int:

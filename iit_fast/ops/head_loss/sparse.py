@@ -44,7 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .chunked import default_chunk_size, function_backward
+from .chunked import HeadLossFunction, default_chunk_size
 from .divergence import as_divergence, bucket_divergence_rows, divergence_reference
 from .gemms import LOW_PRECISION, DecoderGemms, matmul_dtype
 from .inner import kl_rows_torch
@@ -201,7 +201,7 @@ def _sparse_loss(hs2, ws, bs, logq, ids, logq_rest, y, temperature, chunk_size, 
     return T * T * kl_sum, ce_sum
 
 
-class SparseDistillHeadLossFunction(torch.autograd.Function):
+class SparseDistillHeadLossFunction(HeadLossFunction):
     """(ce, mlm) against sparse teacher targets; the forward computes the losses only, the backward
     recomputes the chunks and forms the gradient of g_ce * ce + g_mlm * mlm (the grad_outputs) w.r.t.
     student hidden, decoder weight and bias."""
@@ -215,27 +215,19 @@ class SparseDistillHeadLossFunction(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
             ce, mlm = _sparse_loss(hs.detach(), ws.detach(), bs.detach() if bs is not None else None, logq, ids,
                                    logq_rest, y, temperature, chunk_size, divergence, mm)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            ctx.save_for_backward(hs, ws, bs, logq, ids, logq_rest, y)   # the inputs only (see the dense op)
-            ctx.args = (temperature, chunk_size, divergence, mm)
-        ctx.has_labels = y is not None
+        # the inputs only (see the dense op)
+        HeadLossFunction.keep(ctx, (hs, ws, bs, logq, ids, logq_rest, y), (temperature, chunk_size, divergence, mm),
+                              y, _sparse_grads, (0, 1, 2))
         return ce, mlm
 
-    @staticmethod
-    def backward(ctx, g_ce, g_mlm):
-        return function_backward(ctx, g_ce, g_mlm, _sparse_grads, 12)
 
-
-def _sparse_grads(ctx, g_ce, g_mlm):
+def _sparse_grads(ctx, g_ce, g_mlm, need):
     hs, ws, bs, logq, ids, logq_rest, y = ctx.saved_tensors
     temperature, chunk_size, divergence, mm = ctx.args
-    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
     with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
         dh, dw, db = _sparse_loss(hs.detach(), ws.detach(), bs.detach() if bs is not None else None, logq, ids,
                                   logq_rest, y, temperature, chunk_size, divergence, mm, grad=(g_ce, g_mlm, need))
-    gw = dw.to(ws.dtype) if dw is not None else None
-    gb = db.to(bs.dtype) if db is not None else None
-    return dh, gw, gb, None, None, None, None, None, None, None, None, None
+    return dh, dw.to(ws.dtype) if dw is not None else None, db.to(bs.dtype) if db is not None else None
 
 
 def sparse_distill_head_loss_reference(student_hidden, student_weight, student_bias, teacher_logp, teacher_ids,

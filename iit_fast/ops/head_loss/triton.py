@@ -36,21 +36,26 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _horner(x, C: tl.constexpr, N: tl.constexpr):
+    """C[0] x^(N-1) + C[1] x^(N-2) + ... + C[N-1], C a tuple of N coefficients, highest power first: the chain
+    h = h * x + C[k] unrolled at compile time (the same arithmetic as written out)."""
+    h = C[0]
+    for k in tl.static_range(1, N):
+        h = h * x + C[k]
+    return h
+
+
+# sum_{k>=2} u^k / k! = u^2 (1/2 + u/6 + ...): the coefficients to 1/13!, highest power first (a constexpr: a
+# kernel reads only constexpr globals)
+_KL_SERIES = tl.constexpr(tuple(1.0 / f for f in (6227020800.0, 479001600.0, 39916800.0, 3628800.0, 362880.0, 40320.0,
+                                                  5040.0, 720.0, 120.0, 24.0, 6.0)) + (0.5,))
+
+
+@triton.jit
 def _kl_term(p_s, p_t, u):
     """p_t (e^u - 1 - u), u = log(p_s / p_t): the series sum_{k>=2} u^k / k! for |u| < 1 (Horner to k = 13),
     else p_s - p_t (1 + u) (no cancellation there). Never negative."""
-    h = 1.0 / 6227020800.0
-    h = h * u + 1.0 / 479001600.0
-    h = h * u + 1.0 / 39916800.0
-    h = h * u + 1.0 / 3628800.0
-    h = h * u + 1.0 / 362880.0
-    h = h * u + 1.0 / 40320.0
-    h = h * u + 1.0 / 5040.0
-    h = h * u + 1.0 / 720.0
-    h = h * u + 1.0 / 120.0
-    h = h * u + 1.0 / 24.0
-    h = h * u + 1.0 / 6.0
-    h = h * u + 0.5
+    h = _horner(u, _KL_SERIES, 12)
     return tl.where(tl.abs(u) < 1.0, p_t * (h * u * u), p_s - p_t * (1.0 + u))
 
 
@@ -89,6 +94,43 @@ def _row_sums(zs_row, zt_row, V, inv_T, offs, HAS_LABELS: tl.constexpr, BLOCK_V:
 
 
 @triton.jit
+def _row_prelude(zs_ptr, zs_stride, zt_ptr, zt_stride, labels_ptr, w_kd_ptr, w_lab_ptr, ce_ptr, V, inv_T, T,
+                 HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Both kernels' start of a row: its pointers, pass 1 (`_row_sums`), g_kd = w_kd T (w_kd * T^2 * (1/T)) and,
+    with labels, y, g_lab (0 without a label), r_1 = 1 / d_1 and the row's CE = lse_1 - z_s[y] stored (read
+    before pass 2 writes z_s; 0 without a label). Without labels y = -1, r_1 = g_lab = 0."""
+    row = tl.program_id(0).to(tl.int64)
+    zs_row = zs_ptr + row * zs_stride
+    zt_row = zt_ptr + row * zt_stride
+    offs = tl.arange(0, BLOCK_V)
+    m_s, m_t, m_1, d_1, r_s, r_t, c = _row_sums(zs_row, zt_row, V, inv_T, offs, HAS_LABELS, BLOCK_V)
+    g_kd = tl.load(w_kd_ptr + row).to(tl.float32) * T
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row)
+        has_label = (y >= 0) & (y < V)                      # -100 = no target
+        r_1 = 1.0 / d_1
+        z_y = tl.load(zs_row + tl.where(has_label, y, 0)).to(tl.float32)
+        tl.store(ce_ptr + row, tl.where(has_label, m_1 + tl.log(d_1) - z_y, 0.0))
+        g_lab = tl.where(has_label, tl.load(w_lab_ptr + row).to(tl.float32), 0.0)
+    else:
+        y = -1
+        r_1 = 0.0
+        g_lab = 0.0
+    return row, zs_row, zt_row, offs, m_s, m_t, m_1, r_s, r_t, c, g_kd, y, r_1, g_lab
+
+
+@triton.jit
+def _tile(zs_row, zt_row, start, offs, V, inv_T, m_s, m_t, r_s, r_t):
+    """Pass 2's tile of a row (both kernels): (cols, mask, z_s, z_t, p_s, p_t), p = exp(a - m) / d, not
+    exp(a - lse): a rounded lse would put eps * |lse| into every p."""
+    cols = start + offs
+    mask = cols < V
+    zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
+    zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
+    return cols, mask, zs, zt, tl.exp(zs * inv_T - m_s) * r_s, tl.exp(zt * inv_T - m_t) * r_t
+
+
+@triton.jit
 def _distill_head_loss_kernel(
     zs_ptr,         # (C, V) fp32/bf16/fp16 student logits of the chunk; overwritten with dL/dz_s
     zs_stride,      # row stride of zs (elements)
@@ -105,40 +147,16 @@ def _distill_head_loss_kernel(
     HAS_LABELS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    zs_row = zs_ptr + row * zs_stride
-    zt_row = zt_ptr + row * zt_stride
-    offs = tl.arange(0, BLOCK_V)
-
-    # ---- pass 1: online max / sum-exp of a_s, a_t (and z_s at T=1 for the CE)
-    m_s, m_t, m_1, d_1, r_s, r_t, c = _row_sums(zs_row, zt_row, V, inv_T, offs, HAS_LABELS, BLOCK_V)
-    g_kd = tl.load(w_kd_ptr + row).to(tl.float32) * T    # w_kd * T^2 * (1/T)
-
-    if HAS_LABELS:
-        y = tl.load(labels_ptr + row)
-        has_label = (y >= 0) & (y < V)                      # -100 = no target
-        lse_1 = m_1 + tl.log(d_1)
-        r_1 = 1.0 / d_1
-        z_y = tl.load(zs_row + tl.where(has_label, y, 0)).to(tl.float32)  # read before pass 2 writes
-        tl.store(ce_ptr + row, tl.where(has_label, lse_1 - z_y, 0.0))      # CE = lse_1 - z_s[y]
-        g_lab = tl.load(w_lab_ptr + row).to(tl.float32)
-        g_lab = tl.where(has_label, g_lab, 0.0)
-    else:
-        y = -1
-        r_1 = 0.0
-        g_lab = 0.0
+    # ---- pass 1: online max / sum-exp of a_s, a_t (and z_s at T=1 for the CE), the CE stored
+    row, zs_row, zt_row, offs, m_s, m_t, m_1, r_s, r_t, c, g_kd, y, r_1, g_lab = _row_prelude(
+        zs_ptr, zs_stride, zt_ptr, zt_stride, labels_ptr, w_kd_ptr, w_lab_ptr, ce_ptr, V, inv_T, T, HAS_LABELS,
+        BLOCK_V)
 
     # ---- pass 2: KL = sum_v p_t (e^u - 1 - u), and dL/dz_s = g_kd T (p_s - p_t) + g_lab (p_1 - onehot(y))
     #      written over z_s
     kl = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
-        zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
-        # p = exp(a - m) / d, not exp(a - lse): a rounded lse would put eps * |lse| into every p
-        p_s = tl.exp(zs * inv_T - m_s) * r_s
-        p_t = tl.exp(zt * inv_T - m_t) * r_t
+        cols, mask, zs, zt, p_s, p_t = _tile(zs_row, zt_row, start, offs, V, inv_T, m_s, m_t, r_s, r_t)
         kl += tl.where(mask, _kl_term(p_s, p_t, (zs - zt) * inv_T - c), 0.0)
         dz = g_kd * (p_s - p_t)
         if HAS_LABELS:
@@ -189,18 +207,15 @@ def distill_head_loss_chunk_triton(zs: torch.Tensor, zt: torch.Tensor, labels: t
 # dz = A - S B - g_lab onehot(y). fp32 logit chunks only (A and B are kept in them).
 # ----------------------------------------------------------------------------------------------------
 
+# (e^x - 1) / x = 1 + x/2 + x^2/6 + ...: the coefficients to 1/9!, highest power first
+_EXPM1_SERIES = tl.constexpr(tuple(1.0 / f for f in (362880.0, 40320.0, 5040.0, 720.0, 120.0, 24.0, 6.0))
+                             + (0.5, 1.0))
+
+
 @triton.jit
 def _expm1_neg(x):
     """e^x - 1 for x <= 0: its series for x > -1/2 (to x^9 / 9!), else exp(x) - 1 (no cancellation there)."""
-    h = 1.0 / 362880.0
-    h = h * x + 1.0 / 40320.0
-    h = h * x + 1.0 / 5040.0
-    h = h * x + 1.0 / 720.0
-    h = h * x + 1.0 / 120.0
-    h = h * x + 1.0 / 24.0
-    h = h * x + 1.0 / 6.0
-    h = h * x + 0.5
-    h = h * x + 1.0
+    h = _horner(x, _EXPM1_SERIES, 9)
     return tl.where(x > -0.5, h * x, tl.exp(x) - 1.0)
 
 
@@ -262,36 +277,17 @@ def _divergence_head_loss_kernel(
     HAS_LABELS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    zs_row = zs_ptr + row * zs_stride
-    zt_row = zt_ptr + row * zt_stride
-    offs = tl.arange(0, BLOCK_V)
-
-    # ---- pass 1: online max / sum-exp, as the forward KL kernel
-    m_s, m_t, m_1, d_1, r_s, r_t, c = _row_sums(zs_row, zt_row, V, inv_T, offs, HAS_LABELS, BLOCK_V)
-    g_kd = tl.load(w_kd_ptr + row).to(tl.float32) * T        # w_kd * T^2 * (1/T)
-    if HAS_LABELS:
-        y = tl.load(labels_ptr + row)
-        has_label = (y >= 0) & (y < V)
-        r_1 = 1.0 / d_1
-        z_y = tl.load(zs_row + tl.where(has_label, y, 0)).to(tl.float32)
-        tl.store(ce_ptr + row, tl.where(has_label, m_1 + tl.log(d_1) - z_y, 0.0))
-        g_lab = tl.where(has_label, tl.load(w_lab_ptr + row).to(tl.float32), 0.0)
-    else:
-        y = -1
-        r_1 = 0.0
-        g_lab = 0.0
+    # ---- pass 1 and the CE: as the forward KL kernel (the same call of the shared prelude, after a signature
+    #      of the same shape: a kernel's signature is its launch interface, so each kernel keeps its own)
+    row, zs_row, zt_row, offs, m_s, m_t, m_1, r_s, r_t, c, g_kd, y, r_1, g_lab = _row_prelude(
+        zs_ptr, zs_stride, zt_ptr, zt_stride, labels_ptr, w_kd_ptr, w_lab_ptr, ce_ptr, V, inv_T, T, HAS_LABELS,
+        BLOCK_V)
 
     # ---- pass 2: the terms, S; A over z_t, B over z_s
     dsum = tl.zeros([BLOCK_V], tl.float32)
     ssum = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
-        zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(zs * inv_T - m_s) * r_s
-        q = tl.exp(zt * inv_T - m_t) * r_t
+        cols, mask, zs, zt, p, q = _tile(zs_row, zt_row, start, offs, V, inv_T, m_s, m_t, r_s, r_t)
         term, g, s = _div_elem(p, q, (zs - zt) * inv_T - c, prm, KIND)
         dsum += tl.where(mask, term, 0.0)
         ssum += tl.where(mask, s, 0.0)
