@@ -18,9 +18,10 @@ token in the KL; the loss is 0.25 ce + 0.25 mlm as in the step):
 - `today`: the op as of `--today REV` (default 529489e, the last commit whose op formed the gradient in the
   forward and kept the (V, D) fp32 weight gradient until backward), run from that commit's files (`git
   archive`) in the same run, with its own TORCH_EXTENSIONS_DIR.
-- `before`: the op as of `--before REV` (default db5a941, the last commit whose backward went over row chunks:
-  the gradient formed in backward, each 128-row chunk recasting the weight and re-accumulating the fp32 dW),
-  run the same way: what the vocabulary-slice backward changed.
+- `before`: the op as of `--before REV` (default abcb559, the last commit whose native forward went over row
+  chunks, each 128-row chunk recasting the fp32 master weight slice by slice; its backward already over
+  vocabulary slices), run the same way: what the forward over vocabulary slices changed. (Rows measured
+  before 2026-12-03 07:40 UTC used db5a941, whose backward went over row chunks too; each row names its `rev`.)
 - `liger`: liger-kernel's fused linear JSD (`LigerFusedLinearJSD(jsd_beta=0.5, temperature=T)`: the same four
   GEMMs, a JSD in place of the KL, no bias, no CE), on CUDA where liger-kernel is installed; otherwise the row
   says why it was not run.
@@ -85,7 +86,7 @@ SHAPE_CONTENDERS = {"llama-1b head 4k": [("unfused", None), ("native", None), ("
                     "D=4096 head 8k": [("native", None), ("before", None), ("today", None)]}
 QUICK_SHAPES = [("quick", 512, 128, 5000, 1, 2)]
 TODAY_REV = "529489e"
-BEFORE_REV = "db5a941"
+BEFORE_REV = "abcb559"
 
 
 def unfused_loss(hs, ht, ws, bs, wt, bt, y):
@@ -191,6 +192,8 @@ def worker(spec: dict) -> dict:
     import time
     for _ in range(spec["warmup"]):
         step()
+    if spec.get("profile"):
+        return profile_step(step)
     times, cpus = [], []
     for _ in range(spec["repeats"]):
         sync()
@@ -207,6 +210,68 @@ def worker(spec: dict) -> dict:
     grads = sum(p.numel() * p.element_size() for p in (hs, ws, bs))   # the gradients' bytes (same dtypes)
     return {"times_s": times, "cpu_s": cpus, "peak_bytes": peak, "base_bytes": base,
             "extra_peak_bytes": peak - base, "grad_bytes": grads, **out}
+
+
+def profile_step(step, top: int = 14) -> dict:
+    """torch.profiler (CPU) over one forward + backward call: the ops with the most self time (the native
+    C++ steps, called through ctypes, count as the self time of the autograd Function's forward / backward
+    ranges), each op's share of the total self time, and the copies' share (aten::copy_: casts of weights
+    and logits, layout copies)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ka = list(prof.key_averages())
+    total = sum(e.self_cpu_time_total for e in ka)
+    rows = [{"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6,
+             "share": e.self_cpu_time_total / total} for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)]
+    copies = sum(r["self_s"] for r in rows if r["op"] == "aten::copy_")
+    return {"total_self_s": total / 1e6, "copy_share": copies * 1e6 / total, "top": rows[:top]}
+
+
+def profile_main(args):
+    """--profile: one profiled call of `native` and `before` per --only shape (fresh processes, one warm-up
+    call first), written to head_loss-profile-<device>.{json,md}."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = QUICK_SHAPES if args.quick else [sh for sh in SHAPES if sh[0] in (args.only or ["llama-1b head 1k"])]
+    trees = {"before": today_tree(args.before)}
+    load_before, rows = os.getloadavg(), []
+    for sname, n, d, v, _, _ in shapes:
+        for cname in ("before", "native"):
+            r = run_one({"tokens": n, "hidden": d, "vocab": v, "contender": cname, "chunk": None, "warmup": 1,
+                         "repeats": 0, "bf16": sname in BF16_SHAPES, "profile": True}, trees)
+            if "error" in r:
+                rows.append({"shape": sname, "contender": cname, "op": "(failed)", "note": r["error"]})
+                continue
+            print(sname, cname, f"total self {r['total_self_s']:.1f} s, copies {r['copy_share']:.1%}", flush=True)
+            rows.append({"shape": sname, "contender": cname, "op": "(all ops)", "self_s": r["total_self_s"],
+                         "share": 1.0, "copy_share": r["copy_share"]})
+            rows += [{"shape": sname, "contender": cname, **t} for t in r["top"]]
+    m = machine()
+    m["cpu"] = f"{m.get('cpu')}, {cpu_note()}"
+    m["load_average_1_5_15_before_after"] = [load_before, os.getloadavg()]
+    m["allocator"] = "jemalloc (LD_PRELOAD) in every worker" if os.path.exists(JEMALLOC) else m["allocator"]
+    notes = (f"torch.profiler (CPU activities) over one forward + backward call of `0.25 ce + 0.25 mlm` after one "
+             f"warm-up call, each contender in a fresh process: `native` = this tree's op, `before` = the op of "
+             f"commit {args.before}. `self_s` = the op's self time on the calling thread (wall-clock: on the shared "
+             "2 cores it includes waiting for a core; OpenMP / BLAS worker threads are counted in the op that "
+             "waits for them); the native C++ steps (ctypes) count in the autograd Function's forward / "
+             "backward range. `copy_share` = aten::copy_'s share of all self time (weight casts, logit casts). "
+             "Reproduce: `python benchmarks/head_loss.py --profile --only 'llama-1b head 1k'`. Load average (1, 5, "
+             f"15 min) before: {', '.join(f'{x:.1f}' for x in load_before)}; after: "
+             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores).")
+    write_results(args.name or f"head_loss-profile-{dev}", {"machine": m, "shapes": shapes}, rows,
+                  ["shape", "contender", "op", "calls", "self_s", "share", "copy_share", "note"],
+                  title="distill_head_loss: where one call's time goes (torch.profiler)", notes=notes)
+
+
+def cpu_note() -> str:
+    """What decides bf16 speed on this CPU (AMX or not), and that the cores were shared."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    zen4 = "AuthenticAMD" in info and "cpu family\t: 25" in info and "avx512f" in info
+    return ((("AMD Zen 4 (family 25, AVX-512), " if zen4 else "")
+             + ("avx512_bf16" if "avx512_bf16" in info else "no avx512_bf16")
+             + (", AMX" if "amx_bf16" in info else ", no AMX (bf16 GEMMs through AVX-512 BF16)"))
+            + "; the cores were shared with other work (load averages below)")
 
 
 def today_tree(rev: str) -> str:
@@ -246,6 +311,9 @@ def main():
                     help="each divergence of the ce term against forward KL (divergences_main); results "
                          "head_loss-divergences-<device>.{json,md}")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over one call of native and before per --only shape (default 'llama-1b "
+                         "head 1k'); results head_loss-profile-<device>.{json,md}")
     ap.add_argument("--name", default=None, help="results file name (default head_loss-<cpu|cuda>[-quick])")
     ap.add_argument("--today", default=TODAY_REV, help="the commit whose op is the `today` contender")
     ap.add_argument("--before", default=BEFORE_REV, help="the commit whose op is the `before` contender")
@@ -260,6 +328,9 @@ def main():
         return
     if args.divergences:
         divergences_main(args)
+        return
+    if args.profile:
+        profile_main(args)
         return
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -312,7 +383,8 @@ def main():
         for cname, _ in contenders:
             r = res[cname]
             row = {"shape": sname, "N": n, "D": d, "V": v, "contender": cname, "vs": bname,
-                   "dtype": "bf16" if sname in BF16_SHAPES else "fp32"}
+                   "dtype": "bf16" if sname in BF16_SHAPES else "fp32",
+                   "rev": {"today": args.today, "before": args.before}.get(cname, "")}
             if "time_s" not in r or "time_s" not in base:
                 row["note"] = r.get("error") or base.get("error", "failed")
                 rows.append(row)
@@ -339,6 +411,7 @@ def main():
     m = machine()
     m["load_average_1_5_15_before_after"] = [load_before, load_after]
     m["allocator"] = "jemalloc (LD_PRELOAD) in every worker" if os.path.exists(JEMALLOC) else m["allocator"]
+    m["cpu"] = f"{m.get('cpu')}, {cpu_note()}"
     notes = (
         "Forward + backward of `0.25 ce + 0.25 mlm` (T=2, 15% of tokens labelled, all tokens in the KL). "
         "Each contender runs in a fresh subprocess with LD_PRELOAD=jemalloc; `extra_peak_MB` = peak RSS "
@@ -353,13 +426,14 @@ def main():
         "memory); `held_MB` = RSS after the forward minus RSS after the inputs (kept from forward to backward). "
         f"`today` = the op of commit {args.today} (gradient formed in the forward, (V, D) fp32 kept to "
         "backward), run from that commit's files in the same run; "
-        f"`before` = the op of commit {args.before} (gradient formed in the backward over 128-row chunks), "
-        "likewise. Ratios are against `vs` (unfused, or today "
+        "`before` = the op of the commit in the row's `rev` (db5a941: gradient formed in the backward over "
+        "128-row chunks; abcb559: backward over vocabulary slices, forward over 128-row chunks recasting the "
+        "fp32 master weight per chunk), likewise. Ratios are against `vs` (unfused, or today "
         "where unfused would not fit). The LLM-head shapes are bf16 (bf16 states and teacher, fp32 master "
         "decoder weight, forward under autocast, kd_weight = lm_weight = 0.25 passed to the op). "
         "Reproduce: `python benchmarks/head_loss.py`.")
     name = args.name or f"head_loss-{dev}" + ("-quick" if args.quick else "")
-    cols = ["shape", "dtype", "contender", "vs", "time_s", "time_ratio", "min_ratio", "cpu_s", "cpu_ratio",
+    cols = ["shape", "dtype", "contender", "rev", "vs", "time_s", "time_ratio", "min_ratio", "cpu_s", "cpu_ratio",
             "GFLOP/s", "extra_peak_MB", "extra_peak_ratio", "beyond_grads_MB", "beyond_grads_ratio", "held_MB",
             "peak_MB", "peak_ratio", "note"]
     notes += (f" Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in load_before)}; after: "
@@ -371,6 +445,8 @@ def main():
         kept = [r for r in old["rows"] if r["shape"] not in args.only]
         for r in kept:
             r.setdefault("measured", old["machine"].get("date"))
+            r.setdefault("rev", {"before": "db5a941", "today": TODAY_REV}.get(r["contender"], ""))   # older runs'
+            r.setdefault("N", next((sh[1] for sh in SHAPES if sh[0] == r["shape"]), None))
         rows = [dict(r, measured=m["date"]) for r in rows] + kept
         order = [sh[0] for sh in SHAPES]
         rows.sort(key=lambda r: order.index(r["shape"]) if r["shape"] in order else 99)

@@ -40,7 +40,8 @@ O(sqrt(KL)) terms and loses ~eps / sqrt(KL) relative when teacher ~= student.
 
 Precision: bf16/fp16 hidden states (or weights, or a bf16 autocast region) run the three matmuls as bf16/fp16
 GEMMs with fp32 accumulation (a weight in another dtype, e.g. fp32 master weights, is cast a slice of rows
-at a time into one reused buffer, never whole; it gets an fp32 gradient). Logits come out in fp32 where `torch.mm(..., out_dtype=torch.float32)` exists for the device
+at a time into one reused buffer, never whole, once per call on impl native's vocabulary slices; it gets an
+fp32 gradient). Logits come out in fp32 where `torch.mm(..., out_dtype=torch.float32)` exists for the device
 (CUDA); elsewhere (CPU, torch 2.13) the GEMM returns bf16 logits, upcast to fp32. Softmax statistics,
 log-sum-exp, KL and CE are fp32 (their row sums fp64 in the native step), dW and db accumulate in fp32.
 fp64 inputs compute in fp64 (impl "chunked").

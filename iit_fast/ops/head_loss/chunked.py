@@ -164,7 +164,7 @@ def head_loss_forward(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_s
     work, mlm = 0) and the HeadLossRows the backward reuses. impl native: rows.stats (n_active, NSTATS), the
     per-row softmax statistics the backward's vocabulary slices read (`head_loss_backward`); forward KL goes
     over vocabulary slices too (`slices.slice_forward`: each weight slice cast once per call), the other
-    divergences over row chunks (their gradient factor needs the whole row first: slices.py says why)."""
+    divergences over row chunks (their terms need the whole row first: slices.py says why)."""
     acc = torch.float64 if mm_s == torch.float64 else torch.float32
     r = HeadLossRows(hs2.shape[0], y, kd_mask, acc, hs2.device, on_host=impl != "triton")
     h_a, t_a, y_a = r.states(hs2), r.states(ht2), r.rows(y)
@@ -175,7 +175,7 @@ def head_loss_forward(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_s
     else:
         if impl == "native":
             _log_once(f"distill_head_loss impl=native, {divergence}: forward over row chunks (not vocabulary "
-                      "slices: this divergence's gradient factor needs the whole row's normalisers first)")
+                      "slices: this divergence's terms need the whole row's normalisers first)")
             r.stats = torch.empty(h_a.shape[0], NSTATS, dtype=torch.float32, device=hs2.device)   # (n_active, 8)
         chunk = _chunk_rows(chunk_size, h_a.shape[0], ws.shape[0], mm_s, impl)
         kl, ce = _chunk_loop(h_a.to(mm_s), t_a.to(mm_t), DecoderGemms(ws, mm_s), DecoderGemms(wt, mm_t),

@@ -9,8 +9,9 @@ where the tile budget allows), so each weight slice is cast to the GEMM dtype on
 - forward (`slice_forward`): each tile is folded into its rows' running state (native.cpp fold_row: the
   slice's log-sum-exps and the KL of its conditional distributions, joined by the KL's chain rule, every
   term >= 0); after the last slice the state gives each row's KL, CE and the softmax statistics the backward
-  reads. The divergences other than forward KL need S = sum_v p_v g_v of the whole row before any term (their
-  g depends on the row's normalisers), which a single fold cannot give: they keep the row-chunk forward.
+  reads. The other divergences' terms depend on p and q themselves, not only on their ratios within a slice
+  (jsd's and the skew divergences' mixtures, tvd's |p - q|), so no slice's terms can be formed before its row
+  is complete: they keep the row-chunk forward (reverse KL, a KL too, could be folded the same way; not done).
 - backward (`slice_backward`): dz of the tile from the forward's statistics (native.cpp slice_step), then
   dh += dz @ W_s[v0:v1],  dW[v0:v1] = dz^T @ h (one GEMM when all rows fit one block),  db[v0:v1] = sum dz.
 
