@@ -117,12 +117,17 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(f, (hs, ws, bs), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "native"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype):
+def test_low_precision(dtype, impl, monkeypatch):
+    # impl native over 8 vocabulary slices of 128 ids (the last 104) and blocks of 16 rows (the last 8), both
+    # passes (the forward folds the slices)
+    from iit_fast.ops.head_loss import slices
+    monkeypatch.setattr(slices, "slice_tiles", lambda n, V: (16, 128))
     hs, ht, ws, bs, wt, bt, y, m = make(v=1000, d=32, dt=32, n=40, dtype=dtype)
     hs32, ws32, bs32 = (t.detach().float().requires_grad_() for t in (hs, ws, bs))
     ce_r, mlm_r = distill_head_loss_reference(hs32, ht.float(), ws32, bs32, wt.float(), bt.float(), y, m)
-    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, chunk_size=16, impl="chunked")
+    ce, mlm = distill_head_loss(hs, ht, ws, bs, wt, bt, y, m, chunk_size=16, impl=impl)
     assert ce.dtype == torch.float32
     # PyTorch's own computation in this precision, for the error budget (STYLE: at most ~2x of it)
     ce_p, mlm_p = distill_head_loss_reference(hs, ht, ws, bs, wt, bt, y, m)
