@@ -6,11 +6,12 @@ token and the sparse KL error of its encoding against format 1's (fp16 values, i
     python benchmarks/teacher_cache_quality.py --kinds causal --steps 20 --seeds 0   # one quick look
 
 Per teacher (`python -m iit_fast.teacher build` and `--family gpt2`, or --masked-teacher / --causal-teacher):
-1. caches at each k (`cache_builder.build_cache`, format 2: packed ids, q8 log-probs, M = 4 plans) of the same
+1. caches at each k (`cache_builder.build_cache`, M = 4 plans; a finished earlier-format cache of the same rows
+   in the work folder is reused, so that later seeds train from the targets the first ones did) of the same
    `steps x batch` rows drawn across the training split; bytes per token on disk (shard bytes / real
    tokens) beside format 1's layout for the same rows;
 2. the encoding's error: on validation rows, the sparse KL (ce, T = 2) of a student initialised from the
-   teacher, with the top-k values as format 2 stores them (q8, bf16, ...) and as format 1 did (fp16),
+   teacher, with the top-k values as format 3 (g<E>), format 2 (q<B>) and format 1 (fp16) store them,
    against the fp32 top-k (the encoding's own error) and the full-vocabulary KL (truncation + encoding);
 3. training, per seed: three students, each initialised from the teacher, trained `steps` steps on the SAME
    batches (`cached_step.CacheBatches` of the k = 64 cache: the rows, MLM masks, fixed partners and plans of
@@ -39,7 +40,8 @@ from benchmarks.common import RESULTS, machine, markdown_table, write_results  #
 from benchmarks.replicate import interval  # noqa: E402
 
 PLANS = 4
-ENCODINGS = ("float16 (format 1)", "bfloat16", "q8", "q4")
+# format 1's fp16, format 2's q<B>, format 3's g<E> (grid of 2^-E nats) and bf16
+ENCODINGS = ("float16 (format 1)", "bfloat16", "q8", "q4", "g8", "g7", "g6", "g5")
 METRICS = {"eval perplexity": "ppl", "eval top-1": "top1", "KL to teacher": "kl", "IIA": "iia", "cf. KL": "cf_kl"}
 
 
@@ -53,10 +55,12 @@ def load_teacher(kind: str, path, cache_dir):
 
 
 def build_caches(kind, path, teacher, tok, tokenized, a, work: Path, dtype: str) -> tuple[dict, list[dict]]:
-    """{k: TeacherCache} over the same rows, and their size rows."""
+    """{k: TeacherCache} over the same rows, and their size rows. A finished cache of an earlier format in the
+    work folder is reused as it is (the runs made from it stay comparable), if it holds these rows and plans."""
     from iit_fast.cache_builder import build_cache
     from iit_fast.cache_codec import legacy_bytes_per_row
-    from iit_fast.teacher_cache import CacheOptions, TeacherCache
+    from iit_fast.sampling import make_alignment
+    from iit_fast.teacher_cache import FORMAT, CacheOptions, TeacherCache, run_fingerprint
     caches, rows = {}, []
     n = a.rows or a.steps * a.batch
     for k in a.ks:
@@ -65,7 +69,17 @@ def build_caches(kind, path, teacher, tok, tokenized, a, work: Path, dtype: str)
         folder = work / f"{kind}-k{k}"
         timed = folder / "build_seconds.json"  # a finished build is reused: its time is the first build's
         t0 = time.perf_counter()
-        meta = build_cache(path, tokenized, folder, opts, loaded=(teacher, tok), batch_rows=16, progress=False)
+        built = json.loads((folder / "cache.json").read_text()) if (folder / "cache.json").is_file() else None
+        if built and built["fingerprint"]["format"] != FORMAT:
+            expect = run_fingerprint(teacher_path=path, tokenizer=tok, tokenized_split=tokenized, opts=opts,
+                                     alignment=make_alignment(opts.alignment, teacher.num_layers, a.student_layers),
+                                     also=("top_k", "plans", "seed"))
+            TeacherCache.open(folder, expect=expect)  # a ValueError naming the field if it is another cache
+            meta = built
+            print(f"[cache-quality] {folder}: the format-{built['fingerprint']['format']} cache of these rows is "
+                  f"reused (its values: {built['fingerprint']['values']})", flush=True)
+        else:
+            meta = build_cache(path, tokenized, folder, opts, loaded=(teacher, tok), batch_rows=16, progress=False)
         if not timed.is_file():
             timed.write_text(json.dumps(time.perf_counter() - t0))
         seconds = json.loads(timed.read_text())
@@ -79,6 +93,7 @@ def build_caches(kind, path, teacher, tok, tokenized, a, work: Path, dtype: str)
         rows.append({"teacher": kind, "what": f"cache k={k}", "top_k": k, "rows": meta["num_pairs"] * 2,
                      "tokens": tokens, "bytes/token": size / tokens, "format 1 bytes/token": legacy / tokens,
                      "cf targets / loss token": cf / loss / PLANS, "build s": round(seconds, 1),
+                     "format": meta["fingerprint"]["format"], "values": meta["fingerprint"]["values"],
                      "build tokens/s": tokens / seconds if seconds else None, "id bits": meta["id_bits"]})
         rows[-1]["cf ids in base top-k"] = shared_ids(cache, kind)
         caches[k] = cache
@@ -109,7 +124,7 @@ def shared_ids(cache, kind: str, pairs: int = 32) -> float:
 @torch.no_grad()
 def encoding_errors(kind, teacher, student, val, a) -> list[dict]:
     """The sparse KL (ce at T) of `student` against the teacher's top-k stored each way, on `val` batches."""
-    from iit_fast.cache_codec import FLOAT_VALUES, bits_for, decode, encode
+    from iit_fast.cache_codec import FLOAT_VALUES, bits_for, decode, encode, quantise
     from iit_fast.eval import scored_positions
     from iit_fast.ops.head_loss.sparse import sparse_distill_head_loss_reference
     T = 2.0
@@ -134,12 +149,16 @@ def encoding_errors(kind, teacher, student, val, a) -> list[dict]:
             values = name.split()[0]
             if values == "float16":  # format 1: fp16 values, fp32 rest
                 lq, r = top.values.half().float(), rest
+            elif values.startswith("g"):  # format 3: the grid, fp16 rest
+                lq, r = quantise(top.values, values), rest.half().float()
             else:
                 lq, _, r = decode(encode(top.values, top.indices, rest, values=values, id_bits=bits_for(V)),
                                   k=k, values=values, id_bits=bits_for(V))
             got = sparse_distill_head_loss_reference(h_s, W, bias, lq, top.indices, r, None, T)[0].item()
             value_bits = torch.finfo(FLOAT_VALUES[values]).bits if values in FLOAT_VALUES else int(values[1:])
-            per_entry = (2 + 4) if values == "float16" else (bits_for(V) + value_bits) / 8
+            # format 3's are variable (compressed blocks): benchmarks/teacher_cache.py measures them
+            per_entry = (2 + 4) if values == "float16" else None if values.startswith("g") else \
+                (bits_for(V) + value_bits) / 8
             out.append({"teacher": kind, "what": f"encoding k={k}", "top_k": k, "values": name,
                         "bytes/entry": per_entry, "rel. error vs fp32 top-k": abs(got - exact) / exact,
                         "rel. error vs full KL": abs(got - full) / full, "tokens": int(h_s.shape[0])})
@@ -216,7 +235,7 @@ def run_teacher(kind: str, a, work: Path, done: dict) -> list[dict]:
     teacher = teacher.to(DTYPES[dtype]).eval().requires_grad_(False)
     val = load_validation(tok, a.corpus, 16, a.max_length, a.cache_dir, kind=kind, max_batches=a.eval_batches)
     alignment = make_alignment("middle", teacher.num_layers, a.student_layers)
-    enc = work / f"encoding-{kind}.json"  # computed once (a dense pass over the vocabulary per encoding)
+    enc = work / f"encoding-{kind}-v3.json"  # computed once (a dense pass over the vocabulary per encoding)
     if not enc.is_file():
         enc.write_text(json.dumps(encoding_errors(kind, teacher, make_student(teacher, a.student_layers).eval(),
                                                   val, a), indent=1))
@@ -324,11 +343,13 @@ def main(argv=None):
     pick = lambda what: [r for r in rows if r["what"].startswith(what)]  # noqa: E731
     notes = (f"Command: `{cmd}`. Each run: {a.steps} steps of {a.batch} rows x <= {a.max_length} tokens (the "
              f"'train tokens' column below), the three arms of a seed on the same batches (rows drawn across the "
-             f"corpus, masks, partners, plans); M = {PLANS} plans; format 2 = packed ids + q8 log-probs + fp16 "
-             f"rest. Evaluation: the validation split's first {a.eval_batches * 16} rows. The machine was shared "
+             f"corpus, masks, partners, plans); M = {PLANS} plans; the caches' format and values are in the size "
+             f"table (format 2 = packed ids + q8 log-probs + fp16 rest; format 3 = benchmarks/teacher_cache.py). "
+             f"Evaluation: the validation split's first {a.eval_batches * 16} rows. The machine was shared "
              f"with other jobs: times are ratios within one series.\n\n"
              "## Cache size (bytes per real token on disk; format 1 = its layout for the same rows)\n\n"
-             + markdown_table(pick("cache"), ["teacher", "top_k", "id bits", "rows", "tokens", "bytes/token",
+             + markdown_table(pick("cache"), ["teacher", "top_k", "format", "values", "id bits", "rows", "tokens",
+                                              "bytes/token",
                                               "format 1 bytes/token", "cf targets / loss token",
                                               "cf ids in base top-k", "build tokens/s"])
              + "\n## The encoding's sparse KL error (ce at T = 2, a student initialised from the teacher, "

@@ -122,7 +122,6 @@ def _pad(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: int, opts: CacheOptions,
                 alignment, batch_rows: int, id_bits: int) -> dict[str, torch.Tensor]:
     """The tensors of one shard: pairs (P, 2) of corpus rows, the first being global pair `pair0`."""
@@ -199,14 +198,12 @@ def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: in
         "offsets": torch.cat([zero, lengths.cumsum(0)]),
         "kd_offsets": torch.cat([zero, kd_len.cumsum(0)]),
         "cf_offsets": torch.cat([zero, cf_len.reshape(-1).cumsum(0)]),           # over (plan, row)
-        "input_ids": torch.cat(inputs).int(),
         "plan_align": align, **{f"plan_{k}": v for k, v in starts.items()},
-        **cache_codec.encode(cat(base, 0), cat(base, 1), cat(base, 2), values=opts.values, id_bits=id_bits),
-        **cache_codec.encode(torch.cat([cat(c, 0) for c in cfs]), torch.cat([cat(c, 1) for c in cfs]),
-                             torch.cat([cat(c, 2) for c in cfs]), values=opts.values, id_bits=id_bits, prefix="cf_"),
     }
-    if not causal:
-        out["labels"] = torch.cat(labels).int()
+    out.update(cache_codec.encode_shard(
+        torch.cat(inputs), None if causal else torch.cat(labels), tuple(cat(base, i) for i in range(3)),
+        tuple(torch.cat([cat(c, i) for c in cfs]) for i in range(3)), out["offsets"], out["kd_offsets"],
+        out["cf_offsets"], plans=M, values=opts.values, id_bits=id_bits, compress=opts.compress))
     if opts.hidden:
         out["hidden"] = torch.cat(hidden)
     return {k: v.contiguous() for k, v in out.items()}
@@ -301,8 +298,8 @@ def build_cache(teacher_path, tokenized_split, out, opts: CacheOptions, *, loade
         data = safetensors.torch.save(tensors, metadata={"fingerprint_hash": fp_hash})
         manifest = {"shard": i, "format": FORMAT, "fingerprint_hash": fp_hash, "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest(), "crc32": zlib.crc32(data),
-                    "rows": int(tensors["example"].numel()), "tokens": int(tensors["input_ids"].numel()),
-                    "loss_tokens": int(tensors["rest"].numel()), "cf_targets": int(tensors["cf_rest"].numel())}
+                    "rows": int(tensors["example"].numel()), "tokens": int(tensors["offsets"][-1]),
+                    "loss_tokens": int(tensors["kd_offsets"][-1]), "cf_targets": int(tensors["cf_offsets"][-1])}
         try:
             _write_bytes(out / f"{_shard_name(i)}.safetensors", data)
             _write_bytes(out / f"{_shard_name(i)}.json", (json.dumps(manifest) + "\n").encode())  # last
@@ -345,8 +342,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlm_probability", type=float, default=d.mlm_probability)
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the pairing, the masks and the plans")
-    p.add_argument("--values", default=d.values, help="the log-probs on disk: q<B> (B-bit quantised, default "
-                                                      "q8), bfloat16, float16 or float32 (cache_codec.py)")
+    p.add_argument("--values", default=d.values, help="the log-probs on disk: g<E> (on a grid of 2^-E nats, default "
+                                                      f"{d.values}), bfloat16, float16 or float32 (cache_codec.py)")
+    p.add_argument("--compress", choices=cache_codec.COMPRESS, default=d.compress,
+                   help="each block's compressor (lzma: smallest; zlib: faster to decode)")
     p.add_argument("--hidden_dtype", choices=tuple(DTYPES), default=d.hidden_dtype)
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="the teacher's precision: auto = bf16 where this machine is fast at it (as train.py)")
@@ -387,7 +386,8 @@ def run(a) -> dict:
         print(f"error: {e.strerror}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"teacher cache {a.out}: a {spec.kind} teacher, {meta['num_pairs']} pairs of {meta['corpus_rows']} rows "
-          f"in {meta['num_shards']} shards, top-{opts.top_k} as {meta['id_bits']}-bit ids + {opts.values} values "
+          f"in {meta['num_shards']} shards, top-{opts.top_k} ids ({meta['id_bits']} bits) + {opts.values} values, "
+          f"{opts.compress} blocks "
           f"(rank {a.rank} of {a.world_size} done)")
     return meta
 

@@ -20,10 +20,11 @@ What an example holds (everything the student's step needs, so training runs no 
   next-token positions >= the row's base-span start only (before it the counterfactual is the plain pass);
 - optionally the teacher's last hidden states at every real token (`hidden`) for the `cos` loss.
 
-Format 2 (this version; `cache.json`'s fingerprint "format"): ids bit-packed in ceil(log2 V) bits, log-probs
-quantised (q8 by default) or as a float dtype, rest in fp16 (`cache_codec`), counterfactual targets of causal
-teachers at the affected positions only, rows drawn across the corpus. A format-1 cache (fp16 values, int32
-ids, the corpus's first rows) is refused with a message saying to rebuild it.
+Format 3 (this version; `cache.json`'s fingerprint "format"; `cache_codec` describes it): per pair one
+compressed block of its tokens and base targets, per (pair, plan) one of its counterfactual targets coded
+against the base ones; log-probs on a grid of 2^-E nats (g7 by default) or as a float dtype. Format-2 caches
+(fixed-size rows: packed ids, q<B> values) are still read. A format-1 cache (fp16 values, int32 ids, the
+corpus's first rows) is refused with a message saying to rebuild it.
 
 Layout of DIR: `cache.json` (the fingerprint and sizes, written before any shard) and, per shard of
 `shard_pairs` pairs, `shard-NNNNN.safetensors` (memory-mapped on read; a batch reads only its slices) and
@@ -38,13 +39,14 @@ naming the shard, never garbage in training. `verify --full` checks SHA-256 of e
 step's weights and mode, the batch shape, the number of epochs against the plans per pair), before any work.
 
 Shard tensors (R rows = 2 x pairs, T real tokens, N loss positions, C counterfactual targets, M plans,
-K = top_k, D hidden; targets as `cache_codec.encode` writes them, e.g. ids (N, ceil(K b / 8)) uint8):
+K = top_k, D hidden):
     example (R,) int64 corpus row;  offsets (R+1,) into the T tokens;  kd_offsets (R+1,) into the N
     cf_offsets (M R + 1,) into the C, over (plan, row)
-    input_ids (T,) int32;  labels (T,) int32 (masked teachers)
-    logp, ids, rest [, logp_top, logp_step] (N rows);  cf_logp, cf_ids, cf_rest [, ...] (C rows)
     plan_align (R/2, M) int32 index into the alignment;  plan_base_start, plan_source_start, plan_span_len (R, M)
+    blocks (bytes,) uint8, block_offsets (R/2 + M R/2 + 1,), id_order (U,) int32 (`cache_codec.encode_shard`)
     hidden (T, D) (with --hidden)
+  format 2 instead of the blocks: input_ids, labels (T,) int32; logp, ids, rest [, logp_top, logp_step] (N
+  rows) and the same with cf_ (C rows), as `cache_codec.encode` writes them.
 Rows 2j and 2j+1 are pair j: each is the other's source.
 
 The fingerprint: the teacher (SHA-256 of config.json and every weight file: sound, and ~1 s per GB),
@@ -68,7 +70,8 @@ import torch
 
 from . import cache_codec
 
-FORMAT = 2
+FORMAT = 3
+READS = (2, 3)                          # the formats this version reads
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KINDS = ("masked", "causal")
 LOGIT_TOKENS = ("all", "masked")
@@ -90,7 +93,8 @@ class CacheOptions:
     mlm_probability: float = 0.15
     temperature: float = 2.0
     seed: int = 0                       # pairing, masks and plans
-    values: str = "q8"                  # the log-probs on disk (cache_codec): q<B>, bfloat16, float16, float32
+    values: str = "g7"                  # the log-probs on disk (cache_codec): g<E>, bfloat16, float16, float32
+    compress: str = "lzma"              # each block's compressor (cache_codec.COMPRESS)
     hidden_dtype: str = "bfloat16"
     teacher_dtype: str = "float32"
     shard_pairs: int = 256              # pairs per shard
@@ -110,6 +114,8 @@ class CacheOptions:
         elif self.logit_tokens not in LOGIT_TOKENS:
             raise ValueError(f"logit_tokens: {self.logit_tokens!r}; expected one of {LOGIT_TOKENS}")
         cache_codec.check_values(self.values)
+        if self.compress not in cache_codec.COMPRESS:
+            raise ValueError(f"compress: {self.compress!r}; expected one of {cache_codec.COMPRESS}")
         for f in ("hidden_dtype", "teacher_dtype"):
             if getattr(self, f) not in DTYPES:
                 raise ValueError(f"{f}: {getattr(self, f)!r}; expected one of {tuple(DTYPES)}")
@@ -193,7 +199,8 @@ def fingerprint_fields(*, teacher_path, tokenizer, tokenized_split, opts: CacheO
 
 # the fields a training run determines by itself (the rest: top_k, plans, dtypes, seed... are the cache's choice)
 # checked in this order: a field before the ones derived from it (the tokenized corpus depends on max_length)
-RUN_FIELDS = ("format", "kind", "teacher", "tokenizer", "max_length", "corpus", "examples", "logit_tokens",
+# (not "format": a run reads every format in READS, and `_read_head` refuses the others with a rebuild message)
+RUN_FIELDS = ("kind", "teacher", "tokenizer", "max_length", "corpus", "examples", "logit_tokens",
               "alignment", "student_layers", "span_fraction", "dims", "mlm_probability", "temperature")
 
 
@@ -232,10 +239,11 @@ def _read_head(folder: Path) -> dict:
                                 f"`iit-fast cache-teacher --out {folder}`")
     meta = json.loads(head.read_text())
     fmt = meta.get("fingerprint", {}).get("format")
-    if fmt != FORMAT:
+    if fmt not in READS:
         old = " (fp16 values, int32 ids, the corpus's first rows)" if fmt == 1 else ""
-        raise ValueError(f"teacher cache {folder}: format {fmt}{old}; this version reads format {FORMAT} only: "
-                         f"rebuild it with `iit-fast cache-teacher` (the same flags; --values q8 is the default)")
+        raise ValueError(f"teacher cache {folder}: format {fmt}{old}; this version reads formats "
+                         f"{' and '.join(map(str, READS))}: rebuild it with `iit-fast cache-teacher` (the same "
+                         f"flags; it writes format {FORMAT})")
     return meta
 
 
@@ -245,13 +253,16 @@ def _read_head(folder: Path) -> dict:
 
 _SMALL = ("example", "offsets", "kd_offsets", "cf_offsets", "plan_align", "plan_base_start", "plan_source_start",
           "plan_span_len")
+_BLOCKS = ("block_offsets", "id_order")   # format 3: read with the small tensors
 
 
 def _required(fp: dict) -> tuple[str, ...]:
     """The tensors every shard of a cache with fingerprint `fp` holds."""
+    hidden = ("hidden",) if fp["hidden"] else ()
+    if fp["format"] == 3:
+        return _SMALL + _BLOCKS + ("blocks",) + hidden
     return (_SMALL + ("input_ids",) + (("labels",) if fp["kind"] == "masked" else ())
-            + cache_codec.names(fp["values"]) + cache_codec.names(fp["values"], "cf_")
-            + (("hidden",) if fp["hidden"] else ()))
+            + cache_codec.names(fp["values"]) + cache_codec.names(fp["values"], "cf_") + hidden)
 
 
 class TeacherCache:
@@ -267,6 +278,7 @@ class TeacherCache:
         fp = meta["fingerprint"]
         self.fingerprint = fp
         self.kind, self.values, self.id_bits = fp["kind"], fp["values"], meta["id_bits"]
+        self.format, self.compress = fp["format"], fp.get("compress", "none")
         self.alignment = [(tuple(t), s) for t, s in fp["alignment"]]
         self.num_pairs, self.num_shards = meta["num_pairs"], meta["num_shards"]
         self.plans, self.top_k, self.has_hidden = fp["plans"], fp["top_k"], fp["hidden"]
@@ -348,7 +360,7 @@ class TeacherCache:
             self.verify_shard(i)  # first read of this shard in this process: never train on corrupt bytes
             f = safe_open(str(self.folder / f"{_shard_name(i)}.safetensors"), framework="pt")
             self._handles[i] = f
-            self._small[i] = {k: f.get_tensor(k) for k in _SMALL}
+            self._small[i] = {k: f.get_tensor(k) for k in _SMALL + (_BLOCKS if self.format == 3 else ())}
         return self._handles[i], self._small[i]
 
     def _targets(self, f, a: int, b: int, prefix: str = ""):
@@ -356,6 +368,27 @@ class TeacherCache:
         ids (n, K) long, rest (n,) fp32)."""
         parts = {name: f.get_slice(name)[a:b] for name in cache_codec.names(self.values, prefix)}
         return cache_codec.decode(parts, k=self.top_k, values=self.values, id_bits=self.id_bits, prefix=prefix)
+
+    def _blocks(self, f, small, p: int, j: int, m: int):
+        """Format 3: pair j's (of its shard) tokens, labels (None: causal), base and plan m's counterfactual
+        targets, decoded from its two blocks."""
+        off, kdo, cfo, bo = small["offsets"], small["kd_offsets"], small["cf_offsets"], small["block_offsets"]
+        R = small["example"].numel()
+        P, order = R // 2, small["id_order"].long()
+        kw = dict(values=self.values, id_bits=self.id_bits, compress=self.compress,
+                  target_bits=cache_codec.bits_for(order.numel()))
+        blob = lambda i: f.get_slice("blocks")[int(bo[i]):int(bo[i + 1])].numpy().tobytes()  # noqa: E731
+        try:
+            ids, lab, (logp, rank, rest) = cache_codec.decode_base_block(
+                blob(j), tokens=int(off[2 * j + 2] - off[2 * j]), rows=int(kdo[2 * j + 2] - kdo[2 * j]),
+                k=self.top_k, labels=self.kind == "masked", **kw)
+            c = cfo[m * R + 2 * j:m * R + 2 * j + 3]
+            rows = cache_codec.cf_base_rows(kdo[2 * j:2 * j + 3], c[1:] - c[:-1])
+            cf = cache_codec.decode_cf_block(blob(P + m * P + j), logp[rows], rank[rows], **kw)
+        except cache_codec.BlockError as e:
+            raise ValueError(f"teacher cache {self.folder}: pair {p}'s block {e}: the shard is corrupt or of "
+                             f"another version; rebuild it with `iit-fast cache-teacher`") from None
+        return ids, lab, (logp, order[rank], rest), (cf[0], order[cf[1]], cf[2])
 
     def read_pair(self, p: int, m: int) -> dict:
         """Pair p's two rows with plan m: input_ids, labels (lists of two (L_r,) long), the base targets (at
@@ -373,11 +406,15 @@ class TeacherCache:
         a, mid, b = (int(x) for x in off[2 * j:2 * j + 3])
         ka, kb = int(kdo[2 * j]), int(kdo[2 * j + 2])
         ca, cb = int(cfo[m * R + 2 * j]), int(cfo[m * R + 2 * j + 2])
-        ids = f.get_slice("input_ids")[a:b].long()
-        lab = f.get_slice("labels")[a:b].long() if self.kind == "masked" else ids   # causal: labels are ids
+        if self.format == 3:
+            ids, lab, base, cf = self._blocks(f, small, p, j, m)
+        else:
+            ids = f.get_slice("input_ids")[a:b].long()
+            lab = f.get_slice("labels")[a:b].long() if self.kind == "masked" else None
+            base, cf = self._targets(f, ka, kb), self._targets(f, ca, cb, "cf_")
+        lab = ids if lab is None else lab                                         # causal: the labels are the ids
         out = {"input_ids": [ids[:mid - a], ids[mid - a:]], "labels": [lab[:mid - a], lab[mid - a:]],
-               "base": self._targets(f, ka, kb), "cf": self._targets(f, ca, cb, "cf_"),
-               "hidden": f.get_slice("hidden")[a:b] if self.has_hidden else None,
+               "base": base, "cf": cf, "hidden": f.get_slice("hidden")[a:b] if self.has_hidden else None,
                "align": int(small["plan_align"][j, m])}
         for k in ("base_start", "source_start", "span_len"):
             out[k] = small[f"plan_{k}"][2 * j:2 * j + 2, m].long()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from iit_fast.cache_builder import build_cache
+from iit_fast.cache_codec import quantise
 from iit_fast.cached_step import CacheBatches, cached_distill_step, collate_pairs
 from iit_fast.config import DistillConfig
 from iit_fast.models import IntervenableLM, load_model
@@ -60,16 +61,18 @@ def models(teacher_dir, seed=1):
     return teacher.eval(), student
 
 
-def topk_targets(teacher, h, k, T):
-    """The teacher's top-k log-probs at temperature T of states h (N, D), the rest bucket's log mass."""
+def topk_targets(teacher, h, k, T, values="float32"):
+    """The teacher's top-k log-probs at temperature T of states h (N, D), the rest bucket's log mass; both as
+    a cache with `values` stores them (cache_codec.quantise; the rest in fp16 unless float32)."""
     logp = torch.log_softmax(teacher.logits(h).float() / T, -1)                   # (N, V)
     top = logp.topk(k, -1)
     rest = torch.logsumexp(logp.scatter(1, top.indices, float("-inf")), -1) if k < logp.shape[1] else \
         torch.full((logp.shape[0],), float("-inf"))
-    return top.values, top.indices, rest
+    rest = rest if values == "float32" else rest.half().float()
+    return quantise(top.values, values), top.indices, rest
 
 
-def naive_topk_step(teacher, student, batch, plan, cfg, k):
+def naive_topk_step(teacher, student, batch, plan, cfg, k, values="float32"):
     """The online causal step restricted to the teacher's top-k, the naive way: full teacher and student
     passes (base, source, counterfactual over every position), the teacher's top-k taken online, the sparse
     KL by the reference op. Independent of the cache and of the fast step's suffix passes."""
@@ -91,9 +94,9 @@ def naive_topk_step(teacher, student, batch, plan, cfg, k):
     head = lambda h: student.head_transform(h)  # noqa: E731
     W, b = student.decoder_weight, student.decoder_bias
     ce, mlm = sparse_distill_head_loss_reference(head(s.last_hidden[nxt]), W, b,
-                                                 *topk_targets(teacher, t.last_hidden[nxt], k, T), y[nxt], T)
+                                                 *topk_targets(teacher, t.last_hidden[nxt], k, T, values), y[nxt], T)
     iit, _ = sparse_distill_head_loss_reference(head(s_cf.last_hidden[where]), W, b,
-                                                *topk_targets(teacher, t_cf.last_hidden[where], k, T), None, T)
+                                                *topk_targets(teacher, t_cf.last_hidden[where], k, T, values), None, T)
     cos = hidden_loss_reference(s.last_hidden, t.last_hidden, am.bool(), "cos")
     terms = {"ce": ce, "mlm": mlm, "cos": cos, "iit": iit}
 
@@ -106,12 +109,14 @@ def naive_topk_step(teacher, student, batch, plan, cfg, k):
 
 
 @pytest.mark.parametrize("logit_tokens", ["affected", "all"])
-@pytest.mark.parametrize("ops,k", [("reference", 16), ("fused", 16), ("fused", V)])
-def test_cached_causal_step_equals_online_topk_step(tmp_path, teacher_dir, logit_tokens, ops, k):
+@pytest.mark.parametrize("ops,k,values", [("reference", 16, "float32"), ("fused", 16, "float32"),
+                                          ("fused", V, "float32"), ("fused", 13, "g7")])
+def test_cached_causal_step_equals_online_topk_step(tmp_path, teacher_dir, logit_tokens, ops, k, values):
     """The cached causal step (suffix passes, the counterfactual targets at the affected positions only)
     equals the naive online step restricted to the same top-k, terms and gradients, fp32; at k = V it also
-    equals the online fast causal step (step.fast_causal_step, full KL)."""
-    build(teacher_dir, tmp_path / "c", top_k=k)
+    equals the online fast causal step (step.fast_causal_step, full KL). With g7 values (format 3's default)
+    the online top-k is rounded to the same grid: the cache's decoding adds nothing to that rounding."""
+    build(teacher_dir, tmp_path / "c", top_k=k, values=values)
     cache = TeacherCache.open(tmp_path / "c")
     assert cache.kind == "causal"
     teacher, student = models(teacher_dir)
@@ -121,7 +126,7 @@ def test_cached_causal_step_equals_online_topk_step(tmp_path, teacher_dir, logit
         ((_, plan),) = cb.groups()
         cached = run(lambda: cached_distill_step(student, cb, cfg), student)
         assert set(cached[0].terms) == {"ce", "mlm", "cos", "iit"} and all(v > 0 for v in cached[0].terms.values())
-        assert_same(cached, run(lambda: naive_topk_step(teacher, student, cb.batch, plan, cfg, k), student))
+        assert_same(cached, run(lambda: naive_topk_step(teacher, student, cb.batch, plan, cfg, k, values), student))
         if k == V:
             assert_same(cached, run(lambda: distill_step(teacher, student, cb.batch, plan, cfg), student))
     # the comparison can fail: the counterfactual targets of another plan (other spans, other positions)
@@ -139,7 +144,7 @@ def test_cached_causal_step_equals_online_topk_step(tmp_path, teacher_dir, logit
 def test_causal_cache_stores_the_affected_positions_only(tmp_path, teacher_dir):
     """Per (row, plan) the cache holds the counterfactual targets of the next-token positions >= the row's
     base-span start, and the base targets of every next-token position."""
-    build(teacher_dir, tmp_path / "c", top_k=8, values="q8", hidden=False)
+    build(teacher_dir, tmp_path / "c", top_k=8, values="g7", hidden=False)
     cache = TeacherCache.open(tmp_path / "c")
     for p in range(cache.num_pairs):
         for m in range(cache.plans):

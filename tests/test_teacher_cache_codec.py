@@ -1,4 +1,5 @@
-"""The teacher cache's format 2 (iit_fast/cache_codec.py, iit_fast/teacher_cache.py): ids bit-packed in
+"""The teacher cache's format 2 (iit_fast/cache_codec.py, iit_fast/teacher_cache.py; read, no longer
+written: tests/test_teacher_cache_format3.py tests the format this version writes): ids bit-packed in
 ceil(log2 V) bits, log-probs quantised (q<B>) or as a float dtype, the rest mass kept; a format-1 cache is
 refused with a message saying to rebuild; the rows are drawn across the whole corpus."""
 from __future__ import annotations
@@ -77,7 +78,12 @@ def test_minus_infinity_and_flat_rows():
 def test_bad_values_name_the_choices():
     for bad in ("q1", "q17", "int8", "q"):
         with pytest.raises(ValueError, match=r"values: .*expected one of .*q<B> with 2 <= B <= 16"):
+            codec.check_values(bad, 2)
+    for bad in ("g1", "g13", "int8", "g"):
+        with pytest.raises(ValueError, match=r"values: .*expected one of .*g<E> with 2 <= E <= 12"):
             codec.check_values(bad)
+    with pytest.raises(ValueError, match=r"q<B> is format 2's \(read, not written\)"):
+        codec.check_values("q8")
 
 
 def test_format_1_cache_is_refused_with_a_rebuild_message(tmp_path, teacher_dir):
@@ -87,7 +93,7 @@ def test_format_1_cache_is_refused_with_a_rebuild_message(tmp_path, teacher_dir)
     meta["fingerprint"]["format"] = 1
     head.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"format 1 \(fp16 values, int32 ids, the corpus's first rows\); this "
-                                         r"version reads format 2 only: rebuild it with `iit-fast cache-teacher`"):
+                                         r"version reads formats 2 and 3: rebuild it with `iit-fast cache-teacher`"):
         TeacherCache.open(tmp_path / "c")
 
 
