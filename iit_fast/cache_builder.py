@@ -37,11 +37,13 @@ import zlib
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from . import cache_codec
 from .diskfull import free_bytes, is_disk_full, replace_atomic
-from .teacher_cache import (DTYPES, FORMAT, LOGIT_TOKENS, CacheOptions, _fingerprint_hash, _shard_name,
-                            compare_fingerprints, derived_seed, fingerprint_fields, select_rows)
+from .cache_fingerprint import (DTYPES, FORMAT, LOGIT_TOKENS, CacheOptions, _fingerprint_hash,
+                                compare_fingerprints, derived_seed, fingerprint_fields, select_rows)
+from .teacher_cache import _shard_name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,14 +115,6 @@ def topk_logprobs(teacher, last_hidden: torch.Tensor, k: int, temperature: float
     return torch.cat(out_p), torch.cat(out_i), torch.cat(out_r)
 
 
-def _pad(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
-    S = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), S), value, dtype=torch.long)                     # (B, S)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = s
-    return out
-
-
 @torch.no_grad()
 def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: int, opts: CacheOptions,
                 alignment, batch_rows: int, id_bits: int) -> dict[str, torch.Tensor]:
@@ -158,7 +152,7 @@ def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: in
     step = max(2, batch_rows - batch_rows % 2)
     for b0 in range(0, 2 * P, step):                                              # whole pairs per batch
         b1 = min(b0 + step, 2 * P)
-        ids = _pad(inputs[b0:b1], collate.pad_id).to(dev)                         # (B, S)
+        ids = pad_sequence(inputs[b0:b1], True, collate.pad_id).long().to(dev)   # (B, S)
         am = (torch.arange(ids.shape[1])[None] < lengths[b0:b1, None]).long().to(dev)
         tokens = am.bool()
         if causal:
@@ -166,7 +160,7 @@ def build_shard(teacher, collate, tokenized_rows, pairs: torch.Tensor, pair0: in
             kd, _ = next_token_targets(am, ids)                                   # (B, S) a real next token
         else:
             tt = torch.zeros_like(ids)
-            lab = _pad(labels[b0:b1], -100).to(dev)
+            lab = pad_sequence(labels[b0:b1], True, -100).long().to(dev)
             kd = tokens if opts.logit_tokens == "all" else lab != -100            # (B, S) loss tokens
         t = teacher(ids, am, tt, keep=set(layers))
         base.append(topk_logprobs(teacher, t.last_hidden[kd], opts.top_k, T))
@@ -232,7 +226,6 @@ def build_cache(teacher_path, tokenized_split, out, opts: CacheOptions, *, loade
     (r::world_size) of the cache `out`; complete shards are kept (a rerun resumes). Returns cache.json's
     content. `loaded`: (IntervenableLM, tokenizer) of `teacher_path`, if the caller has loaded them (the
     model is moved to `device` and `opts.teacher_dtype` in place). The teacher's kind must be `opts.kind`."""
-    import safetensors.torch
     from tqdm import tqdm
 
     from .batches import Collate
@@ -293,23 +286,7 @@ def build_cache(teacher_path, tokenized_split, out, opts: CacheOptions, *, loade
         p0 = i * opts.shard_pairs
         tensors = build_shard(teacher, collate, rows, pairs[p0:p0 + opts.shard_pairs], p0, opts, alignment,
                               batch_rows, meta["id_bits"])
-        # one metadata key: safetensors writes metadata in hash-map order, so with one key the file's bytes
-        # are a function of its contents (a rebuilt shard is byte-identical)
-        data = safetensors.torch.save(tensors, metadata={"fingerprint_hash": fp_hash})
-        manifest = {"shard": i, "format": FORMAT, "fingerprint_hash": fp_hash, "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(), "crc32": zlib.crc32(data),
-                    "rows": int(tensors["example"].numel()), "tokens": int(tensors["offsets"][-1]),
-                    "loss_tokens": int(tensors["kd_offsets"][-1]), "cf_targets": int(tensors["cf_offsets"][-1])}
-        try:
-            _write_bytes(out / f"{_shard_name(i)}.safetensors", data)
-            _write_bytes(out / f"{_shard_name(i)}.json", (json.dumps(manifest) + "\n").encode())  # last
-        except OSError as e:
-            done = sum(_shard_complete(out, j, fp_hash) for j in range(num_shards))
-            why = (f"the disk is full: the shard needs {len(data):,} bytes, {free_bytes(out) or 0:,} are free"
-                   if is_disk_full(e, out) else (e.strerror or str(e)))
-            raise CacheWriteError(e.errno, f"teacher cache {out}: writing shard {i} failed ({why}); {done} of "
-                                           f"{num_shards} shards are complete and kept: make room and run the "
-                                           f"same command again to resume") from e
+        write_shard(out, i, tensors, fp_hash, num_shards)
         bar.update(1)
     bar.close()
     return meta
@@ -317,6 +294,28 @@ def build_cache(teacher_path, tokenized_split, out, opts: CacheOptions, *, loade
 
 class CacheWriteError(OSError):
     """A shard could not be written (e.g. the disk is full); the complete shards are kept."""
+
+
+def write_shard(out: Path, i: int, tensors: dict, fp_hash: str, num_shards: int) -> None:
+    """Shard i's file, then its manifest (size, SHA-256, CRC-32, counts): a CacheWriteError if either fails."""
+    import safetensors.torch
+    # one metadata key: safetensors writes metadata in hash-map order, so with one key the file's bytes
+    # are a function of its contents (a rebuilt shard is byte-identical)
+    data = safetensors.torch.save(tensors, metadata={"fingerprint_hash": fp_hash})
+    manifest = {"shard": i, "format": FORMAT, "fingerprint_hash": fp_hash, "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(), "crc32": zlib.crc32(data),
+                "rows": int(tensors["example"].numel()), "tokens": int(tensors["offsets"][-1]),
+                "loss_tokens": int(tensors["kd_offsets"][-1]), "cf_targets": int(tensors["cf_offsets"][-1])}
+    try:
+        _write_bytes(out / f"{_shard_name(i)}.safetensors", data)
+        _write_bytes(out / f"{_shard_name(i)}.json", (json.dumps(manifest) + "\n").encode())  # last
+    except OSError as e:
+        done = sum(_shard_complete(out, j, fp_hash) for j in range(num_shards))
+        why = (f"the disk is full: the shard needs {len(data):,} bytes, {free_bytes(out) or 0:,} are free"
+               if is_disk_full(e, out) else (e.strerror or str(e)))
+        raise CacheWriteError(e.errno, f"teacher cache {out}: writing shard {i} failed ({why}); {done} of "
+                                       f"{num_shards} shards are complete and kept: make room and run the "
+                                       f"same command again to resume") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,15 +392,9 @@ def run(a) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m iit_fast.cache_builder", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    a = p.parse_args(argv)
-    try:
-        run(a)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m iit_fast.cache_builder ARGS` is `iit-fast cache-teacher ARGS` (its errors: one line, exit 2)."""
+    from .cli import main as cli
+    return cli(["cache-teacher", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
