@@ -1,33 +1,41 @@
 """Everything before the first step, in the order the main job does it: the arguments checked
 (`check_inputs`), the embedded defaults built once, the models loaded and checked as a pair, the corpus
 tokenized, the teacher cache opened (`prepare`), and, once the process group exists, the batches
-(`build_batches`). A bad teacher, student, alignment, max_length, corpus or cache stops here with one
-`error:` line, and nothing is written.
+(`build_batches`) and the student's engine around the step, the teacher loaded on its plan (`build_engine`).
+A bad teacher, student, alignment, max_length, corpus or cache stops here with one `error:` line, and nothing
+is written.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import batches, corpus, data
+from . import activation_checkpointing, batches, corpus, data
 from .cache import built_default_teacher, cache_lock
+from .cached_step import CachedDistillStep
+from .compile import prepare_blocks
 from .config import TrainConfig, parse_args
 from .activation_checkpointing import check_ds_section
-from .engine import read_ds_config, read_teacher_ds_config, teacher_plan
+from .engine import build_teacher, init_engine, read_ds_config, read_teacher_ds_config, teacher_plan
 from .eval import EVAL_SEED
 from .models import IntervenableLM, check_same_tokenizer, load_model
 from .models.student import check_student_config, init_student_from_teacher, student_from_config
 from .models.load import inspect_model, meta_model
 from .models.partitioned import checkpoint_keys, init_student_from_checkpoint, safetensors_index
+from .optim import make_scheduler, param_groups
 from .precision import DTYPES, choose_precision
 from .run_dir import check_out_dir
 from .sampling import make_alignment
-from .step import check_pair
-from .teacher_cache import CacheOptions, TeacherCache, run_fingerprint
+from .step import DistillStep, check_pair
+from .teacher_cache import CacheOptions, TeacherCache, check_run, refuse_teacher_kind, run_fingerprint
 
 
 def check_inputs(argv) -> tuple[TrainConfig, dict, str]:
@@ -99,8 +107,6 @@ def default_teacher_apart(cache_dir) -> Path:
     iit_fast.teacher build`): the build's memory (its own training run) goes back to the system when the child
     exits, instead of staying in this process's heap for the whole run (allocator.tune_malloc keeps freed
     memory). The caller holds the cache lock; the child takes none."""
-    import subprocess
-    import sys
     try:
         return built_default_teacher(cache_dir)
     except FileNotFoundError:
@@ -176,7 +182,6 @@ def tokenize(cfg: TrainConfig, tokenizer, kind: str):
 def open_teacher_cache(cfg: TrainConfig, teacher_path, teacher, tokenizer, tokenized, alignment):
     """The teacher cache, checked against this run (teacher, tokenizer, corpus, max_length, masking, plans:
     a difference is refused naming the field) and for missing or truncated shards, before any work."""
-    from .teacher_cache import check_run, refuse_teacher_kind
     refuse_teacher_kind(teacher.kind, cfg.teacher_cache)  # before the options: they differ by kind
     d = cfg.distill
     # a cache may hold N rows drawn across the corpus (--max_examples): the run checks those rows
@@ -208,3 +213,35 @@ def build_batches(cfg: TrainConfig, tokenized, tokenizer, kind: str, micro_batch
     val = batches.validation_batches(tokenized["validation"], tokenizer, micro_batch, n_sequences=n_val,
                                   seed=EVAL_SEED, kind=kind, mlm_probability=cfg.mlm_probability)
     return train, val
+
+
+def quiet_deepspeed():
+    """DeepSpeed logs at INFO per engine and warns about a deprecated collective it calls itself."""
+    from deepspeed.utils import logger as ds_logger  # (imported here: slow, and not needed for bad input)
+    ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
+
+
+def build_engine(cfg: TrainConfig, ds: dict, teacher, student, load: TeacherLoad, cache, max_steps: int, device,
+                 say) -> tuple:
+    """(engine, teacher), once the process group exists: the student's DeepSpeed engine around the step, with
+    the teacher loaded now on its plan (replicated straight onto the device, or partitioned as it is built),
+    or, with a teacher cache, around the cached step (the cache holds every teacher output the step needs: the
+    teacher stays on the CPU, unused); activation checkpointing and --compile applied. `say` prints each
+    choice as it is made."""
+    say(load.why)
+    if cache is None:
+        teacher = build_teacher(load.spec, load.plan, load.dtype, device)
+        step_module = DistillStep(teacher, student, cfg.distill)
+    else:
+        step_module = CachedDistillStep(student, cfg.distill)
+    schedule = lambda opt: make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, max_steps,  # noqa: E731
+                                          cfg.min_lr / cfg.lr)
+    ckpt = activation_checkpointing.enable(student, cfg.activation_checkpointing, ds)
+    if ckpt:
+        say(ckpt)
+    engine = init_engine(ds, step_module, param_groups(student, cfg.weight_decay), cfg.lr, schedule)
+    if cfg.compile != "off":  # --compile (compile.py): the blocks as the engine left them (its dtype, its device)
+        for lm in [engine.module.student] + ([teacher] if cache is None else []):
+            say(prepare_blocks(lm, cfg.compile))
+    return engine, teacher

@@ -14,13 +14,15 @@
     deepspeed iit_fast/train.py --deepspeed_config ds_configs/zero2.json --out_dir runs/X --resume
     # every flag is a TrainConfig or DistillConfig field (config.py); --config run.json sets any of them
 
-A batch's walk: `prepare.check_inputs` and `prepare.prepare` (before any process group: every check of the arguments and folders, the
-embedded defaults built once under a file lock, models loaded, data tokenized) -> `init_distributed` ->
-the student's engine around `step.DistillStep` -> per micro-batch: with --on_policy_fraction / --seq_kd, for a
-share of them the student / the teacher continues the batch's prompts (`generate.GeneratedData`); a plan
-sampled on the CPU (`sampling.sample_plan`), `engine(batch, plan)` (DeepSpeed's forward runs the step), one all-reduce of
-{non-finite loss, stop signal}, `engine.backward(loss)`, `engine.step()`; per log interval one all-reduce
-of the loss terms, a metrics line and DeepSpeed's monitor (TensorBoard / CSV / W&B, as its config enables).
+A batch's walk: `prepare.check_inputs` and `prepare.prepare` (before any process group: every check of the
+arguments and folders, the embedded defaults built once under a file lock, models loaded, data tokenized) ->
+`init_distributed` -> the student's engine around `step.DistillStep` (`prepare.build_engine`) -> per
+micro-batch: with --on_policy_fraction / --seq_kd, for a share of them the student / the teacher continues the
+batch's prompts (`generate.GeneratedData`); a plan sampled on the CPU (`sampling.sample_plan`),
+`engine(batch, plan)` (DeepSpeed's forward runs the step), one all-reduce of {non-finite loss, stop signal},
+`engine.backward(loss)`, `engine.step()`; per log interval one all-reduce of the loss terms
+(`run_log.Interval`), a metrics line and DeepSpeed's monitor (`run_log.MetricsLog`: TensorBoard / CSV / W&B,
+as its config enables).
 
 It prints (rank 0) one line about the run, the teacher's and the student's validation perplexity, a
 progress bar (loss, tokens/s, ETA), and at the end a summary table. It writes, under --out_dir (default
@@ -57,7 +59,6 @@ Choices worth knowing:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import signal
@@ -69,22 +70,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from iit_fast import activation_checkpointing, lifeline
+from iit_fast import lifeline
 from iit_fast.allocator import release_free_memory, tune_malloc
-from iit_fast.cached_step import CacheBatches, CachedDistillStep
+from iit_fast.cached_step import CacheBatches
 from iit_fast.checkpoint import load_checkpoint, save_checkpoint
 from iit_fast.export import export_student
 from iit_fast.generate import GeneratedData
-from iit_fast.compile import prepare_blocks
-from iit_fast.engine import all_reduce_sum, build_teacher, init_distributed, init_engine, param_count
-from iit_fast.optim import make_scheduler, param_groups
+from iit_fast.engine import all_reduce_sum, init_distributed, param_count
 from iit_fast.plan import fit_warning as plan_fit_warning
-from iit_fast.prepare import build_batches, check_inputs, prepare
+from iit_fast.prepare import build_batches, build_engine, check_inputs, prepare, quiet_deepspeed
 from iit_fast.report import TERMS, batch_to, memory_mb, print_summary, validate, write_plots
-from iit_fast.diskfull import DiskFullError, append_line, guarded_write, write_text_atomic
+from iit_fast.diskfull import DiskFullError, guarded_write
 from iit_fast.run_dir import make_out_dir
+from iit_fast.run_log import Interval, MetricsLog
 from iit_fast.sampling import sample_plan
-from iit_fast.step import DistillStep, step_index
+from iit_fast.step import step_index
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,7 +149,7 @@ def _main(argv=None):
         release_free_memory()  # what preparing freed (tokenizing, loading) goes back before the heap is kept
         tune_malloc()  # glibc: keep freed blocks from here on (a CPU step re-faults its memory otherwise)
 
-    # ---- the process group, the out_dir, batches, the engine; resume
+    # ---- the process group, the out_dir, batches, the engine
     rank, world, device = init_distributed(cfg.rank_timeout)
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
@@ -176,26 +176,13 @@ def _main(argv=None):
     steps_per_epoch = len(train_batches) // accum
     max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
     dcfg = cfg.distill
-    say(teacher_load.why)
     shard = teacher_load.plan is not None
-    if cache is None:  # loaded now, on its plan: replicated straight onto the device, or partitioned as built
-        teacher = build_teacher(teacher_load.spec, teacher_load.plan, teacher_load.dtype, device)
-        step_module = DistillStep(teacher, student, dcfg)
-    else:  # the cache holds every teacher output the step needs: the teacher stays on the CPU, unused
-        step_module = CachedDistillStep(student, dcfg)
-    schedule = lambda opt: make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, max_steps,  # noqa: E731
-                                          cfg.min_lr / cfg.lr)
-    ckpt = activation_checkpointing.enable(student, cfg.activation_checkpointing, ds)
-    if ckpt:
-        say(ckpt)
-    engine = init_engine(ds, step_module, param_groups(student, cfg.weight_decay), cfg.lr, schedule)
+    engine, teacher = build_engine(cfg, ds, teacher, student, teacher_load, cache, max_steps, device, say)
     student = engine.module.student
-    if cfg.compile != "off":  # --compile (compile.py): the blocks as the engine left them (its dtype, its device)
-        for lm in [student] + ([teacher] if cache is None else []):
-            say(prepare_blocks(lm, cfg.compile))
     # on-policy / seq_kd: a share of the micro-batches continued by the student / the teacher (generate.py)
     generated = GeneratedData(cfg, tokenizer, engine, teacher, device, rank) if cfg.generates else None
 
+    # ---- resume; the metrics log, the run's line, validation at step 0
     state = {"step": 0, "tokens": 0, "nonfinite": 0, "wall": 0.0}
     if cfg.resume:
         client, data_state, tag, note = load_checkpoint(engine, out, rank, world_size=world)
@@ -211,20 +198,7 @@ def _main(argv=None):
             say(f"exported the student of {out} (checkpoint {tag}) to {out / 'student'}")
         say(f"the run in {out} is complete (step {step} of {max_steps}); nothing to do")
         return
-    metrics_path = out / "metrics.jsonl"
-    if is_main:  # a resumed run drops what was logged after its checkpoint (and a line a kill cut short)
-        old = metrics_path.read_text().splitlines() if metrics_path.exists() and step else []
-        keep = [l for l in old if (r := json_or_none(l)) is not None and r.get("step", 0) <= step]
-        write_text_atomic(metrics_path, "".join(l + "\n" for l in keep), "metrics")
-    metrics = open(metrics_path, "ab", buffering=0) if is_main else None
-
-    def log(rec):
-        if metrics:
-            append_line(metrics, metrics_path, json.dumps(rec) + "\n", "metrics")
-        if engine.monitor.enabled:  # DeepSpeed's monitor: TensorBoard / CSV / W&B, as its config enables
-            engine.monitor.write_events([(f"iit_fast/{k}", float(v), rec["step"]) for k, v in rec.items()
-                                         if k != "step" and isinstance(v, (int, float))])
-
+    log = MetricsLog(out, step, is_main, engine)  # metrics.jsonl (rank 0) and DeepSpeed's monitor
     say(f"teacher {teacher.num_layers} layers x {teacher.hidden_size}{' (sharded)' if shard else ''} -> student "
         f"{student.num_layers} layers ({param_count(student) / 1e6:.1f}M params) | {world} rank(s) on "
         f"{device.type}, ZeRO-{engine.zero_optimization_stage()}{', bf16' if engine.bfloat16_enabled() else ''} | "
@@ -258,9 +232,8 @@ def _main(argv=None):
     bar = tqdm(total=max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="distil")
     data_iter = iter(train_batches)
     names = [k for k in TERMS if getattr(dcfg, f"w_{k}") and (dcfg.uses_iit or k not in ("iit", "iit_cos"))]
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # loss, terms: over the interval
-    n_sums, tok_log, n_generated = 0, 0, {"corpus": 0, "student": 0, "teacher": 0}
-    t_log = t_start = time.perf_counter()
+    interval = Interval(names, device)  # the loss and its terms, tokens: summed over the log interval
+    t_start = time.perf_counter()
     last_val, draw, stopped_by, own_norm = first_val, 0, 0, None
     lr_used = engine.get_lr()[0]
     engine.train()
@@ -273,7 +246,7 @@ def _main(argv=None):
         if cache is None:
             if generated is not None:  # continuations the student / teacher wrote from this batch's prompts
                 batch, source = generated(batch, step, draw)
-                n_generated[source] += 1
+                interval.generated[source] += 1
             # the plan is drawn and checked on the CPU, from the CPU mask: no device sync
             plan = sample_plan(batch["attention_mask"], alignment, plan_generator(cfg.seed, step, draw, rank),
                                dcfg.span_fraction, dcfg.dims)
@@ -294,7 +267,7 @@ def _main(argv=None):
             bar.write(f"step {step}: non-finite loss on {int(flags[0])} rank(s), skipped "
                       f"({state['nonfinite']}/{cfg.max_nonfinite})") if is_main else None
             if state["nonfinite"] >= cfg.max_nonfinite:
-                stop_on_error(cfg, state, save, bar, metrics, engine)
+                stop_on_error(cfg, state, save, bar, log, engine)
             continue
         if flags[1] > 0 and not stopped_by:  # a signal reached some rank: all stop at this step's end
             stopped_by = stop.signum or signal.SIGTERM
@@ -305,9 +278,7 @@ def _main(argv=None):
                 own_norm = grad_norm(engine)  # DeepSpeed reports none here (see grad_norm)
         skipped_before = engine.skipped_steps
         engine.step()
-        sums += torch.stack([loss.detach().double()] + [terms[k].double() for k in names])
-        n_sums += 1
-        tok_log += tokens
+        interval.add(loss, terms, tokens)
         if engine.global_steps == step:  # inside gradient accumulation
             continue
 
@@ -318,30 +289,21 @@ def _main(argv=None):
             bar.write(f"step {step}: DeepSpeed skipped the optimizer step (gradient overflow) "
                       f"({state['nonfinite']}/{cfg.max_nonfinite})") if is_main else None
             if state["nonfinite"] >= cfg.max_nonfinite:
-                stop_on_error(cfg, state, save, bar, metrics, engine)
+                stop_on_error(cfg, state, save, bar, log, engine)
         bar.update(1)
         if step % cfg.log_interval == 0 or step == max_steps:
-            # one all-reduce per log interval: the terms' sums and the tokens of every rank
-            red = all_reduce_sum(torch.cat([sums, torch.tensor([float(tok_log)], dtype=torch.float64,
-                                                               device=device)])).tolist()
-            now = time.perf_counter()
-            interval_tokens = int(red[-1])
+            mean, interval_tokens, tps, shares = interval.reduce(world)  # the one all-reduce per interval
             state["tokens"] += interval_tokens
-            tps = interval_tokens / (now - t_log)
-            mean = [v / (n_sums * world) for v in red[:-1]]
             gn = engine.get_global_grad_norm()
             gn = own_norm if gn is None else gn
             rec = {"step": step, "loss": mean[0], **dict(zip(names, mean[1:])), "lr": lr_used,
                    "grad_norm": None if gn is None else float(gn), "tokens_per_s": tps,
                    "tokens": state["tokens"], "memory_mb": memory_mb(device), "nonfinite": state["nonfinite"]}
             if generated is not None:  # this rank's shares of micro-batches the student / teacher continued
-                rec.update(on_policy=n_generated["student"] / n_sums, seq_kd=n_generated["teacher"] / n_sums,
-                           gen_s=generated.seconds)  # and the seconds spent generating them
-                generated.seconds, n_generated = 0.0, dict.fromkeys(n_generated, 0)
+                rec.update(**shares, gen_s=generated.seconds)  # and the seconds spent generating them
+                generated.seconds = 0.0
             log(rec)
             bar.set_postfix_str(f"loss {mean[0]:.3f} | {tps:,.0f} tok/s")
-            sums.zero_()
-            n_sums, tok_log, t_log = 0, 0, now
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < max_steps:
             last_val = run_validation(step)
             bar.write(f"step {step}: val perplexity {last_val['val_perplexity']:.1f}") if is_main else None
@@ -353,8 +315,7 @@ def _main(argv=None):
                 bar.close()
                 say(f"{signal.Signals(stopped_by).name}: saved {path}; continue with the same flags and "
                     f"--out_dir {out} --resume")
-                if metrics:
-                    metrics.close()
+                log.close()
                 raise SystemExit(128 + int(stopped_by))
     bar.close()
 
@@ -363,10 +324,9 @@ def _main(argv=None):
     last_val = run_validation(step)
     ckpt = save(step)
     export(engine, tokenizer, out, rank, ckpt)
-    if metrics:
-        metrics.close()
+    log.close()
     if is_main:
-        records = [r for r in map(json_or_none, metrics_path.read_text().splitlines()) if r is not None]
+        records = log.records()
         if cfg.plots:
             with guarded_write("plots", out / "loss.png", partial=[out / "loss.png", out / "val.png"]):
                 write_plots(records, out)
@@ -391,23 +351,6 @@ def grad_norm(engine) -> float:
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
         if grads else 0.0
-
-
-def json_or_none(line: str):
-    """A metrics line as a dict, or None for a line a kill cut short."""
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
-def quiet_deepspeed():
-    """DeepSpeed logs at INFO per engine and warns about a deprecated collective it calls itself."""
-    import logging
-    import warnings
-    from deepspeed.utils import logger as ds_logger  # (imported here: slow, and not needed for bad input)
-    ds_logger.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
 
 
 def stop_on_error(cfg, state, save, bar, metrics, engine):
