@@ -141,10 +141,17 @@ def encoding_errors(kind, teacher, student, val, a) -> list[dict]:
     full = (T * T * (logq.exp() * (logq - logp)).sum(-1).mean()).item()          # dense KL at T
     out = []
     V = z_t.shape[1]
+    def row_kl(lq, ids, r):  # (N,) the sparse KL per token (sparse_distill_head_loss_reference's, unreduced)
+        lp = torch.cat([logp.gather(1, ids), torch.logsumexp(logp.scatter(1, ids, float("-inf")), 1, keepdim=True)], 1)
+        lq = torch.cat([lq, r.unsqueeze(1)], 1)
+        lq = lq - torch.logsumexp(lq, 1, keepdim=True)
+        return T * T * (lq.exp() * (lq - lp)).sum(1)
+
     for k in a.ks:
         top = logq.topk(k, -1)
         rest = torch.logsumexp(logq.scatter(1, top.indices, float("-inf")), -1)
         exact = sparse_distill_head_loss_reference(h_s, W, bias, top.values, top.indices, rest, None, T)[0].item()
+        exact_rows = row_kl(top.values, top.indices, rest)
         for name in ENCODINGS:
             values = name.split()[0]
             if values == "float16":  # format 1: fp16 values, fp32 rest
@@ -161,7 +168,10 @@ def encoding_errors(kind, teacher, student, val, a) -> list[dict]:
                 (bits_for(V) + value_bits) / 8
             out.append({"teacher": kind, "what": f"encoding k={k}", "top_k": k, "values": name,
                         "bytes/entry": per_entry, "rel. error vs fp32 top-k": abs(got - exact) / exact,
-                        "rel. error vs full KL": abs(got - full) / full, "tokens": int(h_s.shape[0])})
+                        "rel. error vs full KL": abs(got - full) / full, "tokens": int(h_s.shape[0]),
+                        # per token, so that errors of opposite sign on two tokens do not cancel
+                        "per-token rel. error vs fp32 top-k": ((row_kl(lq, top.indices, r) - exact_rows).abs().mean()
+                                                               / exact_rows.mean()).item()})
     return out
 
 
@@ -235,7 +245,7 @@ def run_teacher(kind: str, a, work: Path, done: dict) -> list[dict]:
     teacher = teacher.to(DTYPES[dtype]).eval().requires_grad_(False)
     val = load_validation(tok, a.corpus, 16, a.max_length, a.cache_dir, kind=kind, max_batches=a.eval_batches)
     alignment = make_alignment("middle", teacher.num_layers, a.student_layers)
-    enc = work / f"encoding-{kind}-v3.json"  # computed once (a dense pass over the vocabulary per encoding)
+    enc = work / f"encoding-{kind}-v4.json"  # computed once (a dense pass over the vocabulary per encoding)
     if not enc.is_file():
         enc.write_text(json.dumps(encoding_errors(kind, teacher, make_student(teacher, a.student_layers).eval(),
                                                   val, a), indent=1))
@@ -355,7 +365,8 @@ def main(argv=None):
              + "\n## The encoding's sparse KL error (ce at T = 2, a student initialised from the teacher, "
                "validation rows)\n\n"
              + markdown_table(pick("encoding"), ["teacher", "top_k", "values", "bytes/entry",
-                                                 "rel. error vs fp32 top-k", "rel. error vs full KL", "tokens"])
+                                                 "rel. error vs fp32 top-k", "per-token rel. error vs fp32 top-k",
+                                                 "rel. error vs full KL", "tokens"])
              + "\n## Runs\n\n"
              + markdown_table(pick("run"), ["teacher", "arm", "seed", "ppl", "top1", "kl", "iia", "cf_kl",
                                             "train tokens", "train s", "last loss"])

@@ -101,7 +101,8 @@ def _step16(top: torch.Tensor, bottom: torch.Tensor, levels: int) -> torch.Tenso
 def encode(logp: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor, *, values: str, id_bits: int,
            prefix: str = "") -> dict[str, torch.Tensor]:
     """Format 2 (tests and measurements; caches are read with `decode`): rows of targets (logp (N, K) fp32
-    sorted largest first, ids (N, K), rest (N,)) -> the shard tensors `{prefix}logp`, `{prefix}ids`, `{prefix}rest` (+ `{prefix}logp_top`, `{prefix}logp_step` for q<B>)."""
+    sorted largest first, ids (N, K), rest (N,)) -> the shard tensors `{prefix}logp`, `{prefix}ids`,
+    `{prefix}rest` (+ `{prefix}logp_top`, `{prefix}logp_step` for q<B>)."""
     check_values(values, 2)
     logp = logp.float()
     out = {f"{prefix}ids": pack_rows(ids, id_bits),
@@ -190,34 +191,44 @@ def _unzig(z: torch.Tensor) -> torch.Tensor:
     return (z >> 1) ^ -(z & 1)
 
 
+STATS: dict | None = None  # set to {} to count each stream's bytes, raw and compressed alone (benchmarks)
+
+
 class _Writer:
     """A block's streams, each split into byte planes (lowest first): compressors find the mostly-zero high
     bytes of small numbers as runs."""
 
-    def __init__(self):
-        self.parts: list[bytes] = []
+    def __init__(self, kind: str):
+        self.kind, self.parts = kind, []                                          # [(stream name, bytes)]
 
-    def planes(self, x: torch.Tensor, width: int) -> None:
+    def planes(self, x: torch.Tensor, width: int, name: str) -> None:
         x = np.asarray(x.reshape(-1).numpy(), dtype="<u8")
-        self.parts.append(np.ascontiguousarray(x.view(np.uint8).reshape(-1, 8)[:, :width].T).tobytes())
+        self.parts.append((name, np.ascontiguousarray(x.view(np.uint8).reshape(-1, 8)[:, :width].T).tobytes()))
 
-    def small(self, x: torch.Tensor, width: int) -> None:
+    def small(self, x: torch.Tensor, width: int, name: str) -> None:
         """Non-negative integers in `width` bytes; those >= 2^(8 width) - 1 escaped to an 8-byte stream."""
         x = x.reshape(-1).long()
         esc = (1 << 8 * width) - 1
         big = x >= esc
-        self.planes(torch.where(big, esc, x), width)
-        self.planes(x[big], 8)
+        self.planes(torch.where(big, esc, x), width, name)
+        self.planes(x[big], 8, name + " (escapes)")
 
-    def floats(self, x: torch.Tensor) -> None:
+    def floats(self, x: torch.Tensor, name: str) -> None:
         view = {2: torch.int16, 4: torch.int32}[x.element_size()]
-        self.planes(x.contiguous().view(view).long() & ((1 << 8 * x.element_size()) - 1), x.element_size())
+        self.planes(x.contiguous().view(view).long() & ((1 << 8 * x.element_size()) - 1), x.element_size(), name)
 
-    def bits(self, mask: torch.Tensor) -> None:
-        self.parts.append(np.packbits(mask.numpy().astype(np.uint8), axis=1).tobytes())
+    def bits(self, mask: torch.Tensor, name: str) -> None:
+        self.parts.append((name, np.packbits(mask.numpy().astype(np.uint8), axis=1).tobytes()))
 
     def block(self, compress: str) -> bytes:
-        payload = b"".join(self.parts)
+        if STATS is not None:
+            for name, part in self.parts:
+                raw, alone = STATS.get((self.kind, name), (0, 0))
+                STATS[self.kind, name] = (raw + len(part), alone + len(_Writer.compress(part, compress)))
+        return _Writer.compress(b"".join(p for _, p in self.parts), compress)
+
+    @staticmethod
+    def compress(payload: bytes, compress: str) -> bytes:
         if compress == "lzma":
             return lzma.compress(payload, format=lzma.FORMAT_RAW, filters=_LZMA)
         if compress == "zlib":
@@ -300,18 +311,18 @@ def encode_base_block(input_ids: torch.Tensor, labels: torch.Tensor | None, logp
                       ) -> bytes:
     """One pair's tokens (t,) (+ labels (t,), -100 where unscored) and base targets (logp (n, K) sorted largest
     first, ids (n, K) in [0, 2^target_bits), rest (n,)) -> a block. id_bits: the tokens' (the vocabulary's)."""
-    w, out = _id_width(id_bits), _Writer()
-    out.small(input_ids, w)
+    w, out = _id_width(id_bits), _Writer("base")
+    out.small(input_ids, w, "input ids")
     if labels is not None:
-        out.small(torch.where(labels < 0, 0, labels.long() + 1), w)               # -100 (unscored) -> 0
-    out.small(ids, _id_width(target_bits or id_bits))
+        out.small(torch.where(labels < 0, 0, labels.long() + 1), w, "labels")     # -100 (unscored) -> 0
+    out.small(ids, _id_width(target_bits or id_bits), "ids")
     if values in FLOAT_VALUES:
-        out.floats(logp.to(FLOAT_VALUES[values]))
+        out.floats(logp.to(FLOAT_VALUES[values]), "values")
     else:
         c = _sorted_codes(logp, int(values[1:]))                                  # (n, K) non-decreasing
-        out.small(c[:, 0], 2)                                                     # the top: ~ -logp 2^e
-        out.small(c[:, 1:] - c[:, :-1], 1)
-    out.floats(rest.to(_rest_dtype(values)))
+        out.small(c[:, 0], 2, "row tops")                                         # the top: ~ -logp 2^e
+        out.small(c[:, 1:] - c[:, :-1], 1, "value gaps")
+    out.floats(rest.to(_rest_dtype(values)), "rest")
     return out.block(compress)
 
 
@@ -355,23 +366,23 @@ def encode_cf_block(logp: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor, b
                     ) -> bytes:
     """Counterfactual targets (logp (c, K) sorted largest first, ids, rest (c,)) coded against the base
     targets at the same positions (base_logp, base_ids (c, K): the values a reader decodes) -> a block."""
-    out = _Writer()
+    out = _Writer("cf")
     kept, new, at = _membership(base_ids, ids)
-    out.bits(kept)
-    out.small(ids[new], _id_width(target_bits or id_bits))
+    out.bits(kept, "kept mask")
+    out.small(ids[new], _id_width(target_bits or id_bits), "new ids")
     if values in FLOAT_VALUES:
         v = logp.to(FLOAT_VALUES[values])
-        out.floats(torch.cat([v.reshape(-1)[at], v[new]]))                        # the decoded order, row by row
+        out.floats(torch.cat([v.reshape(-1)[at], v[new]]), "values")              # the decoded order, row by row
     else:
         e = int(values[1:])
         cc, bc = _sorted_codes(logp, e), grid_codes(base_logp, e)                 # (c, K)
-        out.small(_zig(cc.reshape(-1)[at] - bc[kept]), 1)                         # kept: cf code - base code
+        out.small(_zig(cc.reshape(-1)[at] - bc[kept]), 1, "kept deltas")          # kept: cf code - base code
         cn, nn = cc[new], new.sum(1)                                              # new: in cf order, per row
         first = torch.cat([torch.zeros(1, dtype=torch.long), nn.cumsum(0)[:-1]])[nn > 0]
         d = torch.cat([cn[:1], cn[1:] - cn[:-1]]) if cn.numel() else cn
         d[first] = _zig(cn[first] - bc[nn > 0, 0])                                # a row's first: vs its base top
-        out.small(d, 1)
-    out.floats(rest.to(_rest_dtype(values)))
+        out.small(d, 1, "new values")
+    out.floats(rest.to(_rest_dtype(values)), "rest")
     return out.block(compress)
 
 
