@@ -78,6 +78,13 @@ def errors(text: str) -> list[str]:
     return [l for l in text.splitlines() if l.startswith("error:")]
 
 
+def assert_one_error(r: subprocess.CompletedProcess, pattern: str) -> None:
+    """The run exited 1 with exactly one `error:` line, and `pattern` matches that line whole."""
+    assert r.returncode == 1, r.stderr[-3000:]
+    err = errors(r.stderr)
+    assert len(err) == 1 and re.fullmatch(pattern, err[0]), r.stderr[-3000:]
+
+
 # ---- a full disk -------------------------------------------------------------------------------------
 
 def test_disk_full_at_the_checkpoint_then_restart_in_place(tmp_path, assets, small_disk):
@@ -87,11 +94,8 @@ def test_disk_full_at_the_checkpoint_then_restart_in_place(tmp_path, assets, sma
     its metrics those of one run."""
     out = small_disk / "run"
     r = run_filling(assets, out, "save_checkpoint", small_disk, steps=3)
-    assert r.returncode == 1, r.stderr[-3000:]
-    err = errors(r.stderr)
-    assert len(err) == 1 and re.fullmatch(
-        rf"error: checkpoint {re.escape(str(out))}/checkpoints/step3: the disk is full \(needs about [\d.]+ [KM]iB, "
-        r"[\d.]+ KiB free\); no checkpoint was saved before", err[0]), r.stderr[-3000:]
+    assert_one_error(r, rf"error: checkpoint {re.escape(str(out))}/checkpoints/step3: the disk is full \(needs about "
+                        r"[\d.]+ [KM]iB, [\d.]+ KiB free\); no checkpoint was saved before")
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []
     (small_disk / "filler").unlink()
@@ -107,12 +111,9 @@ def test_disk_full_at_the_export_then_resume_exports(tmp_path, assets, small_dis
     the partial folder removed; `--resume` then exports the complete run and trains nothing."""
     out = small_disk / "run"
     r = run_filling(assets, out, "export_student", small_disk, steps=2)
-    assert r.returncode == 1, r.stderr[-3000:]
-    err = errors(r.stderr)
-    assert len(err) == 1 and re.fullmatch(
-        rf"error: export {re.escape(str(out))}/student: the disk is full \(needs about [\d.]+ KiB, [\d.]+ KiB "
-        rf"free\); the checkpoint {re.escape(str(out))}/checkpoints/step2 is complete: make room and run the same "
-        r"command with --resume to export it", err[0]), r.stderr[-3000:]
+    assert_one_error(r, rf"error: export {re.escape(str(out))}/student: the disk is full \(needs about [\d.]+ KiB, "
+                        rf"[\d.]+ KiB free\); the checkpoint {re.escape(str(out))}/checkpoints/step2 is complete: "
+                        r"make room and run the same command with --resume to export it")
     assert not (out / "student").exists() and (out / "checkpoints" / "latest").read_text() == "step2"
     (small_disk / "filler").unlink()
     text = finish(launch(assets, out, steps=2, resume=True), out)
