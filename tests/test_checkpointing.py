@@ -22,6 +22,7 @@ import torch
 from iit_fast import activation_checkpointing, models
 from iit_fast.config import DistillConfig
 from iit_fast.sampling import make_alignment, sample_plan
+from multirank import grad_error, run_ranks, save_on_rank0
 from test_step import assert_same_step, run
 from test_step_decoder import causal_batch, causal_pair, plan_for
 from test_train import assets  # noqa: F401  (the main job's tiny teacher, corpus and DeepSpeed configs)
@@ -253,17 +254,7 @@ def worker_zero(out):
                                                      "grads": grads}
         engine.destroy()
         dist.barrier()
-    everyone = [None] * world
-    dist.all_gather_object(everyone, results)
-    if rank == 0:
-        torch.save(everyone, out)
-
-
-def _grad_error(a: dict, b: dict) -> float:
-    """||a - b|| / ||b|| over every parameter's gradient."""
-    num = sum(float((a[n] - b[n]).double().pow(2).sum()) for n in b)
-    den = sum(float(b[n].double().pow(2).sum()) for n in b)
-    return (num / den) ** 0.5
+    save_on_rank0(results, out)
 
 
 @pytest.mark.slow
@@ -272,22 +263,9 @@ def test_checkpointing_fast_equals_naive_under_zero(tmp_path):
     DeepSpeed config's section:
     the fast step's terms and reduced gradients equal the naive step's (fp32, 1e-5); detached keys/values
     (the negative control) do not."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
-
-    from iit_fast.engine import free_port
-    out, log = tmp_path / "zero.pt", tmp_path / "zero.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"), PYTHONPATH=str(Path(__file__).parent))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), __file__, str(out)]
-    with open(log, "w") as f:
-        p = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=1200)
-    assert p.returncode == 0 and out.exists(), f"exit {p.returncode}:\n{log.read_text()[-5000:]}"
+    out = run_ranks(__file__, tmp_path, 2, tmp_path / "zero.pt", timeout=1200,
+                    env={"PYTHONPATH": str(Path(__file__).parent)})
     for rank, res in enumerate(torch.load(out, weights_only=False)):
         for family in ("bert", "llama"):
             for stage, impl in RUNS:
@@ -295,9 +273,9 @@ def test_checkpointing_fast_equals_naive_under_zero(tmp_path):
                 assert naive["terms"].keys() == fast["terms"].keys() >= {"ce", "iit", "iit_cos", "mse"}
                 for k, v in naive["terms"].items():
                     assert abs(fast["terms"][k] - v) <= 1e-5 * abs(v), (rank, family, stage, impl, k)
-                err = _grad_error(fast["grads"], naive["grads"])
+                err = grad_error(fast["grads"], naive["grads"])
                 assert err <= 1e-5, f"{family} ZeRO-{stage} {impl}: gradient differs by {err:.2e}"
-        wrong = _grad_error(res["llama/3/flag/fast-detached"]["grads"], res["llama/3/flag/naive"]["grads"])
+        wrong = grad_error(res["llama/3/flag/fast-detached"]["grads"], res["llama/3/flag/naive"]["grads"])
         assert wrong > 1e-3, f"detached keys/values should change the gradient, changed it by {wrong:.2e}"
 
 

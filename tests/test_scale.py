@@ -29,8 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import multirank
+from multirank import grad_error, save_on_rank0
+
 REPO = Path(__file__).resolve().parent.parent
-PY = sys.executable
 B_HALF, SEQ, TARGETS, VOCAB = 3, 12, 3, 97  # b rows per micro-batch half, row length, MLM targets per row
 LR = 1e-2
 STEPS = 2
@@ -207,43 +209,14 @@ def worker_shard(out: Path):
                 step_lib._gathered = real
         results["sharded" if shard else "replicated"] = r
         dist.barrier()
-    all_ranks = [None] * world
-    dist.all_gather_object(all_ranks, results)
-    if rank == 0:
-        torch.save(all_ranks, out)
+    save_on_rank0(results, out)
 
 
 # ---- the test side ------------------------------------------------------------------------------
 
-def _env(tmp: Path, ranks: int) -> dict:
-    e = dict(os.environ)
-    e.update(TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"), TOKENIZERS_PARALLELISM="false",
-             HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", LOCAL_SIZE=str(ranks),
-             LOCAL_WORLD_SIZE=str(ranks))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        e.pop(k, None)
-    return e
-
-
 def run_ranks(tmp: Path, ranks: int, *args, timeout=600) -> Path:
-    """Run this file's worker on `ranks` gloo ranks (torch.distributed.run, a free port); its result file."""
-    from iit_fast.engine import free_port
-    out = tmp / f"{args[0]}-{ranks}.pt"
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-           __file__, str(out), *map(str, args)]
-    log = tmp / f"{args[0]}-{ranks}.log"
-    with open(log, "w") as f:
-        p = subprocess.run(cmd, cwd=tmp, env=_env(tmp, ranks), stdout=f, stderr=subprocess.STDOUT,
-                           timeout=timeout)
-    assert p.returncode == 0 and out.exists(), f"exit {p.returncode}:\n{log.read_text()[-5000:]}"
-    return out
-
-
-def _grad_error(a: dict, b: dict) -> float:
-    """||a - b|| / ||b|| over every parameter's gradient."""
-    num = sum(float((a[n] - b[n]).double().pow(2).sum()) for n in b)
-    den = sum(float(b[n].double().pow(2).sum()) for n in b)
-    return (num / den) ** 0.5
+    """Run this file's worker on `ranks` gloo ranks (multirank.run_ranks); its result file."""
+    return multirank.run_ranks(__file__, tmp, ranks, tmp / f"{args[0]}-{ranks}.pt", *args, timeout=timeout)
 
 
 def _weight_error(a: dict, b: dict) -> float:
@@ -254,13 +227,13 @@ def check_accumulation(res: dict, stages):
     for stage in stages:
         acc, big = res[f"{stage}/accum"], res[f"{stage}/big"]
         assert set(acc["grads"]) == set(big["grads"]) and len(big["grads"]) > 10
-        g_err = _grad_error(acc["grads"], big["grads"])
+        g_err = grad_error(acc["grads"], big["grads"])
         w_err = _weight_error(acc["weights"], big["weights"])
         assert g_err <= GRAD_RTOL, f"ZeRO-{stage}: gradient differs by {g_err:.3g} relative"
         assert w_err <= WEIGHT_ATOL, f"ZeRO-{stage}: weights differ by {w_err:.3g} after {STEPS} steps"
         # the weights moved (not two untouched models), and every stage trains the same model
         assert _weight_error(big["weights"], big["start"]) > 100 * WEIGHT_ATOL
-        assert _grad_error(big["grads"], res[f"{stages[0]}/big"]["grads"]) <= GRAD_RTOL
+        assert grad_error(big["grads"], res[f"{stages[0]}/big"]["grads"]) <= GRAD_RTOL
     # the losses of the micro-batches average to the big batch's loss (per-token means agree)
     for stage in stages:
         acc, big = res[f"{stage}/accum"]["losses"], res[f"{stage}/big"]["losses"]
@@ -272,7 +245,7 @@ def check_accumulation(res: dict, stages):
         # step called around the engine cannot read it at all: it fails loudly instead of training wrong
         assert "exceeds dimension size" in bypass["error"] or "shape" in bypass["error"], bypass["error"]
         return
-    g_err = _grad_error(bypass["grads"], big["grads"])
+    g_err = grad_error(bypass["grads"], big["grads"])
     assert g_err > 100 * GRAD_RTOL, f"the bypass should break ZeRO-3 accumulation, differs by only {g_err:.3g}"
     assert _weight_error(bypass["weights"], big["weights"]) > 100 * WEIGHT_ATOL
 
@@ -308,7 +281,7 @@ def test_sharded_teacher_equals_replicated_two_ranks(tmp_path):
             assert sh["terms"][s].keys() == rep["terms"][s].keys() >= {"ce", "mlm", "cos", "iit"}
             for k, v in rep["terms"][s].items():
                 assert abs(sh["terms"][s][k] - v) <= 1e-5 * abs(v) + 1e-7, (rank, s, k, sh["terms"][s][k], v)
-        assert _grad_error(sh["grads"], rep["grads"]) <= GRAD_RTOL
+        assert grad_error(sh["grads"], rep["grads"]) <= GRAD_RTOL
 
 
 # ---- faults across ranks -------------------------------------------------------------------------

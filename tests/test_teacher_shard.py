@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+import multirank  # noqa: E402
+from multirank import grad_error, save_on_rank0  # noqa: E402
+
 LR, STEPS = 1e-2, 2
 GRAD_RTOL = 1e-5  # fp32: the same arithmetic in another partitioning (test_scale.py measured <= 1.4e-7)
 # the peak-RSS teacher: Llama-shaped, 16 blocks x 1024, 4096 MLP, a 8192-token vocabulary, bf16 safetensors
@@ -206,10 +208,7 @@ def worker_equal(out: Path):
             results[f"{kind}/zero{stage}/{variant}"] = res
             del teacher
             dist.barrier()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, results)
-    if rank == 0:
-        torch.save(gathered, out)
+    save_on_rank0(results, out)
 
 
 def _rss_mb() -> tuple[float, float]:
@@ -292,37 +291,14 @@ def worker_rss(out: Path, variant: str, folder: str):
 
 # ---- the test side ------------------------------------------------------------------------------
 
-def _env(tmp: Path, ranks: int) -> dict:
-    e = dict(os.environ)
-    e.update(TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"), TOKENIZERS_PARALLELISM="false",
-             HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", LOCAL_SIZE=str(ranks),
-             LOCAL_WORLD_SIZE=str(ranks))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        e.pop(k, None)
-    return e
-
-
 # glibc with a fixed mmap threshold (128 KiB): every freed block of that size or more goes back to the OS, so
 # RSS follows the live memory (by default glibc raises the threshold as blocks are freed and keeps them)
 RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def run_ranks(tmp: Path, ranks: int, out: Path, *args, timeout=900, env=None) -> Path:
-    from iit_fast.engine import free_port
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(free_port()), __file__, str(out), *map(str, args)]
-    log = out.with_suffix(".log")
-    with open(log, "w") as f:
-        p = subprocess.run(cmd, cwd=tmp, env={**_env(tmp, ranks), **(env or {})}, stdout=f, stderr=subprocess.STDOUT,
-                           timeout=timeout)
-    assert p.returncode == 0 and out.exists(), f"exit {p.returncode}:\n{log.read_text()[-5000:]}"
-    return out
-
-
-def _grad_error(a: dict, b: dict) -> float:
-    num = sum(float((a[n] - b[n]).double().pow(2).sum()) for n in b)
-    den = sum(float(b[n].double().pow(2).sum()) for n in b)
-    return (num / den) ** 0.5
+    """Run this file's worker on `ranks` gloo ranks (multirank.run_ranks); its result file `out`."""
+    return multirank.run_ranks(__file__, tmp, ranks, out, *args, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("kind", ["masked", "causal"])
@@ -473,7 +449,7 @@ def test_shard_and_offload_teacher_equal_replicated_two_ranks(tmp_path):
                 for s in range(STEPS):
                     for k, v in rep["terms"][s].items():
                         assert abs(sh["terms"][s][k] - v) <= 1e-5 * abs(v) + 1e-7, (where, s, k, sh["terms"][s][k], v)
-                assert _grad_error(sh["grads"], rep["grads"]) <= GRAD_RTOL, where
+                assert grad_error(sh["grads"], rep["grads"]) <= GRAD_RTOL, where
                 assert rep["losses"][1] != rep["losses"][0]  # the student moved: two different steps compared
                 # never whole: partition (1/2) + one module gathered + prefetch (0.9 hidden^2 elements, fp32)
                 total, unit = sh["sizes"]["total"], sh["sizes"]["unit"]
