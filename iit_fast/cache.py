@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 DEFAULT_CACHE = Path(os.environ.get("IIT_FAST_CACHE", "~/.cache/iit_fast")).expanduser()
@@ -32,6 +34,23 @@ def built_default_teacher(cache_dir=None, family: str = "minilm") -> Path:
     if not (out / "metrics.json").is_file():
         raise FileNotFoundError(f"teacher: the default {family} teacher {out} is not built; expected it there "
                                 f"(build it with `python -m iit_fast.teacher build --family {family}`)")
+    capped = time_capped_phases(json.loads((out / "metrics.json").read_text()))
+    if capped:  # a build on a slow or busy machine: reused, but not the model the fixed recipe makes
+        warnings.warn(f"teacher: the default {family} teacher {out} was stopped by its build's time cap "
+                      f"({'; '.join(capped)}), so it is weaker than the recipe's fixed steps make it; rebuild it "
+                      f"with `python -m iit_fast.teacher build --family {family} --force` (a larger "
+                      f"--max-adapt-minutes if the machine is slow)", stacklevel=2)
+    return out
+
+
+def time_capped_phases(metrics: dict) -> list[str]:
+    """The training phases of a teacher build's metrics.json that its time cap stopped: "<phase>: <done> of
+    <planned> steps" (the planned count where the metrics hold it)."""
+    out = []
+    for name, phase in metrics.items():
+        if isinstance(phase, dict) and phase.get("stopped_by_time_cap"):
+            planned = metrics.get("steps") if name == "train_phase" else metrics.get(name.replace("_phase", "_steps"))
+            out.append(f"{name}: {phase.get('steps')}" + (f" of {planned} steps" if planned else " steps"))
     return out
 
 

@@ -191,3 +191,23 @@ def test_build_command_family_gpt2(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the MiniLM builder's options are refused for gpt2
         T.main(["build", "--family", "gpt2", "--encoder", str(tmp_path)])
     assert "--encoder / --tokenizer belong to --family minilm" in capsys.readouterr().err
+
+
+def test_reused_default_teacher_says_its_build_was_time_capped(tmp_path):
+    """A default teacher whose build hit its time cap is reused with a warning naming the phase and the
+    rebuild command; a complete build is reused silently (the control)."""
+    import warnings
+
+    from iit_fast.cache import built_default_teacher, default_teacher_dir
+
+    out = default_teacher_dir(tmp_path, "gpt2")
+    out.mkdir(parents=True)
+    metrics = {"steps": 280, "train_phase": {"steps": 60, "stopped_by_time_cap": True}}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.warns(UserWarning, match=r"time cap \(train_phase: 60 of 280 steps\).*--family gpt2 --force"):
+        assert built_default_teacher(tmp_path, "gpt2") == out
+    metrics["train_phase"]["stopped_by_time_cap"] = False
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert built_default_teacher(tmp_path, "gpt2") == out
