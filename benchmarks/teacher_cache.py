@@ -101,7 +101,7 @@ def bench_shape(shape: Shape, args, work: Path) -> tuple[list[dict], dict]:
     from iit_fast.models.student import init_student_from_teacher
     from iit_fast.step import distill_step
     from iit_fast.cache_builder import build_cache
-    from iit_fast.cache_codec import bytes_per_row
+    from iit_fast.cache_format2 import bytes_per_row
     from iit_fast.teacher_cache import CacheOptions, TeacherCache
 
     teacher_dir = args.teacher if args.teacher and _fits(args.teacher, shape) else \
@@ -201,7 +201,7 @@ def shard_targets(cache, i: int) -> dict:
 def transcode(exact, folder: Path, values: str, compress: str) -> dict:
     """The exact cache written again with `values` and `compress` into `folder` (a cache that opens and
     trains like a built one); returns the streams' byte counts (cache_codec.STATS)."""
-    from iit_fast import cache_codec
+    from iit_fast import cache_codec, cache_format2
     from iit_fast.cache_builder import write_shard
     from iit_fast.teacher_cache import _fingerprint_hash
     fmt2 = values.startswith("q")                                                 # format 2's rows, to compare
@@ -217,10 +217,10 @@ def transcode(exact, folder: Path, values: str, compress: str) -> dict:
         for i in range(exact.num_shards):
             t = shard_targets(exact, i)
             sm = t["small"]
-            if fmt2:  # fixed-size rows (cache_codec.encode), int32 tokens and labels
+            if fmt2:  # fixed-size rows (cache_format2.encode), int32 tokens and labels
                 tensors = dict(sm, input_ids=t["input_ids"].int(),
-                               **cache_codec.encode(*t["base"], values=values, id_bits=exact.id_bits),
-                               **cache_codec.encode(*t["cf"], values=values, id_bits=exact.id_bits, prefix="cf_"))
+                               **cache_format2.encode(*t["base"], values=values, id_bits=exact.id_bits),
+                               **cache_format2.encode(*t["cf"], values=values, id_bits=exact.id_bits, prefix="cf_"))
                 if t["labels"] is not None:
                     tensors["labels"] = t["labels"].int()
             else:
@@ -255,7 +255,7 @@ def bench_sizes(kind: str, a, work: Path) -> list[dict]:
     from benchmarks.teacher_cache_quality import encoding_errors, load_teacher, make_student
     from iit_fast import corpus, data
     from iit_fast.cache_builder import build_cache
-    from iit_fast.cache_codec import legacy_bytes_per_row
+    from iit_fast.cache_format2 import legacy_bytes_per_row
     from iit_fast.eval import load_validation
     from iit_fast.precision import resolve
     from iit_fast.teacher_cache import CacheOptions, TeacherCache

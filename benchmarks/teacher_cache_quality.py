@@ -58,7 +58,7 @@ def build_caches(kind, path, teacher, tok, tokenized, a, work: Path, dtype: str)
     """{k: TeacherCache} over the same rows, and their size rows. A finished cache of an earlier format in the
     work folder is reused as it is (the runs made from it stay comparable), if it holds these rows and plans."""
     from iit_fast.cache_builder import build_cache
-    from iit_fast.cache_codec import legacy_bytes_per_row
+    from iit_fast.cache_format2 import legacy_bytes_per_row
     from iit_fast.sampling import make_alignment
     from iit_fast.teacher_cache import FORMAT, CacheOptions, TeacherCache, run_fingerprint
     caches, rows = {}, []
@@ -124,7 +124,8 @@ def shared_ids(cache, kind: str, pairs: int = 32) -> float:
 @torch.no_grad()
 def encoding_errors(kind, teacher, student, val, a) -> list[dict]:
     """The sparse KL (ce at T) of `student` against the teacher's top-k stored each way, on `val` batches."""
-    from iit_fast.cache_codec import FLOAT_VALUES, bits_for, decode, encode, quantise
+    from iit_fast.cache_codec import FLOAT_VALUES, bits_for, quantise
+    from iit_fast.cache_format2 import decode, encode
     from iit_fast.eval import scored_positions
     from iit_fast.ops.head_loss.sparse import sparse_distill_head_loss_reference
     T = 2.0

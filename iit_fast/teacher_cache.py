@@ -46,7 +46,7 @@ K = top_k, D hidden):
     blocks (bytes,) uint8, block_offsets (R/2 + M R/2 + 1,), id_order (U,) int32 (`cache_codec.encode_shard`)
     hidden (T, D) (with --hidden)
   format 2 instead of the blocks: input_ids, labels (T,) int32; logp, ids, rest [, logp_top, logp_step] (N
-  rows) and the same with cf_ (C rows), as `cache_codec.encode` writes them.
+  rows) and the same with cf_ (C rows), as `cache_format2.encode` writes them.
 Rows 2j and 2j+1 are pair j: each is the other's source.
 
 The fingerprint: the teacher (SHA-256 of config.json and every weight file: sound, and ~1 s per GB),
@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from . import cache_codec
+from . import cache_codec, cache_format2
 from .cache_fingerprint import (DTYPES, FORMAT, KINDS, LOGIT_TOKENS, READS, RUN_FIELDS,  # noqa: F401 (re-exported)
                                 CacheOptions, _fingerprint_hash, compare_fingerprints, corpus_fingerprint,
                                 derived_seed, fingerprint_fields, run_fingerprint, select_rows, teacher_fingerprint)
@@ -107,7 +107,7 @@ def _required(fp: dict) -> tuple[str, ...]:
     if fp["format"] == 3:
         return _SMALL + _BLOCKS + ("blocks",) + hidden
     return (_SMALL + ("input_ids",) + (("labels",) if fp["kind"] == "masked" else ())
-            + cache_codec.names(fp["values"]) + cache_codec.names(fp["values"], "cf_") + hidden)
+            + cache_format2.names(fp["values"]) + cache_format2.names(fp["values"], "cf_") + hidden)
 
 
 class TeacherCache:
@@ -211,8 +211,8 @@ class TeacherCache:
     def _targets(self, f, a: int, b: int, prefix: str = ""):
         """Rows [a, b) of the base (prefix "") or counterfactual ("cf_") targets, decoded: (logp (n, K) fp32,
         ids (n, K) long, rest (n,) fp32)."""
-        parts = {name: f.get_slice(name)[a:b] for name in cache_codec.names(self.values, prefix)}
-        return cache_codec.decode(parts, k=self.top_k, values=self.values, id_bits=self.id_bits, prefix=prefix)
+        parts = {name: f.get_slice(name)[a:b] for name in cache_format2.names(self.values, prefix)}
+        return cache_format2.decode(parts, k=self.top_k, values=self.values, id_bits=self.id_bits, prefix=prefix)
 
     def _blocks(self, f, small, p: int, j: int, m: int):
         """Format 3: pair j's (of its shard) tokens, labels (None: causal), base and plan m's counterfactual

@@ -1,4 +1,4 @@
-"""The teacher cache's format 2 (iit_fast/cache_codec.py, iit_fast/teacher_cache.py; read, no longer
+"""The teacher cache's format 2 (iit_fast/cache_format2.py, iit_fast/teacher_cache.py; read, no longer
 written: tests/test_teacher_cache_format3.py tests the format this version writes): ids bit-packed in
 ceil(log2 V) bits, log-probs quantised (q<B>) or as a float dtype, the rest mass kept; a format-1 cache is
 refused with a message saying to rebuild; the rows are drawn across the whole corpus."""
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from iit_fast import cache_codec as codec
+from iit_fast import cache_codec, cache_format2 as codec
 from iit_fast.teacher_cache import TeacherCache, select_rows
 from test_teacher_cache import build, corpus, teacher_dir  # noqa: F401 (fixture)
 
@@ -17,7 +17,7 @@ from test_teacher_cache import build, corpus, teacher_dir  # noqa: F401 (fixture
 @pytest.mark.parametrize("vocab", [2, 97, 30522, 50257, 128256, 1 << 20])
 @pytest.mark.parametrize("k", [1, 3, 17, 64])
 def test_ids_round_trip_in_the_fewest_bits(vocab, k):
-    bits = codec.bits_for(vocab)
+    bits = cache_codec.bits_for(vocab)
     assert (1 << bits) >= vocab > (1 << (bits - 1)) or vocab == 2 and bits == 1
     ids = torch.randint(0, vocab, (11, k), generator=torch.Generator().manual_seed(vocab + k))
     ids[0] = vocab - 1                                                            # the largest id
@@ -26,7 +26,8 @@ def test_ids_round_trip_in_the_fewest_bits(vocab, k):
     assert torch.equal(codec.unpack_rows(packed, k, bits), ids)
     # a slice of rows is the rows' ids (each row starts on a byte)
     assert torch.equal(codec.unpack_rows(packed[4:7], k, bits), ids[4:7])
-    assert codec.bits_for(128256) == 17 and codec.bits_for(30522) == 15 and codec.bits_for(50257) == 16
+    bits_for = cache_codec.bits_for
+    assert bits_for(128256) == 17 and bits_for(30522) == 15 and bits_for(50257) == 16
 
 
 def targets(n=40, v=500, k=64, seed=0, scale=3.0):
@@ -41,9 +42,9 @@ def targets(n=40, v=500, k=64, seed=0, scale=3.0):
                                           ("bfloat16", 2 ** -8), ("float32", 0.0)])
 def test_values_decode_within_their_bound_and_ids_exactly(values, bound):
     logp, ids, rest = targets()
-    enc = codec.encode(logp, ids, rest, values=values, id_bits=codec.bits_for(500))
+    enc = codec.encode(logp, ids, rest, values=values, id_bits=cache_codec.bits_for(500))
     assert set(enc) == set(codec.names(values))
-    got, got_ids, got_rest = codec.decode(enc, k=64, values=values, id_bits=codec.bits_for(500))
+    got, got_ids, got_rest = codec.decode(enc, k=64, values=values, id_bits=cache_codec.bits_for(500))
     assert torch.equal(got_ids, ids)
     err = (got - logp).abs()
     if values.startswith("q"):
@@ -78,12 +79,12 @@ def test_minus_infinity_and_flat_rows():
 def test_bad_values_name_the_choices():
     for bad in ("q1", "q17", "int8", "q"):
         with pytest.raises(ValueError, match=r"values: .*expected one of .*q<B> with 2 <= B <= 16"):
-            codec.check_values(bad, 2)
+            cache_codec.check_values(bad, 2)
     for bad in ("g1", "g13", "int8", "g"):
         with pytest.raises(ValueError, match=r"values: .*expected one of .*g<E> with 2 <= E <= 12"):
-            codec.check_values(bad)
+            cache_codec.check_values(bad)
     with pytest.raises(ValueError, match=r"q<B> is format 2's \(read, not written\)"):
-        codec.check_values("q8")
+        cache_codec.check_values("q8")
 
 
 def test_format_1_cache_is_refused_with_a_rebuild_message(tmp_path, teacher_dir):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from iit_fast import cache_codec as codec
+from iit_fast import cache_format2
 from iit_fast.teacher_cache import RUN_FIELDS, TeacherCache
 from test_teacher_cache import build, teacher_dir  # noqa: F401 (fixture)
 
@@ -83,7 +84,7 @@ def test_values_within_their_bound_and_every_compressor(values, compress):
         assert (err <= (bound if bound is not None else rel * wv.abs()) + 1e-7).all()
         assert torch.allclose(grest, rest, rtol=0 if values == "float32" else 2 ** -10, atol=0)
     if values.startswith("g") and compress != "none":   # smaller than format 2's fixed rows (q8, 9-bit ids)
-        assert len(blob) + len(cblob) < 2 * 12 * codec.bytes_per_row(37, 500, "q8")
+        assert len(blob) + len(cblob) < 2 * 12 * cache_format2.bytes_per_row(37, 500, "q8")
 
 
 def test_grid_keeps_minus_infinity_and_flat_rows():
@@ -148,7 +149,7 @@ def test_a_corrupt_block_in_a_cache_is_an_error_naming_the_pair(tmp_path, teache
 
 
 def test_format_2_cache_is_still_read(tmp_path, teacher_dir):
-    """A format-2 shard (fixed-size rows: packed ids, float32 values, cache_codec.encode) holding the same
+    """A format-2 shard (fixed-size rows: packed ids, float32 values, cache_format2.encode) holding the same
     targets: this version reads it to the same pairs as the format-3 cache."""
     build(teacher_dir, tmp_path / "c", top_k=8, values="float32", hidden=False)
     new = TeacherCache.open(tmp_path / "c")
@@ -160,7 +161,7 @@ def test_format_2_cache_is_still_read(tmp_path, teacher_dir):
                  labels=torch.cat([x for p in pairs for x in reads[p, 0]["labels"]]).int())
         for prefix, key, ms in (("", "base", [0]), ("cf_", "cf", range(new.plans))):
             rows = [torch.cat([reads[p, m][key][j] for m in ms for p in pairs]) for j in range(3)]
-            t.update(codec.encode(*rows, values="float32", id_bits=new.id_bits, prefix=prefix))
+            t.update(cache_format2.encode(*rows, values="float32", id_bits=new.id_bits, prefix=prefix))
         data = save(t, metadata={"fingerprint_hash": new.meta["fingerprint_hash"]})
         (tmp_path / "c" / f"shard-{i:05d}.safetensors").write_bytes(data)
         man = json.loads((tmp_path / "c" / f"shard-{i:05d}.json").read_text())
