@@ -44,20 +44,20 @@ def slice_tiles(n: int, V: int, budget_bytes: int = DEFAULT_MEMORY_BUDGET, rows_
     return R, Vs
 
 
-def _tiles(n, V, D, mm_s, chunk_size):
-    """(R, Vs) of a pass: slice_tiles, chunk_size rows per block if given, a weight slice under SLICE_BYTES."""
+def _tiles(n, V, ws, wt, mm_s, mm_t, chunk_size):
+    """(R, Vs) of a pass: slice_tiles, chunk_size rows per block if given, both weights' slices under
+    SLICE_BYTES (never a whole-weight cast)."""
     R, Vs = slice_tiles(n, V)
     if chunk_size:
         R = max(1, min(n, int(chunk_size)))
-    return R, min(Vs, gemms.slice_rows(D, mm_s))          # never a whole-weight cast
+    return R, min(Vs, gemms.slice_rows(ws.shape[1], mm_s), gemms.slice_rows(wt.shape[1], mm_t))
 
 
 def _tiles_of(h, t, ws, wt, bs, bt, mm_s, mm_t, acc, chunk_size):
-    """(v0, v1, r0, r1, z_s, z_t): every tile's logits (R, Vs) in acc, slices outer, row blocks inner, each
-    weight slice cast once (into one reused buffer per weight when it is not in its GEMM dtype)."""
-    n, D = h.shape
-    V = ws.shape[0]
-    R, Vs = _tiles(n, V, D, mm_s, chunk_size)
+    """(v0, v1, r0, r1, W_s slice, z_s, z_t): every tile's logits (R, Vs) in acc, slices outer, row blocks
+    inner, each weight slice cast once (into one reused buffer per weight when it is not in its GEMM dtype)."""
+    n, V = h.shape[0], ws.shape[0]
+    R, Vs = _tiles(n, V, ws, wt, mm_s, mm_t, chunk_size)
     buf_s, buf_t = slice_buffer(ws, mm_s, Vs), slice_buffer(wt, mm_t, Vs)         # (Vs, D) or None
     b_s = bs.to(acc) if bs is not None else None
     b_t = bt.to(acc) if bt is not None else None
