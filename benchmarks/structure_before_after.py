@@ -17,9 +17,11 @@ Writes benchmarks/results/structure-before-after.{json,md} (unless --no-write).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -140,6 +142,7 @@ def main():
     THREADS = a.threads
     if a.clock == "cpu":
         CPU_CLOCK = Path(tempfile.mkdtemp(prefix="cpu_clock_"))
+        atexit.register(shutil.rmtree, CPU_CLOCK, ignore_errors=True)
         (CPU_CLOCK / "sitecustomize.py").write_text(SITECUSTOMIZE)
     trees = {"before": a.before.resolve(), "after": a.after.resolve()}
     LOG.parent.mkdir(exist_ok=True)
