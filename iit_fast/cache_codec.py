@@ -7,9 +7,10 @@ outside them ("rest").
 FORMAT 3 (written by this version): per pair one compressed BLOCK of its base targets (and its tokens), per
 (pair, plan) one block of its counterfactual targets, so a batch decodes only the pairs and plans it reads.
 - log-probs by `values`:
-  * "g<E>" (E in 2..12, default g7): codes c = round(-logp / 2^-E) on one fixed grid for the whole cache
-    (an absolute error of at most 2^-(E+1) nats per entry; -inf kept); a row stores its top code, then the
-    gaps between its sorted codes (small: most fit a byte);
+  * "g<E>" (E in 2..12; default g8: its sparse KL error is fp16's, benchmarks/results/teacher-cache.md):
+    codes c = round(-logp / 2^-E) on one fixed grid for the whole cache (an absolute error of at most
+    2^-(E+1) nats per entry; -inf kept); a row stores its top code, then the gaps between its sorted codes
+    (small: most fit a byte);
   * "float32" (lossless, for tests and K = V), "float16", "bfloat16": as that dtype.
 - target ids: as their rank in the shard's `id_order` (the ids that occur in it, most frequent first: a
   teacher's top-k keeps to a few thousand ids, frequent ones get small numbers), in ceil(bits / 8) bytes

@@ -42,7 +42,7 @@ class CacheOptions:
     mlm_probability: float = 0.15
     temperature: float = 2.0
     seed: int = 0                       # pairing, masks and plans
-    values: str = "g7"                  # the log-probs on disk (cache_codec): g<E>, bfloat16, float16, float32
+    values: str = "g8"                  # the log-probs on disk (cache_codec): g<E>, bfloat16, float16, float32
     compress: str = "lzma"              # each block's compressor (cache_codec.COMPRESS)
     hidden_dtype: str = "bfloat16"
     teacher_dtype: str = "float32"

@@ -22,7 +22,7 @@ What an example holds (everything the student's step needs, so training runs no 
 
 Format 3 (this version; `cache.json`'s fingerprint "format"; `cache_codec` describes it): per pair one
 compressed block of its tokens and base targets, per (pair, plan) one of its counterfactual targets coded
-against the base ones; log-probs on a grid of 2^-E nats (g7 by default) or as a float dtype. Format-2 caches
+against the base ones; log-probs on a grid of 2^-E nats (g8 by default) or as a float dtype. Format-2 caches
 (fixed-size rows: packed ids, q<B> values) are still read. A format-1 cache (fp16 values, int32 ids, the
 corpus's first rows) is refused with a message saying to rebuild it.
 
