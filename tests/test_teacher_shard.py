@@ -578,8 +578,8 @@ def test_shard_teacher_cache_reads_no_teacher_tensor(tmp_path, assets, monkeypat
         return real_open(file, *a, **k)
     monkeypatch.setattr(builtins, "open", audited_open)
     from test_train import flags
-    from iit_fast import teacher_cache as tc
-    tc._teacher_hashes.clear()  # the build above hashed the teacher in this process: hash it again
+    from iit_fast import cache_fingerprint
+    cache_fingerprint._teacher_hashes.clear()  # the build above hashed the teacher in this process: hash it again
     argv = [str(a) for a in flags(assets, tmp_path / "run", student=student_dir, teacher_cache=cache)]
     cfg, ds, _ = prepare_lib.check_inputs(argv)
     teacher, student, tokenizer, tokenized, alignment, cache_obj, load = prepare_lib.prepare(cfg, ds)
