@@ -252,7 +252,7 @@ def decode_ms(cache, batch_rows: int = 8) -> float:
 
 
 def bench_sizes(kind: str, a, work: Path) -> list[dict]:
-    from benchmarks.teacher_cache_quality import encoding_errors, load_teacher, make_student
+    from benchmarks.teacher_cache_quality import build_record, encoding_errors, load_teacher, make_student
     from iit_fast import corpus, data
     from iit_fast.cache_builder import build_cache
     from iit_fast.cache_format2 import legacy_bytes_per_row
@@ -268,15 +268,10 @@ def bench_sizes(kind: str, a, work: Path) -> list[dict]:
         opts = CacheOptions(kind=kind, max_length=128, top_k=k, plans=PLANS, max_examples=a.rows, values="float32",
                             compress="none", teacher_dtype=dtype, shard_pairs=128)
         folder = Path(a.work) / f"{kind}-k{k}-exact"                                # kept: a rerun reuses it
-        timed = folder / "build_seconds.json"
         t0 = time.perf_counter()
         meta = build_cache(path, tokenized, folder, opts, loaded=(teacher, tok), batch_rows=16, progress=False)
-        if not timed.is_file():
-            timed.write_text(json.dumps(time.perf_counter() - t0))
-        build_s = json.loads(timed.read_text())
+        build_s, (tokens, loss, cf) = build_record(folder, t0, ("tokens", "loss_tokens", "cf_targets"))
         exact = TeacherCache.open(folder)
-        mans = [json.loads(p.read_text()) for p in sorted(folder.glob("shard-*.json"))]
-        tokens, loss, cf = (sum(m[f] for m in mans) for f in ("tokens", "loss_tokens", "cf_targets"))
         tok_bytes = 8 if kind == "masked" else 4                                   # int32 ids (+ labels)
         base = {"teacher": kind, "top_k": k, "rows": meta["num_pairs"] * 2, "tokens": tokens,
                 "cf rows / token": cf / tokens, "id bits": meta["id_bits"]}

@@ -54,6 +54,16 @@ def load_teacher(kind: str, path, cache_dir):
     return str(path), teacher, tok
 
 
+def build_record(folder: Path, t0: float, fields) -> tuple[float, list]:
+    """A cache build's seconds (the first build's: a reused folder keeps its `build_seconds.json`) and its
+    shards' manifest `fields` summed."""
+    timed = folder / "build_seconds.json"
+    if not timed.is_file():
+        timed.write_text(json.dumps(time.perf_counter() - t0))
+    mans = [json.loads(p.read_text()) for p in sorted(folder.glob("shard-*.json"))]
+    return json.loads(timed.read_text()), [sum(m[f] for m in mans) for f in fields]
+
+
 def build_caches(kind, path, teacher, tok, tokenized, a, work: Path, dtype: str) -> tuple[dict, list[dict]]:
     """{k: TeacherCache} over the same rows, and their size rows. A finished cache of an earlier format in the
     work folder is reused as it is (the runs made from it stay comparable), if it holds these rows and plans."""
@@ -67,7 +77,6 @@ def build_caches(kind, path, teacher, tok, tokenized, a, work: Path, dtype: str)
         opts = CacheOptions(kind=kind, max_length=a.max_length, top_k=k, plans=PLANS, student_layers=a.student_layers,
                             max_examples=n, teacher_dtype=dtype, shard_pairs=128)
         folder = work / f"{kind}-k{k}"
-        timed = folder / "build_seconds.json"  # a finished build is reused: its time is the first build's
         t0 = time.perf_counter()
         built = json.loads((folder / "cache.json").read_text()) if (folder / "cache.json").is_file() else None
         if built and built["fingerprint"]["format"] != FORMAT:
@@ -80,14 +89,8 @@ def build_caches(kind, path, teacher, tok, tokenized, a, work: Path, dtype: str)
                   f"reused (its values: {built['fingerprint']['values']})", flush=True)
         else:
             meta = build_cache(path, tokenized, folder, opts, loaded=(teacher, tok), batch_rows=16, progress=False)
-        if not timed.is_file():
-            timed.write_text(json.dumps(time.perf_counter() - t0))
-        seconds = json.loads(timed.read_text())
+        seconds, (tokens, loss, cf, size) = build_record(folder, t0, ("tokens", "loss_tokens", "cf_targets", "bytes"))
         cache = TeacherCache.open(folder)
-        mans = [json.loads(p.read_text()) for p in sorted(folder.glob("shard-*.json"))]
-        tokens = sum(m["tokens"] for m in mans)
-        loss, cf = sum(m["loss_tokens"] for m in mans), sum(m["cf_targets"] for m in mans)
-        size = sum(m["bytes"] for m in mans)
         # format 1: ids (+ labels) int32, and at every loss token (1 + M) rows of K x (fp16 + int32) + fp32 rest
         legacy = tokens * (8 if kind == "masked" else 4) + loss * (1 + PLANS) * legacy_bytes_per_row(k)
         rows.append({"teacher": kind, "what": f"cache k={k}", "top_k": k, "rows": meta["num_pairs"] * 2,
