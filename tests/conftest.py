@@ -20,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def head_loss_recompute(monkeypatch):
+    """distill_head_loss with its backward recomputing the logits (nothing (V, D) held), the path of LLM-size
+    decoders; the tiny test decoders would otherwise get their gradients formed in the forward (tested in
+    test_ops_head_loss_eager.py)."""
+    import iit_fast.ops.head_loss as head_loss
+    monkeypatch.setattr(head_loss, "RESIDENT_GRAD_BYTES", 0)

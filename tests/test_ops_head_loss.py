@@ -10,6 +10,9 @@ from iit_fast.ops import distill_head_loss
 from iit_fast.ops.head_loss import DistillHeadLossFunction, default_chunk_size
 from iit_fast.ops.head_loss.reference import distill_head_loss_reference
 
+# the backward-recompute path; the gradients formed in the forward: test_ops_head_loss_eager.py
+pytestmark = pytest.mark.usefixtures("head_loss_recompute")
+
 
 def make(n=37, d=16, dt=24, v=97, dtype=torch.float32, p_label=0.3, mask="some", labels=True, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,9 @@ from iit_fast.ops import distill_head_loss
 from iit_fast.ops.head_loss.reference import distill_head_loss_reference
 from iit_fast.ops.head_loss.sparse import sparse_distill_head_loss, sparse_distill_head_loss_reference
 
+# the backward-recompute path; the gradients formed in the forward: test_ops_head_loss_eager.py
+pytestmark = pytest.mark.usefixtures("head_loss_recompute")
+
 N, D, V, CHUNK, SLICE_ROWS = 24, 64, 3000, 8, 128   # V*D = 192k elements; C*V = 24k; a slice 8k
 
 

@@ -20,6 +20,9 @@ from iit_fast.ops.head_loss.reference import (
 )
 from iit_fast.ops.interchange.reference import hidden_loss_reference
 
+# the backward-recompute path; the gradients formed in the forward: test_ops_head_loss_eager.py
+pytestmark = pytest.mark.usefixtures("head_loss_recompute")
+
 IMPLS = ["reference", "chunked", "native", "triton"]
 
 

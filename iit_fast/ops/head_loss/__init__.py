@@ -20,6 +20,12 @@ Nothing (V, D)-sized lives between forward and backward (the saved tensors are t
 the (N, 8) statistics; the (V, D) fp32 dW is the gradient the backward returns), at the price of the two
 logit GEMMs twice (6 GEMMs instead of 4).
 
+Small decoders trade the other way: on the CPU impls, when the decoder's fp32 (V, D) gradient fits
+`resident_grad_bytes` (default 256 MB: the default masked teacher's 30522 x 384 is 47 MB, Llama-3.2-1B's
+128256 x 2048 is 1 GB), the forward forms the gradients of kd_weight * ce + lm_weight * mlm in the same pass
+over row chunks (4 GEMMs a call) and holds them until the backward, which scales them by s when the
+grad_outputs are s * (kd_weight, lm_weight) (the step's case) and recomputes otherwise (`head_loss_eager`).
+
 with  ce = T^2 * sum_i w_kd[i] KL_i,  mlm = sum_i w_lab[i] CE_i,
 w_kd = kd_mask / n_kd,  w_lab = [y != -100] / n_lab  (both 0 when nothing counts: a defined 0, no NaN),
 
@@ -70,12 +76,18 @@ import torch
 from .._common import log_once as _log_once
 from . import native
 from .chunked import (  # noqa: F401
-    HeadLossFunction, default_chunk_size, head_loss_backward, head_loss_forward, matmul_dtype)
+    HeadLossFunction, common_scale, default_chunk_size, head_loss_backward, head_loss_eager,
+    head_loss_forward, matmul_dtype)
 from .divergence import FORWARD_KL, as_divergence
 from .reference import distill_head_loss_reference
 from .sparse import sparse_distill_head_loss
 
 IMPLS = ("auto", "reference", "chunked", "native", "triton")
+# A decoder whose fp32 weight gradient takes at most this many bytes gets its gradients formed in the forward
+# (CPU impls; `head_loss_eager`): 4 decoder GEMMs a call instead of 6, for one (V, D) fp32 buffer held until
+# the backward. At small vocabularies that buffer is cheap and the recompute is what a step pays for (the
+# default masked run: 30522 x 384, 47 MB); at LLM shapes (128256 x 2048: 1 GB a call) the backward recomputes.
+RESIDENT_GRAD_BYTES = 256 * 2**20
 __all__ = ["distill_head_loss", "sparse_distill_head_loss", "DistillHeadLossFunction", "IMPLS"]
 
 
@@ -86,16 +98,25 @@ class DistillHeadLossFunction(HeadLossFunction):
 
     @staticmethod
     def forward(ctx, hs, ht, ws, bs, wt, bt, labels, kd_mask, temperature, chunk_size, impl,
-                kd_weight=1.0, lm_weight=1.0, divergence=FORWARD_KL):
+                kd_weight=1.0, lm_weight=1.0, divergence=FORWARD_KL, resident_grad_bytes=None):
         ctx.set_materialize_grads(False)
         mm_s, mm_t = matmul_dtype(hs, ws), matmul_dtype(ht, wt)   # read before autocast is switched off
         hs2 = hs.detach().reshape(-1, hs.shape[-1])
         ht2 = ht.detach().reshape(-1, ht.shape[-1])
         y = labels.reshape(-1).to(hs.device) if (labels is not None and lm_weight != 0.0) else None
+        need = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
+        ctx.eager = None
+        args = (hs2, ht2, ws.detach(), bs.detach() if bs is not None else None, wt.detach(),
+                bt.detach() if bt is not None else None, y, kd_mask, temperature, chunk_size, impl, divergence,
+                mm_s, mm_t)
         with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
-            ce, mlm, rows = head_loss_forward(hs2, ht2, ws.detach(), bs.detach() if bs is not None else None,
-                                              wt.detach(), bt.detach() if bt is not None else None, y, kd_mask,
-                                              temperature, chunk_size, impl, divergence, mm_s, mm_t)
+            if _grad_in_forward(impl, hs, ws, kd_weight, lm_weight if y is not None else 0.0, need,
+                                resident_grad_bytes):
+                # rows.stats None: a backward that cannot scale these gradients recomputes over row chunks
+                ce, mlm, rows, grads = head_loss_eager(*args, kd_weight, lm_weight if y is not None else 0.0, need)
+                ctx.eager = (grads, kd_weight, lm_weight if y is not None else 0.0)
+            else:
+                ce, mlm, rows = head_loss_forward(*args)
         # the student's weight itself: under ZeRO-3 the backward reads what the engine gathers for it then, as
         # for any nn.Linear; the teacher's (no gradient) as read now: a teacher gathered only for the forward
         # (step.common._gathered) keeps that gathered copy alive until the backward
@@ -105,9 +126,40 @@ class DistillHeadLossFunction(HeadLossFunction):
         return ce, mlm
 
 
+def _grad_in_forward(impl, hs, ws, kd_weight, lm_weight, need, budget) -> bool:
+    """Form the gradients in the forward (`head_loss_eager`): on the CPU impls, for a student input that takes
+    a gradient, nonzero loss weights, and a decoder whose fp32 (V, D) gradient fits `budget` bytes (None:
+    RESIDENT_GRAD_BYTES; 0: never). The choice is logged once per decoder shape."""
+    if impl not in ("native", "chunked") or hs.device.type != "cpu" or not any(need):
+        return False
+    if kd_weight == 0.0 and lm_weight == 0.0:
+        return False
+    budget = RESIDENT_GRAD_BYTES if budget is None else int(budget)
+    grad_bytes = ws.shape[0] * ws.shape[1] * 4
+    eager = grad_bytes <= budget
+    _log_once(f"distill_head_loss: decoder {tuple(ws.shape)}: "
+              + (f"gradients formed in the forward (its fp32 weight gradient, {grad_bytes / 2**20:.0f} MB, "
+                 f"fits the {budget / 2**20:.0f} MB resident budget: 4 GEMMs a call)" if eager else
+                 f"gradients recomputed in the backward (its fp32 weight gradient, {grad_bytes / 2**20:.0f} MB, "
+                 f"is over the {budget / 2**20:.0f} MB resident budget: 6 GEMMs a call, nothing (V, D) held)"))
+    return eager
+
+
 def _dense_grads(ctx, g_ce, g_mlm, need):
     hs, ht, ws, bs, wt, bt, y = ctx.saved_tensors
     rows, temperature, chunk_size, impl, divergence, mm_s, mm_t = ctx.args
+    if ctx.eager is not None:
+        (dhs2, dws, dbs), kd_weight, lm_weight = ctx.eager
+        s = common_scale(g_ce, g_mlm, kd_weight, lm_weight)
+        if s is not None:
+            ctx.eager = None  # free the held gradients with the graph's first backward through here
+
+            def scaled(g, dtype):
+                return None if g is None else (g if s == 1.0 else g.mul_(s)).to(dtype)
+            return (scaled(dhs2, hs.dtype).reshape(hs.shape) if need[0] else None,
+                    scaled(dws, ws.dtype) if need[1] else None,
+                    scaled(dbs, bs.dtype) if (dbs is not None and need[2]) else None)
+        ctx.eager = None
     with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
         dhs, dws, dbs = head_loss_backward(
             hs.detach().reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), ws.detach(),
@@ -165,7 +217,7 @@ def _loss_weight(name: str, value) -> float:
 
 def distill_head_loss(student_hidden, teacher_hidden, student_weight, student_bias, teacher_weight,
                       teacher_bias, labels, kd_mask, temperature=2.0, *, chunk_size=None, impl="auto",
-                      kd_weight=1.0, lm_weight=1.0, divergence=None):
+                      kd_weight=1.0, lm_weight=1.0, divergence=None, resident_grad_bytes=None):
     """LM head + temperature KL + MLM cross-entropy, chunked so no [tokens, vocab] tensor is whole.
 
     Args:
@@ -184,6 +236,10 @@ def distill_head_loss(student_hidden, teacher_hidden, student_weight, student_bi
             grad_outputs' combination g_ce * ce + g_mlm * mlm, formed directly in the backward.
         divergence: of the ce term: a `divergence.Divergence` (e.g. `Divergence.of("jsd", beta=0.5)`), a
             name, or None = forward KL (today's op, bit for bit). ce = T^2 * weighted mean of D.
+        resident_grad_bytes: CPU impls form the gradients in the forward when the decoder's fp32 (V, D)
+            gradient fits this many bytes (4 GEMMs a call, that buffer held until the backward; None =
+            RESIDENT_GRAD_BYTES, 256 MB; 0 = never: the backward recomputes the logits, 6 GEMMs, nothing
+            (V, D) held).
     Returns:
         (ce, mlm): 0-dim fp32 tensors (fp64 for fp64 inputs), unweighted; see
         `reference.distill_head_loss_reference`. Gradients flow to student_hidden, student_weight and
@@ -197,6 +253,8 @@ def distill_head_loss(student_hidden, teacher_hidden, student_weight, student_bi
         return distill_head_loss_reference(student_hidden, teacher_hidden, student_weight, student_bias,
                                            teacher_weight, teacher_bias, labels if lm_weight != 0.0 else None,
                                            kd_mask, temperature, divergence=div)
+    if not torch.is_grad_enabled():
+        resident_grad_bytes = 0     # no gradient will be asked for (evaluation): do not form one
     return DistillHeadLossFunction.apply(student_hidden, teacher_hidden, student_weight, student_bias,
                                          teacher_weight, teacher_bias, labels, kd_mask, float(temperature),
-                                         chunk_size, which, kd_weight, lm_weight, div)
+                                         chunk_size, which, kd_weight, lm_weight, div, resident_grad_bytes)

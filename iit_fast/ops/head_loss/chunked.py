@@ -55,7 +55,7 @@ def _inner_for(impl, divergence):
 
 
 def _chunk_loop(hs, ht, gs, gt, bs, bt, labels, g_kd, g_lab, temperature, chunk, inner, acc, grads=None,
-                stats=None):
+                stats=None, losses=None):
     """One pass over the chunks; rows already restricted to the tokens that count, hs/ht in their GEMM dtypes,
     gs/gt the student's / teacher's DecoderGemms.
 
@@ -63,10 +63,12 @@ def _chunk_loop(hs, ht, gs, gt, bs, bt, labels, g_kd, g_lab, temperature, chunk,
     are then any weights (the gradient the inner step forms is dropped). grads = (dhs, dws, dbs) (the
     backward): dh into dhs (n, D), dW, db accumulated into dws, dbs (each None: not wanted), with g_kd, g_lab
     the gradient weights. stats (n, NSTATS) or None: the forward's per-row statistics go there (impl native).
+    losses: return the per-row (kl, ce) too (default: only without grads; both at once: `head_loss_eager`).
     """
     n = hs.shape[0]
-    kl_rows = torch.empty(n, dtype=acc, device=hs.device) if grads is None else None
-    ce_rows = torch.empty(n, dtype=acc, device=hs.device) if (grads is None and labels is not None) else None
+    losses = grads is None if losses is None else losses
+    kl_rows = torch.empty(n, dtype=acc, device=hs.device) if losses else None
+    ce_rows = torch.empty(n, dtype=acc, device=hs.device) if (losses and labels is not None) else None
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         zs = gs.logits(hs[s:e], bs, acc)                  # (C, V)
@@ -75,11 +77,11 @@ def _chunk_loop(hs, ht, gs, gt, bs, bt, labels, g_kd, g_lab, temperature, chunk,
         st = {} if stats is None else {"stats": stats[s:e]}
         dz, kl, ce = inner(zs, zt, lab_c, g_kd[s:e], g_lab[s:e] if lab_c is not None else None, temperature, **st)
         del zt
-        if grads is None:
+        if losses:
             kl_rows[s:e] = kl
             if ce_rows is not None:
                 ce_rows[s:e] = ce
-        else:
+        if grads is not None:
             dhs, dws, dbs = grads
             gs.grads(dz, hs[s:e], dhs[s:e] if dhs is not None else None, dws, dbs)
         del dz, zs
@@ -182,9 +184,63 @@ def head_loss_forward(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_s
                              bs.to(acc) if bs is not None else None, bt.to(acc) if bt is not None else None,
                              y_a, r.wk_a, r.wl_a, temperature, chunk, _inner_for(impl, divergence), acc,
                              stats=r.stats)
+    return (*_loss_sums(kl, ce, r, temperature, acc, hs2.device), r)
+
+
+def _loss_sums(kl, ce, r: HeadLossRows, temperature, acc, dev):
+    """(ce, mlm) of the per-row (kl, ce): T^2 * sum w_kd KL, sum w_lab CE (0 without labels)."""
     T = float(temperature)
-    ce_sum = (ce * r.wl_a).sum() if ce is not None else torch.zeros((), dtype=acc, device=hs2.device)
-    return T * T * (kl * r.wk_a).sum(), ce_sum, r
+    ce_sum = (ce * r.wl_a).sum() if ce is not None else torch.zeros((), dtype=acc, device=dev)
+    return T * T * (kl * r.wk_a).sum(), ce_sum
+
+
+def _all_rows(dh_a, rows: HeadLossRows, hs2):
+    """The (n, D) gradient of all rows from that of the rows that count (the others 0)."""
+    if dh_a is None or rows.idx is None:
+        return dh_a
+    dhs2 = torch.zeros(hs2.shape, dtype=dh_a.dtype, device=hs2.device)
+    return dhs2.index_copy_(0, rows.idx, dh_a)
+
+
+def head_loss_eager(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_size, impl, divergence, mm_s, mm_t,
+                    kd_weight, lm_weight, need):
+    """(ce, mlm, rows, (dhs2, dws, dbs)): the losses, the HeadLossRows and, in the same pass over row chunks, the gradients of
+    kd_weight * ce + lm_weight * mlm (the weights the caller applies; fp32 (fp64), each None where `need`
+    says so) w.r.t. the student's hidden (n, D), weight (V, D) and bias (V,). The backward scales them by
+    g / weight when the grad_outputs are proportional to (kd_weight, lm_weight) (`common_scale`), and
+    recomputes (`head_loss_backward`) otherwise. CPU impls (native, chunked): the proportionality is read on
+    the host."""
+    acc = torch.float64 if mm_s == torch.float64 else torch.float32
+    dev = hs2.device
+    r = HeadLossRows(hs2.shape[0], y, kd_mask, acc, dev)
+    r.stats = None
+    h_a, t_a, y_a = r.states(hs2), r.states(ht2), r.rows(y)
+    need_dh, need_dw, need_db = need
+    dh_a = torch.empty(h_a.shape, dtype=acc, device=dev) if need_dh else None              # (n_active, D)
+    dws = torch.zeros(ws.shape, dtype=acc, device=dev) if need_dw else None                # (V, D)
+    dbs = torch.zeros(ws.shape[0], dtype=acc, device=dev) if (need_db and bs is not None) else None
+    chunk = _chunk_rows(chunk_size, h_a.shape[0], ws.shape[0], mm_s, impl)
+    kl, ce = _chunk_loop(h_a.to(mm_s), t_a.to(mm_t), DecoderGemms(ws, mm_s), DecoderGemms(wt, mm_t),
+                         bs.to(acc) if bs is not None else None, bt.to(acc) if bt is not None else None, y_a,
+                         r.wk_a * kd_weight, r.wl_a * lm_weight if y_a is not None else None, temperature, chunk,
+                         _inner_for(impl, divergence), acc, grads=(dh_a, dws, dbs), losses=True)
+    return (*_loss_sums(kl, ce, r, temperature, acc, dev), r, (_all_rows(dh_a, r, hs2), dws, dbs))
+
+
+def common_scale(g_ce, g_mlm, kd_weight: float, lm_weight: float):
+    """s with (g_ce, g_mlm) == s * (kd_weight, lm_weight) to a few ulps (g: 0-dim tensors or None = 0),
+    else None: then a gradient formed for (kd_weight, lm_weight) is s times the one wanted."""
+    a = float(g_ce) if g_ce is not None else 0.0
+    b = float(g_mlm) if g_mlm is not None else 0.0
+
+    def close(x, z):
+        return abs(x - z) <= 8 * torch.finfo(torch.float32).eps * max(abs(x), abs(z))
+    if kd_weight != 0.0:
+        s = a / kd_weight
+        return s if close(b, s * lm_weight) else None
+    if lm_weight != 0.0 and a == 0.0:
+        return b / lm_weight
+    return None
 
 
 def head_loss_backward(hs2, ht2, ws, bs, wt, bt, y, rows: HeadLossRows, temperature, chunk_size, impl,
@@ -221,8 +277,4 @@ def head_loss_backward(hs2, ht2, ws, bs, wt, bt, y, rows: HeadLossRows, temperat
                     bs.to(acc) if bs is not None else None, bt.to(acc) if bt is not None else None,
                     y_a, g_kd, g_lab, temperature, chunk, _inner_for(impl, divergence), acc,
                     grads=(dh_a, dws, dbs))
-    dhs2 = dh_a
-    if need_dh and rows.idx is not None:
-        dhs2 = torch.zeros(hs2.shape, dtype=hs2.dtype, device=dev)
-        dhs2.index_copy_(0, rows.idx, dh_a)
-    return dhs2, dws, dbs
+    return _all_rows(dh_a, rows, hs2), dws, dbs
