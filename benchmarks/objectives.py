@@ -24,7 +24,7 @@ perplexity, IIA and counterfactual KL against the teacher (benchmarks/replicate.
 and plans), and generation quality without a hub (`generate.sample_quality`: the teacher's perplexity of the
 student's samples from fixed validation prompts, and their distinct bigrams). The paired differences of
 COMPARISONS by seed with a 95% t-interval; results rewritten after every run (a stop loses nothing);
-finished runs are reused.
+finished runs are reused, an unfinished one resumes from its last checkpoint (`--save-interval`).
 """
 from __future__ import annotations
 
@@ -146,7 +146,9 @@ def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
     if (out / "student" / "config.json").is_file() and info_path.is_file():
         print(f"[objectives] {out}: done before, reused", flush=True)
         return json.loads(info_path.read_text())
-    if out.exists():
+    # an unfinished run (a stopped session) continues from its last checkpoint (every --save-interval steps)
+    resume = (out / "checkpoints" / "latest").is_file()
+    if out.exists() and not resume:
         import shutil
         shutil.rmtree(out)
     cmd = [sys.executable, str(REPO / "iit_fast" / "train.py"), "--deepspeed_config", str(ds_config),
@@ -154,8 +156,9 @@ def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
            "--max_steps", str(a.steps), "--eval_interval", str(a.eval_interval), "--eval_sequences",
            str(a.train_eval_sequences), "--seed", str(seed), "--out_dir", str(out), "--alignment", a.alignment,
            "--lr", str(a.lr), "--warmup_steps", str(a.warmup_steps), "--plots", "false", "--precision", a.precision,
-           "--gen_temperature", str(a.gen_temperature)] + MODES[mode]
-    print(f"[objectives] {mode} seed {seed}: {relative(cmd[1:])}", flush=True)
+           "--gen_temperature", str(a.gen_temperature), "--save_interval", str(a.save_interval)] + MODES[mode]
+    cmd += ["--resume", "true"] if resume else []
+    print(f"[objectives] {mode} seed {seed}: {'resuming ' if resume else ''}{relative(cmd[1:])}", flush=True)
     log = a.runs_dir / f"{mode}-seed{seed}.log"
     wall = run_logged(cmd, log, f"training {mode} seed {seed}")
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -377,6 +380,8 @@ def main(argv=None):
     s.add_argument("--warmup-steps", type=int, default=5)
     s.add_argument("--gen-temperature", type=float, default=1.0)
     s.add_argument("--eval-interval", type=int, default=0, help="train.py's validations (0: start and end only)")
+    s.add_argument("--save-interval", type=int, default=50,
+                   help="train.py's checkpoints: a stopped sweep resumes its unfinished run from the last one")
     s.add_argument("--train-eval-sequences", type=int, default=32)
     s.add_argument("--eval-batches", type=int, default=8)
     s.add_argument("--eval-batch-size", type=int, default=32)

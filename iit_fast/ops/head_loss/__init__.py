@@ -137,11 +137,12 @@ def _grad_in_forward(impl, hs, ws, kd_weight, lm_weight, need, budget) -> bool:
     budget = RESIDENT_GRAD_BYTES if budget is None else int(budget)
     grad_bytes = ws.shape[0] * ws.shape[1] * 4
     eager = grad_bytes <= budget
-    _log_once(f"distill_head_loss: decoder {tuple(ws.shape)}: "
-              + (f"gradients formed in the forward (its fp32 weight gradient, {grad_bytes / 2**20:.0f} MB, "
-                 f"fits the {budget / 2**20:.0f} MB resident budget: 4 GEMMs a call)" if eager else
-                 f"gradients recomputed in the backward (its fp32 weight gradient, {grad_bytes / 2**20:.0f} MB, "
-                 f"is over the {budget / 2**20:.0f} MB resident budget: 6 GEMMs a call, nothing (V, D) held)"))
+    V, D = ws.shape
+    _log_once(f"distill_head_loss: " + (
+        f"gradients-in-forward path (decoder {V} x {D}: its fp32 weight gradient, {grad_bytes / 2**20:.0f} MB, "
+        f"fits the {budget / 2**20:.0f} MB resident budget; 4 GEMMs a call)" if eager else
+        f"recompute-in-backward path (decoder {V} x {D}: its fp32 weight gradient, {grad_bytes / 2**20:.0f} MB, "
+        f"is over the {budget / 2**20:.0f} MB resident budget; 6 GEMMs a call, nothing (V, D) held)"))
     return eager
 
 
