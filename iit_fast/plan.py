@@ -27,7 +27,8 @@ models.IntervenableLM), for the decoder families llama, qwen2 and mistral (the L
   counterfactual, the kept site, its last states and its counterfactual last states; one block's working set.
 - head loss (`ops.distill_head_loss`, recompute-in-backward design): per call the selected rows' states (the
   final norm's saved tensors, 12 D_s + 2 D_t bytes per row); transient: the chunk's logit buffers (256 MB
-  budget) and, in backward, one fp32 (V, D) weight gradient.
+  budget) and, in backward, one fp32 (V, D) weight gradient; on the CPU, a decoder whose fp32 gradient fits
+  256 MB has each call's gradients (dW, dh) formed in its forward and held to the backward instead.
 - naive (the published structure): three passes per model over all positions, full (B, S, V) logits, the
   reference losses (`ops.head_loss.reference`: log-softmax and teacher probabilities in fp32 kept for
   backward), the source pass's graph below the site.
@@ -69,6 +70,7 @@ PRECISIONS = ("fp32", "bf16-autocast", "bf16")   # bf16 = DeepSpeed's bf16 mode 
 TEACHER_PLANS = ("replicated", "zero3", "zero3-offload")
 MODES = ("fast", "naive", "standard")
 HEAD_CHUNK_BUDGET = 256 * 2**20                    # ops.head_loss.chunked.DEFAULT_MEMORY_BUDGET
+RESIDENT_GRAD_BYTES = 256 * 2**20                  # ops.head_loss.RESIDENT_GRAD_BYTES
 GiB = 2**30
 
 # bytes per token per block kept for backward: (D, I, K, H, 1) coefficients, by how the student computes
@@ -281,7 +283,14 @@ def plan(inp: PlanInput) -> Plan:
     # head loss: rows kept per call (final-norm saved tensors + teacher states), chunk buffers, backward's dW
     calls_rows = N * (2 if iit else 1)
     chunk = min(HEAD_CHUNK_BUDGET, N * V * 4 * 4)                 # chunked.default_chunk_size's buffers
-    p.parts["head-loss buffers"] = calls_rows * (12 * s.D + 2 * t.D) + chunk + V * s.D * 4
+    # CPU, a decoder whose fp32 gradient fits the op's RESIDENT_GRAD_BYTES: every call forms its gradients (dW,
+    # dh) in its forward and holds them to the backward, instead of the backward's one transient dW
+    if inp.device == "cpu" and V * s.D * 4 <= RESIDENT_GRAD_BYTES:
+        grads = (2 if iit else 1) * (V * s.D * 4 + N * s.D * 4)
+        p.detail["head loss"] = "gradients formed in the forward, held to the backward (a CPU decoder under 256 MB)"
+    else:
+        grads = V * s.D * 4
+    p.parts["head-loss buffers"] = calls_rows * (12 * s.D + 2 * t.D) + chunk + grads
     p.parts["backward working set"] = recompute + N * 4 * s.D * 2 + N * s.I * a * 2
     return p
 

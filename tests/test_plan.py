@@ -170,3 +170,20 @@ def test_plan_fit_warning_names_the_figure_only_when_the_step_does_not_fit():
     assert "\n" not in line and "fits" in line
     bert = SimpleNamespace(config=BertConfig())
     assert fit_warning(bert, bert, cfg, ds, 2_000_000, 1, "cpu") is None          # not modelled: no claim
+
+
+def test_plan_head_loss_gradients_held_on_cpu_for_small_decoders():
+    """The planner follows distill_head_loss's choice: on the CPU a decoder whose fp32 gradient fits the op's
+    RESIDENT_GRAD_BYTES has each call's gradients held from forward to backward (2 calls with IIT); a GPU,
+    or a decoder over the budget, holds one transient dW."""
+    import iit_fast.ops.head_loss as head_loss
+    import iit_fast.plan as plan_module
+    assert plan_module.RESIDENT_GRAD_BYTES == head_loss.RESIDENT_GRAD_BYTES
+    small = tiny_llama()
+    V, D, N = small.vocab_size, small.hidden_size, 2 * 32
+    base = PlanInput(teacher=small, student_layers=2, seq=32, micro_batch=2, precision="bf16-autocast")
+    gpu, cpu = plan(base), plan(dataclasses.replace(base, device="cpu"))
+    held = cpu.parts["head-loss buffers"] - gpu.parts["head-loss buffers"]
+    assert held == 2 * (V * D * 4 + N * D * 4) - V * D * 4
+    big = dataclasses.replace(base, teacher=tiny_llama(vocab_size=128256, hidden_size=2048 // 4 * 4))
+    assert plan(dataclasses.replace(big, device="cpu")).parts["head-loss buffers"] == plan(big).parts["head-loss buffers"]
