@@ -69,6 +69,10 @@ class DistillConfig:
     logit_tokens: str = "auto"         # where ce / iit are taken (see above): auto | all | masked | affected
     ops: str = "fused"                 # reference (plain PyTorch) | fused (Triton on CUDA, native on CPU)
     head_chunk: int | None = None      # tokens per chunk of the logit losses; None = from a memory budget
+    # CPU: a decoder whose fp32 weight gradient fits this many MB has its head-loss gradients formed in the
+    # forward and held to the backward (4 GEMMs a call, not 6); None = ops.head_loss.RESIDENT_GRAD_BYTES (256);
+    # 0 = always recompute in the backward (nothing (V, D) held)
+    head_resident_grad_mb: int | None = None
     # vocabulary rows the logit losses compare: len(tokenizer) when teacher and student pad their embedding
     # matrices to different sizes (e.g. 152064 vs 151936 rows over one tokenizer); None = the models'
     # vocabulary, which must then be the same size
@@ -101,6 +105,9 @@ class DistillConfig:
                 raise ValueError(f"DistillConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.head_chunk is not None and self.head_chunk < 1:
             raise ValueError(f"DistillConfig.head_chunk must be >= 1 or None, got {self.head_chunk}")
+        if self.head_resident_grad_mb is not None and self.head_resident_grad_mb < 0:
+            raise ValueError(f"DistillConfig.head_resident_grad_mb must be >= 0 (MB) or None, got "
+                             f"{self.head_resident_grad_mb}")
         if self.shared_vocab is not None and self.shared_vocab < 1:
             raise ValueError(f"DistillConfig.shared_vocab must be >= 1 or None, got {self.shared_vocab}")
         if self.suffix_groups < 1:

@@ -75,7 +75,8 @@ def test_weighted_total():
 
 @pytest.mark.parametrize("field,value", [("w_ce", -1.0), ("temperature", 0.0), ("span_fraction", 1.5),
                                          ("mode", "quick"), ("logit_tokens", "some"), ("dims", (4, 2)),
-                                         ("ops", "magic"), ("head_chunk", 0)])
+                                         ("ops", "magic"), ("head_chunk", 0),
+                                         ("head_resident_grad_mb", -1)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         DistillConfig(**{field: value})

@@ -158,7 +158,8 @@ def test_bad_pairs_are_rejected():
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
 @pytest.mark.parametrize("logit_tokens", ["all", "masked"])
-def test_fused_ops_equal_reference_ops(logit_tokens, family):
+@pytest.mark.parametrize("resident_mb", [None, 0])
+def test_fused_ops_equal_reference_ops(logit_tokens, family, resident_mb, monkeypatch):
     """ops="fused" (native C++ / chunked head loss on CPU) gives the reference ops' losses and gradients.
 
     The student is an independent random model, not a perturbed copy, and both decoder biases get a
@@ -178,7 +179,16 @@ def test_fused_ops_equal_reference_ops(logit_tokens, family):
         plan = sample_plan(batch["attention_mask"], make_alignment(spec, 4, 2), torch.Generator().manual_seed(1))
         kw = dict(mode="fast", logit_tokens=logit_tokens, w_iit_cos=0.3, w_mse=0.2, head_chunk=7)
         ref = run(teacher, student, batch, plan, DistillConfig(ops="reference", **kw))
-        fused = run(teacher, student, batch, plan, DistillConfig(ops="fused", **kw))
+        # --head_resident_grad_mb: the default (None) forms the tiny decoder's gradients in the forward,
+        # 0 recomputes them in the backward; the spy shows the flag reached the op
+        import iit_fast.ops.head_loss as head_loss
+        paths = []
+        eager, bwd = head_loss.head_loss_eager, head_loss.head_loss_backward
+        monkeypatch.setattr(head_loss, "head_loss_eager", lambda *a, **k: paths.append("eager") or eager(*a, **k))
+        monkeypatch.setattr(head_loss, "head_loss_backward", lambda *a, **k: paths.append("recompute") or bwd(*a, **k))
+        fused = run(teacher, student, batch, plan, DistillConfig(ops="fused", head_resident_grad_mb=resident_mb, **kw))
+        assert paths and set(paths) == {"eager" if resident_mb is None else "recompute"}, paths
+        monkeypatch.undo()
         assert_same_step(ref, fused)
 
 

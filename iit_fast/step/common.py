@@ -113,6 +113,8 @@ def head_losses(teacher: IntervenableMLM, student: IntervenableMLM, h_s: torch.T
         sw, sb = _vocab_rows(student.decoder_weight, vocab), _vocab_rows(student.decoder_bias, vocab)
         return ops.distill_head_loss(hs, ht, sw, sb, tw, tb, labels, kd_mask, cfg.temperature, impl=_impl(cfg),
                                      chunk_size=cfg.head_chunk, kd_weight=kd_weight, lm_weight=lm_weight,
+                                     resident_grad_bytes=(None if cfg.head_resident_grad_mb is None
+                                                          else cfg.head_resident_grad_mb * 2**20),
                                      divergence=divergence)
 
 
