@@ -139,7 +139,7 @@ def build(shape: str, seq: int, batch: int, precision: str, seed: int = 0):
     return IntervenableLM(teacher), IntervenableLM(student), data, shared
 
 
-def worker(shape, seq, batch, mode, ckpt, adamw, precision, warmup, repeats) -> dict:
+def worker(shape, seq, batch, mode, ckpt, adamw, precision, warmup, repeats, resident_mb=None) -> dict:
     from iit_fast.config import DistillConfig
     from iit_fast.flops import counted_flops
     from iit_fast.optim import make_optimizer, param_groups
@@ -150,7 +150,8 @@ def worker(shape, seq, batch, mode, ckpt, adamw, precision, warmup, repeats) -> 
     if ckpt:
         student.enable_activation_checkpointing("torch")
     dt = "bfloat16" if precision == "bf16" else "float32"
-    cfg = DistillConfig(mode=mode, teacher_dtype=dt, student_autocast=dt, shared_vocab=shared)
+    cfg = DistillConfig(mode=mode, teacher_dtype=dt, student_autocast=dt, shared_vocab=shared,
+                        head_resident_grad_mb=resident_mb)
     align = make_alignment("middle", teacher.num_layers, student.num_layers)
     plan = sample_plan(data["attention_mask"], align, torch.Generator().manual_seed(0))
     index = step_index(data, plan, cfg, "causal") if mode != "naive" else None
@@ -238,6 +239,9 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--validate", action="store_true", help="write planner-validation.{json,md} from the measured "
                     "rows (and the planner's GPU predictions), run nothing")
+    ap.add_argument("--head-resident-grad-mb", type=int, default=None,
+                    help="train.py's --head_resident_grad_mb (default: the op's 256 MB); rows with another value "
+                         "belong in a results file of their own (--name)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.validate:
@@ -300,7 +304,7 @@ def main():
                     t0 = time.time()
                     try:
                         res = run_isolated([shape, seq, args.batch, mode, ck == "on", args.adamw, precision,
-                                            args.warmup, args.repeats])
+                                            args.warmup, args.repeats, args.head_resident_grad_mb])
                     except RuntimeError as e:
                         r["skipped"] = f"failed: {str(e).splitlines()[0][:200]}" + (
                             " (killed: the machine ran out of memory)" if "exit -9" in str(e) else "")
