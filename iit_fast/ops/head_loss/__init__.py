@@ -151,16 +151,14 @@ def _dense_grads(ctx, g_ce, g_mlm, need):
     rows, temperature, chunk_size, impl, divergence, mm_s, mm_t = ctx.args
     if ctx.eager is not None:
         (dhs2, dws, dbs), kd_weight, lm_weight = ctx.eager
+        ctx.eager = None  # the held gradients go with the graph's first backward through here (a second recomputes)
         s = common_scale(g_ce, g_mlm, kd_weight, lm_weight)
         if s is not None:
-            ctx.eager = None  # free the held gradients with the graph's first backward through here
-
             def scaled(g, dtype):
                 return None if g is None else (g if s == 1.0 else g.mul_(s)).to(dtype)
             return (scaled(dhs2, hs.dtype).reshape(hs.shape) if need[0] else None,
                     scaled(dws, ws.dtype) if need[1] else None,
                     scaled(dbs, bs.dtype) if (dbs is not None and need[2]) else None)
-        ctx.eager = None
     with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
         dhs, dws, dbs = head_loss_backward(
             hs.detach().reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), ws.detach(),

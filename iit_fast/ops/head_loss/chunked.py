@@ -204,8 +204,8 @@ def _all_rows(dh_a, rows: HeadLossRows, hs2):
 
 def head_loss_eager(hs2, ht2, ws, bs, wt, bt, y, kd_mask, temperature, chunk_size, impl, divergence, mm_s, mm_t,
                     kd_weight, lm_weight, need):
-    """(ce, mlm, rows, (dhs2, dws, dbs)): the losses, the HeadLossRows and, in the same pass over row chunks, the gradients of
-    kd_weight * ce + lm_weight * mlm (the weights the caller applies; fp32 (fp64), each None where `need`
+    """(ce, mlm, rows, (dhs2, dws, dbs)): the losses, the HeadLossRows and, in the same pass over row chunks,
+    the gradients of kd_weight * ce + lm_weight * mlm (the weights the caller applies; fp32 (fp64), each None where `need`
     says so) w.r.t. the student's hidden (n, D), weight (V, D) and bias (V,). The backward scales them by
     g / weight when the grad_outputs are proportional to (kd_weight, lm_weight) (`common_scale`), and
     recomputes (`head_loss_backward`) otherwise. CPU impls (native, chunked): the proportionality is read on
