@@ -139,7 +139,8 @@ def build(shape: str, seq: int, batch: int, precision: str, seed: int = 0):
     return IntervenableLM(teacher), IntervenableLM(student), data, shared
 
 
-def worker(shape, seq, batch, mode, ckpt, adamw, precision, warmup, repeats, resident_mb=None) -> dict:
+def worker(shape, seq, batch, mode, ckpt, adamw, precision, warmup, repeats, resident_mb=None,
+           profile=False) -> dict:
     from iit_fast.config import DistillConfig
     from iit_fast.flops import counted_flops
     from iit_fast.optim import make_optimizer, param_groups
@@ -157,7 +158,8 @@ def worker(shape, seq, batch, mode, ckpt, adamw, precision, warmup, repeats, res
     index = step_index(data, plan, cfg, "causal") if mode != "naive" else None
     params = [p for p in student.parameters() if p.requires_grad]
     opt = make_optimizer(param_groups(student, 0.01), lr=1e-5) if adamw else None
-    flops = counted_flops(teacher, student, data, plan, cfg)["naive" if mode == "naive" else "fast"]
+    counted = counted_flops(teacher, student, data, plan, cfg)
+    flops = counted["naive" if mode == "naive" else "fast"]
     build_peak = hwm_bytes()
     purged = purge_allocator()
     rss_models = current_rss_bytes()
@@ -173,9 +175,22 @@ def worker(shape, seq, batch, mode, ckpt, adamw, precision, warmup, repeats, res
         last["loss"] = float(out.loss.detach())
 
     reset_hwm()
-    t, times = median_time(step, repeats=repeats, warmup=warmup)
-    return {"seconds": t, "times": times, "step_peak_bytes": hwm_bytes(), "rss_runtime_bytes": rss_runtime,
+    if profile:   # the warm-up steps, then one step under torch.profiler: self time per op (see profile_table)
+        for _ in range(warmup):
+            step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+            t0 = time.perf_counter()
+            step()
+            t = time.perf_counter() - t0
+        times = [t]
+        ops = [{"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6, "flops": e.flops}
+               for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    else:
+        t, times = median_time(step, repeats=repeats, warmup=warmup)
+        ops = None
+    return {"profile": ops, "seconds": t, "times": times, "step_peak_bytes": hwm_bytes(), "rss_runtime_bytes": rss_runtime,
             "rss_models_bytes": rss_models, "build_peak_bytes": build_peak, "counted_flops": flops,
+            "head_recompute_flops": counted["head_recompute"] if mode != "naive" else 0,
             "loss": last["loss"], "site_t": plan.teacher_layers[0], "site_s": plan.student_layer,
             "base_start": plan.base_start.tolist(), "threads": torch.get_num_threads(), "purged": purged}
 
@@ -202,7 +217,7 @@ def checkpointing_available() -> tuple[bool, str]:
     return False, "checkpointing rows skipped: IntervenableLM has no enable_activation_checkpointing (not landed)"
 
 
-def planned_peak(shape, seq, batch, mode, ckpt, adamw, precision, q0="worst") -> int | None:
+def planned_peak(shape, seq, batch, mode, ckpt, adamw, precision, q0="worst", resident_mb=None) -> int | None:
     """The planner's estimate of the row's step peak (bytes, models included), or None without a planner."""
     try:
         from iit_fast.plan import PlanInput, plan
@@ -211,7 +226,8 @@ def planned_peak(shape, seq, batch, mode, ckpt, adamw, precision, q0="worst") ->
     factory, student_layers, shared = SHAPES[shape]
     p = plan(PlanInput(teacher=factory(), student_layers=student_layers, seq=seq, micro_batch=batch, mode=mode,
                        precision="bf16-autocast" if precision == "bf16" else "fp32", activation_checkpointing=ckpt, optimizer=adamw, shared_vocab=shared,
-                       device="cpu", q0=q0))
+                       device="cpu", q0=q0,
+                       head_resident_grad_bytes=None if resident_mb is None else resident_mb * 2**20))
     return p.total
 
 
@@ -242,6 +258,10 @@ def main():
     ap.add_argument("--head-resident-grad-mb", type=int, default=None,
                     help="train.py's --head_resident_grad_mb (default: the op's 256 MB); rows with another value "
                          "belong in a results file of their own (--name)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one step per mode under torch.profiler after --warmup steps: self time by op category, "
+                         "fast against naive scaled by the FLOP model; writes <name> (default "
+                         "llm-shapes-profile-<device>), not the timed rows")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.validate:
@@ -268,6 +288,9 @@ def main():
             .split(",")]
     precision, why = decide_precision(args.precision)
     print(f"precision: {precision} ({why})", flush=True)
+    if args.profile:
+        profile_main(args, shapes, seqs, modes, ckpts, precision)
+        return
     ck_ok, ck_why = checkpointing_available()
     print(f"checkpointing: {ck_why}", flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -289,7 +312,8 @@ def main():
                     if ck == "on" and not ck_ok:
                         print(f"skip {r}: {ck_why}", flush=True)
                         continue
-                    est = planned_peak(shape, seq, args.batch, mode, ck == "on", args.adamw, precision)
+                    est = planned_peak(shape, seq, args.batch, mode, ck == "on", args.adamw, precision,
+                                       resident_mb=args.head_resident_grad_mb)
                     import psutil
                     avail = psutil.virtual_memory().available
                     r["planned_peak_GiB"] = None if est is None else est / 2**30
@@ -347,8 +371,15 @@ def summarise(rows: list[dict], peak: float) -> list[dict]:
         if "fast" in g and "naive" in g:
             speed = g["naive"]["ms/step"] / g["fast"]["ms/step"]
             model = g["naive"]["GFLOP/step"] / g["fast"]["GFLOP/step"]
+            # the FLOPs the fast step executes: + the head loss's recompute when its path recomputed (flops.py)
+            raw = g["fast"].get("raw", {})
+            extra = (raw.get("head_recompute_flops") if any("recompute-in-backward" in p
+                                                            for p in raw.get("ops_path", [])) else 0)
+            executed = None if extra is None else g["naive"]["GFLOP/step"] / (g["fast"]["GFLOP/step"] + extra / 1e9)
             out.append({"shape": k[0], "seq": k[1], "batch": k[2], "checkpointing": k[3], "adamw": k[4],
                         "fast/naive speedup": speed, "FLOP model": model, "speedup / model": speed / model,
+                        "model, head recompute counted": executed,
+                        "speedup / that": None if executed is None else speed / executed,
                         "fast/naive step peak": g["fast"]["step peak GiB"] / g["naive"]["step peak GiB"]})
     return out
 
@@ -359,7 +390,8 @@ def write(name, rows: dict, peaks, load, peak_dtype, args):
     peak = max(peaks)
     for r in rows:   # the current planner's figure (the memory check at run time may have used an older one)
         est = planned_peak(r["shape"], r["seq"], r["batch"], r["mode"], r["checkpointing"] == "on", r["adamw"],
-                           r["precision"], r.get("raw", {}).get("base_start", "worst"))
+                           r["precision"], r.get("raw", {}).get("base_start", "worst"),
+                           resident_mb=args.head_resident_grad_mb)
         r["planned_peak_GiB"] = None if est is None else est / 2**30
     summary = summarise(rows, peak)
     m = machine()
@@ -373,6 +405,11 @@ def write(name, rows: dict, peaks, load, peak_dtype, args):
     from benchmarks.common import markdown_table
     notes = ("## fast / naive against the FLOP model (flops.counted_flops), and peak memory\n\n"
              + markdown_table(summary) +
+             "\n'FLOP model' = counted_flops naive / fast, the method's FLOPs. 'model, head recompute counted' adds "
+             "to the fast step what its head loss executes beyond that when it recomputes the logits in the "
+             "backward (flops.py's head_recompute: a decoder over the resident budget, as Llama's 128256 x 2048), "
+             "the memory-for-FLOPs trade of ops/head_loss; '-' where the row's record predates that figure. "
+             "`--profile` (llm-shapes-profile-cpu.md) splits a step's time by op.\n" +
              f"\nMatmul peak ({peak_dtype}, benchmarks/peak.py, best of {args.peak_repeats} per GEMM shape, "
              f"measured at the start and end of every invocation): {', '.join(f'{p:.0f}' for p in peaks)} GFLOP/s; "
              f"MFU uses the largest, {peak:.0f} (measured under the same load as the rows: on a shared machine both are depressed, so MFU is loose). Each row: `warmup` step(s), then the median of `repeats` timed "
@@ -389,6 +426,111 @@ def write(name, rows: dict, peaks, load, peak_dtype, args):
     payload = {"machine": m, "matmul_peak_gflops": peaks, "peak_dtype": peak_dtype, "summary": summary}
     write_results(name, payload, rows, cols, title=f"Distillation step at LLM shapes ({m['device']})", notes=notes)
 
+
+
+# ---- where the time goes: fast against naive, op by op ---------------------------------------------------------
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot",
+            "aten::addbmm"}
+COPY_OPS = {"aten::copy_", "aten::_to_copy", "aten::clone", "aten::cat", "aten::index", "aten::index_select",
+            "aten::index_put_", "aten::_index_put_impl_", "aten::scatter_", "aten::scatter_add_", "aten::gather",
+            "aten::index_add_", "aten::masked_fill_", "aten::where", "aten::stack", "aten::embedding_dense_backward",
+            "aten::embedding"}
+ALLOC_OPS = {"aten::empty", "aten::empty_strided", "aten::zeros", "aten::zero_", "aten::fill_", "aten::empty_like",
+             "aten::zeros_like", "aten::full", "aten::ones_like", "aten::new_zeros", "aten::new_empty_strided"}
+
+
+def op_category(op: str) -> str:
+    if op in GEMM_OPS:
+        return "GEMM"
+    if "scaled_dot_product" in op or "flash_attention" in op:
+        return "attention (SDPA)"
+    if op in COPY_OPS:
+        return "copies, casts, gathers"
+    if op in ALLOC_OPS:
+        return "allocation, fill"
+    if op.startswith("aten::"):
+        return "other aten (elementwise, norms, reductions)"
+    return "non-aten (custom ops, autograd engine, Python)"
+
+
+def profile_main(args, shapes, seqs, modes, ckpts, precision):
+    """One profiled step per (shape, seq, checkpointing, mode); the report names, per op category, the fast step's
+    self time against the naive step's scaled by the FLOP model (counted_flops fast / naive): the excess of each
+    category is where the fast step falls short of the model."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = args.name or f"llm-shapes-profile-{device}"
+    runs, load = [], [os.getloadavg()]
+    for shape in shapes:
+        for seq in seqs:
+            for ck in ckpts:
+                got = {}
+                for mode in modes:
+                    res = run_isolated([shape, seq, args.batch, mode, ck == "on", args.adamw, precision,
+                                        args.warmup, 1, args.head_resident_grad_mb, True])
+                    got[mode] = res
+                    print(f"{shape} {seq} b{args.batch} ckpt {ck} {mode}: {res['seconds']:.1f} s profiled", flush=True)
+                runs.append({"shape": shape, "seq": seq, "batch": args.batch, "checkpointing": ck, "modes": got})
+    load.append(os.getloadavg())
+    m = machine()
+    m["amx"] = "amx_bf16" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else "")
+    m["allocator"] = "jemalloc (LD_PRELOAD) in every worker, as benchmarks/step.py sets it"
+    m["load_average_1_5_15"] = load
+    rows, notes = [], ""
+    for run in runs:
+        g = run["modes"]
+        if "fast" not in g or "naive" not in g:
+            continue
+        ratio = g["fast"]["counted_flops"] / g["naive"]["counted_flops"]
+        cat = {mode: {} for mode in g}
+        for mode, res in g.items():
+            for o in res["profile"]:
+                c = cat[mode].setdefault(op_category(o["op"]), {"s": 0.0, "flops": 0})
+                c["s"] += o["self_s"]
+                c["flops"] += o["flops"] or 0
+        label = f"{run['shape']} {run['seq']} x {run['batch']}, checkpointing {run['checkpointing']}"
+        for c in sorted(set(cat["fast"]) | set(cat["naive"]), key=lambda c: -cat["fast"].get(c, {"s": 0})["s"]):
+            f, n = cat["fast"].get(c, {"s": 0.0, "flops": 0}), cat["naive"].get(c, {"s": 0.0, "flops": 0})
+            rows.append({"row": label, "category": c, "naive s": n["s"], "fast s": f["s"],
+                         "fast s if on the model": n["s"] * ratio, "excess s": f["s"] - n["s"] * ratio,
+                         "naive GFLOP/s": n["flops"] / n["s"] / 1e9 if n["flops"] and n["s"] else None,
+                         "fast GFLOP/s": f["flops"] / f["s"] / 1e9 if f["flops"] and f["s"] else None})
+        tf, tn = g["fast"]["seconds"], g["naive"]["seconds"]
+        gemm = {mode: sum(o["flops"] or 0 for o in g[mode]["profile"] if o["op"] in GEMM_OPS) for mode in g}
+        rec = g["fast"].get("head_recompute_flops", 0) if any("recompute-in-backward" in p
+                                                               for p in g["fast"].get("ops_path", [])) else 0
+        notes += (f"\n{label}: GEMM TFLOP counted by the profiler (in-place addmm_ not counted): naive "
+                  f"{gemm['naive'] / 1e12:.2f} against the model's {g['naive']['counted_flops'] / 1e12:.2f} "
+                  f"(the rest is attention); fast {gemm['fast'] / 1e12:.2f} against the model's "
+                  f"{g['fast']['counted_flops'] / 1e12:.2f}"
+                  + (f" + the head loss's recompute {rec / 1e12:.2f}" if rec else "") + ".\n")
+        notes += (f"\n{label}: step (profiled) naive {tn:.1f} s, fast {tf:.1f} s; the FLOP model's fast/naive "
+                  f"{ratio:.3f} puts fast at {tn * ratio:.1f} s: {tf - tn * ratio:+.1f} s off the model "
+                  f"(speedup / model {tn / tf * ratio:.2f}).\n\nTop ops by the fast step's excess over the model "
+                  "(self s):\n\n")
+        by = {mode: {o["op"]: o for o in g[mode]["profile"]} for mode in ("fast", "naive")}
+        ops = sorted(set(by["fast"]) | set(by["naive"]), key=lambda op: -(by["fast"].get(op, {}).get("self_s", 0)
+                     - by["naive"].get(op, {}).get("self_s", 0) * ratio))
+        from benchmarks.common import markdown_table
+        notes += markdown_table([{"op": op, "naive calls": by["naive"].get(op, {}).get("calls", 0),
+                                  "fast calls": by["fast"].get(op, {}).get("calls", 0),
+                                  "naive s": by["naive"].get(op, {}).get("self_s", 0.0),
+                                  "fast s": by["fast"].get(op, {}).get("self_s", 0.0),
+                                  "excess s": by["fast"].get(op, {}).get("self_s", 0.0)
+                                  - by["naive"].get(op, {}).get("self_s", 0.0) * ratio} for op in ops[:15]])
+    notes += ("\nOne step per mode under torch.profiler (CPU activities, with FLOPs), after "
+              f"{args.warmup} warm-up step(s), each mode in a fresh process; self time per op summed by category. "
+              "'fast s if on the model' = naive s x the FLOP model's fast/naive; 'excess' = fast s minus that: "
+              "a positive excess is time the fast step spends beyond what its FLOP count predicts. "
+              "GFLOP/s from the profiler's FLOP counts (GEMMs only).\n"
+              f"Reproduce: `python benchmarks/llm_shapes.py --profile --shapes <shape> --seqs <seq> --batch <b> "
+              "--modes naive,fast --checkpointing off`.\n")
+    payload = {"machine": m, "runs": [{k: v for k, v in r.items()} for r in runs]}
+    cols = ["row", "category", "naive s", "fast s", "fast s if on the model", "excess s", "naive GFLOP/s",
+            "fast GFLOP/s"]
+    write_results(name, payload, rows, cols, title=f"Where the step's time goes at LLM shapes ({m['device']})",
+                  notes=notes)
+    print(f"wrote benchmarks/results/{name}.md", flush=True)
 
 
 # ---- the planner's validation (iit_fast/plan.py against the measured rows) -------------------------------------

@@ -31,7 +31,7 @@ def _head_flops(model: IntervenableMLM, vocab: int) -> int:
 def counted_flops(teacher: IntervenableMLM, student: IntervenableMLM, batch: dict, plan: InterventionPlan | None,
                   cfg: DistillConfig) -> dict[str, int]:
     """FLOPs of one step on `batch` with `plan`, as each mode computes it: {"naive", "fast",
-    "fast_full_suffix", "saved"}. The teacher runs forward only; the student's backward counts twice its
+    "fast_full_suffix", "saved", "head_recompute"}. The teacher runs forward only; the student's backward counts twice its
     forward; losses, norms and the interchange are not counted (O(tokens x width)).
 
     naive: three full passes per model with full-vocabulary logits (the source pass's backward only below
@@ -40,6 +40,12 @@ def counted_flops(teacher: IntervenableMLM, student: IntervenableMLM, batch: dic
     only and takes logits at positions >= b only; "fast_full_suffix" is the fast step without that reuse
     (every position from the block after the site; counterfactual logits wherever `iit` is taken), and
     "saved" = fast_full_suffix - fast (0 for masked LMs).
+
+    "head_recompute": what the fused head loss adds to "fast" when its backward recomputes the decoder logits
+    (both models' (rows, V) GEMMs again, for each call's rows) instead of holding the gradients formed in the
+    forward: always on the device path; on the CPU when the decoder's fp32 (V, D) gradient exceeds
+    head_resident_grad_mb (ops/head_loss). The model ("fast") leaves it out, as MFU leaves out a checkpointed
+    forward's recompute: it is memory bought with FLOPs, not work the method needs.
     """
     am, labels = batch["attention_mask"], batch["labels"]
     B, S = am.shape
@@ -75,4 +81,6 @@ def counted_flops(teacher: IntervenableMLM, student: IntervenableMLM, batch: dic
                                + 3 * block_flops(student, range(s_l + 1, student.num_layers), S - q0, S))
             out[name] += suffix + int(cf_rows[name].sum()) * (ht + 3 * hs) * (cfg.w_iit > 0)
     out["saved"] = out["fast_full_suffix"] - out["fast"]
+    loss_rows = base_rows + (int(cf_rows["fast"].sum()) if cfg.uses_iit and cfg.w_iit > 0 else 0)
+    out["head_recompute"] = loss_rows * 2 * vocab * (teacher.hidden_size + student.hidden_size)
     return out

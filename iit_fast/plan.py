@@ -158,6 +158,7 @@ class PlanInput:
     suffix_groups: int = 4
     student_site: int | None = None   # default: alignment "middle"
     teacher_site: int | None = None
+    head_resident_grad_bytes: int | None = None   # DistillConfig.head_resident_grad_mb in bytes (None: the op's)
 
 
 @dataclass
@@ -285,9 +286,11 @@ def plan(inp: PlanInput) -> Plan:
     chunk = min(HEAD_CHUNK_BUDGET, N * V * 4 * 4)                 # chunked.default_chunk_size's buffers
     # CPU, a decoder whose fp32 gradient fits the op's RESIDENT_GRAD_BYTES: every call forms its gradients (dW,
     # dh) in its forward and holds them to the backward, instead of the backward's one transient dW
-    if inp.device == "cpu" and V * s.D * 4 <= RESIDENT_GRAD_BYTES:
+    budget = RESIDENT_GRAD_BYTES if inp.head_resident_grad_bytes is None else inp.head_resident_grad_bytes
+    if inp.device == "cpu" and V * s.D * 4 <= budget:
         grads = (2 if iit else 1) * (V * s.D * 4 + N * s.D * 4)
-        p.detail["head loss"] = "gradients formed in the forward, held to the backward (a CPU decoder under 256 MB)"
+        p.detail["head loss"] = (f"gradients formed in the forward, held to the backward (a CPU decoder under "
+                                 f"{budget / 2**20:g} MB)")
     else:
         grads = V * s.D * 4
     p.parts["head-loss buffers"] = calls_rows * (12 * s.D + 2 * t.D) + chunk + grads
@@ -371,6 +374,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--activation_checkpointing", action="store_true")
     ap.add_argument("--no_optimizer", action="store_true", help="leave out the AdamW state")
     ap.add_argument("--shared_vocab", type=int, default=None)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="where the step runs: on the CPU the head loss may hold its gradients (see below)")
+    ap.add_argument("--head_resident_grad_mb", type=int, default=None,
+                    help="train.py's flag of that name: on the CPU, a decoder whose fp32 gradient fits this "
+                         "budget holds its gradients from forward to backward (default: the op's 256 MB)")
     ap.add_argument("--q0", default="worst", choices=["worst", "expected"],
                     help="the counterfactual suffix's start: worst case (what must fit) or expected")
     ap.add_argument("--device_memory_gb", type=float, default=None, help="print the largest micro-batch that fits")
@@ -384,7 +392,9 @@ def run(args) -> None:
                     micro_batch=args.micro_batch, mode=args.mode, precision=args.precision,
                     zero_stage=args.zero_stage, teacher_plan=args.teacher_plan, world_size=args.world_size,
                     activation_checkpointing=args.activation_checkpointing, optimizer=not args.no_optimizer,
-                    shared_vocab=args.shared_vocab, q0=args.q0)
+                    shared_vocab=args.shared_vocab, q0=args.q0, device=args.device,
+                    head_resident_grad_bytes=None if args.head_resident_grad_mb is None
+                    else args.head_resident_grad_mb * 2**20)
     pl = plan(inp)
     fit = None
     if args.device_memory_gb is not None:
@@ -413,7 +423,9 @@ def fit_warning(teacher, student, cfg, ds: dict, micro_batch: int, world_size: i
                     teacher_plan="zero3" if getattr(cfg, "teacher_deepspeed_config", None) else "replicated",
                     world_size=world_size, activation_checkpointing=bool(getattr(cfg, "activation_checkpointing",
                                                                                  False)),
-                    shared_vocab=d.shared_vocab, q0="worst")
+                    shared_vocab=d.shared_vocab, q0="worst", device=torch.device(device).type,
+                    head_resident_grad_bytes=None if d.head_resident_grad_mb is None
+                    else d.head_resident_grad_mb * 2**20)
     try:
         pl = plan(inp)
     except ValueError:       # a combination the planner does not model: no claim

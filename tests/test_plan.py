@@ -187,3 +187,8 @@ def test_plan_head_loss_gradients_held_on_cpu_for_small_decoders():
     assert held == 2 * (V * D * 4 + N * D * 4) - V * D * 4
     big = dataclasses.replace(base, teacher=tiny_llama(vocab_size=128256, hidden_size=2048 // 4 * 4))
     assert plan(dataclasses.replace(big, device="cpu")).parts["head-loss buffers"] == plan(big).parts["head-loss buffers"]
+    # --head_resident_grad_mb reaches the planner: 0 never holds, a budget over the decoder's gradient holds
+    assert plan(dataclasses.replace(base, device="cpu", head_resident_grad_bytes=0)).parts["head-loss buffers"] \
+        == gpu.parts["head-loss buffers"]
+    held_big = plan(dataclasses.replace(big, device="cpu", head_resident_grad_bytes=2 * 2**30))
+    assert held_big.parts["head-loss buffers"] > plan(big).parts["head-loss buffers"] + 128256 * 2048 * 4

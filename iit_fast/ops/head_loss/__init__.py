@@ -109,12 +109,12 @@ class DistillHeadLossFunction(HeadLossFunction):
         args = (hs2, ht2, ws.detach(), bs.detach() if bs is not None else None, wt.detach(),
                 bt.detach() if bt is not None else None, y, kd_mask, temperature, chunk_size, impl, divergence,
                 mm_s, mm_t)
+        lm_used = lm_weight if y is not None else 0.0     # no labels: the LM term is absent, not weighted
         with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
-            if _grad_in_forward(impl, hs, ws, kd_weight, lm_weight if y is not None else 0.0, need,
-                                resident_grad_bytes):
+            if _grad_in_forward(impl, hs, ws, kd_weight, lm_used, need, resident_grad_bytes):
                 # rows.stats None: a backward that cannot scale these gradients recomputes over row chunks
-                ce, mlm, rows, grads = head_loss_eager(*args, kd_weight, lm_weight if y is not None else 0.0, need)
-                ctx.eager = (grads, kd_weight, lm_weight if y is not None else 0.0)
+                ce, mlm, rows, grads = head_loss_eager(*args, kd_weight, lm_used, need)
+                ctx.eager = (grads, kd_weight, lm_used)
             else:
                 ce, mlm, rows = head_loss_forward(*args)
         # the student's weight itself: under ZeRO-3 the backward reads what the engine gathers for it then, as
