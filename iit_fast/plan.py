@@ -24,18 +24,24 @@ models.IntervenableLM), for the decoder families llama, qwen2 and mistral (the L
   q0: "worst" (every group from position 0: what a micro-batch must fit), "expected" (the mean of the sorted
   span starts per group), or the plan's actual starts.
 - teacher (no grad): its key/value cache over every block (2 K_t per token per block, in its dtype) for the
-  counterfactual, the kept site, its last states and its counterfactual last states; one block's working set.
+  counterfactual, the kept site, its last states and its counterfactual last states; one block's working set
+  (transient: live in its forward only, before the student's activations exist).
 - head loss (`ops.distill_head_loss`, recompute-in-backward design): per call the selected rows' states (the
   final norm's saved tensors, 12 D_s + 2 D_t bytes per row); transient: the chunk's logit buffers (256 MB
-  budget) and, in backward, one fp32 (V, D) weight gradient; on the CPU, a decoder whose fp32 gradient fits
-  256 MB has each call's gradients (dW, dh) formed in its forward and held to the backward instead.
+  budget) and, in backward, one fp32 (V, D) weight gradient per call (with iit the two calls' gradients are
+  both live in autograd's input buffer before they reach the weight); on the CPU, a decoder whose fp32
+  gradient fits 256 MB (--head_resident_grad_mb) has each call's gradients (dW, dh) formed in its forward and
+  held to the backward instead.
 - naive (the published structure): three passes per model over all positions, full (B, S, V) logits, the
   reference losses (`ops.head_loss.reference`: log-softmax and teacher probabilities in fp32 kept for
   backward), the source pass's graph below the site.
 
-The peak: the weights, the optimizer state and the teacher's part are resident; the step's peak is the larger
-of the start of backward (every saved activation, the head loss's backward buffers, the decoder's gradient)
-and its end (every gradient): the blocks' gradients land as their activations are freed, so the two do not add.
+The peak: the weights, the optimizer state and the teacher's kept states are resident; the step's peak is the
+largest of the teacher's forward (its block working set), the start of backward (every saved activation, the
+decoder's gradient, and the larger of the head losses' backward buffers and a block's backward working set:
+the head losses' backward runs before the blocks') and its end (every gradient, and a tied embedding's dense
+gradient before it is added to the decoder's): the blocks' gradients land as their activations are freed, so
+the two do not add.
 
 Weights, gradients and optimizer state follow ZeRO's accounting (Rajbhandari et al. 2020): fp32 weights 4 + 4
 (grads) + 8 (AdamW moments); DeepSpeed bf16 mode 2 + 2 + 12 (fp32 master + moments), the optimizer part
@@ -111,6 +117,7 @@ class Dims:
     params: int       # every parameter, tied ones once
     block_params: int  # one block's parameters
     block_matrices: int  # one block's 2-D weights (what autocast casts)
+    tied: bool = False   # the decoder is the embedding matrix
 
 
 def dims_of(config, layers: int | None = None) -> Dims:
@@ -134,7 +141,8 @@ def dims_of(config, layers: int | None = None) -> Dims:
                 getattr(config, "num_key_value_heads", H) * hd, config.vocab_size,
                 getattr(config, "max_position_embeddings", 0) or 0,
                 sum(p.numel() for p in params.values()), sum(p.numel() for p in block.parameters()),
-                sum(p.numel() for p in block.parameters() if p.dim() == 2))
+                sum(p.numel() for p in block.parameters() if p.dim() == 2),
+                model.get_input_embeddings().weight is model.get_output_embeddings().weight)
 
 
 @dataclass
@@ -166,6 +174,7 @@ class Plan:
     parts: dict[str, int] = field(default_factory=dict)     # bytes per rank
     detail: dict[str, str] = field(default_factory=dict)
     head_grad: int = 0       # the decoder's gradient: the first one backward makes (the head loss's)
+    embed_grad: int = 0      # a tied embedding's dense gradient, the last one, before it joins the weight's
 
     @property
     def total(self) -> int:
@@ -173,10 +182,12 @@ class Plan:
         pa = self.parts
         resident = sum(pa.get(k, 0) for k in ("teacher weights", "student weights", "optimizer state",
                                               "teacher activations"))
-        start = sum(pa.get(k, 0) for k in ("student activations", "counterfactual passes", "head-loss buffers",
-                                           "backward working set")) + self.head_grad
-        end = pa.get("student grads", 0) + pa.get("backward working set", 0)
-        return resident + max(start, end)
+        # backward: the head losses' backward first (their buffers and the decoder's gradient), then the blocks
+        # one at a time (the working set); the two phases do not overlap
+        start = (pa.get("student activations", 0) + pa.get("counterfactual passes", 0) + self.head_grad
+                 + max(pa.get("head-loss buffers", 0), pa.get("backward working set", 0)))
+        end = pa.get("student grads", 0) + max(pa.get("backward working set", 0), self.embed_grad)
+        return resident + max(start, end, pa.get("teacher working set", 0))
 
 
 def _suffix_tokens(inp: PlanInput, B: int, S: int) -> tuple[int, list[tuple[int, int]]]:
@@ -243,6 +254,7 @@ def plan(inp: PlanInput) -> Plan:
     p.parts["student weights"] = s.params * w // (W if Z >= 3 else 1)
     p.parts["student grads"] = s.params * g // (W if Z >= 2 else 1)
     p.head_grad = s.V * s.D * g // (W if Z >= 2 else 1)
+    p.embed_grad = p.head_grad if s.tied else 0
     p.parts["optimizer state"] = (s.params * o // (W if Z >= 1 else 1)) if inp.optimizer else 0
 
     # ---- activations ----
@@ -279,8 +291,8 @@ def plan(inp: PlanInput) -> Plan:
         p.parts["counterfactual passes"] = 0
     # teacher, no grad: key/value cache of every block + kept site, last and counterfactual last states
     p.parts["teacher activations"] = ((t.layers * N * 2 * t.K * tb if iit else 0)
-                                      + (3 if iit else 1) * N * t.D * tb
-                                      + N * (3 * t.I + 4 * t.D) * tb)          # one block's working set
+                                      + (3 if iit else 1) * N * t.D * tb)
+    p.parts["teacher working set"] = N * (3 * t.I + 4 * t.D) * tb       # one block's, in the forward only
     # head loss: rows kept per call (final-norm saved tensors + teacher states), chunk buffers, backward's dW
     calls_rows = N * (2 if iit else 1)
     chunk = min(HEAD_CHUNK_BUDGET, N * V * 4 * 4)                 # chunked.default_chunk_size's buffers
@@ -293,6 +305,9 @@ def plan(inp: PlanInput) -> Plan:
                                  f"{budget / 2**20:g} MB)")
     else:
         grads = V * s.D * 4
+        # with iit, two calls each return a (V, D) decoder gradient: autograd's input buffer holds the first
+        # while the second is formed, so two are live before they reach the weight's .grad
+        p.head_grad *= 2 if iit else 1
     p.parts["head-loss buffers"] = calls_rows * (12 * s.D + 2 * t.D) + chunk + grads
     p.parts["backward working set"] = recompute + N * 4 * s.D * 2 + N * s.I * a * 2
     return p
@@ -313,7 +328,8 @@ def _naive(p: Plan, inp, s, t, B, S, V, per_tok, casts, s_site, r, tb, ck, kv_to
     p.parts["student activations"] = per_pass + casts_all + N * 3 * r * s.D
     p.parts["counterfactual passes"] = per_pass * (1 + below) + 2 * N * 3 * r * s.D
     # teacher: base and counterfactual logits kept through the losses (its dtype), one more in flight
-    p.parts["teacher activations"] = 3 * N * V * tb + 3 * N * t.D * tb + N * (3 * t.I + 4 * t.D) * tb
+    p.parts["teacher activations"] = 3 * N * V * tb + 3 * N * t.D * tb
+    p.parts["teacher working set"] = N * (3 * t.I + 4 * t.D) * tb
     # live at the last loss (iit): the four logits tensors in 2 bytes (z_t, z_s, z_cf_t, z_cf_s: naive_step's
     # locals), kept for backward by ce and mlm (student log-softmax + teacher probabilities, CE log-softmax: 12
     # bytes), and the iit loss's fp32 temporaries (log_p_s, log_p_t, p_t, the difference, the product: 20 bytes)

@@ -192,3 +192,25 @@ def test_plan_head_loss_gradients_held_on_cpu_for_small_decoders():
         == gpu.parts["head-loss buffers"]
     held_big = plan(dataclasses.replace(big, device="cpu", head_resident_grad_bytes=2 * 2**30))
     assert held_big.parts["head-loss buffers"] > plan(big).parts["head-loss buffers"] + 128256 * 2048 * 4
+
+
+def test_plan_backward_phases_and_the_decoder_gradients():
+    """The peak's phases: a tied decoder adds its embedding's dense gradient to the end of backward (an untied
+    one does not); with iit, two head-loss calls each return a (V, D) gradient (both live before they reach the
+    weight), without it one; the teacher's block working set is a part of its own, not a resident one."""
+    V, D = 300, 64
+    g = V * D * 4
+    base = PlanInput(teacher=tiny_llama(), student_layers=2, seq=64, micro_batch=2, precision="fp32",
+                     optimizer=False)
+    assert dims_of(tiny_llama()).tied and not dims_of(tiny_llama(tie_word_embeddings=False)).tied
+    tied, untied = plan(base), plan(dataclasses.replace(base, teacher=tiny_llama(tie_word_embeddings=False)))
+    assert tied.embed_grad == g and untied.embed_grad == 0
+    assert tied.head_grad == 2 * g
+    assert plan(dataclasses.replace(base, mode="standard")).head_grad == g
+    assert tied.parts["teacher working set"] > 0
+    pa = tied.parts
+    resident = pa["teacher weights"] + pa["student weights"] + pa["optimizer state"] + pa["teacher activations"]
+    start = (pa["student activations"] + pa["counterfactual passes"] + tied.head_grad
+             + max(pa["head-loss buffers"], pa["backward working set"]))
+    end = pa["student grads"] + max(pa["backward working set"], tied.embed_grad)
+    assert tied.total == resident + max(start, end, pa["teacher working set"])
