@@ -262,8 +262,14 @@ def main():
                     help="one step per mode under torch.profiler after --warmup steps: self time by op category, "
                          "fast against naive scaled by the FLOP model; writes <name> (default "
                          "llm-shapes-profile-<device>), not the timed rows")
+    ap.add_argument("--malloc-conf", default=None,
+                    help="jemalloc's MALLOC_CONF for the workers (default benchmarks/step.py's, which keeps every "
+                         "freed page: fast, but the RSS peak then holds the allocator's retained pages too); e.g. "
+                         "oversize_threshold:0,dirty_decay_ms:0,muzzy_decay_ms:0 to measure the tensors' peak")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.malloc_conf:
+        os.environ["MALLOC_CONF"] = args.malloc_conf     # worker_env keeps a MALLOC_CONF already set
     if args.validate:
         validate()
         return
@@ -397,7 +403,8 @@ def write(name, rows: dict, peaks, load, peak_dtype, args):
     m = machine()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     m["amx"] = "amx_bf16" in flags
-    m["allocator"] = "jemalloc (LD_PRELOAD) in every worker, as benchmarks/step.py sets it"
+    m["allocator"] = ("jemalloc (LD_PRELOAD) in every worker, MALLOC_CONF="
+                      + os.environ.get("MALLOC_CONF", "benchmarks/step.py's (freed pages kept)"))
     m["shared"] = "yes: ~7 agents shared these cores and memory; times are contended, compare within one run"
     m["load_average_1_5_15"] = load
     cols = ["shape", "seq", "batch", "mode", "checkpointing", "adamw", "ms/step", "tokens/s", "GFLOP/step", "MFU",
