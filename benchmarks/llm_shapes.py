@@ -362,6 +362,24 @@ def main():
         write(name, rows, peaks, load, peak_dtype, args)
 
 
+def recompute_flops(raw: dict) -> int | None:
+    """The head loss's recompute FLOPs a worker's step executed (flops.py's head_recompute): 0 when its path held
+    the gradients, None for a record made before that figure was kept."""
+    if not any("recompute-in-backward" in p for p in raw.get("ops_path", [])):
+        return 0
+    return raw.get("head_recompute_flops")
+
+
+def worker_machine(load) -> dict:
+    """benchmarks.common.machine(), with AMX, the workers' allocator and the load averages."""
+    m = machine()
+    m["amx"] = "amx_bf16" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else "")
+    m["allocator"] = ("jemalloc (LD_PRELOAD) in every worker, MALLOC_CONF="
+                      + os.environ.get("MALLOC_CONF", "benchmarks/step.py's (freed pages kept)"))
+    m["load_average_1_5_15"] = load
+    return m
+
+
 def summarise(rows: list[dict], peak: float) -> list[dict]:
     """MFU per row; per (shape, seq, batch, checkpointing, adamw): fast/naive time vs the FLOP model, and
     fast/naive step peak."""
@@ -378,9 +396,7 @@ def summarise(rows: list[dict], peak: float) -> list[dict]:
             speed = g["naive"]["ms/step"] / g["fast"]["ms/step"]
             model = g["naive"]["GFLOP/step"] / g["fast"]["GFLOP/step"]
             # the FLOPs the fast step executes: + the head loss's recompute when its path recomputed (flops.py)
-            raw = g["fast"].get("raw", {})
-            extra = (raw.get("head_recompute_flops") if any("recompute-in-backward" in p
-                                                            for p in raw.get("ops_path", [])) else 0)
+            extra = recompute_flops(g["fast"].get("raw", {}))
             executed = None if extra is None else g["naive"]["GFLOP/step"] / (g["fast"]["GFLOP/step"] + extra / 1e9)
             out.append({"shape": k[0], "seq": k[1], "batch": k[2], "checkpointing": k[3], "adamw": k[4],
                         "fast/naive speedup": speed, "FLOP model": model, "speedup / model": speed / model,
@@ -400,13 +416,8 @@ def write(name, rows: dict, peaks, load, peak_dtype, args):
                            resident_mb=args.head_resident_grad_mb)
         r["planned_peak_GiB"] = None if est is None else est / 2**30
     summary = summarise(rows, peak)
-    m = machine()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    m["amx"] = "amx_bf16" in flags
-    m["allocator"] = ("jemalloc (LD_PRELOAD) in every worker, MALLOC_CONF="
-                      + os.environ.get("MALLOC_CONF", "benchmarks/step.py's (freed pages kept)"))
+    m = worker_machine(load)
     m["shared"] = "yes: ~7 agents shared these cores and memory; times are contended, compare within one run"
-    m["load_average_1_5_15"] = load
     cols = ["shape", "seq", "batch", "mode", "checkpointing", "adamw", "ms/step", "tokens/s", "GFLOP/step", "MFU",
             "step peak GiB", "models GiB", "runtime GiB", "planned_peak_GiB", "skipped"]
     from benchmarks.common import markdown_table
@@ -479,10 +490,7 @@ def profile_main(args, shapes, seqs, modes, ckpts, precision):
                     print(f"{shape} {seq} b{args.batch} ckpt {ck} {mode}: {res['seconds']:.1f} s profiled", flush=True)
                 runs.append({"shape": shape, "seq": seq, "batch": args.batch, "checkpointing": ck, "modes": got})
     load.append(os.getloadavg())
-    m = machine()
-    m["amx"] = "amx_bf16" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else "")
-    m["allocator"] = "jemalloc (LD_PRELOAD) in every worker, as benchmarks/step.py sets it"
-    m["load_average_1_5_15"] = load
+    m = worker_machine(load)
     rows, notes = [], ""
     for run in runs:
         g = run["modes"]
@@ -504,8 +512,7 @@ def profile_main(args, shapes, seqs, modes, ckpts, precision):
                          "fast GFLOP/s": f["flops"] / f["s"] / 1e9 if f["flops"] and f["s"] else None})
         tf, tn = g["fast"]["seconds"], g["naive"]["seconds"]
         gemm = {mode: sum(o["flops"] or 0 for o in g[mode]["profile"] if o["op"] in GEMM_OPS) for mode in g}
-        rec = g["fast"].get("head_recompute_flops", 0) if any("recompute-in-backward" in p
-                                                               for p in g["fast"].get("ops_path", [])) else 0
+        rec = recompute_flops(g["fast"]) or 0
         notes += (f"\n{label}: GEMM TFLOP counted by the profiler (in-place addmm_ not counted): naive "
                   f"{gemm['naive'] / 1e12:.2f} against the model's {g['naive']['counted_flops'] / 1e12:.2f} "
                   f"(the rest is attention); fast {gemm['fast'] / 1e12:.2f} against the model's "
