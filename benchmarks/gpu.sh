@@ -7,7 +7,7 @@
 # fails or runs out of time is reported and the next one runs):
 #   1. pytest -m gpu: the CUDA tests, i.e. the Triton kernels against their PyTorch references on CUDA, fp32
 #      and bf16 (interchange / hidden_loss / head loss)                               -> gpu-tests-cuda.log
-#   2. benchmarks/kernels.py fp32 (with torch.compile) and bf16, GB/s against the copy bandwidth measured in
+#   2. benchmarks/interchange_kernels.py fp32 (with torch.compile) and bf16, GB/s against the copy bandwidth measured in
 #      the same run                                                      -> kernels-cuda{,-bf16}.{json,md,png}
 #   3. benchmarks/head_loss.py at 16k tokens x BERT-base vocab, against liger-kernel's fused linear JSD where
 #      installed                                                                          -> head_loss-cuda.*
@@ -66,8 +66,8 @@ stage() {  # stage NAME SECONDS OKCODES COMMAND...: run under a time limit, log,
 
 stage tests 60 "0" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 cp "$LOGS/tests.log" "$RES/gpu-tests-cuda.log"
-stage kernels 100 "0" "$PY" benchmarks/kernels.py --device cuda --name kernels-cuda
-stage kernels16 40 "0" "$PY" benchmarks/kernels.py --device cuda --dtype bfloat16 --no-compile --name kernels-cuda-bf16
+stage kernels 100 "0" "$PY" benchmarks/interchange_kernels.py --device cuda --name kernels-cuda
+stage kernels16 40 "0" "$PY" benchmarks/interchange_kernels.py --device cuda --dtype bfloat16 --no-compile --name kernels-cuda-bf16
 stage head_loss 60 "0" "$PY" benchmarks/head_loss.py --only "bert-base 16k" --name head_loss-cuda
 stage step 80 "0" "$PY" benchmarks/step.py --shapes bert-base --logit-tokens all --precisions fp32,bf16 \
     --repeats 5 --name step-cuda

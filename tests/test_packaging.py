@@ -161,3 +161,33 @@ def test_declared_floors_pass_a_smoke_subset(tmp_path):
     res = subprocess.run([str(py), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *SMOKE], cwd=REPO,
                          capture_output=True, text=True, env=env)
     assert res.returncode == 0, f"the smoke subset fails at the floors {got}:\n{res.stdout[-6000:]}"
+
+
+def _shadowed_module_names(folder: Path) -> dict[str, str]:
+    """{script name: what it shadows} for the scripts in `folder` whose name is an importable top-level module
+    of this environment (an installed distribution's, or the standard library's)."""
+    installed = importlib.metadata.packages_distributions()
+    out = {}
+    for script in sorted(folder.glob("*.py")):
+        name = script.stem
+        if name in installed:
+            out[name] = f"the installed distribution {installed[name]}"
+        elif name in sys.stdlib_module_names:
+            out[name] = "a standard-library module"
+    return out
+
+
+def test_benchmark_scripts_do_not_shadow_an_installed_module():
+    # `python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a package a library
+    # imports replaces that package: transformers 5.25 depends on `kernels` (Hugging Face's hub kernels) and
+    # imports it on `from transformers import PreTrainedModel`, which once met benchmarks/kernels.py.
+    shadowed = _shadowed_module_names(REPO / "benchmarks")
+    assert not shadowed, f"rename these benchmark scripts: {shadowed}"
+
+
+def test_shadowed_module_names_finds_a_script_named_like_an_installed_package(tmp_path):
+    # the negative control: the check above can fail
+    (tmp_path / "torch.py").write_text("")
+    (tmp_path / "json.py").write_text("")
+    (tmp_path / "my_benchmark.py").write_text("")
+    assert set(_shadowed_module_names(tmp_path)) == {"torch", "json"}

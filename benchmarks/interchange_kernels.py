@@ -11,9 +11,9 @@ per-thread peak of live bytes, `thread.peak`; CUDA: max_memory_allocated), above
 the fused path is also timed against a copy of the same bytes run back to back (`x copy (paired)`).
 Also the Triton kernels' registers / spills per thread at sm_80 / sm_90 (compiled ahead of time, no GPU needed).
 
-    python benchmarks/kernels.py            # CPU: re-executes itself under jemalloc (see below); ~8 min on 2 cores
-    python benchmarks/kernels.py --quick    # 1k / 4k tokens only
-    python benchmarks/kernels.py --device cuda
+    python benchmarks/interchange_kernels.py            # CPU: re-executes itself under jemalloc (see below); ~8 min on 2 cores
+    python benchmarks/interchange_kernels.py --quick    # 1k / 4k tokens only
+    python benchmarks/interchange_kernels.py --device cuda
 
 On CPU it re-executes itself with LD_PRELOAD=libjemalloc.so.2 and MALLOC_CONF=oversize_threshold:0,
 dirty_decay_ms:-1,muzzy_decay_ms:-1 (unless LD_PRELOAD is already set or --no-reexec): jemalloc's default
