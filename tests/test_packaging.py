@@ -177,12 +177,14 @@ def _shadowed_module_names(folder: Path) -> dict[str, str]:
     return out
 
 
-def test_benchmark_scripts_do_not_shadow_an_installed_module():
-    # `python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a package a library
-    # imports replaces that package: transformers 5.25 depends on `kernels` (Hugging Face's hub kernels) and
-    # imports it on `from transformers import PreTrainedModel`, which once met benchmarks/kernels.py.
-    shadowed = _shadowed_module_names(REPO / "benchmarks")
-    assert not shadowed, f"rename these benchmark scripts: {shadowed}"
+@pytest.mark.parametrize("folder", ["benchmarks", "tests"])
+def test_scripts_do_not_shadow_an_installed_module(folder):
+    # `python benchmarks/X.py` puts benchmarks/ first on sys.path (pytest puts tests/ there), so a file named
+    # like a package a library imports replaces that package: transformers 5.25 depends on `kernels` (Hugging
+    # Face's hub kernels) and imports it on `from transformers import PreTrainedModel`, which once met
+    # benchmarks/kernels.py.
+    shadowed = _shadowed_module_names(REPO / folder)
+    assert not shadowed, f"rename these files of {folder}/: {shadowed}"
 
 
 def test_shadowed_module_names_finds_a_script_named_like_an_installed_package(tmp_path):
