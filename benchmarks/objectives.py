@@ -12,8 +12,8 @@
         --eval-batches 4 --quality-batches 1 --train-eval-sequences 16 --runs-dir runs/objectives-gpt2
 
 **throughput**: `iit_fast/train.py` runs of `--steps` steps at lambda 0, 0.5 and 0.5 + seq_kd, in the order
-A B C A B C (a load change on a shared machine hits each alike); the figure is the median of the per-step
-tokens/s of train.py's metrics (real tokens of the rows the step trained on: a generated row counts its
+A B C A B C (a load change on a shared machine hits each alike); the figure is the tokens of the steps over
+their seconds, from train.py's per-step metrics (real tokens of the rows the step trained on: a generated row counts its
 prompt and continuation), steps after the first; generation's cost is train.py's own `gen_s` (seconds spent
 generating) as a share of the training wall time. Writes benchmarks/results/objectives-throughput-<cpu|gpu>.
 
@@ -69,7 +69,7 @@ METRICS = {  # name -> (read from a run's info; format of a difference); lower i
     "samples: KL(s||t)/token": (lambda r: r["eval"]["gen"]["reverse_kl_per_token"], "{:+.4f}"),
     "teacher ppl of samples": (lambda r: r["eval"]["gen"]["teacher_ppl_of_samples"], "{:+.1f}"),
     "distinct-2": (lambda r: r["eval"]["gen"]["distinct_2"], "{:+.3f}"),
-    "wall time (s)": (lambda r: r["wall_s"], "{:+.0f}"),
+    "train time (s)": (lambda r: r["train_s"], "{:+.0f}"),
 }
 
 
@@ -148,12 +148,32 @@ def throughput(a) -> None:
 
 # ---- the sweep ----------------------------------------------------------------------------------------
 
+def step_seconds(steps: list[dict]) -> float:
+    """A run's training seconds from train.py's per-step records, robust to what the wall clock also counts:
+    per kind of step (a generated micro-batch or not: their times differ), the median step time times the
+    number of such steps. A paused or shared machine inflates single steps, and a resumed run's wall time
+    covers only its last part; neither moves this."""
+    kinds: dict[bool, list[float]] = {}
+    for prev, r in zip([{"tokens": 0}] + steps, steps):       # "tokens" is cumulative
+        kinds.setdefault(r.get("on_policy", 0.0) > 0 or r.get("seq_kd", 0.0) > 0, []).append(
+            (r["tokens"] - prev["tokens"]) / r["tokens_per_s"])
+    return sum(statistics.median(v) * len(v) for v in kinds.values())
+
+
+def train_figures(out: Path) -> dict:
+    """The run's training-time figures from its metrics.jsonl: train_s (`step_seconds`), tokens/s over it."""
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    train_s = step_seconds(steps)
+    return {"train_tokens": steps[-1]["tokens"], "train_s": train_s, "tokens_per_s": steps[-1]["tokens"] / train_s,
+            "gen_s": sum(r.get("gen_s", 0.0) for r in steps)}
+
+
 def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
     out = a.runs_dir / f"{mode}-seed{seed}"
     info_path = out / "objectives_run.json"
     if (out / "student" / "config.json").is_file() and info_path.is_file():
         print(f"[objectives] {out}: done before, reused", flush=True)
-        return json.loads(info_path.read_text())
+        return {**json.loads(info_path.read_text()), **train_figures(out)}
     # an unfinished run (a stopped session) continues from its last checkpoint (every --save-interval steps)
     resume = (out / "checkpoints" / "latest").is_file()
     if out.exists() and not resume:
@@ -172,15 +192,14 @@ def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     precision = next((l.strip() for l in log.read_text().splitlines() if l.strip().startswith("precision:")), "?")
-    info = {"mode": mode, "seed": seed, "out": str(out), "command": "python " + relative(cmd[1:]), "wall_s": wall,
-            "precision": precision, "train_tokens": steps[-1]["tokens"],
-            "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in steps[1:] or steps),
-            "gen_s": sum(r.get("gen_s", 0.0) for r in steps),
+    info = {"mode": mode, "seed": seed, "out": str(out), "command": "python " + relative(cmd[1:]),
+            "wall_s_last_invocation": wall, "precision": precision, **train_figures(out),
             "on_policy_share": statistics.fmean(r.get("on_policy", 0.0) for r in steps),
             "val_curve": [(r["step"], r["val_perplexity"]) for r in recs if "val_perplexity" in r],
             "final_loss_terms": {k: steps[-1][k] for k in ("loss", "ce", "mlm", "cos", "iit") if k in steps[-1]}}
     info_path.write_text(json.dumps(info, indent=1) + "\n")
-    print(f"[objectives] {mode} seed {seed}: {wall:.0f} s, {info['tokens_per_s_median']:.0f} tok/s", flush=True)
+    print(f"[objectives] {mode} seed {seed}: {info['train_s']:.0f} s of steps, {info['tokens_per_s']:.0f} tok/s",
+          flush=True)
     return info
 
 
@@ -244,7 +263,7 @@ def per_mode(infos) -> list[dict]:
         for metric, (get, _) in METRICS.items():
             v = [get(i) for i in xs]
             row[metric] = f"{statistics.fmean(v):.4g}" + (f" ± {statistics.stdev(v):.2g}" if len(v) > 1 else "")
-        row["tokens/s"] = f"{statistics.fmean(i['tokens_per_s_median'] for i in xs):.0f}"
+        row["tokens/s"] = f"{statistics.fmean(i['tokens_per_s'] for i in xs):.0f}"
         row["generating (s)"] = f"{statistics.fmean(i['gen_s'] for i in xs):.0f}"
         rows.append(row)
     return rows
@@ -309,7 +328,11 @@ def report(a, infos, judge, teacher_gen, init_gen, cmd: str, t0: float) -> None:
         f"objective; 0 = generates as the teacher does; lower is better). Teacher ppl of samples: the issue's "
         f"figure, not monotone in quality (a student more peaked than the teacher scores below the teacher's own "
         f"samples), so read it against the teacher's own samples' value. distinct-2: distinct bigrams per bigram "
-        f"within a row (a repetition check). Wall time: the whole train.py process.",
+        f"within a row (a repetition check). Train time: the run's step seconds, per kind of step (a generated "
+        f"micro-batch or not) the median step time times the number of such steps (a pause, a core shared with "
+        f"other work, or a stop and resume do not move it: `step_seconds`); tokens/s: the run's tokens over it. Runs that shared the cores with "
+        f"other work for long are slower throughout, so these two columns compare runs loosely; the cost of a "
+        f"mode is measured by the interleaved runs of `objectives.py throughput`.",
         f"![objectives]({a.name}.png)",
     ] if x)
     RESULTS.mkdir(parents=True, exist_ok=True)

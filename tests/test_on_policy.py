@@ -226,3 +226,19 @@ def test_on_policy_sample_quality_reverse_kl_is_zero_for_the_teacher_itself():
     assert same["reverse_kl_per_token"] == 0 and same["scored_tokens"] > 0
     a, b = sample_quality(student, teacher, batches, **kw), sample_quality(student, teacher, batches, **kw)
     assert a == b and a["reverse_kl_per_token"] > 0.05 and student.training
+
+
+def test_on_policy_step_seconds_of_the_sweep_ignore_pauses_and_weigh_both_kinds_of_step():
+    from benchmarks.objectives import step_seconds
+
+    def steps(seconds, generated):  # train.py's records: cumulative tokens, the step's tokens/s
+        out, tokens = [], 0
+        for s, g in zip(seconds, generated):
+            tokens += 1000
+            out.append({"tokens": tokens, "tokens_per_s": 1000 / s, "on_policy": float(g)})
+        return out
+    # 6 corpus steps of 1 s (one paused to 60 s), 3 generated steps of 3 s: 6 * 1 + 3 * 3 = 15 s
+    recs = steps([1, 1, 60, 1, 1, 1, 3, 3, 3], [0] * 6 + [1] * 3)
+    assert step_seconds(recs) == pytest.approx(15.0)
+    # negative control: one median over both kinds (the corpus steps' 1 s here) would say 9 s
+    assert step_seconds([{**r, "on_policy": 0.0} for r in recs]) == pytest.approx(9.0)
