@@ -12,7 +12,9 @@ token in the KL; the loss is 0.25 ce + 0.25 mlm as in the step):
 - `unfused`: full logits `F.linear`, `log_softmax` at T for both, `kl_div(log_target=True)`, `cross_entropy`,
   autograd backward: what a plain PyTorch distillation loss does.
 - `native`: `iit_fast.ops.distill_head_loss(impl="native")`, the CPU default (chunk loop, BLAS matmuls,
-  C++/OpenMP inner step), default chunk size from the 256 MB budget; `native-256` with 256-row chunks.
+  C++/OpenMP inner step), default chunk size from the 256 MB budget; `native-256` with 256-row chunks;
+  `native-held` (`llama-1b head 1k`): `resident_grad_bytes=2 GiB`, so the op forms the gradients in the forward
+  and holds the (V, D) fp32 weight gradient until the backward (4 GEMMs a call, like `unfused`), 512-row chunks.
 - `chunked`: the same chunk loop with the plain-torch inner step (`impl="chunked"`).
   (On CUDA every non-unfused contender runs `impl="triton"`.)
 - `today`: the op as of `--today REV` (default 529489e, the last commit whose op formed the gradient in the
@@ -39,7 +41,8 @@ transient peak; rows measured before 2026-12-03 used the process's ru_maxrss) - 
 the bytes of the gradients the loss must return (decoder weight (V, D) fp32, hidden (N, D), bias (V,)):
 the loss's own working memory (the weight gradient itself is the same for every implementation); `held` =
 RSS after the forward - RSS after the inputs: what the loss keeps from forward to backward (jemalloc with
-dirty/muzzy decay 0 in the memory rows, so freed pages leave RSS).
+dirty/muzzy decay 0 in the memory rows, so freed pages leave RSS; the time rows keep freed pages, as the main
+job's allocator does, so no contender pays page faults of its temporaries on every call).
 
 Method: every (shape, contender) runs in fresh subprocesses, so its peak memory is its own: the peak RSS
 high-water mark (`getrusage` ru_maxrss) minus the RSS after the inputs are built (`extra peak`), and the
@@ -75,16 +78,20 @@ SHAPES = [
     ("llama-1b head 8k", 8192, 2048, 128256, 0, 1),
     ("D=4096 head 8k", 8192, 4096, 128256, 0, 1),
     ("llama-1b head 4k", 4096, 2048, 128256, 0, 1),
-    ("llama-1b head 1k", 1024, 2048, 128256, 0, 1),   # the time rows on a loaded machine (unfused fits)
+    ("llama-1b head 1k", 1024, 2048, 128256, 1, 2),   # the time row (unfused fits): warm calls, 2 rounds
 ]
 # the LLM-head shapes: bf16 as the step runs them, and their contenders
 BF16_SHAPES = {"llama-1b head 4k", "llama-1b head 1k", "llama-1b head 8k", "D=4096 head 8k"}
 MEMORY_SHAPES = {"llama-1b head 8k", "D=4096 head 8k"}
 SHAPE_CONTENDERS = {"llama-1b head 4k": [("unfused", None), ("native", None), ("before", None), ("today", None)],
-                    "llama-1b head 1k": [("unfused", None), ("native", None), ("before", None), ("today", None)],
+                    "llama-1b head 1k": [("unfused", None), ("native", None), ("before", None), ("today", None),
+                                         ("native-held", 512)],
                     "llama-1b head 8k": [("native", None), ("before", None), ("today", None)],
                     "D=4096 head 8k": [("native", None), ("before", None), ("today", None)]}
 QUICK_SHAPES = [("quick", 512, 128, 5000, 1, 2)]
+# contenders that hold the (V, D) fp32 gradient from forward to backward (`resident_grad_bytes`): 4 GEMMs a call,
+# the fewest the loss can do; with 512-row chunks the per-chunk accumulation into it is a small share
+RESIDENT_BYTES = {"native-held": 2 ** 31}
 TODAY_REV = "529489e"
 BEFORE_REV = "abcb559"
 
@@ -167,7 +174,8 @@ def worker(spec: dict) -> dict:
 
         def loss():
             return distill_head_loss(hs, ht, ws, bs, wt, bt, y, kd_mask, T, chunk_size=chunk, impl=impl, **weights,
-                                     **({"divergence": div} if div is not None else {}))
+                                     **({"divergence": div} if div is not None else {}),
+                                     **({"resident_grad_bytes": spec["resident"]} if spec.get("resident") else {}))
     out = {}
 
     def step():
@@ -291,6 +299,10 @@ def run_one(spec: dict, trees: dict | None = None) -> dict:
         env["LD_PRELOAD"] = (JEMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
     if spec.get("memory"):
         env["MALLOC_CONF"] = "dirty_decay_ms:0,muzzy_decay_ms:0"   # freed pages leave RSS at once
+    elif "MALLOC_CONF" not in env:
+        # time rows: freed pages are kept, as in the main job (iit_fast/allocator.py, or jemalloc): otherwise
+        # every call re-faults its big temporaries, which costs the unfused loss ~6 s a call at 1k x 128k
+        env["MALLOC_CONF"] = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
     if spec["contender"] in ("today", "before"):
         # the old package first on the path (the worker puts it before this checkout); its own native build
         tree = trees[spec["contender"]]
@@ -354,12 +366,14 @@ def main():
         # interleaved rounds (A B C, A B C, ...): load from other work on the machine hits every contender
         res = {c: {"times_s": [], "cpu_s": [], "peak_bytes": 0, "extra_peak_bytes": 0, "held_bytes": 0}
                for c, _ in contenders}
+        def spec_of(cname, chunk, memory=sname in MEMORY_SHAPES):
+            return {"tokens": n, "hidden": d, "vocab": v, "contender": cname.split("-")[0], "chunk": chunk,
+                    "resident": RESIDENT_BYTES.get(cname), "warmup": warmup, "repeats": 1,
+                    "bf16": sname in BF16_SHAPES, "memory": memory,
+                    "active": 256 if sname in MEMORY_SHAPES else None}
         for _ in range(rounds):
             for cname, chunk in contenders:
-                spec = {"tokens": n, "hidden": d, "vocab": v, "contender": cname.split("-")[0],
-                        "chunk": chunk, "warmup": warmup, "repeats": 1, "bf16": sname in BF16_SHAPES,
-                        "memory": sname in MEMORY_SHAPES, "active": 256 if sname in MEMORY_SHAPES else None}
-                r = run_one(spec, trees)
+                r = run_one(spec_of(cname, chunk), trees)
                 acc = res[cname]
                 if "error" in r:
                     acc["error"] = r["error"]
@@ -371,6 +385,14 @@ def main():
                 acc["grad_bytes"] = r["grad_bytes"]
                 acc["ce"], acc["mlm"] = r["ce"], r["mlm"]
                 print(sname, cname, r.get("times_s"), r.get("cpu_s"), r.get("extra_peak_bytes"), flush=True)
+        if sname not in MEMORY_SHAPES and dev == "cpu" and os.path.exists(JEMALLOC):
+            # a time row's workers keep freed pages, so pages freed before the baseline (building the inputs)
+            # serve the loss unseen by RSS: its memory columns come from one more call per contender in a
+            # worker that returns freed pages at once (as the memory rows do)
+            for cname, chunk in contenders:
+                r = run_one(dict(spec_of(cname, chunk, memory=True), warmup=0), trees)
+                if "error" not in r and "error" not in res[cname]:
+                    res[cname].update({k: r[k] for k in ("peak_bytes", "extra_peak_bytes", "held_bytes")})
         flops = 4 * 2 * n * d * v  # logits s, logits t, dh, dW (the teacher has no backward)
         for acc in res.values():
             if acc["times_s"]:
@@ -408,9 +430,19 @@ def main():
             rows.append({"shape": sname, "N": n, "D": d, "V": v, "contender": "liger (fused linear JSD)",
                          "note": liger_missing})
     load_after = os.getloadavg()
+    # the machine's GEMM peak in each dtype, measured in this run: the 4 GEMMs' FLOPs over a row's time against it
+    from benchmarks.peak import matmul_peak
+    peaks = {dt: matmul_peak(dt, dev)["gflops"] for dt in sorted({r["dtype"] for r in rows if "dtype" in r})}
+    for r in rows:
+        if "GFLOP/s" in r:
+            r["of_peak"] = r["GFLOP/s"] / peaks[r["dtype"]]
     m = machine()
     m["load_average_1_5_15_before_after"] = [load_before, load_after]
-    m["allocator"] = "jemalloc (LD_PRELOAD) in every worker" if os.path.exists(JEMALLOC) else m["allocator"]
+    m["matmul_peak_gflops"] = peaks
+    m["allocator"] = ("jemalloc (LD_PRELOAD) in every worker; time rows keep freed pages (MALLOC_CONF="
+                      "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1, as the main job's allocator "
+                      "does), memory rows return them at once (dirty_decay_ms:0,muzzy_decay_ms:0)"
+                      if os.path.exists(JEMALLOC) else m["allocator"])
     m["cpu"] = f"{m.get('cpu')}, {cpu_note()}"
     notes = (
         "Forward + backward of `0.25 ce + 0.25 mlm` (T=2, 15% of tokens labelled, all tokens in the KL). "
@@ -424,6 +456,8 @@ def main():
         "liger-kernel's fused linear losses (JSD, beta 0.5: same GEMMs as the KL) run only on CUDA. "
         "`beyond_grads_MB` = extra_peak minus the bytes of the returned gradients (the loss's own working "
         "memory); `held_MB` = RSS after the forward minus RSS after the inputs (kept from forward to backward). "
+        "Time rows' workers keep freed pages (as the main job's allocator does); their memory columns come "
+        "from one more call per contender in a worker that returns freed pages at once. "
         f"`today` = the op of commit {args.today} (gradient formed in the forward, (V, D) fp32 kept to "
         "backward), run from that commit's files in the same run; "
         "`before` = the op of the commit in the row's `rev` (db5a941: gradient formed in the backward over "
@@ -431,10 +465,13 @@ def main():
         "fp32 master weight per chunk), likewise. Ratios are against `vs` (unfused, or today "
         "where unfused would not fit). The LLM-head shapes are bf16 (bf16 states and teacher, fp32 master "
         "decoder weight, forward under autocast, kd_weight = lm_weight = 0.25 passed to the op). "
+        "`GFLOP/s`: the 4 GEMMs a head loss needs at least (student and teacher logits, dh, dW: 8 N D V FLOPs) "
+        "over the fastest round; `of_peak`: that against the best torch.mm of the row's dtype measured in the "
+        "same run (benchmarks/peak.py; " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + "). "
         "Reproduce: `python benchmarks/head_loss.py`.")
     name = args.name or f"head_loss-{dev}" + ("-quick" if args.quick else "")
     cols = ["shape", "dtype", "contender", "rev", "vs", "time_s", "time_ratio", "min_ratio", "cpu_s", "cpu_ratio",
-            "GFLOP/s", "extra_peak_MB", "extra_peak_ratio", "beyond_grads_MB", "beyond_grads_ratio", "held_MB",
+            "GFLOP/s", "of_peak", "extra_peak_MB", "extra_peak_ratio", "beyond_grads_MB", "beyond_grads_ratio", "held_MB",
             "peak_MB", "peak_ratio", "note"]
     notes += (f" Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in load_before)}; after: "
               f"{', '.join(f'{x:.1f}' for x in load_after)} (2 cores).")
@@ -564,8 +601,15 @@ def divergences_main(args):
                 row["fwd_op_cpu_s"] = t_op
             rows.append(row)
     load_after = os.getloadavg()
+    # the machine's GEMM peak in each dtype, measured in this run: the 4 GEMMs' FLOPs over a row's time against it
+    from benchmarks.peak import matmul_peak
+    peaks = {dt: matmul_peak(dt, dev)["gflops"] for dt in sorted({r["dtype"] for r in rows if "dtype" in r})}
+    for r in rows:
+        if "GFLOP/s" in r:
+            r["of_peak"] = r["GFLOP/s"] / peaks[r["dtype"]]
     m = machine()
     m["load_average_1_5_15_before_after"] = [load_before, load_after]
+    m["matmul_peak_gflops"] = peaks
     m["allocator"] = "jemalloc (LD_PRELOAD) in every worker" if os.path.exists(JEMALLOC) else m["allocator"]
     impl = "triton" if dev == "cuda" else "native"
     notes = (
