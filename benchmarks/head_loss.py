@@ -471,7 +471,8 @@ def main():
         "Reproduce: `python benchmarks/head_loss.py`.")
     name = args.name or f"head_loss-{dev}" + ("-quick" if args.quick else "")
     cols = ["shape", "dtype", "contender", "rev", "vs", "time_s", "time_ratio", "min_ratio", "cpu_s", "cpu_ratio",
-            "GFLOP/s", "of_peak", "extra_peak_MB", "extra_peak_ratio", "beyond_grads_MB", "beyond_grads_ratio", "held_MB",
+            "GFLOP/s", "of_peak", "extra_peak_MB", "extra_peak_ratio", "beyond_grads_MB", "beyond_grads_ratio",
+            "held_MB",
             "peak_MB", "peak_ratio", "note"]
     notes += (f" Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in load_before)}; after: "
               f"{', '.join(f'{x:.1f}' for x in load_after)} (2 cores).")
