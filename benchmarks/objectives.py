@@ -161,11 +161,13 @@ def step_seconds(steps: list[dict]) -> float:
 
 
 def train_figures(out: Path) -> dict:
-    """The run's training-time figures from its metrics.jsonl: train_s (`step_seconds`), tokens/s over it."""
+    """The run's training-time figures from its metrics.jsonl: train_s (`step_seconds`), tokens/s over it, and
+    gen_s, the seconds spent generating (the median of the generating steps' times their number)."""
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     train_s = step_seconds(steps)
+    gen = [r["gen_s"] for r in steps if r.get("gen_s", 0.0) > 0]      # per step (log interval 1), likewise
     return {"train_tokens": steps[-1]["tokens"], "train_s": train_s, "tokens_per_s": steps[-1]["tokens"] / train_s,
-            "gen_s": sum(r.get("gen_s", 0.0) for r in steps)}
+            "gen_s": statistics.median(gen) * len(gen) if gen else 0.0}
 
 
 def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
