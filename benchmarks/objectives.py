@@ -148,7 +148,7 @@ def throughput(a) -> None:
 
 # ---- the sweep ----------------------------------------------------------------------------------------
 
-def step_seconds(steps: list[dict]) -> float:
+def train_time_of(steps: list[dict]) -> float:
     """A run's training seconds from train.py's per-step records, robust to what the wall clock also counts:
     per kind of step (a generated micro-batch or not: their times differ), the median step time times the
     number of such steps. A paused or shared machine inflates single steps, and a resumed run's wall time
@@ -161,10 +161,10 @@ def step_seconds(steps: list[dict]) -> float:
 
 
 def train_figures(out: Path) -> dict:
-    """The run's training-time figures from its metrics.jsonl: train_s (`step_seconds`), tokens/s over it, and
+    """The run's training-time figures from its metrics.jsonl: train_s (`train_time_of`), tokens/s over it, and
     gen_s, the seconds spent generating (the median of the generating steps' times their number)."""
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    train_s = step_seconds(steps)
+    train_s = train_time_of(steps)
     gen = [r["gen_s"] for r in steps if r.get("gen_s", 0.0) > 0]      # per step (log interval 1), likewise
     return {"train_tokens": steps[-1]["tokens"], "train_s": train_s, "tokens_per_s": steps[-1]["tokens"] / train_s,
             "gen_s": statistics.median(gen) * len(gen) if gen else 0.0}
@@ -332,7 +332,7 @@ def report(a, infos, judge, teacher_gen, init_gen, cmd: str, t0: float) -> None:
         f"samples), so read it against the teacher's own samples' value. distinct-2: distinct bigrams per bigram "
         f"within a row (a repetition check). Train time: the run's step seconds, per kind of step (a generated "
         f"micro-batch or not) the median step time times the number of such steps (a pause, a core shared with "
-        f"other work, or a stop and resume do not move it: `step_seconds`); tokens/s: the run's tokens over it. "
+        f"other work, or a stop and resume do not move it: `train_time_of`); tokens/s: the run's tokens over it. "
         f"Runs that shared the cores with other work for long are slower throughout, so these two columns compare runs loosely; the cost of a "
         f"mode is measured by the interleaved runs of `objectives.py throughput`.",
         f"![objectives]({a.name}.png)",

@@ -228,8 +228,8 @@ def test_on_policy_sample_quality_reverse_kl_is_zero_for_the_teacher_itself():
     assert a == b and a["reverse_kl_per_token"] > 0.05 and student.training
 
 
-def test_on_policy_step_seconds_of_the_sweep_ignore_pauses_and_weigh_both_kinds_of_step():
-    from benchmarks.objectives import step_seconds
+def test_on_policy_train_time_of_the_sweep_ignores_pauses_and_weighs_both_kinds_of_step():
+    from benchmarks.objectives import train_time_of
 
     def steps(seconds, generated):  # train.py's records: cumulative tokens, the step's tokens/s
         out, tokens = [], 0
@@ -239,6 +239,6 @@ def test_on_policy_step_seconds_of_the_sweep_ignore_pauses_and_weigh_both_kinds_
         return out
     # 6 corpus steps of 1 s (one paused to 60 s), 3 generated steps of 3 s: 6 * 1 + 3 * 3 = 15 s
     recs = steps([1, 1, 60, 1, 1, 1, 3, 3, 3], [0] * 6 + [1] * 3)
-    assert step_seconds(recs) == pytest.approx(15.0)
+    assert train_time_of(recs) == pytest.approx(15.0)
     # negative control: one median over both kinds (the corpus steps' 1 s here) would say 9 s
-    assert step_seconds([{**r, "on_policy": 0.0} for r in recs]) == pytest.approx(9.0)
+    assert train_time_of([{**r, "on_policy": 0.0} for r in recs]) == pytest.approx(9.0)
