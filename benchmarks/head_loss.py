@@ -299,9 +299,9 @@ def run_one(spec: dict, trees: dict | None = None) -> dict:
         env["LD_PRELOAD"] = (JEMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
     if spec.get("memory"):
         env["MALLOC_CONF"] = "dirty_decay_ms:0,muzzy_decay_ms:0"   # freed pages leave RSS at once
-    elif "MALLOC_CONF" not in env:
-        # time rows: freed pages are kept, as in the main job (iit_fast/allocator.py, or jemalloc): otherwise
-        # every call re-faults its big temporaries, which costs the unfused loss ~6 s a call at 1k x 128k
+    elif spec.get("keep_pages") and "MALLOC_CONF" not in env:
+        # main()'s time rows: freed pages are kept, as in the main job (iit_fast/allocator.py, or jemalloc):
+        # otherwise every call re-faults its big temporaries, ~6 s of the unfused loss's call at 1k x 128k
         env["MALLOC_CONF"] = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
     if spec["contender"] in ("today", "before"):
         # the old package first on the path (the worker puts it before this checkout); its own native build
@@ -369,7 +369,7 @@ def main():
         def spec_of(cname, chunk, memory=sname in MEMORY_SHAPES):
             return {"tokens": n, "hidden": d, "vocab": v, "contender": cname.split("-")[0], "chunk": chunk,
                     "resident": RESIDENT_BYTES.get(cname), "warmup": warmup, "repeats": 1,
-                    "bf16": sname in BF16_SHAPES, "memory": memory,
+                    "bf16": sname in BF16_SHAPES, "memory": memory, "keep_pages": not memory,
                     "active": 256 if sname in MEMORY_SHAPES else None}
         for _ in range(rounds):
             for cname, chunk in contenders:
@@ -602,15 +602,8 @@ def divergences_main(args):
                 row["fwd_op_cpu_s"] = t_op
             rows.append(row)
     load_after = os.getloadavg()
-    # the machine's GEMM peak in each dtype, measured in this run: the 4 GEMMs' FLOPs over a row's time against it
-    from benchmarks.peak import matmul_peak
-    peaks = {dt: matmul_peak(dt, dev)["gflops"] for dt in sorted({r["dtype"] for r in rows if "dtype" in r})}
-    for r in rows:
-        if "GFLOP/s" in r:
-            r["of_peak"] = r["GFLOP/s"] / peaks[r["dtype"]]
     m = machine()
     m["load_average_1_5_15_before_after"] = [load_before, load_after]
-    m["matmul_peak_gflops"] = peaks
     m["allocator"] = "jemalloc (LD_PRELOAD) in every worker" if os.path.exists(JEMALLOC) else m["allocator"]
     impl = "triton" if dev == "cuda" else "native"
     notes = (
