@@ -14,8 +14,9 @@
 **throughput**: `iit_fast/train.py` runs of `--steps` steps at lambda 0, 0.5 and 0.5 + seq_kd, in the order
 A B C A B C (a load change on a shared machine hits each alike); the figure is the tokens of the steps over
 their seconds, from train.py's per-step metrics (real tokens of the rows the step trained on: a generated row
-counts its prompt and continuation), steps after the first; generation's cost is train.py's own `gen_s` (seconds spent
-generating) as a share of the training wall time. Writes benchmarks/results/objectives-throughput-<cpu|gpu>.
+counts its prompt and continuation), steps after the first; generation's cost is train.py's own `gen_s`
+(seconds spent generating) as a share of the training wall time. Writes
+benchmarks/results/objectives-throughput-<cpu|gpu>.
 
 **sweep**: from one causal teacher and one student initialisation, every mode in MODES for every seed (seed:
 data order, intervention plans, generation; two modes of one seed share all of them), each a train.py
@@ -131,8 +132,9 @@ def throughput(a) -> None:
              f"(defaults), precision {a.precision}. tokens/s: the tokens of the steps after the first over their "
              f"seconds (train.py's own per-step figures; real tokens of the rows trained on; a generated row is "
              f"its prompt and continuation, max_new_tokens = max_length / 2, so generated micro-batches hold "
-             f"about as many tokens as corpus ones, fewer when a row ends at EOS). generating_share_of_time: train.py's gen_s (seconds in "
-             f"transformers' generate, KV cache, plus building the rows) over the steps' wall time; per generated "
+             f"about as many tokens as corpus ones, fewer when a row ends at EOS). generating_share_of_time: "
+             f"train.py's gen_s (seconds in transformers' generate, KV cache, plus building the rows) over the "
+             f"steps' wall time; per generated "
              f"micro-batch: over the micro-batches generated (a step is one micro-batch here). 1-min load "
              f"average after the runs: {min(load):.1f}-{max(load):.1f} on {m['cores']} cores"
              + (" (shared with other jobs: compare the ratios, not the absolute figures)."
@@ -333,8 +335,8 @@ def report(a, infos, judge, teacher_gen, init_gen, cmd: str, t0: float) -> None:
         f"within a row (a repetition check). Train time: the run's step seconds, per kind of step (a generated "
         f"micro-batch or not) the median step time times the number of such steps (a pause, a core shared with "
         f"other work, or a stop and resume do not move it: `train_time_of`); tokens/s: the run's tokens over it. "
-        f"Runs that shared the cores with other work for long are slower throughout, so these two columns compare runs loosely; the cost of a "
-        f"mode is measured by the interleaved runs of `objectives.py throughput`.",
+        f"Runs that shared the cores with other work for long are slower throughout, so these two columns "
+        f"compare runs loosely; the cost of a mode is measured by the interleaved runs of `objectives.py throughput`.",
         f"![objectives]({a.name}.png)",
     ] if x)
     RESULTS.mkdir(parents=True, exist_ok=True)
