@@ -25,7 +25,10 @@ perplexity, IIA and counterfactual KL against the teacher (benchmarks/replicate.
 and plans), and generation quality without a hub (`generate.sample_quality`: the teacher's perplexity of the
 student's samples from fixed validation prompts, and their distinct bigrams). The paired differences of
 COMPARISONS by seed with a 95% t-interval; results rewritten after every run (a stop loses nothing);
-finished runs are reused, an unfinished one resumes from its last checkpoint (`--save-interval`).
+finished runs are reused, an unfinished one resumes from its last checkpoint (`--save-interval`). Run folders
+(runs/, not committed) do not outlive a fresh checkout: a run the committed results file already records is taken
+from there when its train.py command is this sweep's and the teacher and initial student measure the same to the
+last bit (`recorded_runs`; a rebuilt default teacher does), so a sweep spread over sessions goes on where it was.
 """
 from __future__ import annotations
 
@@ -172,6 +175,48 @@ def train_figures(out: Path) -> dict:
             "gen_s": statistics.median(gen) * len(gen) if gen else 0.0}
 
 
+def train_command(a, mode: str, seed: int, ds_config: Path) -> list[str]:
+    """The train.py command of one run: everything that decides what the run computes."""
+    return [sys.executable, str(REPO / "iit_fast" / "train.py"), "--deepspeed_config", str(ds_config),
+            "--teacher", str(a.teacher), "--student_layers", str(a.student_layers), "--max_length",
+            str(a.max_length), "--max_steps", str(a.steps), "--eval_interval", str(a.eval_interval),
+            "--eval_sequences", str(a.train_eval_sequences), "--seed", str(seed),
+            "--out_dir", str(a.runs_dir / f"{mode}-seed{seed}"), "--alignment", a.alignment, "--lr", str(a.lr),
+            "--warmup_steps", str(a.warmup_steps), "--plots", "false", "--precision", a.precision,
+            "--gen_temperature", str(a.gen_temperature), "--save_interval", str(a.save_interval)] + MODES[mode]
+
+
+def as_recorded(cmd: list[str]) -> str:
+    """A train.py command as the results file records it (relative to the repository, ~ for the home)."""
+    return ("python " + relative(cmd[1:])).replace(str(Path.home()) + "/", "~/")
+
+
+EVAL_ARGS = ("eval_batches", "eval_batch_size", "quality_batches", "max_length")  # what the judge's figures need
+
+
+def recorded_runs(results: dict, a, ds_config: Path, teacher_eval: dict, init_eval: dict) -> tuple[dict, str]:
+    """The finished runs a results file (an earlier invocation's `<name>.json`) holds that this sweep can take as
+    they are: {(mode, seed): info}, and why none is taken when it cannot. Run folders live in the ignored runs/
+    and do not outlive a fresh checkout; the committed results do. A recorded run is taken only when its train.py
+    command is the one this sweep would run, the judge is set up alike, and the teacher and the student's
+    initialisation measure the same, to the last bit, on the same validation rows (another teacher, corpus or
+    tokenizer would not)."""
+    if results.get("teacher_eval") != teacher_eval or results.get("init_eval") != init_eval:
+        return {}, (f"its teacher or initial student measures otherwise (teacher perplexity "
+                    f"{results.get('teacher_eval', {}).get('perplexity')} there, {teacher_eval['perplexity']} here)")
+    before = results.get("args", {})
+    changed = [k for k in EVAL_ARGS if before.get(k) != str(getattr(a, k))]
+    if changed:
+        return {}, f"its evaluation was set up otherwise ({', '.join(changed)})"
+    runs = {}
+    for info in results.get("runs", []):
+        key = (info.get("mode"), info.get("seed"))
+        ran = info.get("command", "").removesuffix(" --resume true")  # a resumed run computes the same
+        if key[0] in MODES and "eval" in info and ran == as_recorded(train_command(a, *key, ds_config)):
+            runs[key] = info
+    return runs, "" if runs else "none of its runs has this sweep's train.py command"
+
+
 def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
     out = a.runs_dir / f"{mode}-seed{seed}"
     info_path = out / "objectives_run.json"
@@ -183,20 +228,14 @@ def train_one(a, mode: str, seed: int, ds_config: Path) -> dict:
     if out.exists() and not resume:
         import shutil
         shutil.rmtree(out)
-    cmd = [sys.executable, str(REPO / "iit_fast" / "train.py"), "--deepspeed_config", str(ds_config),
-           "--teacher", str(a.teacher), "--student_layers", str(a.student_layers), "--max_length", str(a.max_length),
-           "--max_steps", str(a.steps), "--eval_interval", str(a.eval_interval), "--eval_sequences",
-           str(a.train_eval_sequences), "--seed", str(seed), "--out_dir", str(out), "--alignment", a.alignment,
-           "--lr", str(a.lr), "--warmup_steps", str(a.warmup_steps), "--plots", "false", "--precision", a.precision,
-           "--gen_temperature", str(a.gen_temperature), "--save_interval", str(a.save_interval)] + MODES[mode]
-    cmd += ["--resume", "true"] if resume else []
+    cmd = train_command(a, mode, seed, ds_config) + (["--resume", "true"] if resume else [])
     print(f"[objectives] {mode} seed {seed}: {'resuming ' if resume else ''}{relative(cmd[1:])}", flush=True)
     log = a.runs_dir / f"{mode}-seed{seed}.log"
     wall = run_logged(cmd, log, f"training {mode} seed {seed}")
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     precision = next((l.strip() for l in log.read_text().splitlines() if l.strip().startswith("precision:")), "?")
-    info = {"mode": mode, "seed": seed, "out": str(out), "command": "python " + relative(cmd[1:]),
+    info = {"mode": mode, "seed": seed, "out": str(out), "command": as_recorded(cmd),
             "wall_s_last_invocation": wall, "precision": precision, **train_figures(out),
             "on_policy_share": statistics.fmean(r.get("on_policy", 0.0) for r in steps),
             "val_curve": [(r["step"], r["val_perplexity"]) for r in recs if "val_perplexity" in r],
@@ -380,14 +419,28 @@ def sweep(a) -> None:
                [(m, s) for s in a.seeds for m in MODES if m not in OFF_POLICY and m in a.modes]
     else:  # one seed's every mode, then the next: a time-boxed sweep ends with whole seeds of every mode
         todo = [(m, s) for s in a.seeds for m in MODES if m in a.modes]
+    recorded, why_not = {}, "--retrain-recorded"
+    if (RESULTS / f"{a.name}.json").is_file() and not a.retrain_recorded:
+        recorded, why_not = recorded_runs(json.loads((RESULTS / f"{a.name}.json").read_text()), a, ds_config,
+                                          judge.teacher_eval, judge.init_eval)
+    print(f"[objectives] runs recorded in benchmarks/results/{a.name}.json, taken as they are where their folder "
+          f"is missing: {', '.join(f'{m} seed {sd}' for m, sd in recorded) or 'none'}"
+          + (f" ({why_not})" if why_not and (RESULTS / f"{a.name}.json").is_file() else ""), flush=True)
+
+    def finished(ms, file="objectives_run.json"):
+        return (a.runs_dir / f"{ms[0]}-seed{ms[1]}" / file).is_file()
     # finished runs first (reused), so that every report holds them
-    todo.sort(key=lambda ms: not (a.runs_dir / f"{ms[0]}-seed{ms[1]}" / "objectives_run.json").is_file())
+    todo.sort(key=lambda ms: not (finished(ms) or ms in recorded))
     if a.report_only:  # the finished runs only (e.g. after a time-boxed sweep was stopped)
-        todo = [ms for ms in todo if (a.runs_dir / f"{ms[0]}-seed{ms[1]}" / "eval.json").is_file()]
+        todo = [ms for ms in todo if finished(ms, "eval.json") or ms in recorded]
     infos = []
     for mode, seed in todo:
-        info = train_one(a, mode, seed, ds_config)
-        evaluate(judge, quality, info)
+        if not finished((mode, seed)) and (mode, seed) in recorded:
+            info = recorded[(mode, seed)]
+            print(f"[objectives] {mode} seed {seed}: recorded in the results, reused", flush=True)
+        else:
+            info = train_one(a, mode, seed, ds_config)
+            evaluate(judge, quality, info)
         infos.append(info)
         report(a, infos, judge, refs["teacher"], refs["init"], cmd, t0)
     print((RESULTS / f"{a.name}.md").read_text())
@@ -426,6 +479,8 @@ def main(argv=None):
     s.add_argument("--note", default="")
     s.add_argument("--report-only", action="store_true", help="rewrite the results from the evaluated runs only")
     s.add_argument("--order", default="by-seed", choices=["by-seed", "off-policy-first"])
+    s.add_argument("--retrain-recorded", action="store_true",
+                   help="train every run whose folder is missing, even when the results file records it")
     a = p.parse_args(argv)
     throughput(a) if a.what == "throughput" else sweep(a)
 

@@ -242,3 +242,31 @@ def test_on_policy_train_time_of_the_sweep_ignores_pauses_and_weighs_both_kinds_
     assert train_time_of(recs) == pytest.approx(15.0)
     # negative control: one median over both kinds (the corpus steps' 1 s here) would say 9 s
     assert train_time_of([{**r, "on_policy": 0.0} for r in recs]) == pytest.approx(9.0)
+
+
+def test_on_policy_sweep_takes_recorded_runs_only_for_the_same_command_and_teacher(tmp_path):
+    import argparse
+
+    from benchmarks.objectives import as_recorded, recorded_runs, train_command
+    a = argparse.Namespace(teacher=Path.home() / "teacher", student_layers=3, max_length=128, steps=500,
+                           eval_interval=0, train_eval_sequences=32, runs_dir=tmp_path / "runs", alignment="middle",
+                           lr=2e-4, warmup_steps=5, precision="auto", gen_temperature=1.0, save_interval=50,
+                           eval_batches=8, eval_batch_size=32, quality_batches=2)
+    ds = a.runs_dir / "ds-micro16.json"
+    teacher_eval, init_eval = {"perplexity": 226.65179025989752}, {"mlm": {"perplexity": 279.28}}
+    run = {"mode": "onpolicy+iit", "seed": 1, "eval": {"mlm": {"perplexity": 200.0}},
+           "command": as_recorded(train_command(a, "onpolicy+iit", 1, ds)) + " --resume true"}
+    unevaluated = {"mode": "fkl", "seed": 0, "command": as_recorded(train_command(a, "fkl", 0, ds))}
+    results = {"teacher_eval": teacher_eval, "init_eval": init_eval, "runs": [run, unevaluated],
+               "args": {k: str(getattr(a, k)) for k in ("eval_batches", "eval_batch_size", "quality_batches",
+                                                        "max_length")}}
+    assert " ~/teacher " in run["command"]                           # recorded without this machine's home
+    taken, why = recorded_runs(results, a, ds, teacher_eval, init_eval)
+    assert list(taken) == [("onpolicy+iit", 1)] and why == ""          # a resumed run counts; no eval, no run
+    # negative controls: another teacher (one ulp of perplexity), another lr, another judge
+    other = {"perplexity": 226.65179025989755}
+    assert recorded_runs(results, a, ds, other, init_eval)[0] == {}
+    assert "teacher" in recorded_runs(results, a, ds, other, init_eval)[1]
+    assert recorded_runs(results, argparse.Namespace(**{**vars(a), "lr": 3e-4}), ds, teacher_eval, init_eval)[0] == {}
+    judged_otherwise = argparse.Namespace(**{**vars(a), "eval_batches": 4})
+    assert "eval_batches" in recorded_runs(results, judged_otherwise, ds, teacher_eval, init_eval)[1]
