@@ -419,13 +419,13 @@ def sweep(a) -> None:
                [(m, s) for s in a.seeds for m in MODES if m not in OFF_POLICY and m in a.modes]
     else:  # one seed's every mode, then the next: a time-boxed sweep ends with whole seeds of every mode
         todo = [(m, s) for s in a.seeds for m in MODES if m in a.modes]
-    recorded, why_not = {}, "--retrain-recorded"
-    if (RESULTS / f"{a.name}.json").is_file() and not a.retrain_recorded:
+    recorded, why_not = {}, "no results file" if not (RESULTS / f"{a.name}.json").is_file() else "--retrain-recorded"
+    if why_not == "--retrain-recorded" and not a.retrain_recorded:
         recorded, why_not = recorded_runs(json.loads((RESULTS / f"{a.name}.json").read_text()), a, ds_config,
                                           judge.teacher_eval, judge.init_eval)
     print(f"[objectives] runs recorded in benchmarks/results/{a.name}.json, taken as they are where their folder "
           f"is missing: {', '.join(f'{m} seed {sd}' for m, sd in recorded) or 'none'}"
-          + (f" ({why_not})" if why_not and (RESULTS / f"{a.name}.json").is_file() else ""), flush=True)
+          + (f" ({why_not})" if why_not else ""), flush=True)
 
     def finished(ms, file="objectives_run.json"):
         return (a.runs_dir / f"{ms[0]}-seed{ms[1]}" / file).is_file()
